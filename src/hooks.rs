@@ -1,0 +1,166 @@
+//! Every exported `extern "C"` entry point of `libia2shim.so`: the
+//! constructor, the interposed libc functions and the introspection API
+//! (`include/ia2shim.h`). Each is a few lines that call the core. Keep
+//! `shim.map` in step (a test compares it with `nm -D`).
+
+use crate::real;
+use crate::runtime;
+use core::ffi::{c_char, c_int, c_uint, c_void};
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+// ---------------------------------------------------------------- constructor
+
+#[cfg_attr(test, allow(dead_code))]
+extern "C" fn ia2shim_constructor(_argc: c_int, _argv: *const *const c_char, _envp: *const *const c_char) {
+    runtime::init();
+}
+
+/// Runs inside ld.so's `_dl_init`, after every initially loaded object has
+/// been relocated (so RELRO is final and the census is complete). Left out of
+/// unit-test binaries, which are not preloaded programs.
+#[cfg(not(test))]
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn(c_int, *const *const c_char, *const *const c_char) = ia2shim_constructor;
+
+/// Resolve every real function now, in the constructor.
+pub fn resolve_real_functions() {
+    real::resolve_all();
+}
+
+// ---------------------------------------------------------------- main
+
+type MainFn = unsafe extern "C" fn(c_int, *mut *mut c_char, *mut *mut c_char) -> c_int;
+type StartMainFn = unsafe extern "C" fn(
+    MainFn,
+    c_int,
+    *mut *mut c_char,
+    *const c_void,
+    *const c_void,
+    *const c_void,
+    *mut c_void,
+) -> c_int;
+
+static PROGRAM_MAIN: AtomicUsize = AtomicUsize::new(0);
+
+unsafe extern "C" fn main_in_compartment(argc: c_int, argv: *mut *mut c_char, envp: *mut *mut c_char) -> c_int {
+    runtime::enter_main_compartment();
+    // SAFETY: PROGRAM_MAIN holds the program's `main`, stored below.
+    let main: MainFn = unsafe { core::mem::transmute::<usize, MainFn>(PROGRAM_MAIN.load(Ordering::Acquire)) };
+    // SAFETY: calling the program's main with the arguments libc gave us.
+    unsafe { main(argc, argv, envp) }
+}
+
+/// Wraps `main` so that it starts with the main compartment's PKRU, like
+/// IA2's `__wrap_main`.
+///
+/// # Safety
+/// Called by the program's `_start` with libc's contract.
+#[no_mangle]
+pub unsafe extern "C" fn __libc_start_main(
+    main: MainFn,
+    argc: c_int,
+    argv: *mut *mut c_char,
+    init: *const c_void,
+    fini: *const c_void,
+    rtld_fini: *const c_void,
+    stack_end: *mut c_void,
+) -> c_int {
+    // SAFETY: the slot holds glibc's __libc_start_main.
+    let real: StartMainFn = unsafe { real::as_fn(&real::LIBC_START_MAIN) };
+    let main = if runtime::active().is_some() {
+        PROGRAM_MAIN.store(main as usize, Ordering::Release);
+        main_in_compartment as MainFn
+    } else {
+        main
+    };
+    // SAFETY: forwarding the caller's arguments unchanged (but for main).
+    unsafe { real(main, argc, argv, init, fini, rtld_fini, stack_end) }
+}
+
+// ---------------------------------------------------------------- signals
+
+type SigactionFn = unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
+type SignalFn = unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t;
+
+/// The real `sigaction`, for the shim's own handlers.
+///
+/// # Safety
+/// As `sigaction(2)`.
+pub unsafe fn real_sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+    // SAFETY: the slot holds glibc's sigaction.
+    let f: SigactionFn = unsafe { real::as_fn(&real::SIGACTION) };
+    // SAFETY: forwarded contract.
+    unsafe { f(sig, act, old) }
+}
+
+/// SIGSEGV stays with the shim's handler, which chains to the program's.
+///
+/// # Safety
+/// As `sigaction(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+    // SAFETY: pointers are the caller's, forwarded as sigaction(2) requires.
+    if sig == libc::SIGSEGV && runtime::active().is_some() && unsafe { crate::fault::intercept_sigaction(act, old) } {
+        return 0;
+    }
+    // SAFETY: forwarded contract.
+    unsafe { real_sigaction(sig, act, old) }
+}
+
+/// `signal(3)` is `sigaction` with BSD semantics; SIGSEGV is recorded, not installed.
+///
+/// # Safety
+/// As `signal(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    if sig == libc::SIGSEGV && runtime::active().is_some() {
+        // SAFETY: zeroed sigaction is valid.
+        let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
+        act.sa_sigaction = handler;
+        act.sa_flags = libc::SA_RESTART;
+        // SAFETY: zeroed sigaction is valid.
+        let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
+        // SAFETY: both structs are valid.
+        unsafe { crate::fault::intercept_sigaction(&act, &mut old) };
+        return old.sa_sigaction;
+    }
+    // SAFETY: the slot holds glibc's signal.
+    let f: SignalFn = unsafe { real::as_fn(&real::SIGNAL) };
+    // SAFETY: forwarded contract.
+    unsafe { f(sig, handler) }
+}
+
+// ---------------------------------------------------------------- introspection API
+
+/// The compartment the calling thread runs as (0: none, -1: shim inactive).
+#[no_mangle]
+pub extern "C" fn ia2_get_compartment() -> c_int {
+    runtime::current_compartment().map_or(-1, c_int::from)
+}
+
+/// The compartment that owns `addr` (0: shared, -1: shim inactive).
+#[no_mangle]
+pub extern "C" fn ia2_addr_compartment(addr: *const c_void) -> c_int {
+    runtime::active().map_or(-1, |r| r.compartment_of_addr(addr as usize).map_or(0, c_int::from))
+}
+
+/// The protection key of compartment `c` (-1: no such compartment).
+#[no_mangle]
+pub extern "C" fn ia2_compartment_pkey(c: c_int) -> c_int {
+    runtime::key_of_compartment(c).map_or(-1, |k| k as c_int)
+}
+
+/// The PKRU value that runs as compartment `c` (0: no such compartment).
+#[no_mangle]
+pub extern "C" fn ia2_compartment_pkru(c: c_int) -> c_uint {
+    runtime::key_of_compartment(c).map_or(0, crate::pku::pkru_allowing)
+}
+
+/// Switch the calling thread to compartment `c` (0: back to key 0 only
+/// plus every compartment, as before `main`). A debugging and testing aid;
+/// returns the previous compartment, or -1 if `c` does not exist.
+#[no_mangle]
+pub extern "C" fn ia2_switch_compartment(c: c_int) -> c_int {
+    runtime::switch_compartment(c)
+}

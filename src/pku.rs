@@ -1,0 +1,278 @@
+//! Protection keys: the CPUID/OSPKE probe, the key syscalls, RDPKRU/WRPKRU,
+//! the PKRU formula, and the simulated backend used by `IA2_PKU=sim`.
+//!
+//! Every key operation in the shim goes through this module, so that `sim`
+//! runs exactly the same code paths with the hardware effects replaced.
+
+use core::cell::Cell;
+use core::fmt;
+use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+
+/// PKRU value the kernel gives a new process: only key 0 accessible.
+pub const DEFAULT_PKRU: u32 = 0x5555_5554;
+/// Number of hardware keys.
+pub const NUM_KEYS: u32 = 16;
+
+/// What the probe found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PkuSupport {
+    /// CPUID.(EAX=7,ECX=0):ECX[3].
+    pub cpu_pku: bool,
+    /// CPUID.(EAX=7,ECX=0):ECX[4]: the OS has set CR4.PKE.
+    pub os_pke: bool,
+    /// `pkey_alloc` then `pkey_free` succeeded; otherwise the errno.
+    pub syscall: Result<(), i32>,
+}
+
+impl PkuSupport {
+    pub fn usable(&self) -> bool {
+        self.cpu_pku && self.os_pke && self.syscall.is_ok()
+    }
+}
+
+impl fmt::Display for PkuSupport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.cpu_pku {
+            write!(f, "the CPU does not report PKU (CPUID.7.0:ECX bit 3)")
+        } else if !self.os_pke {
+            write!(f, "the kernel has not enabled PKU (CPUID.7.0:ECX bit 4, OSPKE)")
+        } else if let Err(e) = self.syscall {
+            write!(f, "pkey_alloc failed with errno {e}")
+        } else {
+            write!(f, "PKU available")
+        }
+    }
+}
+
+/// Probe the CPU and the kernel. Allocates and frees one real key.
+pub fn probe() -> PkuSupport {
+    // Leaf 7 returns zeros on CPUs that lack it.
+    let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
+    let cpu_pku = leaf7.ecx & (1 << 3) != 0;
+    let os_pke = leaf7.ecx & (1 << 4) != 0;
+    let syscall = match sys_pkey_alloc(0) {
+        Ok(k) => {
+            sys_pkey_free(k);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    PkuSupport {
+        cpu_pku,
+        os_pke,
+        syscall,
+    }
+}
+
+/// PKRU that allows key 0 and `key` and denies (AD and WD) every other key:
+/// `!((3 << 2k) | 3)`.
+pub const fn pkru_allowing(key: u32) -> u32 {
+    pkru_allowing_set(1 | (1 << key))
+}
+
+/// PKRU allowing exactly the keys in bitmask `keys` (bit k = key k).
+pub const fn pkru_allowing_set(keys: u32) -> u32 {
+    let mut pkru = 0u32;
+    let mut k = 0;
+    while k < NUM_KEYS {
+        if keys & (1 << k) == 0 {
+            pkru |= 3 << (2 * k);
+        }
+        k += 1;
+    }
+    pkru
+}
+
+/// Does `pkru` allow reading (and, if `write`, writing) pages with `key`?
+pub const fn pkru_allows(pkru: u32, key: u32, write: bool) -> bool {
+    let bits = (pkru >> (2 * key)) & 3;
+    if write {
+        bits == 0
+    } else {
+        bits & 1 == 0
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Backend {
+    /// Not chosen yet, or `IA2_PKU=off`: key operations are refused.
+    None = 0,
+    Hardware = 1,
+    Sim = 2,
+}
+
+static BACKEND: AtomicU8 = AtomicU8::new(Backend::None as u8);
+/// Keys handed out by the sim backend (bitmask).
+static SIM_KEYS: AtomicU32 = AtomicU32::new(1);
+
+thread_local! {
+    /// The simulated PKRU. New threads start with the kernel default, as a
+    /// new process would; the thread trampoline sets the inherited value.
+    static SIM_PKRU: Cell<u32> = const { Cell::new(DEFAULT_PKRU) };
+}
+
+pub fn set_backend(b: Backend) {
+    BACKEND.store(b as u8, Ordering::Release);
+}
+
+pub fn backend() -> Backend {
+    match BACKEND.load(Ordering::Acquire) {
+        1 => Backend::Hardware,
+        2 => Backend::Sim,
+        _ => Backend::None,
+    }
+}
+
+/// Read the calling thread's PKRU (real or simulated).
+pub fn read_pkru() -> u32 {
+    match backend() {
+        Backend::Hardware => rdpkru(),
+        Backend::Sim => SIM_PKRU.with(Cell::get),
+        Backend::None => 0,
+    }
+}
+
+/// Set the calling thread's PKRU (real or simulated).
+pub fn write_pkru(pkru: u32) {
+    match backend() {
+        // SAFETY: only reached once the probe has shown PKU is usable.
+        Backend::Hardware => unsafe { wrpkru(pkru) },
+        Backend::Sim => SIM_PKRU.with(|c| c.set(pkru)),
+        Backend::None => {}
+    }
+}
+
+/// Allocate a key with full access for the calling thread.
+pub fn alloc_key() -> Result<u32, i32> {
+    match backend() {
+        Backend::Hardware => sys_pkey_alloc(0),
+        Backend::Sim => {
+            let mut cur = SIM_KEYS.load(Ordering::Relaxed);
+            loop {
+                let free = !cur & 0xffff;
+                if free == 0 {
+                    return Err(libc::ENOSPC);
+                }
+                let k = free.trailing_zeros();
+                match SIM_KEYS.compare_exchange(cur, cur | (1 << k), Ordering::AcqRel, Ordering::Relaxed) {
+                    Ok(_) => {
+                        // Like the kernel: the allocating thread gets access.
+                        SIM_PKRU.with(|c| c.set(c.get() & !(3 << (2 * k))));
+                        return Ok(k);
+                    }
+                    Err(now) => cur = now,
+                }
+            }
+        }
+        Backend::None => Err(libc::ENOSYS),
+    }
+}
+
+/// `pkey_mprotect` on page-aligned `[start, start+len)`; a no-op under sim.
+pub fn protect(start: usize, len: usize, prot: i32, key: u32) -> Result<(), i32> {
+    match backend() {
+        Backend::Hardware => sys_pkey_mprotect(start, len, prot, key),
+        Backend::Sim => Ok(()),
+        Backend::None => Err(libc::ENOSYS),
+    }
+}
+
+/// Raw `pkey_mprotect(2)`.
+pub fn sys_pkey_mprotect(start: usize, len: usize, prot: i32, key: u32) -> Result<(), i32> {
+    // SAFETY: pkey_mprotect only changes page attributes; the caller owns
+    // the decision that these pages may change key.
+    let r = unsafe { libc::syscall(libc::SYS_pkey_mprotect, start, len, prot, key as i64) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(crate::stackfmt::errno())
+    }
+}
+
+fn sys_pkey_alloc(rights: u32) -> Result<u32, i32> {
+    // SAFETY: pkey_alloc takes two integer arguments and touches no memory.
+    let r = unsafe { libc::syscall(libc::SYS_pkey_alloc, 0u64, rights as u64) };
+    if r >= 0 {
+        Ok(r as u32)
+    } else {
+        Err(crate::stackfmt::errno())
+    }
+}
+
+fn sys_pkey_free(key: u32) {
+    // SAFETY: pkey_free takes an integer and touches no memory.
+    unsafe { libc::syscall(libc::SYS_pkey_free, key as u64) };
+}
+
+/// RDPKRU. Only valid when the OS has enabled PKU.
+pub fn rdpkru() -> u32 {
+    let eax: u32;
+    // SAFETY: callers reach this only with the hardware backend, i.e. after
+    // the probe saw OSPKE; RDPKRU reads a register and needs ecx = 0.
+    unsafe {
+        core::arch::asm!("rdpkru", out("eax") eax, in("ecx") 0u32, out("edx") _, options(nomem, nostack, preserves_flags));
+    }
+    eax
+}
+
+/// WRPKRU.
+///
+/// # Safety
+/// PKU must be enabled, and the caller must not lose access to memory it is
+/// about to use (its own stack and TLS are on key 0 unless tagged on purpose).
+pub unsafe fn wrpkru(pkru: u32) {
+    // SAFETY: the caller upholds the contract above; WRPKRU needs ecx = edx = 0.
+    unsafe {
+        core::arch::asm!("wrpkru", in("eax") pkru, in("ecx") 0u32, in("edx") 0u32, options(nostack, preserves_flags));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formula_matches_design() {
+        for k in 1..16u32 {
+            assert_eq!(pkru_allowing(k), !((3u32 << (2 * k)) | 3), "key {k}");
+        }
+        assert_eq!(pkru_allowing(0), 0xffff_fffc);
+        assert_eq!(pkru_allowing(1), 0xffff_fff0);
+        assert_eq!(pkru_allowing_set(0xffff), 0);
+        assert_eq!(pkru_allowing_set(0b111), !0x3f);
+    }
+
+    #[test]
+    fn allows_checks_ad_and_wd() {
+        let p = pkru_allowing(2);
+        assert!(pkru_allows(p, 0, true) && pkru_allows(p, 2, true));
+        assert!(!pkru_allows(p, 1, false) && !pkru_allows(p, 3, false));
+        // Write-disable only.
+        let wd_only = 0b10 << 2;
+        assert!(pkru_allows(wd_only, 1, false) && !pkru_allows(wd_only, 1, true));
+    }
+
+    #[test]
+    fn sim_backend_allocates_distinct_keys_and_tracks_pkru() {
+        set_backend(Backend::Sim);
+        let a = alloc_key().unwrap();
+        let b = alloc_key().unwrap();
+        assert_ne!(a, b);
+        assert!(a >= 1 && b >= 1);
+        let p = read_pkru();
+        assert!(pkru_allows(p, a, true) && pkru_allows(p, b, true));
+        write_pkru(pkru_allowing(a));
+        assert_eq!(read_pkru(), pkru_allowing(a));
+        assert_eq!(protect(0x1000, 0x1000, libc::PROT_READ, a), Ok(()));
+    }
+
+    #[test]
+    fn probe_reports_a_cause_when_unusable() {
+        let p = probe();
+        if !p.usable() {
+            let msg = p.to_string();
+            assert!(msg.contains("PKU") || msg.contains("pkey_alloc"), "{msg}");
+        }
+    }
+}

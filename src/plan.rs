@@ -1,0 +1,391 @@
+//! The plan: objects + compartments + carveouts → which page ranges get which
+//! compartment's key, and why. Pure (no syscalls) and unit-tested on
+//! synthetic objects; `apply` carries it out.
+
+use crate::maps::Mapping;
+use crate::objects::{page_down, LoadedObject, Range, PAGE};
+
+/// Why a range is in the plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Writable `PT_LOAD` data (.data, .bss, …) of object `object`.
+    Data { object: usize },
+    /// The TLS block of object `object` in thread `thread` (0 = main).
+    Tls { object: usize, thread: usize },
+    /// Put back on key 0 by a carveout (only listed where it overlaps a tag).
+    Carveout { name: &'static str, toggle: &'static str },
+}
+
+/// One contiguous range with one key and one protection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanEntry {
+    pub range: Range,
+    /// `None`: stays on / goes back to key 0.
+    pub compartment: Option<u8>,
+    /// The current protection, which applying keeps (never widened).
+    pub prot: i32,
+    pub reason: Reason,
+}
+
+/// A TLS page that could not be tagged, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UntaggedTlsPage {
+    pub page: usize,
+    pub object: usize,
+    pub thread: usize,
+    pub why: &'static str,
+}
+
+/// A named set of ranges to keep on key 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Carveout {
+    pub name: &'static str,
+    pub toggle: &'static str,
+    /// Page-aligned.
+    pub ranges: Vec<Range>,
+}
+
+/// One thread's TLS blocks, for the TLS part of the plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadTls {
+    pub thread: usize,
+    /// (object index, block range) for every module with a block in this thread.
+    pub blocks: Vec<(usize, Range)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Sorted by address, non-overlapping.
+    pub entries: Vec<PlanEntry>,
+    pub untagged_tls: Vec<UntaggedTlsPage>,
+}
+
+impl Plan {
+    /// The entry covering `addr`, if any.
+    pub fn lookup(&self, addr: usize) -> Option<&PlanEntry> {
+        let i = self.entries.partition_point(|e| e.range.end <= addr);
+        self.entries.get(i).filter(|e| e.range.contains(addr))
+    }
+
+    /// The entries that actually carry a compartment key.
+    pub fn tagged(&self) -> impl Iterator<Item = &PlanEntry> {
+        self.entries.iter().filter(|e| e.compartment.is_some())
+    }
+}
+
+/// Subtract `cut` from every range in `from`.
+pub fn subtract(from: &[Range], cut: &Range) -> Vec<Range> {
+    let mut out = Vec::with_capacity(from.len() + 1);
+    for r in from {
+        if cut.end <= r.start || cut.start >= r.end {
+            out.push(*r);
+            continue;
+        }
+        if r.start < cut.start {
+            out.push(Range::new(r.start, cut.start));
+        }
+        if cut.end < r.end {
+            out.push(Range::new(cut.end, r.end));
+        }
+    }
+    out
+}
+
+/// Pages of an object's writable segments, minus RELRO rounded out to pages.
+pub fn data_pages(o: &LoadedObject) -> Vec<Range> {
+    let mut pages: Vec<Range> = o
+        .segments
+        .iter()
+        .filter(|s| s.writable())
+        .map(|s| s.range.pages_out())
+        .collect();
+    if let Some(relro) = o.relro {
+        pages = subtract(&pages, &relro.pages_out());
+    }
+    pages.retain(|r| !r.is_empty());
+    pages
+}
+
+/// TLS pages that lie wholly inside blocks of one compartment. Pages that
+/// touch another compartment's block, a shared module's block, or memory
+/// outside any block (the TCB, padding) are reported instead.
+fn tls_pages(
+    threads: &[ThreadTls],
+    compartment_of: &dyn Fn(usize) -> Option<u8>,
+    entries: &mut Vec<PlanEntry>,
+    untagged: &mut Vec<UntaggedTlsPage>,
+) {
+    for t in threads {
+        for &(obj, block) in &t.blocks {
+            let Some(c) = compartment_of(obj) else { continue };
+            if block.is_empty() {
+                continue;
+            }
+            let mut page = page_down(block.start);
+            while page < block.end {
+                let p = Range::new(page, page + PAGE);
+                // Every byte of the page must be covered by blocks of compartment c.
+                let mut covered: Vec<Range> = vec![p];
+                let mut foreign = false;
+                for &(o2, b2) in &t.blocks {
+                    let inter = b2.intersect(&p);
+                    if inter.is_empty() {
+                        continue;
+                    }
+                    if compartment_of(o2) == Some(c) {
+                        covered = subtract(&covered, &inter);
+                    } else {
+                        foreign = true;
+                    }
+                }
+                covered.retain(|r| !r.is_empty());
+                if foreign {
+                    untagged.push(UntaggedTlsPage {
+                        page,
+                        object: obj,
+                        thread: t.thread,
+                        why: "shared with another module's TLS block",
+                    });
+                } else if !covered.is_empty() {
+                    untagged.push(UntaggedTlsPage {
+                        page,
+                        object: obj,
+                        thread: t.thread,
+                        why: "shared with the TCB or memory outside TLS blocks",
+                    });
+                } else if !entries.iter().any(|e| e.range.contains(page)) {
+                    entries.push(PlanEntry {
+                        range: p,
+                        compartment: Some(c),
+                        prot: 0,
+                        reason: Reason::Tls { object: obj, thread: t.thread },
+                    });
+                }
+                page += PAGE;
+            }
+        }
+    }
+}
+
+/// Build the plan.
+///
+/// - `compartment_of[i]` is object `i`'s compartment (`None`: shared).
+/// - `maps` gives each page's current protection; pages outside every
+///   mapping are dropped, and ranges are split where protection changes.
+pub fn build(
+    objects: &[LoadedObject],
+    compartment_of: &[Option<u8>],
+    threads: &[ThreadTls],
+    carveouts: &[Carveout],
+    maps: &[Mapping],
+) -> Plan {
+    let comp = |i: usize| compartment_of.get(i).copied().flatten();
+    let mut raw: Vec<PlanEntry> = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        let Some(c) = comp(i) else { continue };
+        for r in data_pages(o) {
+            raw.push(PlanEntry {
+                range: r,
+                compartment: Some(c),
+                prot: 0,
+                reason: Reason::Data { object: i },
+            });
+        }
+    }
+    let mut untagged_tls = Vec::new();
+    tls_pages(threads, &comp, &mut raw, &mut untagged_tls);
+
+    // Carveouts: cut their pages out of every tagged range, and record the
+    // overlap so the report says what each carveout kept shared.
+    let mut entries: Vec<PlanEntry> = Vec::new();
+    for e in raw {
+        let mut pieces = vec![e.range];
+        for cv in carveouts {
+            for cut in &cv.ranges {
+                let cut = cut.pages_out();
+                for piece in &pieces {
+                    let inter = piece.intersect(&cut);
+                    if !inter.is_empty() {
+                        entries.push(PlanEntry {
+                            range: inter,
+                            compartment: None,
+                            prot: 0,
+                            reason: Reason::Carveout { name: cv.name, toggle: cv.toggle },
+                        });
+                    }
+                }
+                pieces = subtract(&pieces, &cut);
+            }
+        }
+        for p in pieces.into_iter().filter(|p| !p.is_empty()) {
+            entries.push(PlanEntry { range: p, ..e.clone() });
+        }
+    }
+
+    // Split by mapping and take each mapping's protection.
+    let mut out: Vec<PlanEntry> = Vec::new();
+    for e in entries {
+        for m in maps {
+            let inter = e.range.intersect(&Range::new(m.start, m.end));
+            if !inter.is_empty() {
+                out.push(PlanEntry {
+                    range: inter,
+                    prot: m.prot,
+                    ..e.clone()
+                });
+            }
+        }
+    }
+    out.sort_by_key(|e| e.range.start);
+    Plan {
+        entries: out,
+        untagged_tls,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compartments::tests::obj;
+    use crate::objects::Segment;
+    use object::elf::{PF_R, PF_W, PF_X};
+
+    const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+    const R: i32 = libc::PROT_READ;
+
+    fn mapping(start: usize, end: usize, prot: i32) -> Mapping {
+        Mapping {
+            start,
+            end,
+            prot,
+            shared: false,
+            offset: 0,
+            path: String::new(),
+            pkey: None,
+        }
+    }
+
+    /// An object at `base` with text, rodata, and a RW segment whose first
+    /// page and a half are RELRO (a typical `-z relro -z now` layout).
+    fn lib(name: &str, first: bool, base: usize) -> LoadedObject {
+        let mut o = obj(name, first);
+        o.base = base;
+        o.segments = vec![
+            Segment { range: Range::new(base, base + 0x1000), flags: PF_R },
+            Segment { range: Range::new(base + 0x1000, base + 0x3000), flags: PF_R | PF_X },
+            Segment { range: Range::new(base + 0x3000, base + 0x3800), flags: PF_R },
+            Segment { range: Range::new(base + 0x4df0, base + 0x8010), flags: PF_R | PF_W },
+        ];
+        o.relro = Some(Range::new(base + 0x4df0, base + 0x6000));
+        o
+    }
+
+    fn maps_for(base: usize) -> Vec<Mapping> {
+        vec![
+            mapping(base, base + 0x1000, R),
+            mapping(base + 0x1000, base + 0x3000, R | libc::PROT_EXEC),
+            mapping(base + 0x3000, base + 0x4000, R),
+            mapping(base + 0x4000, base + 0x6000, R), // RELRO, now read-only
+            mapping(base + 0x6000, base + 0x8000, RW),
+            mapping(base + 0x8000, base + 0x9000, RW), // .bss tail
+        ]
+    }
+
+    #[test]
+    fn data_minus_relro_text_and_rodata_stay_shared() {
+        let objs = vec![lib("main", true, 0x10000)];
+        let p = build(&objs, &[Some(1)], &[], &[], &maps_for(0x10000));
+        let tagged: Vec<_> = p.tagged().map(|e| (e.range, e.prot)).collect();
+        assert_eq!(
+            tagged,
+            vec![
+                (Range::new(0x16000, 0x18000), RW),
+                (Range::new(0x18000, 0x19000), RW)
+            ]
+        );
+        assert!(p.lookup(0x11000).is_none(), "text is shared");
+        assert!(p.lookup(0x14000).is_none(), "RELRO is shared");
+        assert_eq!(p.lookup(0x18fff).unwrap().compartment, Some(1));
+        assert_eq!(p.lookup(0x18fff).unwrap().reason, Reason::Data { object: 0 });
+    }
+
+    #[test]
+    fn protection_is_never_widened() {
+        let objs = vec![lib("main", true, 0x10000)];
+        let mut maps = maps_for(0x10000);
+        maps[4].prot = R; // the program made a data page read-only
+        let p = build(&objs, &[Some(1)], &[], &[], &maps);
+        assert_eq!(p.lookup(0x16000).unwrap().prot, R);
+        assert_eq!(p.lookup(0x18000).unwrap().prot, RW);
+    }
+
+    #[test]
+    fn shared_objects_get_no_entries() {
+        let objs = vec![lib("main", true, 0x10000), lib("libc.so.6", false, 0x40000)];
+        let mut maps = maps_for(0x10000);
+        maps.extend(maps_for(0x40000));
+        let p = build(&objs, &[Some(1), None], &[], &[], &maps);
+        assert!(p.entries.iter().all(|e| e.range.start < 0x40000));
+    }
+
+    #[test]
+    fn carveouts_cut_pages_and_are_reported() {
+        let objs = vec![lib("main", true, 0x10000)];
+        let cv = Carveout {
+            name: "libc_tuning",
+            toggle: "IA2_SHARE_LIBC_TUNING",
+            ranges: vec![Range::new(0x17000, 0x17008)],
+        };
+        let p = build(&objs, &[Some(1)], &[], &[cv], &maps_for(0x10000));
+        let e = p.lookup(0x17004).unwrap();
+        assert_eq!(e.compartment, None);
+        assert_eq!(e.range, Range::new(0x17000, 0x18000));
+        assert!(matches!(e.reason, Reason::Carveout { name: "libc_tuning", .. }));
+        assert_eq!(p.lookup(0x16000).unwrap().compartment, Some(1));
+        assert_eq!(p.lookup(0x18000).unwrap().compartment, Some(1));
+        // Entries never overlap.
+        for w in p.entries.windows(2) {
+            assert!(w[0].range.end <= w[1].range.start);
+        }
+    }
+
+    #[test]
+    fn tls_pages_shared_with_other_blocks_or_the_tcb_stay_shared() {
+        // Variant II: blocks sit below the thread pointer at 0x9_0100.
+        // main's block spans 3 pages below tp; lib2's block (other
+        // compartment) shares main's lowest page.
+        let tp = 0x9_0100;
+        let objs = vec![obj("main", true), obj("lib2.so", false)];
+        let main_block = Range::new(tp - 0x2100 - 0x100, tp);
+        let lib2_block = Range::new(main_block.start - 0x1800, main_block.start);
+        let threads = vec![ThreadTls { thread: 0, blocks: vec![(0, main_block), (1, lib2_block)] }];
+        let maps = vec![mapping(0x8_0000, 0xa_0000, RW)];
+        let p = build(&objs, &[Some(1), Some(2)], &threads, &[], &maps);
+        let tagged: Vec<_> = p.tagged().map(|e| (e.range, e.compartment)).collect();
+        // main's block is [0x8df00, 0x90100): pages 0x8e000 and 0x8f000 lie wholly
+        // inside it; page 0x8d000 is shared with lib2's block; page 0x90000
+        // holds the TCB. lib2's block [0x8c700, 0x8df00) has no whole page.
+        assert_eq!(
+            tagged,
+            vec![
+                (Range::new(0x8_e000, 0x8_f000), Some(1)),
+                (Range::new(0x8_f000, 0x9_0000), Some(1))
+            ]
+        );
+        let why: Vec<_> = p.untagged_tls.iter().map(|u| (u.page, u.object, u.why)).collect();
+        assert!(why.contains(&(0x8_d000, 0, "shared with another module's TLS block")));
+        assert!(why.contains(&(0x9_0000, 0, "shared with the TCB or memory outside TLS blocks")));
+        assert!(why.contains(&(0x8_d000, 1, "shared with another module's TLS block")));
+        assert!(why.contains(&(0x8_c000, 1, "shared with the TCB or memory outside TLS blocks")));
+        assert_eq!(why.len(), 4);
+    }
+
+    #[test]
+    fn pages_outside_mappings_are_dropped() {
+        let objs = vec![lib("main", true, 0x10000)];
+        let maps = vec![mapping(0x16000, 0x17000, RW)];
+        let p = build(&objs, &[Some(1)], &[], &[], &maps);
+        assert_eq!(p.tagged().count(), 1);
+        assert_eq!(p.entries[0].range, Range::new(0x16000, 0x17000));
+    }
+}

@@ -1,0 +1,269 @@
+//! Start-up reports: the census and plan (`IA2_REPORT=plan`) and the smaps
+//! cross-check (`IA2_REPORT=maps`), as text or JSON lines.
+
+use crate::config::ReportFormat;
+use crate::maps::{self, Mapping};
+use crate::objects::Range;
+use crate::plan::Reason;
+use crate::runtime::{Census, Runtime};
+use core::fmt::Write as _;
+use core::sync::atomic::Ordering;
+
+/// Minimal JSON string escaping.
+pub fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn emit(text: &str) {
+    crate::stackfmt::write_all_fd(crate::fault::REPORT_FD.load(Ordering::Relaxed), text.as_bytes());
+}
+
+fn prot_str(prot: i32) -> String {
+    let mut s = String::new();
+    s.push(if prot & libc::PROT_READ != 0 { 'r' } else { '-' });
+    s.push(if prot & libc::PROT_WRITE != 0 { 'w' } else { '-' });
+    s.push(if prot & libc::PROT_EXEC != 0 { 'x' } else { '-' });
+    s
+}
+
+fn reason_str(c: &Census, r: &Reason) -> String {
+    match r {
+        Reason::Data { object } => format!("data of {}", c.objects[*object].display_name()),
+        Reason::Tls { object, thread } => format!(
+            "TLS of {} (module {}) in thread {thread}",
+            c.objects[*object].display_name(),
+            c.objects[*object].tls.map(|t| t.modid).unwrap_or(0)
+        ),
+        Reason::Carveout { name, toggle } => format!("carveout {name} ({toggle}=1)"),
+    }
+}
+
+/// The census and plan, as text or JSON lines.
+pub fn plan_report(rt: &Runtime, c: &Census) -> String {
+    let mut o = String::new();
+    let json = rt.config.report_format == ReportFormat::Json;
+    let p = crate::stackfmt::pid();
+    if !json {
+        let _ = writeln!(o, "ia2shim[{p}]: ==== census ====");
+    }
+    for (i, obj) in c.objects.iter().enumerate() {
+        let comp = c.compartment_of[i];
+        let key = comp.map(|c| rt.key_of(c)).unwrap_or(0);
+        let tls = obj.tls.map(|t| format!("module {} size {:#x} block {:#x}", t.modid, t.memsz, t.block));
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"object\",\"index\":{i},\"name\":{},\"base\":\"{:#x}\",\"kind\":\"{:?}\",\"compartment\":{},\"pkey\":{key},\"relro\":{},\"tls\":{}}}",
+                json_str(obj.display_name()),
+                obj.base,
+                obj.kind,
+                comp.map(|c| c.to_string()).unwrap_or("null".into()),
+                obj.relro.map(|r| json_str(&r.to_string())).unwrap_or("null".into()),
+                tls.as_deref().map(json_str).unwrap_or("null".into()),
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   [{i}] {} base {:#x} {:?}: {}{}{}",
+                obj.display_name(),
+                obj.base,
+                obj.kind,
+                comp.map(|c| format!("compartment {c} (pkey {key})")).unwrap_or("shared (pkey 0)".into()),
+                obj.relro.map(|r| format!(", relro {r}")).unwrap_or_default(),
+                tls.map(|t| format!(", TLS {t}")).unwrap_or_default(),
+            );
+        }
+    }
+    if !json {
+        let _ = writeln!(o, "ia2shim[{p}]: ==== plan ====");
+    }
+    for e in &c.plan.entries {
+        let key = e.compartment.map(|c| rt.key_of(c)).unwrap_or(0);
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"range\",\"start\":\"{:#x}\",\"end\":\"{:#x}\",\"prot\":\"{}\",\"compartment\":{},\"pkey\":{key},\"reason\":{}}}",
+                e.range.start,
+                e.range.end,
+                prot_str(e.prot),
+                e.compartment.map(|c| c.to_string()).unwrap_or("null".into()),
+                json_str(&reason_str(c, &e.reason))
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   {} {} pkey {key:<2} {}",
+                e.range,
+                prot_str(e.prot),
+                reason_str(c, &e.reason)
+            );
+        }
+    }
+    for u in &c.plan.untagged_tls {
+        let name = c.objects[u.object].display_name();
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"untagged_tls\",\"page\":\"{:#x}\",\"object\":{},\"thread\":{},\"why\":{}}}",
+                u.page,
+                json_str(name),
+                u.thread,
+                json_str(u.why)
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   {:#x} TLS page of {name} in thread {} stays shared: {}",
+                u.page, u.thread, u.why
+            );
+        }
+    }
+    for l in &c.carveouts {
+        let ranges: Vec<String> = l.carveout.ranges.iter().map(|r| r.to_string()).collect();
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"carveout\",\"name\":\"{}\",\"toggle\":\"{}\",\"enabled\":{},\"ranges\":[{}],\"how\":{}}}",
+                l.carveout.name,
+                l.carveout.toggle,
+                l.enabled,
+                ranges.iter().map(|r| json_str(r)).collect::<Vec<_>>().join(","),
+                json_str(&l.how)
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   carveout {} ({}={}): {} [{}]",
+                l.carveout.name,
+                l.carveout.toggle,
+                u8::from(l.enabled),
+                ranges.join(" "),
+                l.how
+            );
+        }
+    }
+    o
+}
+
+/// A mismatch between the plan and what smaps shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    pub range: Range,
+    pub expected: u32,
+    pub actual: Option<u32>,
+}
+
+/// Compare every planned range with the `ProtectionKey` of the mappings it spans.
+pub fn check_against_smaps(rt: &Runtime, c: &Census, smaps: &[Mapping]) -> Vec<Mismatch> {
+    let mut out = Vec::new();
+    for e in &c.plan.entries {
+        let expected = e.compartment.map(|c| rt.key_of(c)).unwrap_or(0);
+        for m in smaps {
+            let inter = e.range.intersect(&Range::new(m.start, m.end));
+            if !inter.is_empty() && m.pkey != Some(expected) {
+                out.push(Mismatch { range: inter, expected, actual: m.pkey });
+            }
+        }
+    }
+    out
+}
+
+/// Every mapping with its key, then the mismatches (`IA2_REPORT=maps`).
+pub fn maps_report(rt: &Runtime, c: &Census) -> String {
+    let mut o = String::new();
+    let json = rt.config.report_format == ReportFormat::Json;
+    let p = crate::stackfmt::pid();
+    let smaps = match maps::read_self_smaps() {
+        Ok(m) => m,
+        Err(e) => return format!("ia2shim[{p}]: error: IA2_REPORT=maps: reading /proc/self/smaps: {e}\n"),
+    };
+    let simulated = crate::pku::backend() == crate::pku::Backend::Sim;
+    if !json {
+        let _ = writeln!(o, "ia2shim[{p}]: ==== maps (ProtectionKey from /proc/self/smaps) ====");
+    }
+    for m in &smaps {
+        let key = m.pkey.map(|k| k.to_string()).unwrap_or("-".into());
+        let perms = String::from_utf8_lossy(&m.perms()).into_owned();
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"mapping\",\"start\":\"{:#x}\",\"end\":\"{:#x}\",\"perms\":\"{perms}\",\"pkey\":{},\"path\":{}}}",
+                m.start,
+                m.end,
+                m.pkey.map(|k| k.to_string()).unwrap_or("null".into()),
+                json_str(&m.path)
+            );
+        } else {
+            let _ = writeln!(o, "ia2shim[{p}]:   {:#x}-{:#x} {perms} pkey {key:<2} {}", m.start, m.end, m.path);
+        }
+    }
+    if simulated {
+        let _ = writeln!(
+            o,
+            "ia2shim[{p}]: IA2_PKU=sim: keys are simulated, so smaps shows none; the plan is not checked against it"
+        );
+        return o;
+    }
+    let bad = check_against_smaps(rt, c, &smaps);
+    for b in &bad {
+        let actual = b.actual.map(|k| k.to_string()).unwrap_or("none".into());
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"mismatch\",\"range\":{},\"expected_pkey\":{},\"actual_pkey\":{}}}",
+                json_str(&b.range.to_string()),
+                b.expected,
+                b.actual.map(|k| k.to_string()).unwrap_or("null".into())
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]: error: maps: {} has pkey {actual} but the plan says {}",
+                b.range, b.expected
+            );
+        }
+    }
+    if !json {
+        let _ = writeln!(
+            o,
+            "ia2shim[{p}]: maps: {} planned ranges checked, {} mismatches",
+            c.plan.entries.len(),
+            bad.len()
+        );
+    }
+    o
+}
+
+/// Open the report destination and print what `IA2_REPORT` asks for at start-up.
+pub fn startup(rt: &Runtime) {
+    if let Some(path) = rt.config.report_file {
+        match crate::logging::open_output_file(path) {
+            Ok(fd) => crate::fault::REPORT_FD.store(fd, Ordering::Relaxed),
+            Err(e) => crate::runtime::fatal(format_args!(
+                "IA2_REPORT_FILE={path:?}: cannot open for appending (errno {e})"
+            )),
+        }
+    }
+    let Ok(c) = rt.census.read() else { return };
+    if rt.config.reports.plan {
+        emit(&plan_report(rt, &c));
+    }
+    if rt.config.reports.maps {
+        let text = maps_report(rt, &c);
+        emit(&text);
+    }
+}
