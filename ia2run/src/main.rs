@@ -1,0 +1,447 @@
+//! The `ia2run` command line. See `--help`.
+
+use ia2run::{Error, Job, Mode, Outcome, Status, VmOptions};
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const HELP: &str = "\
+ia2run: run a command under libia2shim.so, natively when this machine has
+PKU (memory protection keys), otherwise in a QEMU/TCG virtual machine that
+emulates PKU.
+
+Usage:
+  ia2run [OPTIONS] [--] CMD [ARGS...]
+  ia2run [OPTIONS] --batch FILE
+
+Where to run:
+  --auto           natively if the host has PKU, else in the VM (default)
+  --native         run on this machine
+  --vm             boot qemu-system-x86_64 -accel tcg -cpu max with the
+                   host's kernel and a busybox initramfs; the guest sees the
+                   host's files read-only at the same paths, except the
+                   current directory and each --rw DIR (read-write) and /tmp,
+                   /run, /dev/shm (empty tmpfs)
+
+What to run:
+  --shim PATH      preload this libia2shim.so (default: next to ia2run, else
+                   in Cargo's target dir: release, then debug)
+  --no-shim        preload nothing (and drop any inherited LD_PRELOAD)
+  --env K=V        set a variable for the command (repeatable); the command
+                   otherwise gets ia2run's whole environment, so every IA2_*
+                   variable passes through
+  --batch FILE     run each line of FILE as a command, in one VM boot; see
+                   below
+  --timeout S      kill after S seconds: in the VM the whole run (boot and
+                   every command; default 300), natively each command
+                   (default none); exit status 124
+  --cmd-timeout S  kill each command after S seconds (VM and native)
+
+VM settings:
+  --mem MB         guest memory (default 1024)
+  --cpus N         guest CPUs (default 2)
+  --kernel PATH    kernel image (default: newest /boot/vmlinuz-*)
+  --rw DIR         also make DIR writable in the guest (repeatable)
+  --keep           keep the VM's temp dir (job file, results, console log)
+  -v, --verbose    say where the command runs and how long the VM took
+  -h, --help       print this help
+
+Exit status: the command's; 128+N if a signal N killed it (with a line
+`ia2run: command killed by signal N (NAME)` on stderr); 124 on a timeout;
+125 when ia2run itself fails (no shim, no QEMU, no PKU in the guest, ...).
+In the VM the command's stdin is /dev/null, and its stdout and stderr are
+passed on once it has finished.
+
+Batch files: one command per line. Empty lines and lines starting with #
+are skipped. Words are split as by a POSIX shell without expansions:
+'single quotes', \"double quotes\" (where \\ escapes \\ \" $ and `) and
+backslash escapes. Leading NAME=VALUE words set variables for that command
+only. For each command, stdout gets `=== [i/n] CMD`, its output and
+`=== [i/n] STATUS`; stderr gets `=== [i/n] CMD` and its stderr (if any).
+The exit status is 0 if every command exited 0, else the status of the
+first one that did not.
+
+Environment:
+  IA2RUN_SHIM       the shim to preload (like --shim)
+  IA2RUN_MODE       auto, native or vm (options override it)
+  IA2RUN_QEMU       QEMU binary (default qemu-system-x86_64 in PATH)
+  IA2RUN_KERNEL     kernel image (like --kernel)
+  IA2RUN_MODULES    its module directory (default /lib/modules/RELEASE)
+  IA2RUN_BUSYBOX    static busybox (default busybox in PATH)
+  IA2RUN_CACHE_DIR  where the initramfs is cached (default
+                    $XDG_CACHE_HOME/ia2run, else ~/.cache/ia2run)
+  IA2RUN_KEEP=1     like --keep
+  IA2RUN_VERBOSE=1  like --verbose
+  CARGO_TARGET_DIR  searched for the shim
+  TMPDIR            where the VM's temp dir goes
+  IA2_*             read by the shim, passed through like everything else
+
+Debian packages needed for --vm: qemu-system-x86, linux-image-amd64,
+busybox-static.
+";
+
+struct Cli {
+    mode: Mode,
+    shim: Option<PathBuf>,
+    no_shim: bool,
+    env: Vec<(OsString, OsString)>,
+    batch: Option<PathBuf>,
+    timeout: Option<Duration>,
+    cmd_timeout: Option<Duration>,
+    vm: VmOptions,
+    cmd: Vec<OsString>,
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("ia2run: {msg}\nTry `ia2run --help`.");
+    ExitCode::from(125)
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("not a positive number of seconds: {s}"))
+}
+
+fn parse_args(args: Vec<OsString>) -> Result<Option<Cli>, String> {
+    let mut cli = Cli {
+        mode: Mode::from_env(),
+        shim: None,
+        no_shim: false,
+        env: Vec::new(),
+        batch: None,
+        timeout: None,
+        cmd_timeout: None,
+        vm: VmOptions::default(),
+        cmd: Vec::new(),
+    };
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let Some(s) = arg.to_str().filter(|s| s.starts_with('-')) else {
+            cli.cmd.push(arg);
+            break;
+        };
+        // Both `--opt VALUE` and `--opt=VALUE`.
+        let (name, inline) = match s.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(OsString::from(v))),
+            _ => (s.to_owned(), None),
+        };
+        let mut value = || -> Result<OsString, String> {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        let text = |v: OsString| {
+            v.into_string()
+                .map_err(|_| "option value is not UTF-8".to_string())
+        };
+        match name.as_str() {
+            "--" => break,
+            "-h" | "--help" => return Ok(None),
+            "--vm" => cli.mode = Mode::Vm,
+            "--native" => cli.mode = Mode::Native,
+            "--auto" => cli.mode = Mode::Auto,
+            "--shim" => cli.shim = Some(value()?.into()),
+            "--no-shim" => cli.no_shim = true,
+            "--env" => {
+                let kv = value()?.into_vec();
+                let eq = kv.iter().position(|&b| b == b'=').filter(|&i| i > 0);
+                let Some(eq) = eq else {
+                    return Err("--env wants K=V".into());
+                };
+                cli.env.push((
+                    OsString::from_vec(kv[..eq].to_vec()),
+                    OsString::from_vec(kv[eq + 1..].to_vec()),
+                ));
+            }
+            "--batch" => cli.batch = Some(value()?.into()),
+            "--timeout" => cli.timeout = Some(parse_secs(&text(value()?)?)?),
+            "--cmd-timeout" => cli.cmd_timeout = Some(parse_secs(&text(value()?)?)?),
+            "--mem" => {
+                cli.vm.mem_mb = text(value()?)?
+                    .parse()
+                    .map_err(|_| "--mem wants a number of MB")?
+            }
+            "--cpus" => {
+                cli.vm.cpus = text(value()?)?
+                    .parse()
+                    .map_err(|_| "--cpus wants a number")?
+            }
+            "--kernel" => cli.vm.kernel = Some(value()?.into()),
+            "--rw" => cli.vm.writable.push(value()?.into()),
+            "--keep" => cli.vm.keep_temp = true,
+            "-v" | "--verbose" => cli.vm.verbose = true,
+            _ => return Err(format!("unknown option {s}")),
+        }
+    }
+    cli.cmd.extend(it);
+    Ok(Some(cli))
+}
+
+/// Splits one batch line into words, like a POSIX shell without expansions.
+fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut cur: Option<String> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' | '\t' => {
+                if let Some(w) = cur.take() {
+                    words.push(w);
+                }
+            }
+            '\'' => {
+                let w = cur.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => w.push(c),
+                        None => return Err("unterminated '".into()),
+                    }
+                }
+            }
+            '"' => {
+                let w = cur.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('\\' | '"' | '$' | '`')) => w.push(c),
+                            Some(c) => {
+                                w.push('\\');
+                                w.push(c);
+                            }
+                            None => return Err("unterminated \"".into()),
+                        },
+                        Some(c) => w.push(c),
+                        None => return Err("unterminated \"".into()),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some(c) => cur.get_or_insert_with(String::new).push(c),
+                None => return Err("trailing backslash".into()),
+            },
+            c => cur.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(cur);
+    Ok(words)
+}
+
+/// A batch line's leading NAME=VALUE words, and the command.
+type EnvAndCmd = (Vec<(String, String)>, Vec<String>);
+
+fn parse_batch_line(line: &str) -> Result<EnvAndCmd, String> {
+    let mut words = split_words(line)?.into_iter().peekable();
+    let mut env = Vec::new();
+    while let Some(w) = words.peek() {
+        let Some((k, v)) = w.split_once('=') else {
+            break;
+        };
+        let valid = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            break;
+        }
+        env.push((k.to_owned(), v.to_owned()));
+        words.next();
+    }
+    let cmd: Vec<String> = words.collect();
+    if cmd.is_empty() {
+        return Err("no command".into());
+    }
+    Ok((env, cmd))
+}
+
+fn report_signal(status: Status) {
+    if let Some(sig) = status.signal() {
+        let name = ia2run::signal_name(sig)
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        eprintln!("ia2run: command killed by signal {sig}{name}");
+    }
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+fn fail(e: &Error) -> ExitCode {
+    eprintln!("ia2run: {e}");
+    ExitCode::from(if matches!(e, Error::Timeout { .. }) {
+        124
+    } else {
+        125
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_args(std::env::args_os().skip(1).collect()) {
+        Ok(Some(cli)) => cli,
+        Ok(None) => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return usage_error(&e),
+    };
+    if cli.batch.is_some() != cli.cmd.is_empty() {
+        return usage_error(if cli.batch.is_some() {
+            "give either --batch FILE or a command, not both"
+        } else {
+            "no command given"
+        });
+    }
+    let shim = if cli.no_shim {
+        None
+    } else {
+        match ia2run::find_shim(cli.shim.as_deref()) {
+            Ok(p) => Some(p),
+            Err(e) => return fail(&e),
+        }
+    };
+
+    // One job from argv words plus extra variables, everything else shared.
+    let make_job = |argv: Vec<OsString>, extra: &[(OsString, OsString)]| {
+        let mut job = Job::new(argv);
+        for (k, v) in cli.env.iter().chain(extra) {
+            job = job.env(k, v);
+        }
+        job = match &shim {
+            Some(s) => job.preload(s),
+            None => job.no_preload(),
+        };
+        let native_limit = if cli.mode.resolve() == Mode::Native {
+            cli.timeout
+        } else {
+            None
+        };
+        job.timeout = match (cli.cmd_timeout, native_limit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        job
+    };
+    let mut vm = cli.vm.clone();
+    if let Some(t) = cli.timeout {
+        vm.timeout = t;
+    }
+    let mode = cli.mode.resolve();
+    if vm.verbose {
+        let how = if mode == Mode::Vm {
+            "in the VM"
+        } else {
+            "natively"
+        };
+        let pku = if ia2run::host_has_pku() {
+            "has"
+        } else {
+            "lacks"
+        };
+        eprintln!("ia2run: running {how} (host {pku} PKU); shim: {:?}", shim);
+    }
+
+    let Some(batch) = &cli.batch else {
+        let job = make_job(cli.cmd.clone(), &[]);
+        let (status, timed_out) = if mode == Mode::Native {
+            match ia2run::run_native_inherit(&job) {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            }
+        } else {
+            match ia2run::run_batch_vm(&vm, std::slice::from_ref(&job)) {
+                Ok(mut outs) => {
+                    let o = outs.remove(0);
+                    let _ = std::io::stdout().write_all(&o.stdout);
+                    let _ = std::io::stdout().flush();
+                    let _ = std::io::stderr().write_all(&o.stderr);
+                    (o.status, o.timed_out)
+                }
+                Err(e) => return fail(&e),
+            }
+        };
+        if timed_out {
+            let secs = job.timeout.map_or(0.0, |t| t.as_secs_f64());
+            eprintln!("ia2run: command timed out after {secs} s and was killed");
+            return ExitCode::from(124);
+        }
+        report_signal(status);
+        return exit_code(status.code());
+    };
+
+    let text = match std::fs::read_to_string(batch) {
+        Ok(t) => t,
+        Err(e) => return usage_error(&format!("cannot read {}: {e}", batch.display())),
+    };
+    let mut jobs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match parse_batch_line(line) {
+            Ok((env, cmd)) => {
+                let env: Vec<(OsString, OsString)> =
+                    env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+                jobs.push(make_job(cmd.into_iter().map(Into::into).collect(), &env));
+            }
+            Err(e) => return usage_error(&format!("{}:{}: {e}", batch.display(), n + 1)),
+        }
+    }
+    let outs: Vec<Outcome> = match ia2run::run_batch(mode, &vm, &jobs) {
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    let total = jobs.len();
+    let mut first_failure = None;
+    let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr().lock());
+    for (i, (job, o)) in jobs.iter().zip(&outs).enumerate() {
+        let tag = format!("=== [{}/{total}]", i + 1);
+        let _ = writeln!(stdout, "{tag} {job}");
+        let _ = stdout.write_all(&o.stdout);
+        if !o.stdout.is_empty() && !o.stdout.ends_with(b"\n") {
+            let _ = writeln!(stdout);
+        }
+        let timed = if o.timed_out { " (timed out)" } else { "" };
+        let _ = writeln!(stdout, "{tag} {}{timed}", o.status);
+        let _ = stdout.flush();
+        if !o.stderr.is_empty() {
+            let _ = writeln!(stderr, "{tag} {job}");
+            let _ = stderr.write_all(&o.stderr);
+            if !o.stderr.ends_with(b"\n") {
+                let _ = writeln!(stderr);
+            }
+        }
+        if !o.status.success() && first_failure.is_none() {
+            first_failure = Some(if o.timed_out { 124 } else { o.status.code() });
+        }
+    }
+    exit_code(first_failure.unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words() {
+        assert_eq!(
+            split_words(r#"a 'b c' "d \"e\" \q" f\ g ''"#).unwrap(),
+            ["a", "b c", r#"d "e" \q"#, "f g", ""]
+        );
+        assert!(split_words("'x").is_err());
+        let (env, cmd) = parse_batch_line("A=1 B_2='x y' prog C=3").unwrap();
+        assert_eq!(
+            env,
+            [("A".into(), "1".into()), ("B_2".into(), "x y".into())]
+        );
+        assert_eq!(cmd, ["prog", "C=3"]);
+    }
+}
