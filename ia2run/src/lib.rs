@@ -291,7 +291,7 @@ impl fmt::Display for Error {
             }
             Error::NoPku(flags) => write!(
                 f,
-                "the guest CPU reports no `pku`/`ospke` (is this QEMU too old for `-cpu max` with PKU?); guest {flags}"
+                "the guest CPU reports no `pku`/`ospke` (is this QEMU too old for `-cpu max` with PKU?); guest flags: {flags}"
             ),
             Error::Timeout { after, during, console: c } => {
                 write!(f, "timed out after {} s {during}; the guest was killed", after.as_secs_f64())?;
@@ -318,7 +318,8 @@ impl std::error::Error for Error {
 /// Where to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
-    /// Natively if [`host_has_pku`], else in the VM.
+    /// Natively if [`host_has_pku`], else in the VM; `IA2RUN_MODE=vm` or
+    /// `native` overrides the detection.
     #[default]
     Auto,
     Native,
@@ -326,20 +327,17 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// `IA2RUN_MODE` (`auto`, `native` or `vm`), else `Auto`.
-    pub fn from_env() -> Mode {
-        match std::env::var("IA2RUN_MODE").as_deref() {
-            Ok("vm") => Mode::Vm,
-            Ok("native") => Mode::Native,
-            _ => Mode::Auto,
-        }
-    }
-
-    /// `Auto` decided: `Native` or `Vm`.
+    /// `Auto` decided: `$IA2RUN_MODE` if it says `vm` or `native` (so a
+    /// test suite can be sent to the VM on a PKU machine), else `Native`
+    /// when [`host_has_pku`], else `Vm`.
     pub fn resolve(self) -> Mode {
         match self {
-            Mode::Auto if host_has_pku() => Mode::Native,
-            Mode::Auto => Mode::Vm,
+            Mode::Auto => match std::env::var("IA2RUN_MODE").as_deref() {
+                Ok("vm") => Mode::Vm,
+                Ok("native") => Mode::Native,
+                _ if host_has_pku() => Mode::Native,
+                _ => Mode::Vm,
+            },
             m => m,
         }
     }
@@ -577,6 +575,7 @@ mod tests {
         let b = wire::WireBatch {
             mounts: vec![("rw0".into(), "/a b".into())],
             creds: Some((1000, 100)),
+            parallel: 2,
             jobs: vec![wire::WireJob {
                 argv: vec!["x".into(), "".into(), "é\n".into()],
                 env: vec![("K".into(), "V=W".into())],

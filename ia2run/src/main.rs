@@ -18,7 +18,8 @@ Usage:
   ia2run [OPTIONS] --batch FILE
 
 Where to run:
-  --auto           natively if the host has PKU, else in the VM (default)
+  --auto           natively if the host has PKU, else in the VM (default;
+                   $IA2RUN_MODE=vm or native overrides the detection)
   --native         run on this machine
   --vm             boot qemu-system-x86_64 -accel tcg -cpu max with the
                    host's kernel and a busybox initramfs; the guest sees the
@@ -45,6 +46,8 @@ VM settings:
   --cpus N         guest CPUs (default 2)
   --kernel PATH    kernel image (default: newest /boot/vmlinuz-*)
   --rw DIR         also make DIR writable in the guest (repeatable)
+  --parallel N     run up to N batch commands at once in the guest
+                   (default 1; they must not depend on each other)
   --keep           keep the VM's temp dir (job file, results, console log)
   -v, --verbose    say where the command runs and how long the VM took
   -h, --help       print this help
@@ -66,7 +69,7 @@ first one that did not.
 
 Environment:
   IA2RUN_SHIM       the shim to preload (like --shim)
-  IA2RUN_MODE       auto, native or vm (options override it)
+  IA2RUN_MODE       vm or native: what --auto picks, instead of detecting
   IA2RUN_QEMU       QEMU binary (default qemu-system-x86_64 in PATH)
   IA2RUN_KERNEL     kernel image (like --kernel)
   IA2RUN_MODULES    its module directory (default /lib/modules/RELEASE)
@@ -110,7 +113,7 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 
 fn parse_args(args: Vec<OsString>) -> Result<Option<Cli>, String> {
     let mut cli = Cli {
-        mode: Mode::from_env(),
+        mode: Mode::Auto,
         shim: None,
         no_shim: false,
         env: Vec::new(),
@@ -175,6 +178,11 @@ fn parse_args(args: Vec<OsString>) -> Result<Option<Cli>, String> {
             }
             "--kernel" => cli.vm.kernel = Some(value()?.into()),
             "--rw" => cli.vm.writable.push(value()?.into()),
+            "--parallel" => {
+                cli.vm.parallel = text(value()?)?
+                    .parse()
+                    .map_err(|_| "--parallel wants a number")?
+            }
             "--keep" => cli.vm.keep_temp = true,
             "-v" | "--verbose" => cli.vm.verbose = true,
             _ => return Err(format!("unknown option {s}")),

@@ -67,6 +67,10 @@ pub struct VmOptions {
     /// unless it is `/`. Everything else of the host is read-only, and
     /// `/tmp`, `/run` and `/dev/shm` are fresh tmpfs mounts.
     pub writable: Vec<PathBuf>,
+    /// How many jobs the guest runs at once (default 1: one after the
+    /// other). More can pay off with `cpus` > 1 when the host has idle
+    /// cores; the jobs must then not depend on each other.
+    pub parallel: u32,
     /// Keep the host temp directory (job file, results, console log) and
     /// report its path on stderr. Also set by `IA2RUN_KEEP=1`.
     pub keep_temp: bool,
@@ -86,6 +90,7 @@ impl Default for VmOptions {
             busybox: None,
             cache_dir: None,
             writable: Vec::new(),
+            parallel: 1,
             keep_temp: false,
             verbose: false,
         }
@@ -314,7 +319,11 @@ fn boot_image(opts: &VmOptions, kernel: &Kernel, verbose: bool) -> PathBuf {
     stamp(&mut h, &kernel.image);
     let dir = cache_dir(opts);
     let path = dir.join(format!("vmlinux-{}-{:016x}", kernel.release, h.finish()));
-    let none = path.with_extension("none");
+    let none = dir.join(format!(
+        "vmlinux-{}-{:016x}.none",
+        kernel.release,
+        h.finish()
+    ));
     if path.is_file() {
         return path;
     }
@@ -325,7 +334,7 @@ fn boot_image(opts: &VmOptions, kernel: &Kernel, verbose: bool) -> PathBuf {
         .ok()
         .and_then(|b| extract_vmlinux(&b));
     let _ = fs::create_dir_all(&dir);
-    let tmp = dir.join(format!(".vmlinux.{}.tmp", std::process::id()));
+    let tmp = tmp_name(&path);
     match vmlinux {
         Some(v) if fs::write(&tmp, &v).is_ok() && fs::rename(&tmp, &path).is_ok() => path,
         _ => {
@@ -420,13 +429,37 @@ fn read_module(file: &Path) -> Result<Vec<u8>, Error> {
     Ok(out.stdout)
 }
 
+/// The first usable cache directory: the one asked for, else the user's
+/// cache, else one in the temp dir (a read-only HOME must not stop us).
 fn cache_dir(opts: &VmOptions) -> PathBuf {
-    opts.cache_dir
+    let asked = opts
+        .cache_dir
         .clone()
-        .or_else(|| env_path("IA2RUN_CACHE_DIR"))
-        .or_else(|| env_path("XDG_CACHE_HOME").map(|p| p.join("ia2run")))
-        .or_else(|| env_path("HOME").map(|p| p.join(".cache/ia2run")))
-        .unwrap_or_else(|| std::env::temp_dir().join("ia2run-cache"))
+        .or_else(|| env_path("IA2RUN_CACHE_DIR"));
+    let user = env_path("XDG_CACHE_HOME")
+        .map(|p| p.join("ia2run"))
+        .or_else(|| env_path("HOME").map(|p| p.join(".cache/ia2run")));
+    // SAFETY: plain getter.
+    let tmp = std::env::temp_dir().join(format!("ia2run-cache-{}", unsafe { libc::geteuid() }));
+    let candidates: Vec<PathBuf> = asked.into_iter().chain(user).chain([tmp.clone()]).collect();
+    candidates
+        .into_iter()
+        .find(|d| {
+            fs::create_dir_all(d).is_ok()
+                // SAFETY: the path is a valid C string for the call.
+                && std::ffi::CString::new(d.as_os_str().as_bytes())
+                    .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
+        })
+        .unwrap_or(tmp)
+}
+
+/// A name for writing `dest` atomically: unique per process and per call,
+/// since several threads may build the same cache entry at once.
+fn tmp_name(dest: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    dest.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
 fn stamp(h: &mut impl Hasher, p: &Path) {
@@ -483,7 +516,7 @@ fn initramfs(opts: &VmOptions, kernel: &Kernel, busybox: &Path) -> Result<PathBu
     c.file("modules.list", 0o644, list.as_bytes());
 
     fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
-    let tmp = dir.join(format!(".initramfs.{}.tmp", std::process::id()));
+    let tmp = tmp_name(&path);
     fs::write(&tmp, c.finish()).map_err(io_err(format!("cannot write {}", tmp.display())))?;
     fs::rename(&tmp, &path).map_err(io_err(format!("cannot write {}", path.display())))?;
     Ok(path)
@@ -617,6 +650,7 @@ pub fn run_batch_vm(opts: &VmOptions, jobs: &[Job]) -> Result<Vec<Outcome>, Erro
             (0, _) => None,
             ids => Some(ids),
         },
+        parallel: opts.parallel.max(1),
         jobs: jobs
             .iter()
             .map(|j| WireJob {
@@ -736,6 +770,7 @@ pub fn run_batch_vm(opts: &VmOptions, jobs: &[Job]) -> Result<Vec<Outcome>, Erro
         console: tail(&log, 20),
     };
     if let Ok(flags) = fs::read_to_string(share.join("nopku")) {
+        let flags = flags.split_once(':').map_or(flags.as_str(), |(_, f)| f);
         return Err(Error::NoPku(flags.trim().to_owned()));
     }
     if let Some(line) = log
@@ -760,13 +795,24 @@ pub fn run_batch_vm(opts: &VmOptions, jobs: &[Job]) -> Result<Vec<Outcome>, Erro
     for (i, job) in jobs.iter().enumerate() {
         let read = |ext: &str| fs::read(share.join(format!("{i}.{ext}")));
         let text = read("status").map(|b| String::from_utf8_lossy(&b).into_owned());
-        let Some((st, timed_out)) = text.ok().as_deref().and_then(wire::parse_status) else {
+        let text = text.ok();
+        let Some((st, timed_out)) = text.as_deref().and_then(wire::parse_status) else {
             return Err(guest_err(format!(
                 "job {} of {} ({job}) did not finish: the guest crashed or powered off",
                 i + 1,
                 jobs.len()
             )));
         };
+        if verbose {
+            let ms = text
+                .as_deref()
+                .and_then(|t| t.lines().find_map(|l| l.strip_prefix("ms ")));
+            eprintln!(
+                "ia2run: job {} ({job}) took {} ms in the guest",
+                i + 1,
+                ms.unwrap_or("?")
+            );
+        }
         outcomes.push(Outcome {
             status: match st {
                 WireStatus::Exited(c) => Status::Exited(c),

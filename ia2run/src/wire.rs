@@ -29,6 +29,8 @@ pub struct WireBatch {
     pub mounts: Vec<(String, PathBuf)>,
     /// (uid, gid) to run the jobs as; `None` for root.
     pub creds: Option<(u32, u32)>,
+    /// How many jobs run at once.
+    pub parallel: u32,
     pub jobs: Vec<WireJob>,
 }
 
@@ -58,7 +60,7 @@ pub fn encode(batch: &WireBatch) -> Vec<u8> {
         put_bytes(&mut out, path.as_os_str().as_bytes());
     }
     let (has, uid, gid) = batch.creds.map_or((0, 0, 0), |(u, g)| (1, u, g));
-    for v in [has, uid, gid] {
+    for v in [has, uid, gid, batch.parallel] {
         put_u32(&mut out, v);
     }
     put_u32(&mut out, batch.jobs.len() as u32);
@@ -127,6 +129,7 @@ pub fn decode(buf: &[u8]) -> io::Result<WireBatch> {
     }
     let (has, uid, gid) = (r.u32()?, r.u32()?, r.u32()?);
     batch.creds = (has != 0).then_some((uid, gid));
+    batch.parallel = r.u32()?;
     for _ in 0..r.u32()? {
         let argv = (0..r.u32()?).map(|_| r.os()).collect::<io::Result<_>>()?;
         let env = (0..r.u32()?)
