@@ -123,6 +123,7 @@ pub struct Config {
     pub share_tls_generation: bool,
     pub share_libc_tuning: bool,
     pub share_loader_heap: bool,
+    pub share_copy_relocs: bool,
     pub share: ShareList,
     pub tls_get_addr_gate: bool,
     pub gates: bool,
@@ -151,6 +152,7 @@ impl Default for Config {
             share_tls_generation: true,
             share_libc_tuning: true,
             share_loader_heap: false,
+            share_copy_relocs: true,
             share: ShareList(""),
             tls_get_addr_gate: false,
             gates: true,
@@ -170,11 +172,12 @@ impl Default for Config {
 impl Config {
     /// Who serves the malloc family: `IA2_HEAP`, else `shared` in strict mode, else `libc`.
     pub fn heap(&self) -> HeapMode {
-        self.heap_explicit.unwrap_or(if self.libc_compartment.is_some() {
-            HeapMode::Shared
-        } else {
-            HeapMode::Libc
-        })
+        self.heap_explicit
+            .unwrap_or(if self.libc_compartment.is_some() {
+                HeapMode::Shared
+            } else {
+                HeapMode::Libc
+            })
     }
 
     /// Parse a sequence of `NAME=VALUE` strings (normally the environment).
@@ -299,7 +302,9 @@ impl fmt::Display for ConfigError {
         let why = match self.problem {
             Problem::BadValue => "invalid value",
             Problem::UnknownVariable => "unknown variable",
-            Problem::NotImplemented => "this feature is not yet implemented; only the default is accepted",
+            Problem::NotImplemented => {
+                "this feature is not yet implemented; only the default is accepted"
+            }
             Problem::CompartmentOutOfRange => "compartment number out of range (1-15)",
             Problem::DuplicateCompartment => "the same compartment number appears twice",
             Problem::EmptyPattern => "empty object pattern",
@@ -563,6 +568,17 @@ pub static VARS: &[VarSpec] = &[
         },
     },
     VarSpec {
+        name: "IA2_SHARE_COPY_RELOCS",
+        values: "1, 0",
+        default: "1",
+        meaning: "carveout copy_relocs: keep the executable's copies of shared objects' data (R_X86_64_COPY: stdout, stderr, environ, ...) on pkey 0",
+        implemented: true,
+        parse: |c, v| {
+            c.share_copy_relocs = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
         name: "IA2_SHARE_LOADER_HEAP",
         values: "0, 1",
         default: "0",
@@ -738,16 +754,34 @@ pub static VARS: &[VarSpec] = &[
 
 /// Write the variable table (for `IA2_HELP=1`) through `out`.
 pub fn write_help(out: &mut dyn fmt::Write) -> fmt::Result {
-    writeln!(out, "libia2shim.so: MPK/PKU compartments for unmodified programs.")?;
+    writeln!(
+        out,
+        "libia2shim.so: MPK/PKU compartments for unmodified programs."
+    )?;
     writeln!(
         out,
         "Usage: LD_PRELOAD=/path/to/libia2shim.so PROGRAM ARGS  (or: ia2run [--vm] -- PROGRAM ARGS)"
     )?;
-    writeln!(out, "Variables (read once, at start-up; a bad value aborts before main):")?;
+    writeln!(
+        out,
+        "Variables (read once, at start-up; a bad value aborts before main):"
+    )?;
     for v in VARS {
-        let default = if v.default.is_empty() { "(unset)" } else { v.default };
-        let status = if v.implemented { "" } else { " [not yet implemented]" };
-        writeln!(out, "  {}\n      values: {}\n      default: {}\n      {}{}", v.name, v.values, default, v.meaning, status)?;
+        let default = if v.default.is_empty() {
+            "(unset)"
+        } else {
+            v.default
+        };
+        let status = if v.implemented {
+            ""
+        } else {
+            " [not yet implemented]"
+        };
+        writeln!(
+            out,
+            "  {}\n      values: {}\n      default: {}\n      {}{}",
+            v.name, v.values, default, v.meaning, status
+        )?;
     }
     Ok(())
 }
@@ -792,32 +826,62 @@ mod tests {
         assert_eq!(parse(&["IA2_PKU=off"]).unwrap().pku, PkuMode::Off);
         assert_eq!(parse(&["IA2_PKU=require"]).unwrap().pku, PkuMode::Require);
         let e = err(&["IA2_PKU=maybe"]);
-        assert_eq!((e.var, e.value, e.problem), ("IA2_PKU", "maybe", Problem::BadValue));
+        assert_eq!(
+            (e.var, e.value, e.problem),
+            ("IA2_PKU", "maybe", Problem::BadValue)
+        );
         let msg = e.to_string();
-        assert!(msg.contains("IA2_PKU") && msg.contains("maybe") && msg.contains("require, sim, off"), "{msg}");
+        assert!(
+            msg.contains("IA2_PKU") && msg.contains("maybe") && msg.contains("require, sim, off"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn compartments_spec() {
         let c = parse(&["IA2_COMPARTMENTS=1=main;2=libdav1d.so*,libfoo.so"]).unwrap();
         let rules: Vec<_> = c.compartments.unwrap().rules().collect();
-        assert_eq!(rules, vec![(1, "main"), (2, "libdav1d.so*"), (2, "libfoo.so")]);
-        assert_eq!(parse(&["IA2_COMPARTMENTS=auto"]).unwrap().compartments, None);
+        assert_eq!(
+            rules,
+            vec![(1, "main"), (2, "libdav1d.so*"), (2, "libfoo.so")]
+        );
+        assert_eq!(
+            parse(&["IA2_COMPARTMENTS=auto"]).unwrap().compartments,
+            None
+        );
         assert!(parse(&["IA2_COMPARTMENTS=15=x;"]).is_ok());
     }
 
     #[test]
     fn compartments_bad_inputs() {
         assert_eq!(err(&["IA2_COMPARTMENTS=x=main"]).problem, Problem::BadValue);
-        assert_eq!(err(&["IA2_COMPARTMENTS=16=main"]).problem, Problem::CompartmentOutOfRange);
-        assert_eq!(err(&["IA2_COMPARTMENTS=0=main"]).problem, Problem::CompartmentOutOfRange);
-        assert_eq!(err(&["IA2_COMPARTMENTS=1=main;1=libx.so"]).problem, Problem::DuplicateCompartment);
+        assert_eq!(
+            err(&["IA2_COMPARTMENTS=16=main"]).problem,
+            Problem::CompartmentOutOfRange
+        );
+        assert_eq!(
+            err(&["IA2_COMPARTMENTS=0=main"]).problem,
+            Problem::CompartmentOutOfRange
+        );
+        assert_eq!(
+            err(&["IA2_COMPARTMENTS=1=main;1=libx.so"]).problem,
+            Problem::DuplicateCompartment
+        );
         assert_eq!(err(&["IA2_COMPARTMENTS=1="]).problem, Problem::EmptyPattern);
-        assert_eq!(err(&["IA2_COMPARTMENTS=1=a,,b"]).problem, Problem::EmptyPattern);
+        assert_eq!(
+            err(&["IA2_COMPARTMENTS=1=a,,b"]).problem,
+            Problem::EmptyPattern
+        );
         assert_eq!(err(&["IA2_COMPARTMENTS="]).problem, Problem::EmptyPattern);
-        assert_eq!(err(&["IA2_COMPARTMENTS=main"]).problem, Problem::MissingEquals);
+        assert_eq!(
+            err(&["IA2_COMPARTMENTS=main"]).problem,
+            Problem::MissingEquals
+        );
         let e = err(&["IA2_COMPARTMENTS=16=main"]);
-        assert!(e.to_string().contains("IA2_COMPARTMENTS=\"16=main\""), "{e}");
+        assert!(
+            e.to_string().contains("IA2_COMPARTMENTS=\"16=main\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -829,6 +893,7 @@ mod tests {
             "IA2_SHARE_TLS_GENERATION",
             "IA2_SHARE_LIBC_TUNING",
             "IA2_SHARE_LOADER_HEAP",
+            "IA2_SHARE_COPY_RELOCS",
             "IA2_GATES",
         ] {
             for bad in ["2", "yes", "", "true"] {
@@ -838,7 +903,13 @@ mod tests {
                 assert!(e.to_string().contains("1, 0") || e.to_string().contains("0, 1"));
             }
         }
-        let c = parse(&["IA2_SHARE_DTV=0", "IA2_SHARE_TCB=0", "IA2_SHARE_LOADER_HEAP=1", "IA2_GATES=0"]).unwrap();
+        let c = parse(&[
+            "IA2_SHARE_DTV=0",
+            "IA2_SHARE_TCB=0",
+            "IA2_SHARE_LOADER_HEAP=1",
+            "IA2_GATES=0",
+        ])
+        .unwrap();
         assert!(!c.share_dtv && !c.share_tcb && c.share_loader_heap && !c.gates);
         assert_eq!(err(&["IA2_SHARE_DTV=2"]).var, "IA2_SHARE_DTV");
     }
@@ -855,13 +926,26 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.on_fault, OnFault::Silent);
-        assert_eq!(c.reports, Reports { plan: true, maps: true, gates: false });
+        assert_eq!(
+            c.reports,
+            Reports {
+                plan: true,
+                maps: true,
+                gates: false
+            }
+        );
         assert_eq!(c.report_format, ReportFormat::Json);
         assert_eq!(c.report_file, Some("/tmp/r.%p"));
         assert_eq!(c.log_level, log::LevelFilter::Debug);
         assert_eq!(c.log_file, Some("/tmp/log"));
-        assert_eq!(parse(&["IA2_ON_FAULT=audit"]).unwrap().on_fault, OnFault::Audit);
-        assert_eq!(err(&["IA2_REPORT=plan,everything"]).problem, Problem::BadValue);
+        assert_eq!(
+            parse(&["IA2_ON_FAULT=audit"]).unwrap().on_fault,
+            OnFault::Audit
+        );
+        assert_eq!(
+            err(&["IA2_REPORT=plan,everything"]).problem,
+            Problem::BadValue
+        );
         assert_eq!(err(&["IA2_REPORT_FORMAT=xml"]).problem, Problem::BadValue);
         assert_eq!(err(&["IA2_LOG=loud"]).problem, Problem::BadValue);
         assert_eq!(err(&["IA2_REPORT_FILE="]).problem, Problem::BadValue);
@@ -872,10 +956,22 @@ mod tests {
 
     #[test]
     fn share_entries() {
-        assert_eq!(parse_share_entry("libc.so.6:stdout"), Ok(ShareEntry::ObjectSymbol("libc.so.6", "stdout")));
-        assert_eq!(parse_share_entry("_rtld_global"), Ok(ShareEntry::Symbol("_rtld_global")));
-        assert_eq!(parse_share_entry("0x1000+4096"), Ok(ShareEntry::Range(0x1000, 4096)));
-        assert_eq!(parse_share_entry("0x1000+0x10"), Ok(ShareEntry::Range(0x1000, 16)));
+        assert_eq!(
+            parse_share_entry("libc.so.6:stdout"),
+            Ok(ShareEntry::ObjectSymbol("libc.so.6", "stdout"))
+        );
+        assert_eq!(
+            parse_share_entry("_rtld_global"),
+            Ok(ShareEntry::Symbol("_rtld_global"))
+        );
+        assert_eq!(
+            parse_share_entry("0x1000+4096"),
+            Ok(ShareEntry::Range(0x1000, 4096))
+        );
+        assert_eq!(
+            parse_share_entry("0x1000+0x10"),
+            Ok(ShareEntry::Range(0x1000, 16))
+        );
         assert_eq!(parse_share_entry("0x1000"), Err(Problem::BadShareEntry));
         assert_eq!(parse_share_entry("0x1000+0"), Err(Problem::BadShareEntry));
         assert_eq!(parse_share_entry("libc.so.6:"), Err(Problem::BadShareEntry));
@@ -889,7 +985,10 @@ mod tests {
     #[test]
     fn unknown_ia2_variable_is_refused_other_variables_ignored() {
         let e = err(&["IA2_SHARE_TBC=0"]);
-        assert_eq!((e.var, e.problem), ("IA2_SHARE_TBC", Problem::UnknownVariable));
+        assert_eq!(
+            (e.var, e.problem),
+            ("IA2_SHARE_TBC", Problem::UnknownVariable)
+        );
         assert!(parse(&["IA2RUN_QEMU=/x", "NOT_IA2_X=1", "garbage"]).is_ok());
     }
 

@@ -70,7 +70,10 @@ pub fn install() {
 ///
 /// # Safety
 /// `act` and `oldact` must be null or valid `sigaction` pointers.
-pub unsafe fn intercept_sigaction(act: *const libc::sigaction, oldact: *mut libc::sigaction) -> bool {
+pub unsafe fn intercept_sigaction(
+    act: *const libc::sigaction,
+    oldact: *mut libc::sigaction,
+) -> bool {
     if !oldact.is_null() {
         // SAFETY: the caller passes a valid out pointer.
         let old = unsafe { &mut *oldact };
@@ -127,9 +130,25 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
     let flags = PROGRAM_FLAGS.load(Ordering::Relaxed);
     if h == libc::SIG_DFL || h == libc::SIG_IGN {
         die_by_sigsegv();
-    } else if flags & libc::SA_SIGINFO != 0 {
+        return;
+    }
+    // The kernel runs handlers with only key 0 accessible; give the
+    // program's handler its own compartment's rights, else the rights of
+    // the code it interrupted.
+    // SAFETY: valid ucontext from the kernel.
+    let interrupted = unsafe { interrupted_pkru(ctx as *const libc::ucontext_t) };
+    let own = runtime::get().and_then(|r| {
+        let c = r.census.try_read().ok()?;
+        let comp = c.object_at(h).and_then(|(i, _)| c.compartment_of[i])?;
+        Some(r.pkru_for(comp))
+    });
+    if let Some(pkru) = own.or(interrupted) {
+        crate::pku::write_pkru(pkru);
+    }
+    if flags & libc::SA_SIGINFO != 0 {
         // SAFETY: the program registered this as an SA_SIGINFO handler.
-        let f: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) = unsafe { core::mem::transmute(h) };
+        let f: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) =
+            unsafe { core::mem::transmute(h) };
         f(sig, info, ctx);
     } else {
         // SAFETY: the program registered this as a plain handler.
@@ -236,8 +255,15 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
 
     let mut b = StackBuf::<4096>::new();
     let p = pid();
-    let _ = writeln!(b, "ia2shim[{p}]: ==== protection-key fault (SEGV_PKUERR) ====");
-    let _ = write!(b, "ia2shim[{p}]:   address     {addr:#x} (page {:#x}), page key {pkey}", page_down(addr));
+    let _ = writeln!(
+        b,
+        "ia2shim[{p}]: ==== protection-key fault (SEGV_PKUERR) ===="
+    );
+    let _ = write!(
+        b,
+        "ia2shim[{p}]:   address     {addr:#x} (page {:#x}), page key {pkey}",
+        page_down(addr)
+    );
     if let Some(c) = rt.and_then(|r| r.compartment_of_key(pkey)) {
         let _ = write!(b, " = compartment {c}");
     }
@@ -245,7 +271,13 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
     let _ = write!(b, "ia2shim[{p}]:   running as  ");
     match pkru {
         Some(v) => {
-            let cur = rt.and_then(|r| (1..16u32).find(|&k| crate::pku::pkru_allows(v, k, false) && r.compartment_of_key(k).is_some()).and_then(|k| r.compartment_of_key(k)));
+            let cur = rt.and_then(|r| {
+                (1..16u32)
+                    .find(|&k| {
+                        crate::pku::pkru_allows(v, k, false) && r.compartment_of_key(k).is_some()
+                    })
+                    .and_then(|k| r.compartment_of_key(k))
+            });
             match cur {
                 Some(c) => {
                     let _ = write!(b, "compartment {c}");
@@ -275,7 +307,11 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
                 Some(Reason::Tls { object, thread }) => {
                     let o = &c.objects[*object];
                     let modid = o.tls.map(|t| t.modid).unwrap_or(0);
-                    let _ = write!(b, "TLS block of module {modid} ({}) in thread {thread}", o.display_name());
+                    let _ = write!(
+                        b,
+                        "TLS block of module {modid} ({}) in thread {thread}",
+                        o.display_name()
+                    );
                 }
                 Some(Reason::Carveout { name, .. }) => {
                     let _ = write!(b, "carveout {name} (should be shared)");
@@ -285,7 +321,11 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
                 }
             }
             if let Some(l) = crate::carveouts::covering(&c.carveouts, addr) {
-                let _ = write!(b, "; this is the {} page (carveout {})", l.carveout.name, l.carveout.name);
+                let _ = write!(
+                    b,
+                    "; this is the {} page (carveout {})",
+                    l.carveout.name, l.carveout.name
+                );
                 if !l.enabled {
                     share_hint = Some(l.carveout.toggle);
                 }

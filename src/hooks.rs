@@ -11,7 +11,11 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 // ---------------------------------------------------------------- constructor
 
 #[cfg_attr(test, allow(dead_code))]
-extern "C" fn ia2shim_constructor(_argc: c_int, _argv: *const *const c_char, _envp: *const *const c_char) {
+extern "C" fn ia2shim_constructor(
+    _argc: c_int,
+    _argv: *const *const c_char,
+    _envp: *const *const c_char,
+) {
     runtime::init();
 }
 
@@ -21,7 +25,8 @@ extern "C" fn ia2shim_constructor(_argc: c_int, _argv: *const *const c_char, _en
 #[cfg(not(test))]
 #[used]
 #[link_section = ".init_array"]
-static CONSTRUCTOR: extern "C" fn(c_int, *const *const c_char, *const *const c_char) = ia2shim_constructor;
+static CONSTRUCTOR: extern "C" fn(c_int, *const *const c_char, *const *const c_char) =
+    ia2shim_constructor;
 
 /// Resolve every real function now, in the constructor.
 pub fn resolve_real_functions() {
@@ -43,12 +48,22 @@ type StartMainFn = unsafe extern "C" fn(
 
 static PROGRAM_MAIN: AtomicUsize = AtomicUsize::new(0);
 
-unsafe extern "C" fn main_in_compartment(argc: c_int, argv: *mut *mut c_char, envp: *mut *mut c_char) -> c_int {
-    runtime::enter_main_compartment();
+unsafe extern "C" fn main_in_compartment(
+    argc: c_int,
+    argv: *mut *mut c_char,
+    envp: *mut *mut c_char,
+) -> c_int {
+    // libc calls main through this wrapper as through a gate: main runs as
+    // the main compartment, and returning restores the caller's rights for
+    // the exit path (atexit handlers, destructors).
+    let caller_pkru = runtime::enter_main_compartment();
     // SAFETY: PROGRAM_MAIN holds the program's `main`, stored below.
-    let main: MainFn = unsafe { core::mem::transmute::<usize, MainFn>(PROGRAM_MAIN.load(Ordering::Acquire)) };
+    let main: MainFn =
+        unsafe { core::mem::transmute::<usize, MainFn>(PROGRAM_MAIN.load(Ordering::Acquire)) };
     // SAFETY: calling the program's main with the arguments libc gave us.
-    unsafe { main(argc, argv, envp) }
+    let status = unsafe { main(argc, argv, envp) };
+    runtime::leave_main_compartment(caller_pkru);
+    status
 }
 
 /// Wraps `main` so that it starts with the main compartment's PKRU, like
@@ -80,14 +95,19 @@ pub unsafe extern "C" fn __libc_start_main(
 
 // ---------------------------------------------------------------- signals
 
-type SigactionFn = unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
+type SigactionFn =
+    unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
 type SignalFn = unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t;
 
 /// The real `sigaction`, for the shim's own handlers.
 ///
 /// # Safety
 /// As `sigaction(2)`.
-pub unsafe fn real_sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+pub unsafe fn real_sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
     // SAFETY: the slot holds glibc's sigaction.
     let f: SigactionFn = unsafe { real::as_fn(&real::SIGACTION) };
     // SAFETY: forwarded contract.
@@ -99,9 +119,16 @@ pub unsafe fn real_sigaction(sig: c_int, act: *const libc::sigaction, old: *mut 
 /// # Safety
 /// As `sigaction(2)`.
 #[no_mangle]
-pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+pub unsafe extern "C" fn sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
     // SAFETY: pointers are the caller's, forwarded as sigaction(2) requires.
-    if sig == libc::SIGSEGV && runtime::active().is_some() && unsafe { crate::fault::intercept_sigaction(act, old) } {
+    if sig == libc::SIGSEGV
+        && runtime::active().is_some()
+        && unsafe { crate::fault::intercept_sigaction(act, old) }
+    {
         return 0;
     }
     // SAFETY: forwarded contract.
@@ -142,7 +169,9 @@ pub extern "C" fn ia2_get_compartment() -> c_int {
 /// The compartment that owns `addr` (0: shared, -1: shim inactive).
 #[no_mangle]
 pub extern "C" fn ia2_addr_compartment(addr: *const c_void) -> c_int {
-    runtime::active().map_or(-1, |r| r.compartment_of_addr(addr as usize).map_or(0, c_int::from))
+    runtime::active().map_or(-1, |r| {
+        r.page_compartment(addr as usize).map_or(0, c_int::from)
+    })
 }
 
 /// The protection key of compartment `c` (-1: no such compartment).

@@ -115,10 +115,12 @@ pub struct LoadedObject {
 
 impl LoadedObject {
     pub fn contains(&self, addr: usize) -> bool {
-        self.segments.iter().any(|s| s.range.pages_out().contains(addr))
+        self.segments
+            .iter()
+            .any(|s| s.range.pages_out().contains(addr))
     }
 
-    /// A name for reports: the path, or the executable's path for `main`.
+    /// A name for reports: the path (the executable's too), else `main`.
     pub fn display_name(&self) -> &str {
         if self.name.is_empty() {
             "main"
@@ -130,7 +132,8 @@ impl LoadedObject {
     pub fn dynamic_info(&self) -> Option<DynamicInfo> {
         // SAFETY: `dynamic` came from this object's PT_DYNAMIC, which stays
         // mapped while the object is loaded.
-        self.dynamic.map(|d| unsafe { DynamicInfo::read(d, self.base) })
+        self.dynamic
+            .map(|d| unsafe { DynamicInfo::read(d, self.base) })
     }
 }
 
@@ -190,7 +193,11 @@ extern "C" {
     ) -> c_int;
 }
 
-unsafe extern "C" fn census_callback(info: *mut DlPhdrInfo, size: usize, data: *mut c_void) -> c_int {
+unsafe extern "C" fn census_callback(
+    info: *mut DlPhdrInfo,
+    size: usize,
+    data: *mut c_void,
+) -> c_int {
     // SAFETY: `data` is the `&mut Vec` passed by `census`, used only during the call.
     let out = unsafe { &mut *(data as *mut Vec<LoadedObject>) };
     // SAFETY: glibc passes a valid info of at least `size` bytes.
@@ -200,7 +207,17 @@ unsafe extern "C" fn census_callback(info: *mut DlPhdrInfo, size: usize, data: *
         String::new()
     } else {
         // SAFETY: dlpi_name is a NUL-terminated string owned by the link map.
-        unsafe { CStr::from_ptr(info.name) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(info.name) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    // The executable's dlpi_name is empty; name it by its path for reports.
+    let name = if out.is_empty() && name.is_empty() {
+        std::fs::read_link("/proc/self/exe")
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        name
     };
     let basename = if out.is_empty() {
         "main".to_string()
@@ -236,7 +253,11 @@ unsafe extern "C" fn census_callback(info: *mut DlPhdrInfo, size: usize, data: *
                     modid: if has_tls_fields { info.tls_modid } else { 0 },
                     memsz,
                     align: ph.p_align.get(LE) as usize,
-                    block: if has_tls_fields { info.tls_data as usize } else { 0 },
+                    block: if has_tls_fields {
+                        info.tls_data as usize
+                    } else {
+                        0
+                    },
                 })
             }
             _ => {}
@@ -378,15 +399,18 @@ impl DynamicInfo {
         } else {
             &[]
         };
-        table(self.rela, self.relasz).iter().chain(plt.iter()).map(move |r| {
-            let info = r.r_info.get(LE);
-            Reloc {
-                slot: base + r.r_offset.get(LE) as usize,
-                r_type: (info & 0xffff_ffff) as u32,
-                sym: (info >> 32) as u32,
-                addend: r.r_addend.get(LE),
-            }
-        })
+        table(self.rela, self.relasz)
+            .iter()
+            .chain(plt.iter())
+            .map(move |r| {
+                let info = r.r_info.get(LE);
+                Reloc {
+                    slot: base + r.r_offset.get(LE) as usize,
+                    r_type: (info & 0xffff_ffff) as u32,
+                    sym: (info >> 32) as u32,
+                    addend: r.r_addend.get(LE),
+                }
+            })
     }
 
     /// Dynamic symbol number `index`.
@@ -446,7 +470,10 @@ mod tests {
         let objs = census();
         assert_eq!(objs[0].kind, ObjectKind::Main);
         assert!(objs.iter().any(|o| o.kind == ObjectKind::Loader));
-        let libc = objs.iter().find(|o| o.basename == "libc.so.6").expect("libc");
+        let libc = objs
+            .iter()
+            .find(|o| o.basename == "libc.so.6")
+            .expect("libc");
         assert_eq!(libc.kind, ObjectKind::System);
         assert!(libc.segments.iter().any(|s| s.writable()));
         assert!(libc.relro.is_some());

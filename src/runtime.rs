@@ -50,7 +50,10 @@ pub struct Census {
 
 impl Census {
     pub fn object_at(&self, addr: usize) -> Option<(usize, &LoadedObject)> {
-        self.objects.iter().enumerate().find(|(_, o)| o.contains(addr))
+        self.objects
+            .iter()
+            .enumerate()
+            .find(|(_, o)| o.contains(addr))
     }
 }
 
@@ -84,16 +87,28 @@ impl Runtime {
 
     /// The compartment the main executable belongs to.
     pub fn main_compartment(&self) -> Option<u8> {
-        self.census.read().ok()?.compartment_of.first().copied().flatten()
+        self.census
+            .read()
+            .ok()?
+            .compartment_of
+            .first()
+            .copied()
+            .flatten()
     }
 
-    /// The compartment whose pages hold `addr` (`None`: shared).
+    /// The compartment of the object that contains `addr` (text, data or
+    /// anything else it maps). Use it to route by code address; `None`: a
+    /// shared object or no object.
     pub fn compartment_of_addr(&self, addr: usize) -> Option<u8> {
         let c = self.census.read().ok()?;
-        if let Some(e) = c.plan.lookup(addr) {
-            return e.compartment;
-        }
         c.object_at(addr).and_then(|(i, _)| c.compartment_of[i])
+    }
+
+    /// The compartment whose key tags the page holding `addr`, per the
+    /// applied plan (`None`: the page is on key 0).
+    pub fn page_compartment(&self, addr: usize) -> Option<u8> {
+        let c = self.census.read().ok()?;
+        c.plan.lookup(addr).and_then(|e| e.compartment)
     }
 }
 
@@ -166,10 +181,16 @@ pub fn init() {
 
     let support = match config.pku {
         PkuMode::Off => {
-            notice(format_args!("IA2_PKU=off: the shim is disabled; nothing is protected"));
+            notice(format_args!(
+                "IA2_PKU=off: the shim is disabled; nothing is protected"
+            ));
             let _ = RUNTIME.set(Runtime {
                 config,
-                pku: PkuSupport { cpu_pku: false, os_pke: false, syscall: Err(0) },
+                pku: PkuSupport {
+                    cpu_pku: false,
+                    os_pke: false,
+                    syscall: Err(0),
+                },
                 keys: [0; 16],
                 census: RwLock::new(Census::default()),
             });
@@ -207,7 +228,9 @@ pub fn init() {
     for c in 1..16u8 {
         if used & (1 << c) != 0 {
             keys[c as usize] = pku::alloc_key().unwrap_or_else(|e| {
-                fatal(format_args!("pkey_alloc for compartment {c} failed (errno {e})"))
+                fatal(format_args!(
+                    "pkey_alloc for compartment {c} failed (errno {e})"
+                ))
             });
         }
     }
@@ -235,11 +258,17 @@ pub fn init() {
 /// Census, assignment, carveouts and plan for the objects loaded now.
 fn build_census(config: &Config) -> Census {
     let objects = objects::census();
-    let assignment = compartments::assign(&objects, config).unwrap_or_else(|e| fatal(format_args!("{e}")));
+    let assignment =
+        compartments::assign(&objects, config).unwrap_or_else(|e| fatal(format_args!("{e}")));
     for w in &assignment.warnings {
         log::warn!("{w}");
     }
-    let carveouts = carveouts::thread_carveouts(config);
+    let mut carveouts = carveouts::thread_carveouts(config);
+    carveouts.push(carveouts::copy_relocs(
+        config,
+        &objects,
+        &assignment.of_object,
+    ));
     let maps = maps::read_self_maps()
         .unwrap_or_else(|e| fatal(format_args!("reading /proc/self/maps: {e}")));
     let main_thread = ThreadTls {
@@ -270,16 +299,29 @@ fn build_census(config: &Config) -> Census {
 
 /// PKRU allowing every key the shim allocated (the start-up state).
 fn pkru_all_compartments(rt: &Runtime) -> u32 {
-    let mask = rt.keys.iter().fold(1u32, |m, &k| if k != 0 { m | 1 << k } else { m });
+    let mask = rt
+        .keys
+        .iter()
+        .fold(1u32, |m, &k| if k != 0 { m | 1 << k } else { m });
     pku::pkru_allowing_set(mask)
 }
 
-/// Switch to the main executable's compartment right before `main`.
-pub fn enter_main_compartment() {
+/// Switch to the main executable's compartment right before `main`;
+/// returns the PKRU to restore when `main` returns.
+pub fn enter_main_compartment() -> u32 {
+    let before = pku::read_pkru();
     if let Some(rt) = active() {
         if let Some(c) = rt.main_compartment() {
             pku::write_pkru(rt.pkru_for(c));
         }
+    }
+    before
+}
+
+/// Restore the PKRU that `enter_main_compartment` saved.
+pub fn leave_main_compartment(pkru: u32) {
+    if active().is_some() {
+        pku::write_pkru(pkru);
     }
 }
 
