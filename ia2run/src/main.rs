@@ -25,7 +25,7 @@ Where to run:
                    host's kernel and a busybox initramfs; the guest sees the
                    host's files read-only at the same paths, except the
                    current directory and each --rw DIR (read-write) and /tmp,
-                   /run, /dev/shm (empty tmpfs)
+                   /run, /dev/shm (empty tmpfs); commands run as your user
 
 What to run:
   --shim PATH      preload this libia2shim.so (default: next to ia2run, else
@@ -34,8 +34,8 @@ What to run:
   --env K=V        set a variable for the command (repeatable); the command
                    otherwise gets ia2run's whole environment, so every IA2_*
                    variable passes through
-  --batch FILE     run each line of FILE as a command, in one VM boot; see
-                   below
+  --batch FILE     run each line of FILE as a command, all in one VM boot
+                   (or natively one after the other); see below
   --timeout S      kill after S seconds: in the VM the whole run (boot and
                    every command; default 300), natively each command
                    (default none); exit status 124
@@ -74,8 +74,11 @@ Environment:
   IA2RUN_KERNEL     kernel image (like --kernel)
   IA2RUN_MODULES    its module directory (default /lib/modules/RELEASE)
   IA2RUN_BUSYBOX    static busybox (default busybox in PATH)
-  IA2RUN_CACHE_DIR  where the initramfs is cached (default
-                    $XDG_CACHE_HOME/ia2run, else ~/.cache/ia2run)
+  IA2RUN_CACHE_DIR  where the initramfs and the uncompressed kernel are
+                    cached, about 70 MB (default $XDG_CACHE_HOME/ia2run,
+                    else $HOME/.cache/ia2run, else $TMPDIR)
+  IA2RUN_KERNEL_ARGS  more kernel arguments (with --keep, `loglevel=7`
+                    puts the boot messages into the kept console.log)
   IA2RUN_KEEP=1     like --keep
   IA2RUN_VERBOSE=1  like --verbose
   CARGO_TARGET_DIR  searched for the shim

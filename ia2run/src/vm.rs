@@ -59,8 +59,9 @@ pub struct VmOptions {
     pub qemu: Option<PathBuf>,
     /// A statically linked busybox. Else `$IA2RUN_BUSYBOX`, else `busybox` from `PATH`.
     pub busybox: Option<PathBuf>,
-    /// Where the initramfs is cached. Else `$IA2RUN_CACHE_DIR`, else
-    /// `$XDG_CACHE_HOME/ia2run`, else `~/.cache/ia2run`.
+    /// Where the initramfs and the uncompressed kernel (about 70 MB) are
+    /// cached. Else `$IA2RUN_CACHE_DIR`, else `$XDG_CACHE_HOME/ia2run`, else
+    /// `~/.cache/ia2run`, else (if none is writable) one in the temp dir.
     pub cache_dir: Option<PathBuf>,
     /// Host directories the guest may write to (mounted read-write at the
     /// same path). Each job's working directory is added automatically
@@ -107,9 +108,12 @@ fn env_flag(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
+/// `name` in `PATH`, else in the directories Debian installs it to (a test
+/// runner may have trimmed `PATH`).
 fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
+        .chain(["/usr/bin", "/bin"].map(PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
@@ -613,6 +617,9 @@ impl Drop for TempDir {
 /// [`Outcome`] per job. Fails if the guest cannot be started, has no PKU,
 /// or does not finish within `opts.timeout`.
 pub fn run_batch_vm(opts: &VmOptions, jobs: &[Job]) -> Result<Vec<Outcome>, Error> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
     let verbose = opts.verbose || env_flag("IA2RUN_VERBOSE");
     let t0 = Instant::now();
     let qemu = resolve_tool(
