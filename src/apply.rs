@@ -13,7 +13,8 @@ pub fn apply(plan: &Plan, keys: &[u32; 16]) -> Result<(), (PlanEntry, i32)> {
         if key == 0 {
             return Err((e.clone(), libc::EINVAL));
         }
-        pku::protect(e.range.start, e.range.len(), e.prot, key).map_err(|errno| (e.clone(), errno))?;
+        pku::protect(e.range.start, e.range.len(), e.prot, key)
+            .map_err(|errno| (e.clone(), errno))?;
     }
     Ok(())
 }
@@ -21,7 +22,8 @@ pub fn apply(plan: &Plan, keys: &[u32; 16]) -> Result<(), (PlanEntry, i32)> {
 /// Put every range of `plan` that carries a compartment back on key 0.
 pub fn unapply(plan: &Plan) -> Result<(), (PlanEntry, i32)> {
     for e in plan.tagged() {
-        pku::protect(e.range.start, e.range.len(), e.prot, 0).map_err(|errno| (e.clone(), errno))?;
+        pku::protect(e.range.start, e.range.len(), e.prot, 0)
+            .map_err(|errno| (e.clone(), errno))?;
     }
     Ok(())
 }

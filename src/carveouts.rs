@@ -62,7 +62,7 @@ pub fn enabled(located: &[Located]) -> Vec<Carveout> {
 }
 
 /// Which carveout, if any, covers `addr` (for fault reports).
-pub fn covering<'a>(located: &'a [Located], addr: usize) -> Option<&'a Located> {
+pub fn covering(located: &[Located], addr: usize) -> Option<&Located> {
     located.iter().find(|l| {
         l.carveout
             .ranges

@@ -23,7 +23,11 @@ pub enum AssignError {
     /// Auto mode found more application objects than there are keys.
     TooManyCompartments { objects: Vec<String> },
     /// One object matches patterns of two compartments.
-    Ambiguous { object: String, first: u8, second: u8 },
+    Ambiguous {
+        object: String,
+        first: u8,
+        second: u8,
+    },
 }
 
 impl core::fmt::Display for AssignError {
@@ -138,7 +142,11 @@ pub(crate) mod tests {
 
     pub(crate) fn obj(basename: &str, first: bool) -> LoadedObject {
         LoadedObject {
-            name: if first { String::new() } else { format!("/lib/{basename}") },
+            name: if first {
+                String::new()
+            } else {
+                format!("/lib/{basename}")
+            },
             basename: basename.to_string(),
             base: 0,
             kind: classify(basename, first),
@@ -179,14 +187,21 @@ pub(crate) mod tests {
     #[test]
     fn auto_gives_dav1d_1_and_libdav1d_2() {
         let a = assign(&dav1d_objects(), &cfg(&[])).unwrap();
-        assert_eq!(a.of_object, vec![Some(1), None, None, Some(2), None, None, None]);
+        assert_eq!(
+            a.of_object,
+            vec![Some(1), None, None, Some(2), None, None, None]
+        );
         assert_eq!(a.used(), 0b110);
         assert!(a.warnings.is_empty());
     }
 
     #[test]
     fn explicit_spec_and_unmatched_warning() {
-        let a = assign(&dav1d_objects(), &cfg(&["IA2_COMPARTMENTS=3=main;5=libdav1d*,libnothere.so"])).unwrap();
+        let a = assign(
+            &dav1d_objects(),
+            &cfg(&["IA2_COMPARTMENTS=3=main;5=libdav1d*,libnothere.so"]),
+        )
+        .unwrap();
         assert_eq!(a.of_object[0], Some(3));
         assert_eq!(a.of_object[3], Some(5));
         assert_eq!(a.warnings.len(), 1);
@@ -202,8 +217,22 @@ pub(crate) mod tests {
 
     #[test]
     fn ambiguous_and_too_many() {
-        let e = assign(&dav1d_objects(), &cfg(&["IA2_COMPARTMENTS=1=main,lib*;2=libdav1d*"])).unwrap_err();
-        assert!(matches!(e, AssignError::Ambiguous { first: 1, second: 2, .. }), "{e:?}");
+        let e = assign(
+            &dav1d_objects(),
+            &cfg(&["IA2_COMPARTMENTS=1=main,lib*;2=libdav1d*"]),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AssignError::Ambiguous {
+                    first: 1,
+                    second: 2,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         let mut many = vec![obj("main", true)];
         for i in 0..15 {
             many.push(obj(&format!("libapp{i}.so"), false));

@@ -647,7 +647,9 @@ pub static VARS: &[VarSpec] = &[
         parse: |c, v| {
             c.on_fault = match v {
                 "report" => OnFault::Report,
-                "audit" => OnFault::Audit,
+                // Audit mode (IA2 issue 9) needs the TF-stepping machinery;
+                // refuse rather than silently run in report mode.
+                "audit" => return Err(Problem::NotImplemented),
                 "silent" => OnFault::Silent,
                 _ => return Err(Problem::BadValue),
             };

@@ -124,11 +124,9 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> c_int {
-    // SAFETY: pointers are the caller's, forwarded as sigaction(2) requires.
-    if sig == libc::SIGSEGV
-        && runtime::active().is_some()
-        && unsafe { crate::fault::intercept_sigaction(act, old) }
-    {
+    if sig == libc::SIGSEGV && runtime::active().is_some() {
+        // SAFETY: pointers are the caller's, valid as sigaction(2) requires.
+        unsafe { crate::fault::intercept_sigaction(act, old) };
         return 0;
     }
     // SAFETY: forwarded contract.

@@ -18,23 +18,23 @@ pub mod logging;
 /// Allocation-free formatting into stack buffers, for fatal paths and signal handlers.
 pub mod stackfmt;
 
-/// PKU probe, key syscalls, RDPKRU/WRPKRU and the simulated backend.
-pub mod pku;
-/// Census of loaded objects (`dl_iterate_phdr` + dynamic sections).
-pub mod objects;
-/// `/proc/self/maps` and `/proc/self/smaps` parsing.
-pub mod maps;
-/// Compartment assignment: which object belongs to which compartment.
-pub mod compartments;
-/// Pure planning: objects + compartments + carveouts → tagged page ranges.
-pub mod plan;
 /// Applying a plan with `pkey_mprotect`, and the registry the fault handler reads.
 pub mod apply;
 /// One locator per named carveout (pages kept on the shared key 0).
 pub mod carveouts;
-/// Thread-local-storage geometry: thread pointer, TCB, DTV, module blocks.
-pub mod tls;
+/// Compartment assignment: which object belongs to which compartment.
+pub mod compartments;
 /// SIGSEGV handling and fault reports.
 pub mod fault;
+/// `/proc/self/maps` and `/proc/self/smaps` parsing.
+pub mod maps;
+/// Census of loaded objects (`dl_iterate_phdr` + dynamic sections).
+pub mod objects;
+/// PKU probe, key syscalls, RDPKRU/WRPKRU and the simulated backend.
+pub mod pku;
+/// Pure planning: objects + compartments + carveouts → tagged page ranges.
+pub mod plan;
 /// Start-up census and plan reports, and the smaps cross-check.
 pub mod report;
+/// Thread-local-storage geometry: thread pointer, TCB, DTV, module blocks.
+pub mod tls;

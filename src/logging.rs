@@ -64,7 +64,7 @@ pub fn open_output_file(path: &str) -> Result<i32, i32> {
     let mut expanded = StackBuf::<4096>::new();
     let mut rest = path;
     while let Some(i) = rest.find("%p") {
-        expanded.push_bytes(rest[..i].as_bytes());
+        expanded.push_bytes(&rest.as_bytes()[..i]);
         let _ = write!(expanded, "{}", pid());
         rest = &rest[i + 2..];
     }

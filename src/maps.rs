@@ -23,9 +23,21 @@ impl Mapping {
     /// `rwxp`-style permissions.
     pub fn perms(&self) -> [u8; 4] {
         [
-            if self.prot & libc::PROT_READ != 0 { b'r' } else { b'-' },
-            if self.prot & libc::PROT_WRITE != 0 { b'w' } else { b'-' },
-            if self.prot & libc::PROT_EXEC != 0 { b'x' } else { b'-' },
+            if self.prot & libc::PROT_READ != 0 {
+                b'r'
+            } else {
+                b'-'
+            },
+            if self.prot & libc::PROT_WRITE != 0 {
+                b'w'
+            } else {
+                b'-'
+            },
+            if self.prot & libc::PROT_EXEC != 0 {
+                b'x'
+            } else {
+                b'-'
+            },
             if self.shared { b's' } else { b'p' },
         ]
     }
@@ -78,7 +90,11 @@ pub fn parse_smaps(text: &str) -> Vec<Mapping> {
             if let Some(m) = out.last_mut() {
                 m.pkey = v.trim().parse().ok();
             }
-        } else if line.split(' ').next().is_some_and(|f| f.contains('-') && !f.ends_with(':')) {
+        } else if line
+            .split(' ')
+            .next()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
             if let Some(m) = parse_maps_line(line) {
                 out.push(m);
             }
@@ -126,7 +142,10 @@ ProtectionKey:         1
         assert_eq!(m[2].path, "[stack]");
         assert_eq!(m[2].pkey, None);
         assert_eq!(m[3].path, "");
-        assert_eq!((m[3].start, m[3].end, m[3].pkey), (0x7f0000000000, 0x7f0000003000, Some(1)));
+        assert_eq!(
+            (m[3].start, m[3].end, m[3].pkey),
+            (0x7f0000000000, 0x7f0000003000, Some(1))
+        );
         assert!(m[3].contains(0x7f0000002fff) && !m[3].contains(0x7f0000003000));
     }
 

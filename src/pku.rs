@@ -6,7 +6,7 @@
 
 use core::cell::Cell;
 use core::fmt;
-use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 /// PKRU value the kernel gives a new process: only key 0 accessible.
 pub const DEFAULT_PKRU: u32 = 0x5555_5554;
@@ -35,7 +35,10 @@ impl fmt::Display for PkuSupport {
         if !self.cpu_pku {
             write!(f, "the CPU does not report PKU (CPUID.7.0:ECX bit 3)")
         } else if !self.os_pke {
-            write!(f, "the kernel has not enabled PKU (CPUID.7.0:ECX bit 4, OSPKE)")
+            write!(
+                f,
+                "the kernel has not enabled PKU (CPUID.7.0:ECX bit 4, OSPKE)"
+            )
         } else if let Err(e) = self.syscall {
             write!(f, "pkey_alloc failed with errno {e}")
         } else {
@@ -155,7 +158,12 @@ pub fn alloc_key() -> Result<u32, i32> {
                     return Err(libc::ENOSPC);
                 }
                 let k = free.trailing_zeros();
-                match SIM_KEYS.compare_exchange(cur, cur | (1 << k), Ordering::AcqRel, Ordering::Relaxed) {
+                match SIM_KEYS.compare_exchange(
+                    cur,
+                    cur | (1 << k),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
                     Ok(_) => {
                         // Like the kernel: the allocating thread gets access.
                         SIM_PKRU.with(|c| c.set(c.get() & !(3 << (2 * k))));

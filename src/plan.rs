@@ -13,7 +13,10 @@ pub enum Reason {
     /// The TLS block of object `object` in thread `thread` (0 = main).
     Tls { object: usize, thread: usize },
     /// Put back on key 0 by a carveout (only listed where it overlaps a tag).
-    Carveout { name: &'static str, toggle: &'static str },
+    Carveout {
+        name: &'static str,
+        toggle: &'static str,
+    },
 }
 
 /// One contiguous range with one key and one protection.
@@ -117,7 +120,9 @@ fn tls_pages(
 ) {
     for t in threads {
         for &(obj, block) in &t.blocks {
-            let Some(c) = compartment_of(obj) else { continue };
+            let Some(c) = compartment_of(obj) else {
+                continue;
+            };
             if block.is_empty() {
                 continue;
             }
@@ -158,7 +163,10 @@ fn tls_pages(
                         range: p,
                         compartment: Some(c),
                         prot: 0,
-                        reason: Reason::Tls { object: obj, thread: t.thread },
+                        reason: Reason::Tls {
+                            object: obj,
+                            thread: t.thread,
+                        },
                     });
                 }
                 page += PAGE;
@@ -210,7 +218,10 @@ pub fn build(
                             range: inter,
                             compartment: None,
                             prot: 0,
-                            reason: Reason::Carveout { name: cv.name, toggle: cv.toggle },
+                            reason: Reason::Carveout {
+                                name: cv.name,
+                                toggle: cv.toggle,
+                            },
                         });
                     }
                 }
@@ -218,7 +229,10 @@ pub fn build(
             }
         }
         for p in pieces.into_iter().filter(|p| !p.is_empty()) {
-            entries.push(PlanEntry { range: p, ..e.clone() });
+            entries.push(PlanEntry {
+                range: p,
+                ..e.clone()
+            });
         }
     }
 
@@ -271,10 +285,22 @@ mod tests {
         let mut o = obj(name, first);
         o.base = base;
         o.segments = vec![
-            Segment { range: Range::new(base, base + 0x1000), flags: PF_R },
-            Segment { range: Range::new(base + 0x1000, base + 0x3000), flags: PF_R | PF_X },
-            Segment { range: Range::new(base + 0x3000, base + 0x3800), flags: PF_R },
-            Segment { range: Range::new(base + 0x4df0, base + 0x8010), flags: PF_R | PF_W },
+            Segment {
+                range: Range::new(base, base + 0x1000),
+                flags: PF_R,
+            },
+            Segment {
+                range: Range::new(base + 0x1000, base + 0x3000),
+                flags: PF_R | PF_X,
+            },
+            Segment {
+                range: Range::new(base + 0x3000, base + 0x3800),
+                flags: PF_R,
+            },
+            Segment {
+                range: Range::new(base + 0x4df0, base + 0x8010),
+                flags: PF_R | PF_W,
+            },
         ];
         o.relro = Some(Range::new(base + 0x4df0, base + 0x6000));
         o
@@ -306,7 +332,10 @@ mod tests {
         assert!(p.lookup(0x11000).is_none(), "text is shared");
         assert!(p.lookup(0x14000).is_none(), "RELRO is shared");
         assert_eq!(p.lookup(0x18fff).unwrap().compartment, Some(1));
-        assert_eq!(p.lookup(0x18fff).unwrap().reason, Reason::Data { object: 0 });
+        assert_eq!(
+            p.lookup(0x18fff).unwrap().reason,
+            Reason::Data { object: 0 }
+        );
     }
 
     #[test]
@@ -340,7 +369,13 @@ mod tests {
         let e = p.lookup(0x17004).unwrap();
         assert_eq!(e.compartment, None);
         assert_eq!(e.range, Range::new(0x17000, 0x18000));
-        assert!(matches!(e.reason, Reason::Carveout { name: "libc_tuning", .. }));
+        assert!(matches!(
+            e.reason,
+            Reason::Carveout {
+                name: "libc_tuning",
+                ..
+            }
+        ));
         assert_eq!(p.lookup(0x16000).unwrap().compartment, Some(1));
         assert_eq!(p.lookup(0x18000).unwrap().compartment, Some(1));
         // Entries never overlap.
@@ -358,7 +393,10 @@ mod tests {
         let objs = vec![obj("main", true), obj("lib2.so", false)];
         let main_block = Range::new(tp - 0x2100 - 0x100, tp);
         let lib2_block = Range::new(main_block.start - 0x1800, main_block.start);
-        let threads = vec![ThreadTls { thread: 0, blocks: vec![(0, main_block), (1, lib2_block)] }];
+        let threads = vec![ThreadTls {
+            thread: 0,
+            blocks: vec![(0, main_block), (1, lib2_block)],
+        }];
         let maps = vec![mapping(0x8_0000, 0xa_0000, RW)];
         let p = build(&objs, &[Some(1), Some(2)], &threads, &[], &maps);
         let tagged: Vec<_> = p.tagged().map(|e| (e.range, e.compartment)).collect();
@@ -372,11 +410,23 @@ mod tests {
                 (Range::new(0x8_f000, 0x9_0000), Some(1))
             ]
         );
-        let why: Vec<_> = p.untagged_tls.iter().map(|u| (u.page, u.object, u.why)).collect();
+        let why: Vec<_> = p
+            .untagged_tls
+            .iter()
+            .map(|u| (u.page, u.object, u.why))
+            .collect();
         assert!(why.contains(&(0x8_d000, 0, "shared with another module's TLS block")));
-        assert!(why.contains(&(0x9_0000, 0, "shared with the TCB or memory outside TLS blocks")));
+        assert!(why.contains(&(
+            0x9_0000,
+            0,
+            "shared with the TCB or memory outside TLS blocks"
+        )));
         assert!(why.contains(&(0x8_d000, 1, "shared with another module's TLS block")));
-        assert!(why.contains(&(0x8_c000, 1, "shared with the TCB or memory outside TLS blocks")));
+        assert!(why.contains(&(
+            0x8_c000,
+            1,
+            "shared with the TCB or memory outside TLS blocks"
+        )));
         assert_eq!(why.len(), 4);
     }
 

@@ -133,7 +133,7 @@ pub fn active() -> Option<&'static Runtime> {
 pub fn fatal(args: core::fmt::Arguments<'_>) -> ! {
     STATE.store(InitState::Failed as u8, Ordering::Release);
     let mut b = StackBuf::<2048>::new();
-    let _ = write!(b, "ia2shim[{}]: fatal: {}\n", pid(), args);
+    let _ = writeln!(b, "ia2shim[{}]: fatal: {}", pid(), args);
     b.write_to_fd(2);
     // SAFETY: _exit never returns; skipping atexit handlers is the point.
     unsafe { libc::_exit(1) }
@@ -143,7 +143,7 @@ pub fn fatal(args: core::fmt::Arguments<'_>) -> ! {
 /// that a user must see).
 pub fn notice(args: core::fmt::Arguments<'_>) {
     let mut b = StackBuf::<1024>::new();
-    let _ = write!(b, "ia2shim[{}]: {}\n", pid(), args);
+    let _ = writeln!(b, "ia2shim[{}]: {}", pid(), args);
     b.write_to_fd(2);
 }
 

@@ -11,7 +11,9 @@ const DTV_ENTRY: usize = 16;
 pub fn thread_pointer() -> usize {
     let tp: usize;
     // SAFETY: on x86-64 Linux `%fs:0` always holds the TCB self pointer.
-    unsafe { core::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags))
+    };
     tp
 }
 
@@ -20,7 +22,9 @@ pub fn thread_pointer() -> usize {
 pub fn dtv_pointer() -> usize {
     let dtv: usize;
     // SAFETY: `%fs:8` is tcbhead_t.dtv in glibc's TCB.
-    unsafe { core::arch::asm!("mov {}, qword ptr fs:[8]", out(reg) dtv, options(nostack, readonly, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, qword ptr fs:[8]", out(reg) dtv, options(nostack, readonly, preserves_flags))
+    };
     dtv
 }
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install what ia2shim needs on a fresh Debian 12 machine, skipping what is
+# already there: QEMU (the PKU virtual machine), a Debian kernel and a static
+# busybox for its guest, dav1d and aomenc for the demo, and a C compiler.
+set -euo pipefail
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+command -v dav1d >/dev/null || need+=(dav1d)
+command -v aomenc >/dev/null || need+=(aom-tools)
+command -v cc >/dev/null || need+=(gcc libc6-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}" >&2
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+command -v cargo >/dev/null || { echo "setup: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
