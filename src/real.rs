@@ -64,7 +64,10 @@ pub fn resolve_all() {
 /// `F` must be the real function's exact type.
 pub unsafe fn as_fn<F: Copy>(f: &RealFn) -> F {
     let a = f.get();
-    debug_assert_eq!(core::mem::size_of::<F>(), core::mem::size_of::<*const c_void>());
+    debug_assert_eq!(
+        core::mem::size_of::<F>(),
+        core::mem::size_of::<*const c_void>()
+    );
     // SAFETY: the caller guarantees F is the function's type; a is non-null.
     unsafe { core::mem::transmute_copy::<usize, F>(&a) }
 }

@@ -29,14 +29,29 @@ pub fn json_str(s: &str) -> String {
 }
 
 fn emit(text: &str) {
-    crate::stackfmt::write_all_fd(crate::fault::REPORT_FD.load(Ordering::Relaxed), text.as_bytes());
+    crate::stackfmt::write_all_fd(
+        crate::fault::REPORT_FD.load(Ordering::Relaxed),
+        text.as_bytes(),
+    );
 }
 
 fn prot_str(prot: i32) -> String {
     let mut s = String::new();
-    s.push(if prot & libc::PROT_READ != 0 { 'r' } else { '-' });
-    s.push(if prot & libc::PROT_WRITE != 0 { 'w' } else { '-' });
-    s.push(if prot & libc::PROT_EXEC != 0 { 'x' } else { '-' });
+    s.push(if prot & libc::PROT_READ != 0 {
+        'r'
+    } else {
+        '-'
+    });
+    s.push(if prot & libc::PROT_WRITE != 0 {
+        'w'
+    } else {
+        '-'
+    });
+    s.push(if prot & libc::PROT_EXEC != 0 {
+        'x'
+    } else {
+        '-'
+    });
     s
 }
 
@@ -63,7 +78,12 @@ pub fn plan_report(rt: &Runtime, c: &Census) -> String {
     for (i, obj) in c.objects.iter().enumerate() {
         let comp = c.compartment_of[i];
         let key = comp.map(|c| rt.key_of(c)).unwrap_or(0);
-        let tls = obj.tls.map(|t| format!("module {} size {:#x} block {:#x}", t.modid, t.memsz, t.block));
+        let tls = obj.tls.map(|t| {
+            format!(
+                "module {} size {:#x} block {:#x}",
+                t.modid, t.memsz, t.block
+            )
+        });
         if json {
             let _ = writeln!(
                 o,
@@ -82,8 +102,11 @@ pub fn plan_report(rt: &Runtime, c: &Census) -> String {
                 obj.display_name(),
                 obj.base,
                 obj.kind,
-                comp.map(|c| format!("compartment {c} (pkey {key})")).unwrap_or("shared (pkey 0)".into()),
-                obj.relro.map(|r| format!(", relro {r}")).unwrap_or_default(),
+                comp.map(|c| format!("compartment {c} (pkey {key})"))
+                    .unwrap_or("shared (pkey 0)".into()),
+                obj.relro
+                    .map(|r| format!(", relro {r}"))
+                    .unwrap_or_default(),
                 tls.map(|t| format!(", TLS {t}")).unwrap_or_default(),
             );
         }
@@ -175,7 +198,11 @@ pub fn check_against_smaps(rt: &Runtime, c: &Census, smaps: &[Mapping]) -> Vec<M
         for m in smaps {
             let inter = e.range.intersect(&Range::new(m.start, m.end));
             if !inter.is_empty() && m.pkey != Some(expected) {
-                out.push(Mismatch { range: inter, expected, actual: m.pkey });
+                out.push(Mismatch {
+                    range: inter,
+                    expected,
+                    actual: m.pkey,
+                });
             }
         }
     }
@@ -189,11 +216,16 @@ pub fn maps_report(rt: &Runtime, c: &Census) -> String {
     let p = crate::stackfmt::pid();
     let smaps = match maps::read_self_smaps() {
         Ok(m) => m,
-        Err(e) => return format!("ia2shim[{p}]: error: IA2_REPORT=maps: reading /proc/self/smaps: {e}\n"),
+        Err(e) => {
+            return format!("ia2shim[{p}]: error: IA2_REPORT=maps: reading /proc/self/smaps: {e}\n")
+        }
     };
     let simulated = crate::pku::backend() == crate::pku::Backend::Sim;
     if !json {
-        let _ = writeln!(o, "ia2shim[{p}]: ==== maps (ProtectionKey from /proc/self/smaps) ====");
+        let _ = writeln!(
+            o,
+            "ia2shim[{p}]: ==== maps (ProtectionKey from /proc/self/smaps) ===="
+        );
     }
     for m in &smaps {
         let key = m.pkey.map(|k| k.to_string()).unwrap_or("-".into());
@@ -208,7 +240,11 @@ pub fn maps_report(rt: &Runtime, c: &Census) -> String {
                 json_str(&m.path)
             );
         } else {
-            let _ = writeln!(o, "ia2shim[{p}]:   {:#x}-{:#x} {perms} pkey {key:<2} {}", m.start, m.end, m.path);
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   {:#x}-{:#x} {perms} pkey {key:<2} {}",
+                m.start, m.end, m.path
+            );
         }
     }
     if simulated {
