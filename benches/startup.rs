@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn run(prog: &str, shim: Option<&PathBuf>) -> Duration {
-    let mut c = Command::new(prog);
+fn run(prog: &[&str], shim: Option<&PathBuf>) -> Duration {
+    let mut c = Command::new(prog[0]);
+    c.args(&prog[1..]);
     c.env_clear().stdout(Stdio::null()).stderr(Stdio::null());
     if let Some(s) = shim {
         c.env("LD_PRELOAD", s).env("IA2_PKU", "sim");
@@ -15,7 +16,7 @@ fn run(prog: &str, shim: Option<&PathBuf>) -> Duration {
     let t = Instant::now();
     let st = c.status().expect("spawn");
     let d = t.elapsed();
-    assert!(st.success(), "{prog} failed");
+    assert!(st.success(), "{prog:?} failed");
     d
 }
 
@@ -27,9 +28,12 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn main() {
     let shim = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/libia2shim.so");
     assert!(shim.exists(), "build the shim first: cargo build --release");
-    let iters: usize = std::env::var("IA2_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
-    for prog in ["/bin/true", "/usr/bin/dav1d"] {
-        if !std::path::Path::new(prog).exists() {
+    let iters: usize = std::env::var("IA2_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    for prog in [&["/bin/true"][..], &["/usr/bin/dav1d", "--version"][..]] {
+        if !std::path::Path::new(prog[0]).exists() {
             continue;
         }
         let args_prog = prog;
@@ -44,7 +48,8 @@ fn main() {
         }
         let (b, w) = (median(base), median(with));
         println!(
-            "startup {prog}: without {:.3} ms, with shim (sim) {:.3} ms, ratio {:.2}x, difference {:.3} ms (median of {iters}, alternating)",
+            "startup {}: without {:.3} ms, with shim (sim) {:.3} ms, ratio {:.2}x, difference {:.3} ms (median of {iters}, alternating)",
+            prog.join(" "),
             b.as_secs_f64() * 1e3,
             w.as_secs_f64() * 1e3,
             w.as_secs_f64() / b.as_secs_f64(),
