@@ -206,7 +206,11 @@ impl Config {
             (spec.parse)(&mut cfg, value).map_err(|problem| ConfigError {
                 var: spec.name,
                 value,
-                accepted: spec.values,
+                accepted: if problem == Problem::NotImplemented {
+                    spec.default
+                } else {
+                    spec.values
+                },
                 problem,
             })?;
             if !spec.implemented && value != spec.default {
@@ -626,8 +630,8 @@ pub static VARS: &[VarSpec] = &[
         name: "IA2_HEAP",
         values: "libc (shared in strict mode), shared, compartment",
         default: "libc",
-        meaning: "who serves the malloc family",
-        implemented: false,
+        meaning: "who serves the malloc family: glibc, the shim's shared heap (pkey 0), or each compartment's own heap (by caller address)",
+        implemented: true,
         parse: |c, v| {
             c.heap_explicit = Some(match v {
                 "libc" => HeapMode::Libc,
@@ -940,10 +944,7 @@ mod tests {
         assert_eq!(c.report_file, Some("/tmp/r.%p"));
         assert_eq!(c.log_level, log::LevelFilter::Debug);
         assert_eq!(c.log_file, Some("/tmp/log"));
-        assert_eq!(
-            parse(&["IA2_ON_FAULT=audit"]).unwrap().on_fault,
-            OnFault::Audit
-        );
+        assert_eq!(err(&["IA2_ON_FAULT=audit"]).problem, Problem::NotImplemented);
         assert_eq!(
             err(&["IA2_REPORT=plan,everything"]).problem,
             Problem::BadValue
