@@ -630,8 +630,8 @@ pub static VARS: &[VarSpec] = &[
         name: "IA2_HEAP",
         values: "libc (shared in strict mode), shared, compartment",
         default: "libc",
-        meaning: "who serves the malloc family",
-        implemented: false,
+        meaning: "who serves the malloc family: glibc, the shim's shared heap (pkey 0), or each compartment's own heap (by caller address)",
+        implemented: true,
         parse: |c, v| {
             c.heap_explicit = Some(match v {
                 "libc" => HeapMode::Libc,

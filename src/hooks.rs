@@ -191,3 +191,171 @@ pub extern "C" fn ia2_compartment_pkru(c: c_int) -> c_uint {
 pub extern "C" fn ia2_switch_compartment(c: c_int) -> c_int {
     runtime::switch_compartment(c)
 }
+
+// ---------------------------------------------------------------- the malloc family
+
+// The exported `malloc`, `free`, … and the `shared_*` calls that report
+// their caller are these trampolines: each copies its own return address
+// (the caller's code address, by which `IA2_HEAP=compartment` routes) into
+// the next free argument register and tail-jumps to the Rust entry point
+// below, leaving the stack and the arguments as the caller made them. Rust
+// has no stable `__builtin_return_address`. Left out of unit-test binaries,
+// whose own malloc must stay glibc's.
+#[cfg(not(test))]
+core::arch::global_asm!(
+    ".macro ia2_ra_entry name, reg, target",
+    ".pushsection .text.\\name,\"ax\",@progbits",
+    ".globl \\name",
+    ".type \\name,@function",
+    ".p2align 4",
+    "\\name:",
+    ".cfi_startproc",
+    "mov \\reg, qword ptr [rsp]",
+    "jmp \\target",
+    ".cfi_endproc",
+    ".size \\name, .-\\name",
+    ".popsection",
+    ".endm",
+    "ia2_ra_entry malloc, rsi, {malloc}",
+    "ia2_ra_entry free, rsi, {free}",
+    "ia2_ra_entry calloc, rdx, {calloc}",
+    "ia2_ra_entry realloc, rdx, {realloc}",
+    "ia2_ra_entry memalign, rdx, {memalign}",
+    "ia2_ra_entry aligned_alloc, rdx, {aligned_alloc}",
+    "ia2_ra_entry posix_memalign, rcx, {posix_memalign}",
+    "ia2_ra_entry valloc, rsi, {valloc}",
+    "ia2_ra_entry pvalloc, rsi, {pvalloc}",
+    "ia2_ra_entry shared_free, rsi, {shared_free}",
+    "ia2_ra_entry shared_realloc, rdx, {shared_realloc}",
+    ".purgem ia2_ra_entry",
+    malloc = sym hook_malloc,
+    free = sym hook_free,
+    calloc = sym hook_calloc,
+    realloc = sym hook_realloc,
+    memalign = sym hook_memalign,
+    aligned_alloc = sym hook_aligned_alloc,
+    posix_memalign = sym hook_posix_memalign,
+    valloc = sym hook_valloc,
+    pvalloc = sym hook_pvalloc,
+    shared_free = sym hook_shared_free,
+    shared_realloc = sym hook_shared_realloc,
+);
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_malloc(size: usize, ra: usize) -> *mut c_void {
+    // SAFETY: malloc's contract, from the caller.
+    unsafe { crate::alloc::malloc(size, ra) }
+}
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_free(p: *mut c_void, ra: usize) {
+    // SAFETY: free's contract, from the caller.
+    unsafe { crate::alloc::free(p, ra) }
+}
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_calloc(n: usize, size: usize, ra: usize) -> *mut c_void {
+    // SAFETY: calloc's contract, from the caller.
+    unsafe { crate::alloc::calloc(n, size, ra) }
+}
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_realloc(p: *mut c_void, size: usize, ra: usize) -> *mut c_void {
+    // SAFETY: realloc's contract, from the caller.
+    unsafe { crate::alloc::realloc(p, size, ra) }
+}
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_memalign(align: usize, size: usize, ra: usize) -> *mut c_void {
+    // SAFETY: memalign's contract, from the caller.
+    unsafe { crate::alloc::memalign(align, size, ra) }
+}
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_aligned_alloc(align: usize, size: usize, ra: usize) -> *mut c_void {
+    // SAFETY: aligned_alloc's contract, from the caller.
+    unsafe { crate::alloc::aligned_alloc(align, size, ra) }
+}
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_posix_memalign(
+    out: *mut *mut c_void,
+    align: usize,
+    size: usize,
+    ra: usize,
+) -> c_int {
+    // SAFETY: posix_memalign's contract, from the caller.
+    unsafe { crate::alloc::posix_memalign(out, align, size, ra) }
+}
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_valloc(size: usize, ra: usize) -> *mut c_void {
+    // SAFETY: valloc's contract, from the caller.
+    unsafe { crate::alloc::valloc(size, ra) }
+}
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_pvalloc(size: usize, ra: usize) -> *mut c_void {
+    // SAFETY: pvalloc's contract, from the caller.
+    unsafe { crate::alloc::pvalloc(size, ra) }
+}
+
+/// `malloc_usable_size(3)`; needs no caller address.
+///
+/// # Safety
+/// `p` is null or a live allocation.
+#[cfg(not(test))]
+#[no_mangle]
+pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+    // SAFETY: the caller's contract.
+    unsafe { crate::alloc::malloc_usable_size(p) }
+}
+
+// ---------------------------------------------------------------- IA2's shared allocator ABI (include/ia2_allocator.h)
+
+#[no_mangle]
+pub extern "C" fn shared_malloc(size: usize) -> *mut c_void {
+    crate::alloc::shared_malloc(size)
+}
+
+#[no_mangle]
+pub extern "C" fn shared_calloc(n: usize, size: usize) -> *mut c_void {
+    crate::alloc::shared_calloc(n, size)
+}
+
+#[no_mangle]
+pub extern "C" fn shared_memalign(align: usize, size: usize) -> *mut c_void {
+    crate::alloc::shared_memalign(align, size)
+}
+
+/// # Safety
+/// `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn shared_posix_memalign(
+    out: *mut *mut c_void,
+    align: usize,
+    size: usize,
+) -> c_int {
+    // SAFETY: the caller's out pointer.
+    unsafe { crate::alloc::shared_posix_memalign(out, align, size) }
+}
+
+/// # Safety
+/// `s` is a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn shared_strdup(s: *const c_char) -> *mut c_char {
+    // SAFETY: the caller's string.
+    unsafe { crate::alloc::shared_strdup(s) }
+}
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_shared_free(p: *mut c_void, ra: usize) {
+    // SAFETY: free's contract, from the caller.
+    unsafe { crate::alloc::shared_free(p, ra) }
+}
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_shared_realloc(p: *mut c_void, size: usize, ra: usize) -> *mut c_void {
+    // SAFETY: realloc's contract, from the caller.
+    unsafe { crate::alloc::shared_realloc(p, size, ra) }
+}

@@ -18,6 +18,9 @@ pub mod logging;
 /// Allocation-free formatting into stack buffers, for fatal paths and signal handlers.
 pub mod stackfmt;
 
+/// The malloc family (`IA2_HEAP`) and IA2's shared allocator ABI over the
+/// shim's own heaps: shared (pkey 0) and one per compartment.
+pub mod alloc;
 /// Applying a plan with `pkey_mprotect`, and the registry the fault handler reads.
 pub mod apply;
 /// One locator per named carveout (pages kept on the shared key 0).

@@ -49,8 +49,67 @@ pub static LIBC_START_MAIN: RealFn = RealFn::new(c"__libc_start_main");
 pub static SIGACTION: RealFn = RealFn::new(c"sigaction");
 pub static SIGNAL: RealFn = RealFn::new(c"signal");
 
+// The malloc family (see `crate::alloc`). glibc exports its allocator under
+// internal names too; the hooks call those directly, because `dlsym` itself
+// calls malloc and calloc and would recurse into hooks that have no real
+// function yet. The rest have no such alias and are resolved as usual
+// (dlsym never calls them).
+extern "C" {
+    pub fn __libc_malloc(size: usize) -> *mut c_void;
+    pub fn __libc_free(p: *mut c_void);
+    pub fn __libc_calloc(n: usize, size: usize) -> *mut c_void;
+    pub fn __libc_realloc(p: *mut c_void, size: usize) -> *mut c_void;
+    pub fn __libc_memalign(align: usize, size: usize) -> *mut c_void;
+    pub fn __libc_valloc(size: usize) -> *mut c_void;
+    pub fn __libc_pvalloc(size: usize) -> *mut c_void;
+}
+pub static POSIX_MEMALIGN: RealFn = RealFn::new(c"posix_memalign");
+pub static ALIGNED_ALLOC: RealFn = RealFn::new(c"aligned_alloc");
+pub static MALLOC_USABLE_SIZE: RealFn = RealFn::new(c"malloc_usable_size");
+
+/// glibc's `posix_memalign`.
+///
+/// # Safety
+/// As `posix_memalign(3)`.
+pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> core::ffi::c_int {
+    // SAFETY: the slot holds glibc's posix_memalign.
+    let f: unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> core::ffi::c_int =
+        unsafe { as_fn(&POSIX_MEMALIGN) };
+    // SAFETY: forwarded contract.
+    unsafe { f(out, align, size) }
+}
+
+/// glibc's `aligned_alloc`.
+///
+/// # Safety
+/// As `aligned_alloc(3)`.
+pub unsafe fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    // SAFETY: the slot holds glibc's aligned_alloc.
+    let f: unsafe extern "C" fn(usize, usize) -> *mut c_void = unsafe { as_fn(&ALIGNED_ALLOC) };
+    // SAFETY: forwarded contract.
+    unsafe { f(align, size) }
+}
+
+/// glibc's `malloc_usable_size`.
+///
+/// # Safety
+/// As `malloc_usable_size(3)`: `p` is null or a live glibc block.
+pub unsafe fn malloc_usable_size(p: *mut c_void) -> usize {
+    // SAFETY: the slot holds glibc's malloc_usable_size.
+    let f: unsafe extern "C" fn(*mut c_void) -> usize = unsafe { as_fn(&MALLOC_USABLE_SIZE) };
+    // SAFETY: forwarded contract.
+    unsafe { f(p) }
+}
+
 /// Every slot, resolved together by the constructor.
-pub static ALL: &[&RealFn] = &[&LIBC_START_MAIN, &SIGACTION, &SIGNAL];
+pub static ALL: &[&RealFn] = &[
+    &LIBC_START_MAIN,
+    &SIGACTION,
+    &SIGNAL,
+    &POSIX_MEMALIGN,
+    &ALIGNED_ALLOC,
+    &MALLOC_USABLE_SIZE,
+];
 
 pub fn resolve_all() {
     for f in ALL {

@@ -178,6 +178,7 @@ pub fn init() {
         ));
     }
     crate::hooks::resolve_real_functions();
+    crate::alloc::prepare();
 
     let support = match config.pku {
         PkuMode::Off => {
@@ -252,6 +253,7 @@ pub fn init() {
     let rt = get().expect("just set");
     crate::fault::install();
     crate::report::startup(rt);
+    crate::alloc::start(rt);
     STATE.store(InitState::Ready as u8, Ordering::Release);
 }
 
