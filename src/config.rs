@@ -944,7 +944,10 @@ mod tests {
         assert_eq!(c.report_file, Some("/tmp/r.%p"));
         assert_eq!(c.log_level, log::LevelFilter::Debug);
         assert_eq!(c.log_file, Some("/tmp/log"));
-        assert_eq!(err(&["IA2_ON_FAULT=audit"]).problem, Problem::NotImplemented);
+        assert_eq!(
+            err(&["IA2_ON_FAULT=audit"]).problem,
+            Problem::NotImplemented
+        );
         assert_eq!(
             err(&["IA2_REPORT=plan,everything"]).problem,
             Problem::BadValue
