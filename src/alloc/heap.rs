@@ -66,6 +66,9 @@ const MAX_GROW: usize = 256 << 20;
 const GROW_UNIT: usize = 64 << 10;
 /// Slack for talc's bin table (first claim) and chunk tags.
 const GROW_SLACK: usize = 16 << 10;
+/// Freeing a block at least this large returns its pages to the kernel.
+const TRIM_THRESHOLD: usize = 4 << 20;
+const PAGE: usize = crate::objects::PAGE;
 
 // ---------------------------------------------------------------- region
 
@@ -712,6 +715,17 @@ unsafe fn free_locked(p: usize) -> Result<(), Bad> {
     let held = lock(slot);
     // SAFETY: locate() checked that the header is committed; Rights gives access.
     let (size, off) = unsafe { header(p, start) }.ok_or(Bad::NotLive)?;
+    if size >= TRIM_THRESHOLD {
+        // Give a large block's pages back to the kernel. talc keeps its
+        // bookkeeping at the ends of free chunks, never in their interior,
+        // and discarded pages read back as zeros; keys stay as they are.
+        let a = (p + 64 + PAGE - 1) & !(PAGE - 1);
+        let b = (p - off + size - 64) & !(PAGE - 1);
+        if a < b {
+            // SAFETY: the interior of a block that is being freed, in our slot.
+            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED) };
+        }
+    }
     // SAFETY: the header is valid and we hold the arena's lock.
     unsafe {
         ((p - HDR + 8) as *mut usize).write(FREED);

@@ -207,6 +207,30 @@ fn grows_by_adding_regions() {
     }
 }
 
+#[test]
+fn large_blocks_return_their_pages_and_stay_usable() {
+    for round in 0..3u8 {
+        let p = shared_malloc(32 << 20) as *mut u8;
+        assert!(!p.is_null());
+        // SAFETY: 32 MiB block.
+        unsafe {
+            core::ptr::write_bytes(p, round + 1, 32 << 20);
+            assert_eq!(*p.add((16 << 20) + 5), round + 1);
+            shared_free(p.cast(), 0);
+        }
+    }
+    // A neighbour of a trimmed block keeps its contents.
+    let a = shared_malloc(8 << 20) as *mut u8;
+    let b = shared_malloc(64) as *mut u8;
+    // SAFETY: live blocks.
+    unsafe {
+        core::ptr::write_bytes(b, 7, 64);
+        shared_free(a.cast(), 0);
+        assert!(core::slice::from_raw_parts(b, 64).iter().all(|&x| x == 7));
+        shared_free(b.cast(), 0);
+    }
+}
+
 /// Random malloc/realloc/free from several threads, with blocks handed
 /// between threads through a shared table, and a checksum on each block.
 #[test]
