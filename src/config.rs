@@ -705,7 +705,7 @@ pub static VARS: &[VarSpec] = &[
         values: "warn, off, deny",
         default: "warn",
         meaning: "scan compartment code for WRPKRU/XRSTOR byte sequences",
-        implemented: false,
+        implemented: true,
         parse: |c, v| {
             c.scan_wrpkru = match v {
                 "warn" => ScanWrpkru::Warn,

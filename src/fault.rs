@@ -114,6 +114,10 @@ unsafe fn interrupted_pkru(uc: *const libc::ucontext_t) -> Option<u32> {
 }
 
 extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // SAFETY: the kernel's arguments, on the faulting thread.
+    if unsafe { crate::gates::fixup_fault(info, ctx) } {
+        return; // a gate's first use on a thread without a gate-frame stack
+    }
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let code = unsafe { (*info).si_code };
     if code == SEGV_PKUERR {

@@ -156,6 +156,44 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc
     unsafe { f(sig, handler) }
 }
 
+// ---------------------------------------------------------------- dlopen, dlclose
+
+// `dlopen` passes its return address (the caller's code, whose compartment
+// a new application object joins) to the Rust entry point in rdx, like the
+// malloc trampolines below. Left out of unit-test binaries.
+#[cfg(not(test))]
+core::arch::global_asm!(
+    ".pushsection .text.dlopen,\"ax\",@progbits",
+    ".globl dlopen",
+    ".type dlopen,@function",
+    ".p2align 4",
+    "dlopen:",
+    ".cfi_startproc",
+    "mov rdx, qword ptr [rsp]",
+    "jmp {dlopen}",
+    ".cfi_endproc",
+    ".size dlopen, .-dlopen",
+    ".popsection",
+    dlopen = sym hook_dlopen,
+);
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_dlopen(file: *const c_char, mode: c_int, ra: usize) -> *mut c_void {
+    // SAFETY: dlopen's contract, from the caller.
+    unsafe { crate::dl::dlopen(file, mode, ra) }
+}
+
+/// `dlclose(3)`: untag, close, re-tag the survivors (see `crate::dl`).
+///
+/// # Safety
+/// As `dlclose(3)`.
+#[cfg(not(test))]
+#[no_mangle]
+pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::dl::dlclose(handle) }
+}
+
 // ---------------------------------------------------------------- introspection API
 
 /// The compartment the calling thread runs as (0: none, -1: shim inactive).

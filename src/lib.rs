@@ -27,8 +27,12 @@ pub mod apply;
 pub mod carveouts;
 /// Compartment assignment: which object belongs to which compartment.
 pub mod compartments;
+/// `dlopen`/`dlclose`: counting, assigning, tagging and patching new objects.
+pub mod dl;
 /// SIGSEGV handling and fault reports.
 pub mod fault;
+/// Call gates (stub pool, gate-frame stacks, unwinding) and GOT patching.
+pub mod gates;
 /// `/proc/self/maps` and `/proc/self/smaps` parsing.
 pub mod maps;
 /// Census of loaded objects (`dl_iterate_phdr` + dynamic sections).
@@ -39,5 +43,7 @@ pub mod pku;
 pub mod plan;
 /// Start-up census and plan reports, and the smaps cross-check.
 pub mod report;
+/// The WRPKRU/XRSTOR byte-sequence scanner (`IA2_SCAN_WRPKRU`).
+pub mod scan;
 /// Thread-local-storage geometry: thread pointer, TCB, DTV, module blocks.
 pub mod tls;

@@ -4,7 +4,6 @@
 //! Every key operation in the shim goes through this module, so that `sim`
 //! runs exactly the same code paths with the hardware effects replaced.
 
-use core::cell::Cell;
 use core::fmt;
 use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
@@ -109,11 +108,10 @@ static BACKEND: AtomicU8 = AtomicU8::new(Backend::None as u8);
 /// Keys handed out by the sim backend (bitmask).
 static SIM_KEYS: AtomicU32 = AtomicU32::new(1);
 
-thread_local! {
-    /// The simulated PKRU. New threads start with the kernel default, as a
-    /// new process would; the thread trampoline sets the inherited value.
-    static SIM_PKRU: Cell<u32> = const { Cell::new(DEFAULT_PKRU) };
-}
+// The simulated PKRU lives in the shim's static TLS next to the gate-frame
+// stack top (crate::gates), so that the `sim` call gates switch it with
+// plain moves. New threads start with the kernel default, as a new process
+// would; the thread trampoline sets the inherited value.
 
 pub fn set_backend(b: Backend) {
     BACKEND.store(b as u8, Ordering::Release);
@@ -131,7 +129,7 @@ pub fn backend() -> Backend {
 pub fn read_pkru() -> u32 {
     match backend() {
         Backend::Hardware => rdpkru(),
-        Backend::Sim => SIM_PKRU.with(Cell::get),
+        Backend::Sim => crate::gates::sim_pkru(),
         Backend::None => 0,
     }
 }
@@ -141,7 +139,7 @@ pub fn write_pkru(pkru: u32) {
     match backend() {
         // SAFETY: only reached once the probe has shown PKU is usable.
         Backend::Hardware => unsafe { wrpkru(pkru) },
-        Backend::Sim => SIM_PKRU.with(|c| c.set(pkru)),
+        Backend::Sim => crate::gates::set_sim_pkru(pkru),
         Backend::None => {}
     }
 }
@@ -166,7 +164,7 @@ pub fn alloc_key() -> Result<u32, i32> {
                 ) {
                     Ok(_) => {
                         // Like the kernel: the allocating thread gets access.
-                        SIM_PKRU.with(|c| c.set(c.get() & !(3 << (2 * k))));
+                        crate::gates::set_sim_pkru(crate::gates::sim_pkru() & !(3 << (2 * k)));
                         return Ok(k);
                     }
                     Err(now) => cur = now,

@@ -48,6 +48,8 @@ impl RealFn {
 pub static LIBC_START_MAIN: RealFn = RealFn::new(c"__libc_start_main");
 pub static SIGACTION: RealFn = RealFn::new(c"sigaction");
 pub static SIGNAL: RealFn = RealFn::new(c"signal");
+pub static DLOPEN: RealFn = RealFn::new(c"dlopen");
+pub static DLCLOSE: RealFn = RealFn::new(c"dlclose");
 
 // The malloc family (see `crate::alloc`). glibc exports its allocator under
 // internal names too; the hooks call those directly, because `dlsym` itself
@@ -106,6 +108,8 @@ pub static ALL: &[&RealFn] = &[
     &LIBC_START_MAIN,
     &SIGACTION,
     &SIGNAL,
+    &DLOPEN,
+    &DLCLOSE,
     &POSIX_MEMALIGN,
     &ALIGNED_ALLOC,
     &MALLOC_USABLE_SIZE,

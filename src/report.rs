@@ -297,6 +297,7 @@ pub fn startup(rt: &Runtime) {
     let Ok(c) = rt.census.read() else { return };
     if rt.config.reports.plan {
         emit(&plan_report(rt, &c));
+        emit(&crate::gates::report(rt));
     }
     if rt.config.reports.maps {
         let text = maps_report(rt, &c);

@@ -252,6 +252,7 @@ pub fn init() {
     }
     let rt = get().expect("just set");
     crate::fault::install();
+    crate::gates::install(rt);
     crate::report::startup(rt);
     crate::alloc::start(rt);
     STATE.store(InitState::Ready as u8, Ordering::Release);

@@ -1,0 +1,153 @@
+//! Call-gate cost. `cargo bench --bench gates` (build the release shim first).
+//!
+//! 1. Instructions per gate round trip, natively under `IA2_PKU=sim`, counted
+//!    by callgrind: the fixture's loop of N calls from the executable
+//!    (compartment 1) into `nop1` in libgt2.so (compartment 2), at two values
+//!    of N, gated and with `IA2_GATES=0`; the per-call difference is the
+//!    gate. The `sim` variant is the hardware variant plus a call counter
+//!    (`lock inc`) and with RDPKRU/WRPKRU replaced by TLS moves (one more
+//!    instruction in all), so the hardware count is printed next to it, as
+//!    decoded from the shim's own code.
+//! 2. Calls per second, gated vs direct (no shim), in the PKU VM (or
+//!    natively when the host has PKU). The VM's WRPKRU flushes the emulated
+//!    TLB, so the ratio is relative to that machine only.
+//!
+//! `IA2_BENCH_CALLS` sets N for the VM part (default 200000).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use std::process::Command;
+
+fn fixture() -> String {
+    cc_lib("gt2", &["gates/lib2.c"], &[]);
+    cc_lib("gt3", &["gates/lib3.c"], &[]);
+    cc_exe(
+        "gates",
+        &["gates/main.c", "gates/cs_check.S"],
+        &["-lgt2", "-lgt3", "-ldl", "-lpthread"],
+    )
+    .to_str()
+    .unwrap()
+    .to_string()
+}
+
+/// Total instructions (callgrind's Ir) of `exe loop n` under the shim.
+fn instructions(exe: &str, n: u64, gates: bool) -> Option<u64> {
+    let out = std::env::temp_dir().join(format!(
+        "ia2-gates-bench-{}-{n}-{gates}.cg",
+        std::process::id()
+    ));
+    let o = Command::new("valgrind")
+        .args(["--tool=callgrind", "--quiet"])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .args([exe, "loop", &n.to_string()])
+        .env("LD_PRELOAD", shim())
+        .env("IA2_PKU", "sim")
+        .env("IA2_GATES", if gates { "1" } else { "0" })
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        eprintln!("valgrind failed: {}", String::from_utf8_lossy(&o.stderr));
+        return None;
+    }
+    let text = std::fs::read_to_string(&out).ok()?;
+    let _ = std::fs::remove_file(&out);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary: ")
+                .or_else(|| l.strip_prefix("totals: "))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The hardware variant's instructions (the stub's `lea` and `jmp`, then
+/// `ia2shim_gate_hw` up to its `ret`), from `objdump -d` of the shim:
+/// (outside RDPKRU/WRPKRU, RDPKRU/WRPKRU).
+fn hardware_round_trip() -> Option<(usize, usize)> {
+    let o = Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(shim())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    let start = text.find("<ia2shim_gate_hw>:")?;
+    let (mut n, mut pkru) = (2, 0);
+    for line in text[start..].lines().skip(1) {
+        let Some(insn) = line.split('\t').nth(1) else {
+            continue;
+        };
+        let mnemonic = insn.split_whitespace().next().unwrap_or("");
+        if mnemonic == "rdpkru" || mnemonic == "wrpkru" {
+            pkru += 1;
+        } else {
+            n += 1;
+        }
+        if mnemonic == "ret" {
+            return Some((n, pkru));
+        }
+    }
+    None
+}
+
+fn ns_per_call(o: &ia2run::Outcome) -> f64 {
+    assert_code(o, 0);
+    let s = o.stdout_lossy();
+    s.split(", ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("bad output\n{}", out_text(o)))
+}
+
+fn main() {
+    let exe = fixture();
+    match hardware_round_trip() {
+        Some((n, pkru)) => println!(
+            "gate round trip, hardware variant (objdump of the shim, stub included): {n} instructions outside RDPKRU/WRPKRU, plus {pkru} RDPKRU/WRPKRU"
+        ),
+        None => println!("objdump of the shim failed; hardware count skipped"),
+    }
+
+    let (lo, hi) = (1_000u64, 21_000u64);
+    match (
+        instructions(&exe, lo, true),
+        instructions(&exe, hi, true),
+        instructions(&exe, lo, false),
+        instructions(&exe, hi, false),
+    ) {
+        (Some(g0), Some(g1), Some(d0), Some(d1)) => {
+            let per_gated = (g1 - g0) as f64 / (hi - lo) as f64;
+            let per_direct = (d1 - d0) as f64 / (hi - lo) as f64;
+            let gate = per_gated - per_direct;
+            println!(
+                "callgrind, IA2_PKU=sim: {per_gated:.1} instructions per loop iteration gated, {per_direct:.1} with IA2_GATES=0: \
+                 {gate:.1} per gate round trip (sim variant; minus its counter and the extra simulated-PKRU move: {:.1}); ratio {:.2}",
+                gate - 2.0,
+                per_gated / per_direct
+            );
+        }
+        _ => println!("callgrind: valgrind not available or failed; skipped"),
+    }
+
+    let n = std::env::var("IA2_BENCH_CALLS").unwrap_or_else(|_| "200000".into());
+    let jobs = vec![
+        ("gated", job(&[&exe, "loop", &n], &[])),
+        ("direct", job_unshimmed(&[&exe, "loop", &n])),
+        ("gated again", job(&[&exe, "loop", &n], &[])),
+        ("direct again", job_unshimmed(&[&exe, "loop", &n])),
+    ];
+    let r = enforced_batch(jobs);
+    let gated = ns_per_call(&r["gated"]).min(ns_per_call(&r["gated again"]));
+    let direct = ns_per_call(&r["direct"]).min(ns_per_call(&r["direct again"]));
+    println!(
+        "enforced ({}), {n} calls: gated {:.0} calls/s ({gated:.1} ns/call), direct {:.0} calls/s ({direct:.1} ns/call): \
+         direct/gated throughput ratio {:.1}",
+        if ia2run::host_has_pku() { "native PKU" } else { "PKU VM, TCG: relative only" },
+        1e9 / gated,
+        1e9 / direct,
+        gated / direct
+    );
+}
