@@ -1665,6 +1665,50 @@ mod tests {
         assert_eq!(f(-1), -1, "the gate still works afterwards");
     }
 
+    extern "C" fn fixup_only(_sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+        // SAFETY: the kernel's arguments, on the faulting thread.
+        if !unsafe { fixup_fault(info, ctx) } {
+            // SAFETY: async-signal-safe; the test failed.
+            unsafe { libc::abort() };
+        }
+    }
+
+    #[test]
+    fn a_thread_without_a_gate_stack_gets_one_on_its_first_gate() {
+        let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        extern "C" fn add(a: i64, b: i64) -> i64 {
+            a + b
+        }
+        let g = sim_gate(add as *const () as usize, pku::pkru_allowing(6));
+        // SAFETY: zeroed sigaction structs are valid; installing a handler
+        // that only runs the gate fix-up, and restoring the old one after.
+        let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
+        // SAFETY: as above.
+        let mut sa: libc::sigaction = unsafe { core::mem::zeroed() };
+        sa.sa_sigaction = fixup_only as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: valid sigaction structs.
+        assert_eq!(unsafe { libc::sigaction(libc::SIGSEGV, &sa, &mut old) }, 0);
+        let r = std::thread::spawn(move || {
+            assert_eq!(stack_top(), 0, "a fresh thread has no gate-frame stack");
+            // SAFETY: the stub forwards to `add`.
+            let f: extern "C" fn(i64, i64) -> i64 =
+                unsafe { core::mem::transmute(stub_address(g)) };
+            let r = f(40, 2);
+            let top = stack_top();
+            assert_ne!(top, 0);
+            assert_eq!(top, stack_base(), "the frame was popped on the new stack");
+            assert_eq!(f(1, 2), 3);
+            thread_exit();
+            r
+        })
+        .join()
+        .unwrap();
+        // SAFETY: restoring the previous disposition.
+        unsafe { libc::sigaction(libc::SIGSEGV, &old, core::ptr::null_mut()) };
+        assert_eq!(r, 42);
+    }
+
     #[test]
     fn unwinding_passes_through_sim_gates() {
         let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
