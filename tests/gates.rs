@@ -12,6 +12,9 @@ use std::sync::OnceLock;
 
 struct Fixtures {
     gates: PathBuf,
+    /// The same program, lazily bound (`-z lazy`): its `.got.plt` slots
+    /// still point at its PLT when the shim patches them.
+    lazy: PathBuf,
     exc: PathBuf,
     wrpkru: PathBuf,
 }
@@ -30,6 +33,11 @@ fn fixtures() -> &'static Fixtures {
                 "gates",
                 &["gates/main.c", "gates/cs_check.S"],
                 &["-lgt2", "-lgt3", "-ldl", "-lpthread"],
+            ),
+            lazy: cc_exe(
+                "gates_lazy",
+                &["gates/main.c", "gates/cs_check.S"],
+                &["-lgt2", "-lgt3", "-ldl", "-lpthread", "-Wl,-z,lazy"],
             ),
             exc: cc_exe(
                 "gates_exc",
@@ -85,6 +93,13 @@ fn enforced() -> &'static HashMap<&'static str, Outcome> {
         }
         cases.push(("peek", job(&[exe, "peek"], &[])));
         cases.push((
+            "lazy",
+            job(
+                &[f.lazy.to_str().unwrap(), "nested"],
+                &[("IA2_REPORT", "plan")],
+            ),
+        ));
+        cases.push((
             "report",
             job(&[exe, "abi"], &[("IA2_REPORT", "plan,gates")]),
         ));
@@ -118,6 +133,17 @@ fn nested_calls_and_recursion_switch_compartments_at_every_level() {
     assert_code(o, 0);
     assert_stdout_has(o, "recursion depth 100:");
     assert_stdout_has(o, "nested ok");
+}
+
+#[test]
+fn lazily_bound_slots_are_resolved_and_gated() {
+    let o = &enforced()["lazy"];
+    assert_code(o, 0);
+    assert_stdout_has(o, "nested ok");
+    assert_stderr_has(o, "gates_lazy (compartment 1) -> lib2_rec in ");
+    let o = sim(&[fixtures().lazy.to_str().unwrap(), "abi"], &[]);
+    assert_code(&o, 0);
+    assert_stdout_has(&o, "abi ok");
 }
 
 #[test]
