@@ -114,7 +114,8 @@ pub unsafe fn real_sigaction(
     unsafe { f(sig, act, old) }
 }
 
-/// SIGSEGV stays with the shim's handler, which chains to the program's.
+/// SIGSEGV (and SIGTRAP in audit mode) stays with the shim's handler, which
+/// chains to the program's.
 ///
 /// # Safety
 /// As `sigaction(2)`.
@@ -124,22 +125,23 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> c_int {
-    if sig == libc::SIGSEGV && runtime::active().is_some() {
+    if crate::fault::intercepts(sig) && runtime::active().is_some() {
         // SAFETY: pointers are the caller's, valid as sigaction(2) requires.
-        unsafe { crate::fault::intercept_sigaction(act, old) };
+        unsafe { crate::fault::intercept_sigaction(sig, act, old) };
         return 0;
     }
     // SAFETY: forwarded contract.
     unsafe { real_sigaction(sig, act, old) }
 }
 
-/// `signal(3)` is `sigaction` with BSD semantics; SIGSEGV is recorded, not installed.
+/// `signal(3)` is `sigaction` with BSD semantics; SIGSEGV (and SIGTRAP in
+/// audit mode) is recorded, not installed.
 ///
 /// # Safety
 /// As `signal(3)`.
 #[no_mangle]
 pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
-    if sig == libc::SIGSEGV && runtime::active().is_some() {
+    if crate::fault::intercepts(sig) && runtime::active().is_some() {
         // SAFETY: zeroed sigaction is valid.
         let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
         act.sa_sigaction = handler;
@@ -147,7 +149,7 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc
         // SAFETY: zeroed sigaction is valid.
         let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
         // SAFETY: both structs are valid.
-        unsafe { crate::fault::intercept_sigaction(&act, &mut old) };
+        unsafe { crate::fault::intercept_sigaction(sig, &act, &mut old) };
         return old.sa_sigaction;
     }
     // SAFETY: the slot holds glibc's signal.

@@ -23,6 +23,7 @@
 mod agent;
 mod cpio;
 mod exec;
+pub mod learn;
 mod vm;
 mod wire;
 

@@ -16,6 +16,7 @@ emulates PKU.
 Usage:
   ia2run [OPTIONS] [--] CMD [ARGS...]
   ia2run [OPTIONS] --batch FILE
+  ia2run [OPTIONS] --learn [--] CMD [ARGS...]
 
 Where to run:
   --auto           natively if the host has PKU, else in the VM (default;
@@ -40,6 +41,9 @@ What to run:
                    every command; default 300), natively each command
                    (default none); exit status 124
   --cmd-timeout S  kill each command after S seconds (VM and native)
+  --learn          learn a sharing policy (see below): run CMD in audit mode,
+                   print the variables that would have made the run clean,
+                   then run CMD again with them to confirm
 
 VM settings:
   --mem MB         guest memory (default 1024)
@@ -57,6 +61,22 @@ Exit status: the command's; 128+N if a signal N killed it (with a line
 125 when ia2run itself fails (no shim, no QEMU, no PKU in the guest, ...).
 In the VM the command's stdin is /dev/null, and its stdout and stderr are
 passed on once it has finished.
+
+Learning (--learn): the audit run sets IA2_ON_FAULT=audit,
+IA2_REPORT_FORMAT=json and IA2_REPORT_FILE to a temporary file in the
+current directory (writable in the VM), so that every protection-key fault
+is logged and let through. When the run stops on a fatal signal after
+learning something new (for example the kernel kills it for a page that it
+cannot write, which the shim reports), it runs again with what it learned,
+at most 4 times. Then ia2run prints `ia2run: learned: VARS` on stderr,
+VARS being the carveout toggles and IA2_SHARE entries of the minimal
+policy (IA2_SHARE entries that you set are kept), or `ia2run: learned:
+nothing`, and runs the command once more with VARS and IA2_ON_FAULT=report
+to confirm. The exit status is the confirming run's: 0 when it was clean (a
+fault that the policy misses kills it with SIGSEGV after a report: 139);
+125 when an audit run left no summary. Each run is a VM boot of its own.
+Addresses in learned entries (0xPAGE+4096, for memory without a symbol)
+only carry over when the layout does (ASLR).
 
 Batch files: one command per line. Empty lines and lines starting with #
 are skipped. Words are split as by a POSIX shell without expansions:
@@ -97,6 +117,7 @@ struct Cli {
     batch: Option<PathBuf>,
     timeout: Option<Duration>,
     cmd_timeout: Option<Duration>,
+    learn: bool,
     vm: VmOptions,
     cmd: Vec<OsString>,
 }
@@ -123,6 +144,7 @@ fn parse_args(args: Vec<OsString>) -> Result<Option<Cli>, String> {
         batch: None,
         timeout: None,
         cmd_timeout: None,
+        learn: false,
         vm: VmOptions::default(),
         cmd: Vec::new(),
     };
@@ -167,6 +189,7 @@ fn parse_args(args: Vec<OsString>) -> Result<Option<Cli>, String> {
                 ));
             }
             "--batch" => cli.batch = Some(value()?.into()),
+            "--learn" => cli.learn = true,
             "--timeout" => cli.timeout = Some(parse_secs(&text(value()?)?)?),
             "--cmd-timeout" => cli.cmd_timeout = Some(parse_secs(&text(value()?)?)?),
             "--mem" => {
@@ -303,6 +326,9 @@ fn main() -> ExitCode {
         }
         Err(e) => return usage_error(&e),
     };
+    if cli.learn && cli.batch.is_some() {
+        return usage_error("--learn takes a command, not --batch");
+    }
     if cli.batch.is_some() != cli.cmd.is_empty() {
         return usage_error(if cli.batch.is_some() {
             "give either --batch FILE or a command, not both"
@@ -357,6 +383,10 @@ fn main() -> ExitCode {
             "lacks"
         };
         eprintln!("ia2run: running {how} (host {pku} PKU); shim: {:?}", shim);
+    }
+
+    if cli.learn {
+        return learn(&cli.cmd, mode, &vm, &make_job);
     }
 
     let Some(batch) = &cli.batch else {
@@ -435,6 +465,104 @@ fn main() -> ExitCode {
         }
     }
     exit_code(first_failure.unwrap_or(0))
+}
+
+/// Runs one job (natively or in one VM boot) and passes its output on.
+fn run_one(mode: Mode, vm: &VmOptions, job: &Job) -> Result<Outcome, Error> {
+    let o = ia2run::run_batch(mode, vm, std::slice::from_ref(job))?.remove(0);
+    let _ = std::io::stdout().write_all(&o.stdout);
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().write_all(&o.stderr);
+    Ok(o)
+}
+
+/// Builds a job from argv words plus extra variables.
+type MakeJob<'a> = dyn Fn(Vec<OsString>, &[(OsString, OsString)]) -> Job + 'a;
+
+/// Audit runs of one command, at most this many: another round only when a
+/// run stopped on a fatal signal after learning something new.
+const LEARN_ROUNDS: usize = 4;
+
+/// `--learn`: audit runs, the learned policy, a confirming run.
+fn learn(cmd: &[OsString], mode: Mode, vm: &VmOptions, make_job: &MakeJob) -> ExitCode {
+    let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let report = dir.join(format!(".ia2run-learn-{}.jsonl", std::process::id()));
+    // The user's own IA2_SHARE entries stay.
+    let plain = make_job(cmd.to_vec(), &[]);
+    let existing = plain
+        .env
+        .iter()
+        .find(|(k, _)| k == "IA2_SHARE")
+        .and_then(|(_, v)| v.to_str());
+    let policy_env = |p: &ia2run::learn::Policy| -> Vec<(OsString, OsString)> {
+        p.env(existing)
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect()
+    };
+    let mut policy = ia2run::learn::Policy::default();
+    for round in 1..=LEARN_ROUNDS {
+        let _ = std::fs::remove_file(&report);
+        let mut env = policy_env(&policy);
+        env.extend([
+            ("IA2_ON_FAULT".into(), "audit".into()),
+            ("IA2_REPORT_FORMAT".into(), "json".into()),
+            ("IA2_REPORT_FILE".into(), report.clone().into()),
+        ]);
+        eprintln!("ia2run: learn: audit run {round} (IA2_ON_FAULT=audit)");
+        let run = match run_one(mode, vm, &make_job(cmd.to_vec(), &env)) {
+            Ok(o) => o,
+            Err(e) => return fail(&e),
+        };
+        let text = std::fs::read_to_string(&report).unwrap_or_default();
+        let _ = std::fs::remove_file(&report);
+        let learned = match ia2run::learn::Policy::from_report(&text) {
+            Ok(p) if p.summaries > 0 => p,
+            Ok(_) => {
+                eprintln!(
+                    "ia2run: learn: the audit run ({}) left no audit summary in {}",
+                    run.status,
+                    report.display()
+                );
+                return ExitCode::from(125);
+            }
+            Err(e) => {
+                eprintln!("ia2run: learn: {}: {e}", report.display());
+                return ExitCode::from(125);
+            }
+        };
+        let new = policy.merge(&learned);
+        if !learned.stopped || !new {
+            break;
+        }
+        eprintln!("ia2run: learn: the run stopped on a fatal signal; again with: {policy}");
+    }
+    if policy.is_empty() {
+        eprintln!("ia2run: learned: nothing (the audit run had no protection-key faults)");
+    } else {
+        eprintln!("ia2run: learned: {policy}");
+    }
+    let mut env = policy_env(&policy);
+    env.push(("IA2_ON_FAULT".into(), "report".into()));
+    eprintln!("ia2run: learn: confirming run");
+    let second = match run_one(mode, vm, &make_job(cmd.to_vec(), &env)) {
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    if second.timed_out {
+        eprintln!("ia2run: learn: the confirming run timed out");
+        return ExitCode::from(124);
+    }
+    report_signal(second.status);
+    if second.status.success() {
+        eprintln!("ia2run: learn: the confirming run was clean");
+    } else {
+        eprintln!(
+            "ia2run: learn: the confirming run was not clean: {}",
+            second.status
+        );
+    }
+    exit_code(second.status.code())
 }
 
 #[cfg(test)]
