@@ -20,11 +20,13 @@
 //!   have several pending steps when a signal handler that the program
 //!   installed faults between our fault and our trap; the trap restores
 //!   the newest one.
-//! - A program that uses TF itself (or a debugger stepping it) still gets
-//!   its traps: a step that began with TF already set in the interrupted
-//!   flags keeps TF and is passed on to the program's SIGTRAP handler, or
-//!   to the default action. SIGTRAP dispositions are interposed in audit
-//!   mode, as SIGSEGV dispositions always are.
+//! - A program that uses TF itself still gets its traps: a step that began
+//!   with TF already set in the interrupted flags keeps TF and is passed on
+//!   to the program's SIGTRAP handler, or to the default action. SIGTRAP
+//!   dispositions are interposed in audit mode, as SIGSEGV dispositions
+//!   always are. Limitation: a debugger that single-steps the thread with
+//!   ptrace consumes the trap, so that step's PKRU is not put back until
+//!   the thread's next audit trap.
 //! - `rep movs`/`stos` single-step per iteration, so each iteration that
 //!   touches a denied page faults and traps once: counted as hits of the
 //!   same site.
