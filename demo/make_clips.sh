@@ -4,7 +4,9 @@
 # square, deterministic), encoded with Debian's aomenc. The clips are
 # committed; rerun this only to change them.
 #
-#   demo/make_clips.sh            # demo/clips/clip64.ivf (64x64, 10 frames)
+#   demo/make_clips.sh   # demo/clips/clip64.ivf  (64x64, 10 frames: tests)
+#                        # demo/clips/clip360.ivf (640x360, 60 frames, 2x2 tiles:
+#                        #   the demo's multi-threaded decodes and the benchmark)
 set -euo pipefail
 cd "$(dirname "$0")/clips"
 command -v aomenc >/dev/null || { echo "aomenc not found: apt-get install aom-tools" >&2; exit 1; }
@@ -35,4 +37,7 @@ trap 'rm -rf "$tmp"' EXIT
 make_y4m 64 64 10 "$tmp/clip64.y4m"
 aomenc --quiet --limit=10 -w 64 -h 64 --cpu-used=8 --end-usage=q --cq-level=30 \
     --threads=1 --ivf -o clip64.ivf "$tmp/clip64.y4m"
-ls -l clip64.ivf
+make_y4m 640 360 60 "$tmp/clip360.y4m"
+aomenc --quiet --limit=60 -w 640 -h 360 --cpu-used=8 --end-usage=q --cq-level=32 \
+    --tile-columns=1 --tile-rows=1 --threads=2 --ivf -o clip360.ivf "$tmp/clip360.y4m"
+ls -l clip64.ivf clip360.ivf

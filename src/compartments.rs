@@ -129,6 +129,14 @@ pub fn assign(objects: &[LoadedObject], config: &Config) -> Result<Assignment, A
             }
         }
     }
+    // Strict mode: ld.so, libc and the other system objects join compartment N.
+    if let Some(n) = config.libc_compartment {
+        for (i, o) in objects.iter().enumerate() {
+            if matches!(o.kind, ObjectKind::Loader | ObjectKind::System) {
+                of_object[i] = Some(n);
+            }
+        }
+    }
     Ok(Assignment {
         of_object,
         warnings,
@@ -213,6 +221,16 @@ pub(crate) mod tests {
         let a = assign(&dav1d_objects(), &cfg(&["IA2_COMPARTMENTS=2=*"])).unwrap();
         assert_eq!(a.of_object[2], None);
         assert_eq!(a.of_object[4], Some(2));
+    }
+
+    #[test]
+    fn strict_mode_puts_system_objects_in_the_libc_compartment() {
+        let a = assign(&dav1d_objects(), &cfg(&["IA2_LIBC_COMPARTMENT=1"])).unwrap();
+        // main, vdso, shim, libdav1d, libc, libm, ld.so
+        assert_eq!(
+            a.of_object,
+            vec![Some(1), None, None, Some(2), Some(1), Some(1), Some(1)]
+        );
     }
 
     #[test]

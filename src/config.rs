@@ -124,6 +124,9 @@ pub struct Config {
     pub share_libc_tuning: bool,
     pub share_loader_heap: bool,
     pub share_copy_relocs: bool,
+    pub share_libc_single_threaded: bool,
+    pub share_pthread_once: bool,
+    pub share_mutex_elision: bool,
     pub share: ShareList,
     pub tls_get_addr_gate: bool,
     pub gates: bool,
@@ -153,6 +156,9 @@ impl Default for Config {
             share_libc_tuning: true,
             share_loader_heap: false,
             share_copy_relocs: true,
+            share_libc_single_threaded: true,
+            share_pthread_once: true,
+            share_mutex_elision: true,
             share: ShareList(""),
             tls_get_addr_gate: false,
             gates: true,
@@ -232,19 +238,9 @@ impl Config {
     }
 
     fn check_combinations(&self) -> Result<(), ConfigError> {
-        if let (Some(n), Some(spec)) = (self.libc_compartment, self.compartments) {
-            // Strict mode gives system objects to compartment N; a user rule
-            // that also names N would merge an application object into libc's
-            // compartment, which is never what an experiment means.
-            if spec.rules().any(|(c, _)| c == n) {
-                return Err(ConfigError {
-                    var: "IA2_LIBC_COMPARTMENT",
-                    value: "",
-                    accepted: "a compartment number not used by IA2_COMPARTMENTS",
-                    problem: Problem::Conflict,
-                });
-            }
-        }
+        // IA2's libc-compartment mode shares N with an application
+        // compartment (dav1d: N = 1 = the executable's), so no combination
+        // of IA2_LIBC_COMPARTMENT and IA2_COMPARTMENTS is refused.
         Ok(())
     }
 }
@@ -289,7 +285,6 @@ pub enum Problem {
     EmptyPattern,
     MissingEquals,
     BadShareEntry,
-    Conflict,
 }
 
 /// A refused variable. `Display` gives the one-line fatal message.
@@ -314,7 +309,6 @@ impl fmt::Display for ConfigError {
             Problem::EmptyPattern => "empty object pattern",
             Problem::MissingEquals => "entry lacks N=pattern form",
             Problem::BadShareEntry => "invalid entry",
-            Problem::Conflict => "conflicts with IA2_COMPARTMENTS",
         };
         write!(
             f,
@@ -492,7 +486,7 @@ pub static VARS: &[VarSpec] = &[
         values: "off, N (1-15)",
         default: "off",
         meaning: "strict mode: ld.so, libc, other system objects and the loader heap join compartment N",
-        implemented: false,
+        implemented: true,
         parse: |c, v| {
             c.libc_compartment = match v {
                 "off" => None,
@@ -506,7 +500,7 @@ pub static VARS: &[VarSpec] = &[
         values: "none, union",
         default: "none",
         meaning: "strict mode: calls into system code run with the caller's rights (none) or the caller's plus N's (union)",
-        implemented: false,
+        implemented: true,
         parse: |c, v| {
             c.libc_gates = match v {
                 "none" => LibcGates::None,
@@ -583,6 +577,39 @@ pub static VARS: &[VarSpec] = &[
         },
     },
     VarSpec {
+        name: "IA2_SHARE_LIBC_SINGLE_THREADED",
+        values: "1, 0",
+        default: "1",
+        meaning: "carveout libc_single_threaded: keep libc's page holding __libc_single_threaded (read by wait4, stdio, ... in every compartment) on pkey 0",
+        implemented: true,
+        parse: |c, v| {
+            c.share_libc_single_threaded = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_SHARE_PTHREAD_ONCE",
+        values: "1, 0",
+        default: "1",
+        meaning: "carveout pthread_once: keep libc's page holding __fork_generation (read by pthread_once) on pkey 0",
+        implemented: true,
+        parse: |c, v| {
+            c.share_pthread_once = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_SHARE_MUTEX_ELISION",
+        values: "1, 0",
+        default: "1",
+        meaning: "carveout mutex_elision: keep libc's lock-elision tunables (read by pthread_mutex_lock/unlock) on pkey 0",
+        implemented: true,
+        parse: |c, v| {
+            c.share_mutex_elision = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
         name: "IA2_SHARE_LOADER_HEAP",
         values: "0, 1",
         default: "0",
@@ -598,7 +625,7 @@ pub static VARS: &[VarSpec] = &[
         values: "empty, obj:symbol / symbol / 0xADDR+LEN, comma-separated",
         default: "",
         meaning: "extra pages to keep on pkey 0",
-        implemented: false,
+        implemented: true,
         parse: |c, v| {
             c.share = parse_share(v)?;
             Ok(())
@@ -609,7 +636,7 @@ pub static VARS: &[VarSpec] = &[
         values: "0, 1",
         default: "0",
         meaning: "gate __tls_get_addr (adds the loader's key during the call) instead of sharing the DTV and generation counter",
-        implemented: false,
+        implemented: true,
         parse: |c, v| {
             c.tls_get_addr_gate = parse_bool(v)?;
             Ok(())
@@ -651,7 +678,9 @@ pub static VARS: &[VarSpec] = &[
         parse: |c, v| {
             c.on_fault = match v {
                 "report" => OnFault::Report,
-                "audit" => OnFault::Audit,
+                // Audit mode (IA2 issue 9) needs the TF-stepping machinery;
+                // refuse rather than silently run in report mode.
+                "audit" => return Err(Problem::NotImplemented),
                 "silent" => OnFault::Silent,
                 _ => return Err(Problem::BadValue),
             };
@@ -898,6 +927,9 @@ mod tests {
             "IA2_SHARE_LIBC_TUNING",
             "IA2_SHARE_LOADER_HEAP",
             "IA2_SHARE_COPY_RELOCS",
+            "IA2_SHARE_LIBC_SINGLE_THREADED",
+            "IA2_SHARE_PTHREAD_ONCE",
+            "IA2_SHARE_MUTEX_ELISION",
             "IA2_GATES",
         ] {
             for bad in ["2", "yes", "", "true"] {
@@ -943,8 +975,8 @@ mod tests {
         assert_eq!(c.log_level, log::LevelFilter::Debug);
         assert_eq!(c.log_file, Some("/tmp/log"));
         assert_eq!(
-            parse(&["IA2_ON_FAULT=audit"]).unwrap().on_fault,
-            OnFault::Audit
+            err(&["IA2_ON_FAULT=audit"]).problem,
+            Problem::NotImplemented
         );
         assert_eq!(
             err(&["IA2_REPORT=plan,everything"]).problem,

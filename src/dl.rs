@@ -109,11 +109,11 @@ pub unsafe fn dlopen(file: *const c_char, mode: c_int, caller: usize) -> *mut c_
     let mut handle = core::ptr::null_mut();
     if let Some(path) = &found {
         // SAFETY: a NUL-terminated path and the caller's mode.
-        handle = unsafe { real(path.as_ptr(), mode) };
+        handle = runtime::with_libc_rights(|| unsafe { real(path.as_ptr(), mode) });
     }
     if handle.is_null() {
         // SAFETY: forwarding the caller's arguments.
-        handle = unsafe { real(file, mode) };
+        handle = runtime::with_libc_rights(|| unsafe { real(file, mode) });
     }
     if handle.is_null() {
         return handle;
@@ -215,8 +215,10 @@ unsafe fn search_for_caller(file: *const c_char, caller: usize) -> Option<std::f
 }
 
 fn after_dlopen(rt: &Runtime, caller: usize) {
-    let now = objects::census();
+    // The census takes ld.so's lock (dl_iterate_phdr), which is libc
+    // compartment data in strict mode: all keys first.
     let _keys = AllKeys::enter(rt);
+    let now = objects::census();
     let mut c = census_mut(rt);
     first_dlopened(&c);
     let fresh: Vec<LoadedObject> = now
@@ -264,13 +266,17 @@ fn after_dlopen(rt: &Runtime, caller: usize) {
         .collect();
     let maps = crate::maps::read_self_maps()
         .unwrap_or_else(|e| runtime::fatal(format_args!("dlopen: reading /proc/self/maps: {e}")));
-    let plan = crate::plan::build(
-        &c.objects,
-        &only_new,
-        &[],
-        &crate::carveouts::enabled(&c.carveouts),
-        &maps,
-    );
+    let carveouts = crate::carveouts::enabled(&c.carveouts);
+    let governed = crate::carveouts::governed(&c.carveouts);
+    let plan = crate::plan::build(&crate::plan::PlanInput {
+        objects: &c.objects,
+        compartment_of: &only_new,
+        threads: &[],
+        extra: &[],
+        carveouts: &carveouts,
+        governed: &governed,
+        maps: &maps,
+    });
     if let Err((e, errno)) = crate::apply::apply(&plan, &rt.keys) {
         runtime::fatal(format_args!(
             "dlopen: pkey_mprotect({}, prot {:#x}, key of compartment {:?}) failed (errno {errno})",
@@ -311,7 +317,7 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
     let real: DlcloseFn = unsafe { crate::real::as_fn(&crate::real::DLCLOSE) };
     let Some(rt) = runtime::active() else {
         // SAFETY: forwarded.
-        return unsafe { real(handle) };
+        return runtime::with_libc_rights(|| unsafe { real(handle) });
     };
     let from = FIRST_DLOPENED.load(Ordering::Acquire);
     let tagged = {
@@ -336,12 +342,14 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
     }
     // The lock is not held here: destructors may dlopen or dlclose.
     // SAFETY: forwarded.
-    let r = unsafe { real(handle) };
+    let r = runtime::with_libc_rights(|| unsafe { real(handle) });
     if from == usize::MAX {
         return r;
     }
-    let now = objects::census();
+    // The census takes ld.so's lock (dl_iterate_phdr), which is libc
+    // compartment data in strict mode: all keys first.
     let _keys = AllKeys::enter(rt);
+    let now = objects::census();
     let mut c = census_mut(rt);
     let mut gone = Vec::new();
     for i in from..c.objects.len() {
@@ -386,4 +394,37 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
 /// Remember where start-up objects end (called once the start-up census is final).
 pub fn startup_done(c: &Census) {
     first_dlopened(c);
+}
+
+/// glibc's `dlsym`, found with `dlvsym` (which the shim does not
+/// interpose), so that resolving it never recurses into the `dlsym` hook.
+pub static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
+
+pub fn real_dlsym() -> usize {
+    let a = REAL_DLSYM.load(Ordering::Acquire);
+    if a != 0 {
+        return a;
+    }
+    for version in [c"GLIBC_2.34", c"GLIBC_2.2.5"] {
+        // SAFETY: dlvsym with RTLD_NEXT and NUL-terminated strings.
+        let f =
+            unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) } as usize;
+        if f != 0 {
+            REAL_DLSYM.store(f, Ordering::Release);
+            return f;
+        }
+    }
+    runtime::fatal(format_args!("dlvsym(RTLD_NEXT, \"dlsym\") found no dlsym"))
+}
+
+/// `dlsym` for every handle but `RTLD_NEXT` (see the hook in `hooks.rs`).
+///
+/// # Safety
+/// As `dlsym(3)`.
+pub unsafe fn dlsym(handle: *mut c_void, name: *const libc::c_char) -> *mut c_void {
+    type DlsymFn = unsafe extern "C" fn(*mut c_void, *const libc::c_char) -> *mut c_void;
+    // SAFETY: REAL_DLSYM holds glibc's dlsym.
+    let real: DlsymFn = unsafe { core::mem::transmute::<usize, DlsymFn>(real_dlsym()) };
+    // SAFETY: forwarded contract.
+    runtime::with_libc_rights(|| unsafe { real(handle, name) })
 }

@@ -184,7 +184,7 @@ core::arch::global_asm!(
     ".cfi_endproc",
     ".size ia2shim_gate_pool, . - ia2shim_gate_pool",
     // ---- hardware variant (and, with `lock inc` first, the counting one)
-    ".macro ia2shim_gate_body name, count",
+    ".macro ia2shim_gate_body name, count, union",
     ".balign 16",
     ".globl ia2shim_gate_\\name",
     ".hidden ia2shim_gate_\\name",
@@ -214,7 +214,11 @@ core::arch::global_asm!(
     "xor ecx, ecx",
     "rdpkru",
     "mov dword ptr [rbx + 32], eax",
+    ".if \\union",
+    "and eax, dword ptr [r11 + 16]",
+    ".else",
     "mov eax, dword ptr [r11 + 16]",
+    ".endif",
     "wrpkru",
     "mov rax, qword ptr [rbx + 8]",
     "mov rdx, qword ptr [rbx + 16]",
@@ -242,24 +246,26 @@ core::arch::global_asm!(
     ".cfi_endproc",
     ".size ia2shim_gate_\\name, . - ia2shim_gate_\\name",
     ".endm",
-    "ia2shim_gate_body hw, 0",
-    "ia2shim_gate_body hwcount, 1",
+    "ia2shim_gate_body hw, 0, 0",
+    "ia2shim_gate_body hwcount, 1, 0",
+    "ia2shim_gate_body hwunion, 1, 1",
     // ---- simulated variant: the same with RDPKRU/WRPKRU replaced by moves
     // from and to the TLS word after the frame-stack top; always counts.
+    ".macro ia2shim_gate_sim_body name, union",
     ".balign 16",
-    ".globl ia2shim_gate_sim",
-    ".hidden ia2shim_gate_sim",
-    ".type ia2shim_gate_sim,@function",
-    "ia2shim_gate_sim:",
+    ".globl ia2shim_gate_\\name",
+    ".hidden ia2shim_gate_\\name",
+    ".type ia2shim_gate_\\name,@function",
+    "ia2shim_gate_\\name:",
     ".cfi_startproc",
     ".cfi_personality 0x1b, {personality}",
     "lock inc qword ptr [r11 + {table_bytes}]",
     "mov r10, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
     "add qword ptr fs:[r10], {frame}",
     "mov r10, qword ptr fs:[r10]",
-    ".globl ia2shim_gate_sim_fix",
-    ".hidden ia2shim_gate_sim_fix",
-    "ia2shim_gate_sim_fix:",
+    ".globl ia2shim_gate_\\name\\()_fix",
+    ".hidden ia2shim_gate_\\name\\()_fix",
+    "ia2shim_gate_\\name\\()_fix:",
     "mov qword ptr [r10 - 8], rbx",
     ".cfi_escape 0x10, 0x03, 0x02, 0x7a, 0x78",
     "lea rbx, [r10 - {frame}]",
@@ -273,15 +279,19 @@ core::arch::global_asm!(
     "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
     "mov eax, dword ptr fs:[rcx + 8]",
     "mov dword ptr [rbx + 32], eax",
+    ".if \\union",
+    "and eax, dword ptr [r11 + 16]",
+    ".else",
     "mov eax, dword ptr [r11 + 16]",
+    ".endif",
     "mov dword ptr fs:[rcx + 8], eax",
     "mov rax, qword ptr [rbx + 8]",
     "mov rdx, qword ptr [rbx + 16]",
     "mov rcx, qword ptr [rbx + 24]",
     "call qword ptr [r11]",
-    ".globl ia2shim_gate_sim_ret",
-    ".hidden ia2shim_gate_sim_ret",
-    "ia2shim_gate_sim_ret:",
+    ".globl ia2shim_gate_\\name\\()_ret",
+    ".hidden ia2shim_gate_\\name\\()_ret",
+    "ia2shim_gate_\\name\\()_ret:",
     "mov r11, rax",
     "mov r10, rdx",
     "push qword ptr [rbx]",
@@ -297,7 +307,10 @@ core::arch::global_asm!(
     "mov rdx, r10",
     "ret",
     ".cfi_endproc",
-    ".size ia2shim_gate_sim, . - ia2shim_gate_sim",
+    ".size ia2shim_gate_\\name, . - ia2shim_gate_\\name",
+    ".endm",
+    "ia2shim_gate_sim_body sim, 0",
+    "ia2shim_gate_sim_body simunion, 1",
     // ---- unwind pads: entered by the unwinder's install-context with the
     // gate's frame state (rsp as after the call, rbx = gate frame) and the
     // exception in rax. Restore the caller's PKRU, drop the frame (and any
@@ -356,6 +369,12 @@ extern "C" {
     fn ia2shim_gate_hwcount();
     fn ia2shim_gate_hwcount_fix();
     fn ia2shim_gate_hwcount_ret();
+    fn ia2shim_gate_hwunion();
+    fn ia2shim_gate_hwunion_fix();
+    fn ia2shim_gate_hwunion_ret();
+    fn ia2shim_gate_simunion();
+    fn ia2shim_gate_simunion_fix();
+    fn ia2shim_gate_simunion_ret();
     fn ia2shim_gate_sim();
     fn ia2shim_gate_sim_fix();
     fn ia2shim_gate_sim_ret();
@@ -381,6 +400,11 @@ pub enum Variant {
     HardwareCounting,
     /// The simulated PKRU of `IA2_PKU=sim`; always counts.
     Sim,
+    /// Union gates (`IA2_LIBC_GATES=union`, `IA2_TLS_GET_ADDR_GATE=1`): the
+    /// callee runs with the caller's PKRU ANDed with the entry's mask,
+    /// i.e. the caller's rights plus one more key; always counts.
+    HardwareUnion,
+    SimUnion,
 }
 
 impl Variant {
@@ -393,11 +417,25 @@ impl Variant {
         }
     }
 
+    /// The union variant for the current backend.
+    pub fn union() -> Variant {
+        match pku::backend() {
+            Backend::Sim => Variant::SimUnion,
+            _ => Variant::HardwareUnion,
+        }
+    }
+
+    fn is_union(self) -> bool {
+        matches!(self, Variant::HardwareUnion | Variant::SimUnion)
+    }
+
     fn code(self) -> usize {
         match self {
             Variant::Hardware => addr(ia2shim_gate_hw),
             Variant::HardwareCounting => addr(ia2shim_gate_hwcount),
             Variant::Sim => addr(ia2shim_gate_sim),
+            Variant::HardwareUnion => addr(ia2shim_gate_hwunion),
+            Variant::SimUnion => addr(ia2shim_gate_simunion),
         }
     }
 
@@ -435,9 +473,12 @@ unsafe extern "C" fn gate_personality(
     const URC_CONTINUE_UNWIND: c_int = 8;
     // SAFETY: ctx is the unwinder's context for this frame.
     let ip = unsafe { _Unwind_GetIP(ctx) };
-    let pad = if ip == addr(ia2shim_gate_hw_ret) || ip == addr(ia2shim_gate_hwcount_ret) {
+    let pad = if ip == addr(ia2shim_gate_hw_ret)
+        || ip == addr(ia2shim_gate_hwcount_ret)
+        || ip == addr(ia2shim_gate_hwunion_ret)
+    {
         addr(ia2shim_gate_pad_hw)
-    } else if ip == addr(ia2shim_gate_sim_ret) {
+    } else if ip == addr(ia2shim_gate_sim_ret) || ip == addr(ia2shim_gate_simunion_ret) {
         addr(ia2shim_gate_pad_sim)
     } else {
         return URC_CONTINUE_UNWIND;
@@ -666,7 +707,9 @@ pub unsafe fn fixup_fault(info: *const libc::siginfo_t, ctx: *mut c_void) -> boo
     let rip = gregs[libc::REG_RIP as usize] as usize;
     let at_fix = rip == addr(ia2shim_gate_hw_fix)
         || rip == addr(ia2shim_gate_hwcount_fix)
-        || rip == addr(ia2shim_gate_sim_fix);
+        || rip == addr(ia2shim_gate_hwunion_fix)
+        || rip == addr(ia2shim_gate_sim_fix)
+        || rip == addr(ia2shim_gate_simunion_fix);
     if !at_fix || gregs[libc::REG_R10 as usize] as usize != FRAME || stack_top() != FRAME {
         return false;
     }
@@ -819,7 +862,16 @@ fn gate_for(
     callee: &str,
     variant: Variant,
 ) -> usize {
-    if let Some(&i) = st.by_target.get(&(target, compartment)) {
+    // Union gates are keyed apart from plain gates into the same compartment.
+    let key = (
+        target,
+        if variant.is_union() {
+            compartment | 0x80
+        } else {
+            compartment
+        },
+    );
+    if let Some(&i) = st.by_target.get(&key) {
         return i;
     }
     let i = st.gates.len();
@@ -835,7 +887,13 @@ fn gate_for(
         Entry {
             target,
             code: variant.code(),
-            pkru: rt.pkru_for(compartment),
+            // A union gate ANDs this mask into the caller's PKRU: clear the
+            // AD and WD bits of the callee compartment's key.
+            pkru: if variant.is_union() {
+                !(3u32 << (2 * rt.key_of(compartment)))
+            } else {
+                rt.pkru_for(compartment)
+            },
             compartment: compartment as u32,
             _reserved: 0,
         },
@@ -849,7 +907,7 @@ fn gate_for(
         variant,
         dead: false,
     });
-    st.by_target.insert((target, compartment), i);
+    st.by_target.insert(key, i);
     i
 }
 
@@ -1027,7 +1085,16 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
             let Some(theirs) = census.compartment_of[owner_index] else {
                 continue;
             };
-            if theirs == own || owner_index == i || !is_app(owner) {
+            // Strict mode's system objects: gated only as union gates, for
+            // `__tls_get_addr` with IA2_TLS_GET_ADDR_GATE=1 or for everything
+            // with IA2_LIBC_GATES=union.
+            let union = !is_app(owner)
+                && theirs != own
+                && (rt.config.libc_gates == crate::config::LibcGates::Union
+                    || (rt.config.tls_get_addr_gate
+                        && sym.name == "__tls_get_addr"
+                        && owner.kind == ObjectKind::Loader));
+            if theirs == own || owner_index == i || (!is_app(owner) && !union) {
                 continue;
             }
             let is_function = match sym.st_type {
@@ -1054,7 +1121,7 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
                 theirs,
                 sym.name,
                 owner.display_name(),
-                variant,
+                if union { Variant::union() } else { variant },
             );
             writes.push((r.slot, stub_address(g)));
             st.patches.push(Patch {
@@ -1428,6 +1495,8 @@ pub fn round_trip_instructions(variant: Variant) -> Vec<iced_x86::Instruction> {
         Variant::Hardware => (addr(ia2shim_gate_hw), addr(ia2shim_gate_hw_ret)),
         Variant::HardwareCounting => (addr(ia2shim_gate_hwcount), addr(ia2shim_gate_hwcount_ret)),
         Variant::Sim => (addr(ia2shim_gate_sim), addr(ia2shim_gate_sim_ret)),
+        Variant::HardwareUnion => (addr(ia2shim_gate_hwunion), addr(ia2shim_gate_hwunion_ret)),
+        Variant::SimUnion => (addr(ia2shim_gate_simunion), addr(ia2shim_gate_simunion_ret)),
     };
     let mut out = Vec::new();
     // The stub: lea + jmp.

@@ -31,6 +31,7 @@ static CONSTRUCTOR: extern "C" fn(c_int, *const *const c_char, *const *const c_c
 /// Resolve every real function now, in the constructor.
 pub fn resolve_real_functions() {
     real::resolve_all();
+    crate::dl::real_dlsym();
 }
 
 // ---------------------------------------------------------------- main
@@ -114,7 +115,7 @@ pub unsafe fn real_sigaction(
     unsafe { f(sig, act, old) }
 }
 
-/// SIGSEGV (and SIGTRAP in audit mode) stays with the shim's handler, which
+/// SIGSEGV stays with the shim's handler, which
 /// chains to the program's.
 ///
 /// # Safety
@@ -127,15 +128,19 @@ pub unsafe extern "C" fn sigaction(
 ) -> c_int {
     if crate::fault::intercepts(sig) && runtime::active().is_some() {
         // SAFETY: pointers are the caller's, valid as sigaction(2) requires.
-        unsafe { crate::fault::intercept_sigaction(sig, act, old) };
+        unsafe { crate::fault::intercept_sigaction(act, old) };
         return 0;
+    }
+    if crate::signals::wraps(sig) && runtime::active().is_some() {
+        // SAFETY: forwarded contract.
+        return unsafe { crate::signals::sigaction(sig, act, old) };
     }
     // SAFETY: forwarded contract.
     unsafe { real_sigaction(sig, act, old) }
 }
 
-/// `signal(3)` is `sigaction` with BSD semantics; SIGSEGV (and SIGTRAP in
-/// audit mode) is recorded, not installed.
+/// `signal(3)` is `sigaction` with BSD semantics; SIGSEGV is recorded, not
+/// installed.
 ///
 /// # Safety
 /// As `signal(3)`.
@@ -149,8 +154,12 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc
         // SAFETY: zeroed sigaction is valid.
         let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
         // SAFETY: both structs are valid.
-        unsafe { crate::fault::intercept_sigaction(sig, &act, &mut old) };
+        unsafe { crate::fault::intercept_sigaction(&act, &mut old) };
         return old.sa_sigaction;
+    }
+    if crate::signals::wraps(sig) && runtime::active().is_some() {
+        // SAFETY: forwarded contract.
+        return unsafe { crate::signals::signal(sig, handler) };
     }
     // SAFETY: the slot holds glibc's signal.
     let f: SignalFn = unsafe { real::as_fn(&real::SIGNAL) };
@@ -194,6 +203,74 @@ unsafe extern "C" fn hook_dlopen(file: *const c_char, mode: c_int, ra: usize) ->
 pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
     // SAFETY: the caller's contract.
     unsafe { crate::dl::dlclose(handle) }
+}
+
+// `dlsym(RTLD_NEXT, …)` answers relative to its caller's object, so it
+// jumps straight to glibc's `dlsym` with the caller's return address in
+// place. Every other handle goes through `hook_dlsym`, which in strict mode
+// runs the lookup with the libc compartment's rights added (it walks ld.so's
+// link maps and takes its lock).
+#[cfg(not(test))]
+core::arch::global_asm!(
+    ".pushsection .text.dlsym,\"ax\",@progbits",
+    ".globl dlsym",
+    ".type dlsym,@function",
+    ".p2align 4",
+    "dlsym:",
+    ".cfi_startproc",
+    "cmp rdi, -1",
+    "jne {hook}",
+    "mov rax, qword ptr [rip + {real}]",
+    "test rax, rax",
+    "jz {hook}",
+    "jmp rax",
+    ".cfi_endproc",
+    ".size dlsym, .-dlsym",
+    ".popsection",
+    hook = sym hook_dlsym,
+    real = sym crate::dl::REAL_DLSYM,
+);
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    // SAFETY: dlsym's contract, from the caller.
+    unsafe { crate::dl::dlsym(handle, name) }
+}
+
+// ---------------------------------------------------------------- threads and fork
+
+type PthreadCreateFn = unsafe extern "C" fn(
+    *mut libc::pthread_t,
+    *const libc::pthread_attr_t,
+    crate::threads::StartFn,
+    *mut c_void,
+) -> c_int;
+
+/// New threads start in the compartment of their start routine, with their
+/// TLS tagged and a gate-frame stack (see `threads`).
+///
+/// # Safety
+/// As `pthread_create(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn pthread_create(
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    start: crate::threads::StartFn,
+    arg: *mut c_void,
+) -> c_int {
+    // SAFETY: the slot holds glibc's pthread_create.
+    let real: PthreadCreateFn = unsafe { real::as_fn(&real::PTHREAD_CREATE) };
+    // SAFETY: forwarded contract.
+    unsafe { crate::threads::create(real, thread, attr, start, arg) }
+}
+
+/// `fork` keeps tags and PKRU; in strict mode glibc's fork runs with the
+/// libc compartment's rights added (its locks and lists are libc data).
+#[no_mangle]
+pub extern "C" fn fork() -> libc::pid_t {
+    // SAFETY: the slot holds glibc's fork.
+    let real: extern "C" fn() -> libc::pid_t = unsafe { real::as_fn(&real::FORK) };
+    runtime::with_libc_rights(|| real())
 }
 
 // ---------------------------------------------------------------- introspection API

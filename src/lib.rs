@@ -45,5 +45,9 @@ pub mod plan;
 pub mod report;
 /// The WRPKRU/XRSTOR byte-sequence scanner (`IA2_SCAN_WRPKRU`).
 pub mod scan;
+/// Signal handlers run with their own compartment's PKRU.
+pub mod signals;
+/// The `pthread_create` trampoline: per-thread PKRU, TLS tags, gate stacks.
+pub mod threads;
 /// Thread-local-storage geometry: thread pointer, TCB, DTV, module blocks.
 pub mod tls;

@@ -281,6 +281,41 @@ pub fn census() -> Vec<LoadedObject> {
     out
 }
 
+unsafe extern "C" fn tls_callback(info: *mut DlPhdrInfo, size: usize, data: *mut c_void) -> c_int {
+    // SAFETY: `data` is the `&mut Vec` passed by `tls_blocks_here`.
+    let out = unsafe { &mut *(data as *mut Vec<(usize, usize, usize)>) };
+    // SAFETY: glibc passes a valid info of at least `size` bytes.
+    let info = unsafe { &*info };
+    if size < core::mem::size_of::<DlPhdrInfo>() || info.tls_modid == 0 {
+        return 0;
+    }
+    // SAFETY: dlpi_phdr points at dlpi_phnum program headers.
+    let phdrs = unsafe { core::slice::from_raw_parts(info.phdr, info.phnum as usize) };
+    if let Some(ph) = phdrs.iter().find(|p| p.p_type.get(LE) == elf::PT_TLS) {
+        out.push((
+            info.tls_modid,
+            info.tls_data as usize,
+            ph.p_memsz.get(LE) as usize,
+        ));
+    }
+    0
+}
+
+/// `(module id, block address, size)` of every TLS module in the calling
+/// thread (address 0: not allocated in this thread yet). Cheaper than a
+/// census: no names.
+pub fn tls_blocks_here() -> Vec<(usize, usize, usize)> {
+    let mut out: Vec<(usize, usize, usize)> = Vec::new();
+    // SAFETY: the callback only touches `out` and the info glibc passes.
+    unsafe {
+        dl_iterate_phdr(
+            tls_callback,
+            (&mut out as *mut Vec<(usize, usize, usize)>).cast(),
+        )
+    };
+    out
+}
+
 /// The parts of a dynamic section that the shim uses. Addresses are run-time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DynamicInfo {

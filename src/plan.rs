@@ -17,6 +17,12 @@ pub enum Reason {
         name: &'static str,
         toggle: &'static str,
     },
+    /// Strict mode: an anonymous mapping made by ld.so's start-up allocator.
+    LoaderHeap,
+    /// A TLS page of a compartment module that cannot carry its key (it is
+    /// shared with another block or the TCB), kept on key 0 even where the
+    /// loader heap around it is tagged.
+    TlsShared { object: usize, thread: usize },
 }
 
 /// One contiguous range with one key and one protection.
@@ -175,84 +181,146 @@ fn tls_pages(
     }
 }
 
+/// Extra ranges to tag in strict mode (the loader heap), with their owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtraRange {
+    pub range: Range,
+    pub compartment: u8,
+    pub reason: Reason,
+}
+
+/// Everything the plan is built from.
+#[derive(Clone, Copy)]
+pub struct PlanInput<'a> {
+    pub objects: &'a [LoadedObject],
+    /// Object `i`'s compartment (`None`: shared).
+    pub compartment_of: &'a [Option<u8>],
+    pub threads: &'a [ThreadTls],
+    /// Further ranges to tag (strict mode's loader heap).
+    pub extra: &'a [ExtraRange],
+    /// The carveouts that are switched on.
+    pub carveouts: &'a [Carveout],
+    /// Pages whose sharing a carveout toggle decides, switched on or not
+    /// (the TCB page, ...): untaggable TLS is not forced shared there, so
+    /// that turning the toggle off really unshares them.
+    pub governed: &'a [Range],
+    /// Each page's current protection; pages outside every mapping are
+    /// dropped, and ranges are split where protection changes.
+    pub maps: &'a [Mapping],
+}
+
 /// Build the plan.
 ///
-/// - `compartment_of[i]` is object `i`'s compartment (`None`: shared).
-/// - `maps` gives each page's current protection; pages outside every
-///   mapping are dropped, and ranges are split where protection changes.
-pub fn build(
-    objects: &[LoadedObject],
-    compartment_of: &[Option<u8>],
-    threads: &[ThreadTls],
-    carveouts: &[Carveout],
-    maps: &[Mapping],
-) -> Plan {
+/// Page claims are painted in priority order, so the result never overlaps:
+/// loader heap < object data < TLS (tagged or kept shared) < carveouts. A
+/// key-0 claim (shared TLS, carveout) is listed only where it overrode a tag.
+pub fn build(input: &PlanInput<'_>) -> Plan {
+    use std::collections::BTreeMap;
+    let PlanInput {
+        objects,
+        compartment_of,
+        threads,
+        extra,
+        carveouts,
+        governed,
+        maps,
+    } = *input;
     let comp = |i: usize| compartment_of.get(i).copied().flatten();
-    let mut raw: Vec<PlanEntry> = Vec::new();
+    // page -> (compartment, reason, overrode a tag)
+    let mut pages: BTreeMap<usize, (Option<u8>, Reason, bool)> = BTreeMap::new();
+    let mut paint = |r: Range, c: Option<u8>, reason: &Reason| {
+        let r = r.pages_out();
+        let mut p = r.start;
+        while p < r.end {
+            let below_tagged = pages.get(&p).is_some_and(|(c, _, _)| c.is_some());
+            if c.is_some() || below_tagged {
+                pages.insert(p, (c, reason.clone(), below_tagged));
+            }
+            p += PAGE;
+        }
+    };
+    for e in extra {
+        paint(e.range, Some(e.compartment), &e.reason);
+    }
     for (i, o) in objects.iter().enumerate() {
         let Some(c) = comp(i) else { continue };
         for r in data_pages(o) {
-            raw.push(PlanEntry {
-                range: r,
-                compartment: Some(c),
-                prot: 0,
-                reason: Reason::Data { object: i },
-            });
+            paint(r, Some(c), &Reason::Data { object: i });
         }
     }
+    let mut tls_entries = Vec::new();
     let mut untagged_tls = Vec::new();
-    tls_pages(threads, &comp, &mut raw, &mut untagged_tls);
-
-    // Carveouts: cut their pages out of every tagged range, and record the
-    // overlap so the report says what each carveout kept shared.
-    let mut entries: Vec<PlanEntry> = Vec::new();
-    for e in raw {
-        let mut pieces = vec![e.range];
-        for cv in carveouts {
-            for cut in &cv.ranges {
-                let cut = cut.pages_out();
-                for piece in &pieces {
-                    let inter = piece.intersect(&cut);
-                    if !inter.is_empty() {
-                        entries.push(PlanEntry {
-                            range: inter,
-                            compartment: None,
-                            prot: 0,
-                            reason: Reason::Carveout {
-                                name: cv.name,
-                                toggle: cv.toggle,
-                            },
-                        });
+    tls_pages(threads, &comp, &mut tls_entries, &mut untagged_tls);
+    for e in &tls_entries {
+        paint(e.range, e.compartment, &e.reason);
+    }
+    // TLS blocks of shared modules (the shim's own, and libc's outside strict
+    // mode) stay on key 0 even inside a tagged loader heap: shared code
+    // reaches them from every compartment.
+    for t in threads {
+        for &(obj, block) in &t.blocks {
+            if comp(obj).is_none() && !block.is_empty() {
+                let reason = Reason::TlsShared {
+                    object: obj,
+                    thread: t.thread,
+                };
+                let mut p = block.pages_out().start;
+                while p < block.end {
+                    if !governed.iter().any(|g| g.pages_out().contains(p)) {
+                        paint(Range::new(p, p + PAGE), None, &reason);
                     }
+                    p += PAGE;
                 }
-                pieces = subtract(&pieces, &cut);
             }
         }
-        for p in pieces.into_iter().filter(|p| !p.is_empty()) {
-            entries.push(PlanEntry {
-                range: p,
-                ..e.clone()
-            });
+    }
+    for u in &untagged_tls {
+        if governed.iter().any(|g| g.pages_out().contains(u.page)) {
+            continue;
+        }
+        let reason = Reason::TlsShared {
+            object: u.object,
+            thread: u.thread,
+        };
+        paint(Range::new(u.page, u.page + PAGE), None, &reason);
+    }
+    for cv in carveouts {
+        let reason = Reason::Carveout {
+            name: cv.name,
+            toggle: cv.toggle,
+        };
+        for r in &cv.ranges {
+            paint(*r, None, &reason);
         }
     }
 
-    // Split by mapping and take each mapping's protection.
-    let mut out: Vec<PlanEntry> = Vec::new();
-    for e in entries {
-        for m in maps {
-            let inter = e.range.intersect(&Range::new(m.start, m.end));
-            if !inter.is_empty() {
-                out.push(PlanEntry {
-                    range: inter,
-                    prot: m.prot,
-                    ..e.clone()
-                });
+    // Coalesce pages into ranges, split by mapping, and take each mapping's
+    // protection (never widened).
+    let mut entries: Vec<PlanEntry> = Vec::new();
+    for (page, (c, reason, _)) in pages {
+        let Some(m) = maps.iter().find(|m| m.start <= page && page < m.end) else {
+            continue;
+        };
+        if let Some(last) = entries.last_mut() {
+            if last.range.end == page
+                && last.compartment == c
+                && last.reason == reason
+                && last.prot == m.prot
+                && page != m.start
+            {
+                last.range.end += PAGE;
+                continue;
             }
         }
+        entries.push(PlanEntry {
+            range: Range::new(page, page + PAGE),
+            compartment: c,
+            prot: m.prot,
+            reason,
+        });
     }
-    out.sort_by_key(|e| e.range.start);
     Plan {
-        entries: out,
+        entries,
         untagged_tls,
     }
 }
@@ -306,6 +374,24 @@ mod tests {
         o
     }
 
+    fn input<'a>(
+        objects: &'a [LoadedObject],
+        compartment_of: &'a [Option<u8>],
+        threads: &'a [ThreadTls],
+        carveouts: &'a [Carveout],
+        maps: &'a [Mapping],
+    ) -> PlanInput<'a> {
+        PlanInput {
+            objects,
+            compartment_of,
+            threads,
+            extra: &[],
+            carveouts,
+            governed: &[],
+            maps,
+        }
+    }
+
     fn maps_for(base: usize) -> Vec<Mapping> {
         vec![
             mapping(base, base + 0x1000, R),
@@ -320,7 +406,7 @@ mod tests {
     #[test]
     fn data_minus_relro_text_and_rodata_stay_shared() {
         let objs = vec![lib("main", true, 0x10000)];
-        let p = build(&objs, &[Some(1)], &[], &[], &maps_for(0x10000));
+        let p = build(&input(&objs, &[Some(1)], &[], &[], &maps_for(0x10000)));
         let tagged: Vec<_> = p.tagged().map(|e| (e.range, e.prot)).collect();
         assert_eq!(
             tagged,
@@ -343,7 +429,7 @@ mod tests {
         let objs = vec![lib("main", true, 0x10000)];
         let mut maps = maps_for(0x10000);
         maps[4].prot = R; // the program made a data page read-only
-        let p = build(&objs, &[Some(1)], &[], &[], &maps);
+        let p = build(&input(&objs, &[Some(1)], &[], &[], &maps));
         assert_eq!(p.lookup(0x16000).unwrap().prot, R);
         assert_eq!(p.lookup(0x18000).unwrap().prot, RW);
     }
@@ -353,7 +439,7 @@ mod tests {
         let objs = vec![lib("main", true, 0x10000), lib("libc.so.6", false, 0x40000)];
         let mut maps = maps_for(0x10000);
         maps.extend(maps_for(0x40000));
-        let p = build(&objs, &[Some(1), None], &[], &[], &maps);
+        let p = build(&input(&objs, &[Some(1), None], &[], &[], &maps));
         assert!(p.entries.iter().all(|e| e.range.start < 0x40000));
     }
 
@@ -365,7 +451,7 @@ mod tests {
             toggle: "IA2_SHARE_LIBC_TUNING",
             ranges: vec![Range::new(0x17000, 0x17008)],
         };
-        let p = build(&objs, &[Some(1)], &[], &[cv], &maps_for(0x10000));
+        let p = build(&input(&objs, &[Some(1)], &[], &[cv], &maps_for(0x10000)));
         let e = p.lookup(0x17004).unwrap();
         assert_eq!(e.compartment, None);
         assert_eq!(e.range, Range::new(0x17000, 0x18000));
@@ -398,18 +484,12 @@ mod tests {
             blocks: vec![(0, main_block), (1, lib2_block)],
         }];
         let maps = vec![mapping(0x8_0000, 0xa_0000, RW)];
-        let p = build(&objs, &[Some(1), Some(2)], &threads, &[], &maps);
+        let p = build(&input(&objs, &[Some(1), Some(2)], &threads, &[], &maps));
         let tagged: Vec<_> = p.tagged().map(|e| (e.range, e.compartment)).collect();
         // main's block is [0x8df00, 0x90100): pages 0x8e000 and 0x8f000 lie wholly
         // inside it; page 0x8d000 is shared with lib2's block; page 0x90000
         // holds the TCB. lib2's block [0x8c700, 0x8df00) has no whole page.
-        assert_eq!(
-            tagged,
-            vec![
-                (Range::new(0x8_e000, 0x8_f000), Some(1)),
-                (Range::new(0x8_f000, 0x9_0000), Some(1))
-            ]
-        );
+        assert_eq!(tagged, vec![(Range::new(0x8_e000, 0x9_0000), Some(1))]);
         let why: Vec<_> = p
             .untagged_tls
             .iter()
@@ -434,8 +514,87 @@ mod tests {
     fn pages_outside_mappings_are_dropped() {
         let objs = vec![lib("main", true, 0x10000)];
         let maps = vec![mapping(0x16000, 0x17000, RW)];
-        let p = build(&objs, &[Some(1)], &[], &[], &maps);
+        let p = build(&input(&objs, &[Some(1)], &[], &[], &maps));
         assert_eq!(p.tagged().count(), 1);
         assert_eq!(p.entries[0].range, Range::new(0x16000, 0x17000));
+    }
+
+    #[test]
+    fn strict_mode_loader_heap_tls_and_carveouts() {
+        // A 4-page loader-heap mapping; the TCB at 0x83100; main's TLS block
+        // [0x81f00, 0x83100); libc's (compartment 4, the libc compartment)
+        // below it.
+        let tp = 0x8_3100;
+        let objs = vec![obj("main", true), obj("libc.so.6", false)];
+        let threads = vec![ThreadTls {
+            thread: 0,
+            blocks: vec![
+                (0, Range::new(0x8_1f00, tp)),
+                (1, Range::new(0x8_1e00, 0x8_1f00)),
+            ],
+        }];
+        let heap = vec![ExtraRange {
+            range: Range::new(0x8_0000, 0x8_4000),
+            compartment: 4,
+            reason: Reason::LoaderHeap,
+        }];
+        let tcb = Carveout {
+            name: "tcb",
+            toggle: "IA2_SHARE_TCB",
+            ranges: vec![Range::new(0x8_3000, 0x8_4000)],
+        };
+        let governed = vec![Range::new(0x8_3000, 0x8_4000)];
+        let maps = vec![mapping(0x8_0000, 0x8_4000, RW)];
+        let mut inp = input(
+            &objs,
+            &[Some(1), Some(4)],
+            &threads,
+            std::slice::from_ref(&tcb),
+            &maps,
+        );
+        inp.extra = &heap;
+        inp.governed = &governed;
+        let p = build(&inp);
+        let got: Vec<_> = p
+            .entries
+            .iter()
+            .map(|e| (e.range.start, e.compartment, e.reason.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x8_0000, Some(4), Reason::LoaderHeap),
+                // Shared by main's and libc's blocks: key 0 despite the heap's tag.
+                (
+                    0x8_1000,
+                    None,
+                    Reason::TlsShared {
+                        object: 0,
+                        thread: 0
+                    }
+                ),
+                (
+                    0x8_2000,
+                    Some(1),
+                    Reason::Tls {
+                        object: 0,
+                        thread: 0
+                    }
+                ),
+                (
+                    0x8_3000,
+                    None,
+                    Reason::Carveout {
+                        name: "tcb",
+                        toggle: "IA2_SHARE_TCB"
+                    }
+                ),
+            ]
+        );
+        // With the tcb carveout off, the TCB page keeps the loader heap's key.
+        inp.carveouts = &[];
+        let p = build(&inp);
+        assert_eq!(p.lookup(0x8_3100).unwrap().compartment, Some(4));
+        assert_eq!(p.lookup(0x8_3100).unwrap().reason, Reason::LoaderHeap);
     }
 }

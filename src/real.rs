@@ -50,6 +50,8 @@ pub static SIGACTION: RealFn = RealFn::new(c"sigaction");
 pub static SIGNAL: RealFn = RealFn::new(c"signal");
 pub static DLOPEN: RealFn = RealFn::new(c"dlopen");
 pub static DLCLOSE: RealFn = RealFn::new(c"dlclose");
+pub static PTHREAD_CREATE: RealFn = RealFn::new(c"pthread_create");
+pub static FORK: RealFn = RealFn::new(c"fork");
 
 // The malloc family (see `crate::alloc`). glibc exports its allocator under
 // internal names too; the hooks call those directly, because `dlsym` itself
@@ -110,6 +112,8 @@ pub static ALL: &[&RealFn] = &[
     &SIGNAL,
     &DLOPEN,
     &DLCLOSE,
+    &PTHREAD_CREATE,
+    &FORK,
     &POSIX_MEMALIGN,
     &ALIGNED_ALLOC,
     &MALLOC_USABLE_SIZE,

@@ -64,6 +64,11 @@ fn reason_str(c: &Census, r: &Reason) -> String {
             c.objects[*object].tls.map(|t| t.modid).unwrap_or(0)
         ),
         Reason::Carveout { name, toggle } => format!("carveout {name} ({toggle}=1)"),
+        Reason::LoaderHeap => "loader heap".to_string(),
+        Reason::TlsShared { object, thread } => format!(
+            "TLS of {} in thread {thread}, kept shared (page shared with another block, or a shared module's block)",
+            c.objects[*object].display_name()
+        ),
     }
 }
 

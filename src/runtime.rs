@@ -255,6 +255,7 @@ pub fn init() {
     crate::gates::install(rt);
     crate::report::startup(rt);
     crate::alloc::start(rt);
+    crate::threads::init();
     STATE.store(InitState::Ready as u8, Ordering::Release);
 }
 
@@ -266,14 +267,35 @@ fn build_census(config: &Config) -> Census {
     for w in &assignment.warnings {
         log::warn!("{w}");
     }
+    let maps = maps::read_self_maps()
+        .unwrap_or_else(|e| fatal(format_args!("reading /proc/self/maps: {e}")));
     let mut carveouts = carveouts::thread_carveouts(config);
     carveouts.push(carveouts::copy_relocs(
         config,
         &objects,
         &assignment.of_object,
     ));
-    let maps = maps::read_self_maps()
-        .unwrap_or_else(|e| fatal(format_args!("reading /proc/self/maps: {e}")));
+    carveouts.push(carveouts::tls_generation(config, &objects));
+    carveouts.push(carveouts::libc_tuning(config, &objects));
+    carveouts.push(carveouts::libc_single_threaded(config, &objects));
+    carveouts.push(carveouts::pthread_once(config, &objects));
+    carveouts.push(carveouts::mutex_elision(config, &objects));
+    // Strict mode tags the loader heap with the libc compartment's key.
+    let mut extra = Vec::new();
+    if let Some(n) = config.libc_compartment {
+        let heap = carveouts::loader_heap(&maps, &objects);
+        extra.extend(heap.iter().map(|&range| plan::ExtraRange {
+            range,
+            compartment: n,
+            reason: plan::Reason::LoaderHeap,
+        }));
+        carveouts.push(carveouts::loader_heap_carveout(config, &heap));
+    }
+    match carveouts::user_share(config, &objects) {
+        Ok(Some(l)) => carveouts.push(l),
+        Ok(None) => {}
+        Err(e) => fatal(format_args!("{e}")),
+    }
     let main_thread = ThreadTls {
         thread: 0,
         blocks: objects
@@ -285,13 +307,17 @@ fn build_census(config: &Config) -> Census {
             })
             .collect(),
     };
-    let plan = plan::build(
-        &objects,
-        &assignment.of_object,
-        &[main_thread],
-        &carveouts::enabled(&carveouts),
-        &maps,
-    );
+    let enabled = carveouts::enabled(&carveouts);
+    let governed = carveouts::governed(&carveouts);
+    let plan = plan::build(&plan::PlanInput {
+        objects: &objects,
+        compartment_of: &assignment.of_object,
+        threads: &[main_thread],
+        extra: &extra,
+        carveouts: &enabled,
+        governed: &governed,
+        maps: &maps,
+    });
     Census {
         objects,
         compartment_of: assignment.of_object,
@@ -367,4 +393,21 @@ pub fn switch_compartment(c: i32) -> i32 {
     };
     pku::write_pkru(pkru);
     prev
+}
+
+/// Run `f` with the libc compartment's rights added to the caller's, in
+/// strict mode (otherwise as it is): the shim's interposed libc and ld.so
+/// entry points (`pthread_create`, `fork`, `dlopen`, `dlclose`, `dlsym`)
+/// call the real function this way, because it touches libc or loader state.
+pub fn with_libc_rights<R>(f: impl FnOnce() -> R) -> R {
+    let union = active().and_then(|rt| {
+        let n = rt.config.libc_compartment?;
+        Some(pku::read_pkru() & !(3 << (2 * rt.key_of(n))))
+    });
+    let Some(u) = union else { return f() };
+    let saved = pku::read_pkru();
+    pku::write_pkru(u);
+    let r = f();
+    pku::write_pkru(saved);
+    r
 }

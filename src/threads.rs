@@ -1,0 +1,316 @@
+//! Threads (DESIGN.md, "Threads, signals, fork"): the `pthread_create`
+//! trampoline and per-thread set-up and tear-down.
+//!
+//! The creator passes (start, arg, PKRU) to the child in a record from a
+//! static pool in the shim's `.bss` (key 0, never `malloc`: the child frees
+//! it under whatever PKRU it runs with). In the child, before the start
+//! routine: its gate-frame stack, its TLS blocks of compartment modules
+//! tagged (pages wholly inside one compartment's blocks), and its PKRU set
+//! to the compartment that owns the start routine (shared code: the
+//! creator's). A `pthread_key` destructor, which glibc runs on return,
+//! `pthread_exit` and cancellation before it frees or caches the stack,
+//! puts the TLS pages back on key 0: glibc hands cached stacks to later
+//! threads and initialises their TLS from the creating thread.
+
+use crate::objects::{Range, PAGE};
+use crate::pku;
+use crate::plan::{self, PlanEntry, ThreadTls};
+use crate::runtime::{self, Runtime};
+use core::ffi::{c_int, c_void};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+pub type StartFn = extern "C" fn(*mut c_void) -> *mut c_void;
+
+/// One start record. `state`: 0 free, 1 claimed.
+struct Slot {
+    state: AtomicU32,
+    start: AtomicUsize,
+    arg: AtomicUsize,
+    pkru: AtomicU32,
+}
+
+const SLOTS: usize = 1024;
+
+#[allow(clippy::declare_interior_mutable_const)]
+const FREE: Slot = Slot {
+    state: AtomicU32::new(0),
+    start: AtomicUsize::new(0),
+    arg: AtomicUsize::new(0),
+    pkru: AtomicU32::new(0),
+};
+static POOL: [Slot; SLOTS] = [FREE; SLOTS];
+
+fn claim(start: StartFn, arg: *mut c_void, pkru: u32) -> Option<usize> {
+    for (i, s) in POOL.iter().enumerate() {
+        if s.state
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            s.start.store(start as usize, Ordering::Relaxed);
+            s.arg.store(arg as usize, Ordering::Relaxed);
+            s.pkru.store(pkru, Ordering::Relaxed);
+            return Some(i);
+        }
+    }
+    None
+}
+
+fn take(i: usize) -> (StartFn, *mut c_void, u32) {
+    let s = &POOL[i];
+    let start = s.start.load(Ordering::Relaxed);
+    let arg = s.arg.load(Ordering::Relaxed) as *mut c_void;
+    let pkru = s.pkru.load(Ordering::Relaxed);
+    s.state.store(0, Ordering::Release);
+    // SAFETY: `start` was stored from a StartFn by `claim`.
+    (
+        unsafe { core::mem::transmute::<usize, StartFn>(start) },
+        arg,
+        pkru,
+    )
+}
+
+/// The PKRU a new thread starts with: the compartment that owns its start
+/// routine, else (shared code) the creator's current PKRU.
+pub fn child_pkru(rt: &Runtime, start: usize) -> u32 {
+    match rt.compartment_of_addr(start) {
+        Some(c) => rt.pkru_for(c),
+        None => pku::read_pkru(),
+    }
+}
+
+/// `pthread_create`: run `real` with the trampoline and a start record.
+///
+/// # Safety
+/// As `pthread_create(3)`; `real` is glibc's.
+pub unsafe fn create(
+    real: unsafe extern "C" fn(
+        *mut libc::pthread_t,
+        *const libc::pthread_attr_t,
+        StartFn,
+        *mut c_void,
+    ) -> c_int,
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    start: StartFn,
+    arg: *mut c_void,
+) -> c_int {
+    let Some(rt) = runtime::active() else {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real(thread, attr, start, arg) };
+    };
+    let Some(slot) = claim(start, arg, child_pkru(rt, start as usize)) else {
+        return libc::EAGAIN;
+    };
+    // Strict mode: glibc's stack cache and thread list live in ld.so's data.
+    // SAFETY: the trampoline takes the slot index as its argument.
+    let r = runtime::with_libc_rights(|| unsafe {
+        real(thread, attr, trampoline, slot as *mut c_void)
+    });
+    if r != 0 {
+        take(slot);
+    }
+    r
+}
+
+extern "C" fn trampoline(slot: *mut c_void) -> *mut c_void {
+    let (start, arg, pkru) = take(slot as usize);
+    if let Some(rt) = runtime::active() {
+        crate::gates::thread_start();
+        thread_setup(rt);
+    }
+    pku::write_pkru(pkru);
+    start(arg)
+}
+
+/// This thread's tagged TLS entries, owned by the pthread key's value.
+struct ThreadState {
+    entries: Vec<PlanEntry>,
+}
+
+static EXIT_KEY: OnceLock<libc::pthread_key_t> = OnceLock::new();
+
+fn exit_key() -> libc::pthread_key_t {
+    *EXIT_KEY.get_or_init(|| {
+        let mut k: libc::pthread_key_t = 0;
+        // SAFETY: creating a key with a destructor of the right type.
+        if unsafe { libc::pthread_key_create(&mut k, Some(thread_teardown)) } != 0 {
+            runtime::fatal(format_args!("pthread_key_create failed"));
+        }
+        k
+    })
+}
+
+/// Create the exit key now, outside any thread start (called by the constructor).
+pub fn init() {
+    exit_key();
+}
+
+/// The TLS blocks of the calling thread: (census object index, block).
+fn thread_blocks(rt: &Runtime) -> Vec<(usize, Range)> {
+    let Ok(c) = rt.census.read() else {
+        return Vec::new();
+    };
+    let here = crate::objects::tls_blocks_here();
+    let mut out = Vec::new();
+    for (modid, block, size) in here {
+        if block == 0 {
+            continue;
+        }
+        if let Some(i) = c
+            .objects
+            .iter()
+            .position(|o| o.tls.is_some_and(|t| t.modid == modid))
+        {
+            out.push((i, Range::new(block, block + size)));
+        }
+    }
+    out
+}
+
+fn thread_setup(rt: &Runtime) {
+    let entries = tag_thread_tls(rt);
+    let state = Box::into_raw(Box::new(ThreadState { entries }));
+    // SAFETY: our own key; the value is released by thread_teardown.
+    unsafe { libc::pthread_setspecific(exit_key(), state as *const c_void) };
+}
+
+/// Tag this thread's TLS pages of compartment modules; returns the entries.
+fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
+    let any_tls = {
+        let Ok(c) = rt.census.read() else {
+            return Vec::new();
+        };
+        c.objects
+            .iter()
+            .enumerate()
+            .any(|(i, o)| o.tls.is_some() && c.compartment_of[i].is_some())
+    };
+    if !any_tls {
+        return Vec::new();
+    }
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() } as usize;
+    let blocks = thread_blocks(rt);
+    let tp = crate::tls::thread_pointer();
+    // SAFETY: this thread's own DTV.
+    let dtv = unsafe { crate::tls::dtv_range(crate::tls::dtv_pointer()) };
+    let cfg = &rt.config;
+    let mut carveouts = Vec::new();
+    let governed = vec![
+        crate::tls::tcb_page(tp),
+        crate::tls::below_tcb_page(tp),
+        dtv.pages_out(),
+    ];
+    for (on, name, toggle, r) in [
+        (
+            cfg.share_tcb,
+            "tcb",
+            "IA2_SHARE_TCB",
+            crate::tls::tcb_page(tp),
+        ),
+        (
+            cfg.share_below_tcb,
+            "below_tcb",
+            "IA2_SHARE_BELOW_TCB",
+            crate::tls::below_tcb_page(tp),
+        ),
+        (cfg.share_dtv, "dtv", "IA2_SHARE_DTV", dtv.pages_out()),
+    ] {
+        if on {
+            carveouts.push(plan::Carveout {
+                name,
+                toggle,
+                ranges: vec![r],
+            });
+        }
+    }
+    let compartment_of = {
+        let Ok(c) = rt.census.read() else {
+            return Vec::new();
+        };
+        c.compartment_of.clone()
+    };
+    // Thread stacks (and so their static TLS) are private read-write
+    // mappings; describe them instead of reading /proc/self/maps per thread.
+    let lo = blocks.iter().map(|(_, b)| b.start).min().unwrap_or(tp);
+    let area = Range::new(lo, tp + PAGE).pages_out();
+    let maps = vec![crate::maps::Mapping {
+        start: area.start,
+        end: area.end,
+        prot: libc::PROT_READ | libc::PROT_WRITE,
+        shared: false,
+        offset: 0,
+        path: String::new(),
+        pkey: None,
+    }];
+    let p = plan::build(&plan::PlanInput {
+        objects: &[],
+        compartment_of: &compartment_of,
+        threads: &[ThreadTls {
+            thread: tid,
+            blocks,
+        }],
+        extra: &[],
+        carveouts: &carveouts,
+        governed: &governed,
+        maps: &maps,
+    });
+    if p.tagged().next().is_none() {
+        return Vec::new();
+    }
+    if let Err((e, errno)) = crate::apply::apply(&p, &rt.keys) {
+        runtime::fatal(format_args!(
+            "thread {tid}: pkey_mprotect({}, key of compartment {:?}) failed (errno {errno})",
+            e.range, e.compartment
+        ));
+    }
+    let entries: Vec<PlanEntry> = p.tagged().cloned().collect();
+    if let Ok(mut c) = rt.census.write() {
+        c.plan.entries.extend(entries.iter().cloned());
+        c.plan.entries.sort_by_key(|e| e.range.start);
+    }
+    entries
+}
+
+/// Put the exiting thread's TLS pages back on key 0 (pthread key destructor).
+unsafe extern "C" fn thread_teardown(state: *mut c_void) {
+    if state.is_null() {
+        return;
+    }
+    // SAFETY: the value set by thread_setup, released once here.
+    let state = unsafe { Box::from_raw(state as *mut ThreadState) };
+    for e in &state.entries {
+        let _ = pku::protect(e.range.start, e.range.len(), e.prot, 0);
+    }
+    if !state.entries.is_empty() {
+        if let Some(rt) = runtime::get() {
+            if let Ok(mut c) = rt.census.write() {
+                c.plan.entries.retain(|x| !state.entries.contains(x));
+            }
+        }
+    }
+    crate::gates::thread_exit();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    extern "C" fn nop(_: *mut c_void) -> *mut c_void {
+        core::ptr::null_mut()
+    }
+
+    #[test]
+    fn pool_slots_are_reused() {
+        let a = claim(nop, 7 as *mut c_void, 0x55).unwrap();
+        let (f, arg, pkru) = take(a);
+        assert_eq!(
+            (f as usize, arg as usize, pkru),
+            (nop as *const () as usize, 7, 0x55)
+        );
+        let b = claim(nop, core::ptr::null_mut(), 0).unwrap();
+        assert_eq!(a, b, "a freed slot is claimed again");
+        take(b);
+    }
+}

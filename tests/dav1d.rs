@@ -1,0 +1,143 @@
+//! The real Debian dav1d under the shim, with real keys (in the PKU VM when
+//! the host has none): dav1d = compartment 1, libdav1d = 2. Every decode's
+//! md5 must equal the decode without the shim. In strict mode, the
+//! carveouts found on dav1d fault when turned off.
+
+mod common;
+use common::*;
+use ia2run::Outcome;
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+fn clip() -> String {
+    root()
+        .join("demo/clips/clip64.ivf")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn decode(extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["dav1d", "-q", "-i", &clip(), "--muxer", "md5", "-o", "-"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn dav1d_job(extra: &[&str], vars: &[(&str, &str)]) -> ia2run::Job {
+    let argv = decode(extra);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    job(&argv, vars)
+}
+
+const ONE: &[&str] = &["--threads", "1"];
+const FOUR: &[&str] = &["--threads", "4", "--framedelay", "4"];
+const STRICT: (&str, &str) = ("IA2_LIBC_COMPARTMENT", "1");
+
+fn expected_md5() -> String {
+    let argv = decode(ONE);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let o = native(&job_unshimmed(&argv));
+    assert_code(&o, 0);
+    o.stdout_lossy().trim().to_string()
+}
+
+fn enforced() -> &'static HashMap<&'static str, Outcome> {
+    static R: OnceLock<HashMap<&'static str, Outcome>> = OnceLock::new();
+    R.get_or_init(|| {
+        enforced_batch(vec![
+            ("default 1", dav1d_job(ONE, &[("IA2_REPORT", "plan")])),
+            ("default 4", dav1d_job(FOUR, &[])),
+            ("strict 1", dav1d_job(ONE, &[STRICT])),
+            ("strict 4", dav1d_job(FOUR, &[STRICT])),
+            (
+                "strict no pthread_once",
+                dav1d_job(ONE, &[STRICT, ("IA2_SHARE_PTHREAD_ONCE", "0")]),
+            ),
+            (
+                "strict no mutex_elision",
+                dav1d_job(ONE, &[STRICT, ("IA2_SHARE_MUTEX_ELISION", "0")]),
+            ),
+            (
+                "compartment heap",
+                dav1d_job(ONE, &[("IA2_HEAP", "compartment")]),
+            ),
+        ])
+    })
+}
+
+#[test]
+fn default_mode_decodes_identically_with_one_and_four_threads() {
+    let want = expected_md5();
+    assert_eq!(want.len(), 32, "{want}");
+    for case in ["default 1", "default 4"] {
+        let o = &enforced()[case];
+        assert_code(o, 0);
+        assert_eq!(o.stdout_lossy().trim(), want, "{case}\n{}", out_text(o));
+    }
+    let o = &enforced()["default 1"];
+    assert_stderr_has(o, "/usr/bin/dav1d base");
+    assert_stderr_has(o, "Main: compartment 1");
+    assert_stderr_has(o, "libdav1d.so.6 base");
+    assert_stderr_has(o, "Application: compartment 2");
+    let gates = o
+        .stderr_lossy()
+        .lines()
+        .filter(|l| l.contains("-> dav1d_") && l.contains("(compartment 2) via JUMP_SLOT"))
+        .count();
+    assert_eq!(
+        gates,
+        11,
+        "dav1d 1.0.0 imports eleven dav1d_* functions\n{}",
+        out_text(o)
+    );
+}
+
+#[test]
+fn strict_mode_decodes_identically_with_one_and_four_threads() {
+    let want = expected_md5();
+    for case in ["strict 1", "strict 4"] {
+        let o = &enforced()[case];
+        assert_code(o, 0);
+        assert_eq!(o.stdout_lossy().trim(), want, "{case}\n{}", out_text(o));
+        assert_stderr_lacks(o, "SEGV_PKUERR");
+    }
+}
+
+/// Found on dav1d: `dav1d_open` initialises through `pthread_once`, whose
+/// slow path reads libc's hidden `__fork_generation`.
+#[test]
+fn strict_dav1d_without_pthread_once_faults_in_pthread_once() {
+    let o = &enforced()["strict no pthread_once"];
+    assert_code(o, SIGSEGV_CODE);
+    assert_stderr_has(o, "running as  compartment 2");
+    assert_stderr_has(o, "this is the pthread_once page");
+    assert_stderr_has(o, "to share    IA2_SHARE_PTHREAD_ONCE=1");
+}
+
+/// Found on dav1d: libdav1d's mutexes make `pthread_mutex_lock` read libc's
+/// hidden lock-elision tunable `__pthread_force_elision`.
+#[test]
+fn strict_dav1d_without_mutex_elision_faults_in_pthread_mutex_lock() {
+    let o = &enforced()["strict no mutex_elision"];
+    assert_code(o, SIGSEGV_CODE);
+    assert_stderr_has(o, "instruction pthread_mutex_lock+");
+    assert_stderr_has(o, "this is the mutex_elision page");
+    assert_stderr_has(o, "to share    IA2_SHARE_MUTEX_ELISION=1");
+}
+
+/// Per-compartment heaps on dav1d: the CLI (compartment 1) copies the file
+/// into a buffer that `dav1d_data_create` allocated in libdav1d (2), so the
+/// CLI faults on compartment 2's heap. This is dav1d's design (IA2's port
+/// allocates such buffers with `shared_malloc` in the source); the report
+/// names the heap and says what to do.
+#[test]
+fn dav1d_with_compartment_heaps_faults_on_a_buffer_handed_across() {
+    let o = &enforced()["compartment heap"];
+    assert_code(o, SIGSEGV_CODE);
+    assert_stderr_has(o, "running as  compartment 1");
+    assert_stderr_has(o, "owner       compartment 2's heap (IA2_HEAP=compartment)");
+    assert_stderr_has(o, "allocate shared data with shared_malloc");
+}

@@ -1,0 +1,440 @@
+//! Strict mode (`IA2_LIBC_COMPARTMENT=1`) and the carveouts, under real keys:
+//! with the defaults the TLS and string fixture runs clean; turning off one
+//! carveout produces the fault it exists for, and the report names its toggle.
+
+mod common;
+use common::*;
+use ia2run::Outcome;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// Two builds that differ only in the size of the executable's TLS, which
+/// moves the thread pointer within its page: the DTV (allocated right after
+/// the TCB) shares the TCB's page in some layouts, and then only the `tcb`
+/// toggle can unshare it.
+fn fixture(pad: usize) -> PathBuf {
+    cc_lib("strictdl", &["strict/libdl.c"], &[]);
+    cc_lib(
+        "strict2",
+        &["strict/lib2.c"],
+        &["-fstack-protector-all", "-ldl"],
+    );
+    cc_lib("strict3", &["strict/lib3.c"], &[]);
+    let define = format!("-DMAIN_TLS_PAD={pad}");
+    cc_exe(
+        &format!("strict-pad{pad}"),
+        &["strict/main.c"],
+        &["-lstrict2", "-lstrict3", &define],
+    )
+}
+
+const STRICT: (&str, &str) = ("IA2_LIBC_COMPARTMENT", "1");
+
+fn dl_lib() -> &'static str {
+    Box::leak(
+        fixture_dir()
+            .join("libstrictdl.so")
+            .to_str()
+            .unwrap()
+            .to_string()
+            .into_boxed_str(),
+    )
+}
+
+fn enforced() -> &'static HashMap<&'static str, Outcome> {
+    static R: OnceLock<HashMap<&'static str, Outcome>> = OnceLock::new();
+    R.get_or_init(|| {
+        let small = fixture(16);
+        let large = fixture(4000);
+        let (s, l) = (small.to_str().unwrap(), large.to_str().unwrap());
+        let report = ("IA2_REPORT", "plan,maps");
+        enforced_batch(vec![
+            ("clean", job(&[s, "all"], &[STRICT, report])),
+            ("clean large", job(&[l, "all"], &[STRICT])),
+            (
+                "no tls_generation",
+                job(&[s, "tls"], &[STRICT, ("IA2_SHARE_TLS_GENERATION", "0")]),
+            ),
+            (
+                "no tcb",
+                job(&[s, "tls"], &[STRICT, ("IA2_SHARE_TCB", "0")]),
+            ),
+            (
+                "no libc_tuning",
+                job(&[s, "strings"], &[STRICT, ("IA2_SHARE_LIBC_TUNING", "0")]),
+            ),
+            (
+                "no below_tcb small",
+                job(&[s, "tls"], &[STRICT, ("IA2_SHARE_BELOW_TCB", "0"), report]),
+            ),
+            (
+                "no below_tcb large",
+                job(&[l, "tls"], &[STRICT, ("IA2_SHARE_BELOW_TCB", "0"), report]),
+            ),
+            (
+                "no dtv small",
+                job(&[s, "tls"], &[STRICT, ("IA2_SHARE_DTV", "0"), report]),
+            ),
+            (
+                "no dtv large",
+                job(&[l, "tls"], &[STRICT, ("IA2_SHARE_DTV", "0"), report]),
+            ),
+            (
+                "loader heap shared",
+                job(
+                    &[s, "all"],
+                    &[STRICT, ("IA2_SHARE_LOADER_HEAP", "1"), report],
+                ),
+            ),
+            (
+                "tls gate",
+                job(
+                    &[s, "tls"],
+                    &[
+                        STRICT,
+                        ("IA2_TLS_GET_ADDR_GATE", "1"),
+                        ("IA2_SHARE_TLS_GENERATION", "0"),
+                        ("IA2_SHARE_DTV", "0"),
+                        report,
+                    ],
+                ),
+            ),
+            (
+                "libc gates union",
+                job(
+                    &[s, "all"],
+                    &[
+                        STRICT,
+                        ("IA2_LIBC_GATES", "union"),
+                        ("IA2_SHARE_LIBC_TUNING", "0"),
+                        ("IA2_REPORT", "plan,gates"),
+                    ],
+                ),
+            ),
+            (
+                "dlopen tls",
+                job(
+                    &[s, "dlopen", dl_lib()],
+                    &[STRICT, ("IA2_TLS_GET_ADDR_GATE", "1")],
+                ),
+            ),
+            (
+                "dlopen tls without the gate",
+                job(&[s, "dlopen", dl_lib()], &[STRICT]),
+            ),
+            (
+                "user share",
+                job(
+                    &[s, "tls"],
+                    &[
+                        STRICT,
+                        ("IA2_SHARE_TLS_GENERATION", "0"),
+                        ("IA2_SHARE", "ld-linux-x86-64.so.2:_rtld_global"),
+                    ],
+                ),
+            ),
+        ])
+    })
+}
+
+#[test]
+fn strict_mode_with_default_carveouts_runs_clean() {
+    for case in ["clean", "clean large"] {
+        let o = &enforced()[case];
+        assert_code(o, 0);
+        assert_stdout_has(o, "tls ok 639");
+        assert_stdout_has(o, "strings ok 198657");
+        assert_stderr_lacks(o, "SEGV_PKUERR");
+    }
+    let o = &enforced()["clean"];
+    for name in [
+        "tcb",
+        "below_tcb",
+        "dtv",
+        "tls_generation",
+        "libc_tuning",
+        "copy_relocs",
+        "loader_heap",
+    ] {
+        assert_stderr_has(o, &format!("carveout {name} ("));
+    }
+    assert_stderr_has(o, "__tls_get_addr+0x9 loads");
+    assert_stderr_has(o, "memmove at libc+0x");
+    assert_stderr_has(o, "libc.so.6 base");
+    assert_stderr_has(o, "System: compartment 1");
+    assert_stderr_has(o, "Loader: compartment 1");
+    assert_stderr_has(o, " 0 mismatches");
+}
+
+#[test]
+fn without_tls_generation_tls_get_addr_faults_and_the_report_names_the_toggle() {
+    let o = &enforced()["no tls_generation"];
+    assert_code(o, SIGSEGV_CODE);
+    assert_stderr_has(o, "instruction __tls_get_addr+");
+    assert_stderr_has(o, "this is the tls_generation page");
+    assert_stderr_has(o, "to share    IA2_SHARE_TLS_GENERATION=1");
+}
+
+#[test]
+fn without_tcb_the_stack_guard_read_faults() {
+    let o = &enforced()["no tcb"];
+    assert_code(o, SIGSEGV_CODE);
+    assert_stderr_has(o, "this is the tcb page");
+    assert_stderr_has(o, "fs:[28h]");
+    assert_stderr_has(o, "to share    IA2_SHARE_TCB=1");
+}
+
+#[test]
+fn without_libc_tuning_memset_or_memcpy_faults() {
+    let o = &enforced()["no libc_tuning"];
+    assert_code(o, SIGSEGV_CODE);
+    assert_stderr_has(o, "this is the libc_tuning page");
+    assert_stderr_has(o, "/libc.so.6+0x");
+    assert_stderr_has(o, "to share    IA2_SHARE_LIBC_TUNING=1");
+}
+
+/// The DTV sits right after the TCB. In the layout where it has a page of its
+/// own, turning off `dtv` alone faults in `__tls_get_addr` reading `dtv[0]`.
+#[test]
+fn without_dtv_tls_get_addr_faults_reading_the_dtv_when_it_has_its_own_page() {
+    let mut seen_own_page = false;
+    for case in ["no dtv small", "no dtv large"] {
+        let o = &enforced()[case];
+        let err = o.stderr_lossy();
+        let page_of = |name: &str| -> String {
+            let line = err
+                .lines()
+                .find(|l| l.contains(&format!("]:   carveout {name} (")))
+                .unwrap();
+            line.split("): ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        if page_of("dtv") == page_of("tcb") {
+            // The tcb carveout keeps the page shared: nothing can fault.
+            assert_code(o, 0);
+            continue;
+        }
+        seen_own_page = true;
+        assert_code(o, SIGSEGV_CODE);
+        assert_stderr_has(o, "instruction __tls_get_addr+");
+        assert_stderr_has(o, "this is the dtv page");
+        assert_stderr_has(o, "to share    IA2_SHARE_DTV=1");
+    }
+    assert!(
+        seen_own_page,
+        "neither layout gave the DTV a page of its own"
+    );
+}
+
+/// The page below the TCB holds the tail of the static TLS area. With a
+/// 4000-byte TLS in the executable, libstrict2.so's block lands there, and
+/// without the carveout compartment 2's own initial-exec TLS access faults on
+/// the loader heap's key. With a small executable TLS every block fits on
+/// the TCB page and nothing faults. (IA2 met this page at exit, through
+/// libgcc's unwinder state at `%fs:-0x20`.)
+#[test]
+fn without_below_tcb_the_static_tls_tail_faults_when_a_block_lies_there() {
+    let mut faulted = false;
+    for case in ["no below_tcb small", "no below_tcb large"] {
+        let o = &enforced()[case];
+        let err = o.stderr_lossy();
+        let hex = |x: &str| usize::from_str_radix(x.trim_start_matches("0x"), 16).unwrap();
+        let below = err
+            .lines()
+            .find(|l| l.contains("]:   carveout below_tcb ("))
+            .unwrap();
+        let below = below
+            .split("): ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        let (lo, hi) = below
+            .split_once('-')
+            .map(|(a, b)| (hex(a), hex(b)))
+            .unwrap();
+        let block = err
+            .lines()
+            .find(|l| l.contains("libstrict2.so base"))
+            .and_then(|l| l.split(" block ").nth(1))
+            .map(|b| hex(b.trim()))
+            .unwrap();
+        if (lo..hi).contains(&block) {
+            faulted = true;
+            assert_code(o, SIGSEGV_CODE);
+            assert_stderr_has(o, "this is the below_tcb page");
+            assert_stderr_has(o, "running as  compartment 2");
+            assert_stderr_has(o, "to share    IA2_SHARE_BELOW_TCB=1");
+        } else {
+            assert_code(o, 0);
+        }
+    }
+    assert!(
+        faulted,
+        "no layout put lib2's TLS block on the page below the TCB"
+    );
+}
+
+/// The loader heap keeps the strict compartment's key on at least one mapping
+/// (it did not collapse to key 0), and the broad policy shares all of it.
+#[test]
+fn loader_heap_keeps_the_strict_key_unless_shared_broadly() {
+    for (case, want_tagged) in [("clean", true), ("loader heap shared", false)] {
+        let o = &enforced()[case];
+        assert_code(o, 0);
+        let err = o.stderr_lossy();
+        let key1: u32 = err
+            .lines()
+            .find(|l| l.contains("Loader: compartment 1 (pkey "))
+            .and_then(|l| l.split("(pkey ").nth(1))
+            .and_then(|s| s.split(')').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap();
+        let heap_line = err
+            .lines()
+            .find(|l| l.contains("]:   carveout loader_heap ("))
+            .unwrap();
+        let ranges: Vec<(usize, usize)> = heap_line
+            .split("): ")
+            .nth(1)
+            .unwrap()
+            .split(" [")
+            .next()
+            .unwrap()
+            .split(' ')
+            .map(|r| {
+                let (a, b) = r.split_once('-').unwrap();
+                let p = |x: &str| usize::from_str_radix(x.trim_start_matches("0x"), 16).unwrap();
+                (p(a), p(b))
+            })
+            .collect();
+        assert!(!ranges.is_empty(), "{heap_line}");
+        let mut keys = Vec::new();
+        for l in err
+            .lines()
+            .filter(|l| l.contains(" pkey ") && l.contains("p pkey"))
+        {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (a, b) = f[1].split_once('-').unwrap();
+            let p = |x: &str| usize::from_str_radix(x.trim_start_matches("0x"), 16).unwrap();
+            let (a, b) = (p(a), p(b));
+            if ranges.iter().any(|&(s, e)| a >= s && b <= e) {
+                keys.push((f[1].to_string(), f[4].to_string()));
+            }
+        }
+        assert!(
+            !keys.is_empty(),
+            "no loader-heap mapping in the maps report\n{err}"
+        );
+        let tagged = keys.iter().any(|(_, k)| *k == key1.to_string());
+        assert_eq!(
+            tagged, want_tagged,
+            "{case}: loader-heap mappings and keys: {keys:?}"
+        );
+        if !want_tagged {
+            assert!(keys.iter().all(|(_, k)| k == "0"), "{keys:?}");
+        }
+    }
+}
+
+#[test]
+fn a_user_share_entry_replaces_a_carveout() {
+    // Sharing the symbol that holds the generation counter by name does what
+    // the tls_generation carveout does.
+    let o = &enforced()["user share"];
+    assert_code(o, 0);
+    assert_stdout_has(o, "tls ok");
+}
+
+#[test]
+fn unknown_share_symbol_is_a_clear_error() {
+    let exe = fixture(16);
+    let o = native(&job(
+        &[exe.to_str().unwrap()],
+        &[
+            ("IA2_PKU", "sim"),
+            ("IA2_SHARE", "libc.so.6:no_such_symbol_xyz"),
+        ],
+    ));
+    assert_code(&o, 1);
+    assert_stderr_has(&o, "IA2_SHARE=libc.so.6:no_such_symbol_xyz: symbol \"no_such_symbol_xyz\" not found in libc.so.6");
+    let o = native(&job(
+        &[exe.to_str().unwrap()],
+        &[("IA2_PKU", "sim"), ("IA2_SHARE", "libnothere.so:x")],
+    ));
+    assert_code(&o, 1);
+    assert_stderr_has(
+        &o,
+        "no loaded object matches \"libnothere.so\"; loaded objects: main,",
+    );
+}
+
+#[test]
+fn sim_mode_reports_the_strict_plan_natively() {
+    let exe = fixture(16);
+    let o = native(&job(
+        &[exe.to_str().unwrap(), "all"],
+        &[("IA2_PKU", "sim"), STRICT, ("IA2_REPORT", "plan")],
+    ));
+    assert_code(&o, 0);
+    assert_stderr_has(&o, "loader heap");
+    assert_stderr_has(&o, "carveout tls_generation (IA2_SHARE_TLS_GENERATION=1)");
+    assert_stderr_has(&o, "carveout libc_tuning (IA2_SHARE_LIBC_TUNING=1)");
+}
+
+/// `IA2_TLS_GET_ADDR_GATE=1` gates `__tls_get_addr` with the loader's key
+/// added for the call, so the tls_generation and dtv carveouts can be off.
+#[test]
+fn tls_get_addr_gate_replaces_the_tls_generation_and_dtv_carveouts() {
+    let o = &enforced()["tls gate"];
+    assert_code(o, 0);
+    assert_stdout_has(o, "tls ok 639");
+    assert_stderr_has(
+        o,
+        "-> __tls_get_addr in /lib64/ld-linux-x86-64.so.2 (compartment 1)",
+    );
+    assert_stderr_has(o, "carveout tls_generation (IA2_SHARE_TLS_GENERATION=0)");
+    assert_stderr_has(o, "carveout dtv (IA2_SHARE_DTV=0)");
+}
+
+/// `IA2_LIBC_GATES=union`: calls from compartments into libc run with the
+/// caller's rights plus the libc compartment's, so memset/memcpy work even
+/// with the libc_tuning carveout off.
+#[test]
+fn union_libc_gates_make_libc_calls_work_without_libc_tuning() {
+    let o = &enforced()["libc gates union"];
+    assert_code(o, 0);
+    assert_stdout_has(o, "strings ok 198657");
+    assert_stderr_has(
+        o,
+        "-> memset in /lib/x86_64-linux-gnu/libc.so.6 (compartment 1)",
+    );
+    assert_stderr_has(
+        o,
+        "-> memcpy in /lib/x86_64-linux-gnu/libc.so.6 (compartment 1)",
+    );
+}
+
+/// A TLS module loaded by `dlopen` from compartment 2 after start-up (the
+/// DTV grows and moves). Its first global-dynamic access takes
+/// `__tls_get_addr`'s slow path, which locks ld.so's `dl_load_tls_lock` in
+/// `_rtld_global`: no narrow carveout covers that page (it also holds the
+/// loader's namespace list), so strict mode needs the `__tls_get_addr`
+/// union gate for it, and without the gate the report names the lock's page.
+#[test]
+fn dlopen_of_a_tls_module_in_strict_mode() {
+    let o = &enforced()["dlopen tls"];
+    assert_code(o, 0);
+    assert_stdout_has(o, "dlopen tls ok 8608");
+    let o = &enforced()["dlopen tls without the gate"];
+    assert_code(o, SIGSEGV_CODE);
+    assert_stderr_has(o, "symbol      _rtld_global+0x");
+    assert_stderr_has(o, "instruction pthread_mutex_lock+0x0");
+}
