@@ -678,9 +678,7 @@ pub static VARS: &[VarSpec] = &[
         parse: |c, v| {
             c.on_fault = match v {
                 "report" => OnFault::Report,
-                // Audit mode (IA2 issue 9) needs the TF-stepping machinery;
-                // refuse rather than silently run in report mode.
-                "audit" => return Err(Problem::NotImplemented),
+                "audit" => OnFault::Audit,
                 "silent" => OnFault::Silent,
                 _ => return Err(Problem::BadValue),
             };
@@ -975,8 +973,8 @@ mod tests {
         assert_eq!(c.log_level, log::LevelFilter::Debug);
         assert_eq!(c.log_file, Some("/tmp/log"));
         assert_eq!(
-            err(&["IA2_ON_FAULT=audit"]).problem,
-            Problem::NotImplemented
+            parse(&["IA2_ON_FAULT=audit"]).unwrap().on_fault,
+            OnFault::Audit
         );
         assert_eq!(
             err(&["IA2_REPORT=plan,everything"]).problem,

@@ -1,4 +1,5 @@
-//! The SIGSEGV handler: a report for every `SEGV_PKUERR`, and chaining to the
+//! The SIGSEGV handler: a report for every `SEGV_PKUERR` (or, in audit mode,
+//! a log line and a single step past it: see [`audit`]), and chaining to the
 //! program's own handler for every other fault.
 //!
 //! The handler runs with the kernel's default PKRU (key 0 only), which is
@@ -14,6 +15,8 @@ use core::ffi::{c_int, c_void, CStr};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
+
+mod audit;
 
 /// `si_code` of a protection-key fault.
 pub const SEGV_PKUERR: i32 = 4;
@@ -63,36 +66,48 @@ pub fn install() {
         PROGRAM_HANDLER.store(old.sa_sigaction, Ordering::Relaxed);
         PROGRAM_FLAGS.store(old.sa_flags, Ordering::Relaxed);
     }
+    audit::read_rseq_abi();
+    if audit::configured() {
+        audit::install();
+    }
 }
 
-/// Does the shim own this signal's disposition? The `sigaction` and
-/// `signal` hooks then record the program's handler instead of installing it.
+/// Does the shim own this signal's disposition (SIGSEGV always, SIGTRAP in
+/// audit mode)? The `sigaction` and `signal` hooks then record the
+/// program's handler with [`intercept_sigaction`] instead of installing it.
 pub fn intercepts(sig: c_int) -> bool {
-    sig == libc::SIGSEGV
+    sig == libc::SIGSEGV || (sig == libc::SIGTRAP && audit::active())
 }
 
-/// Record the program's SIGSEGV disposition instead of installing it, and
-/// report the previous one. Returns `true` if the call was handled here.
+/// Record the program's disposition of `sig` (one that [`intercepts`]
+/// says the shim owns) instead of installing it, and report the previous
+/// one. Returns `true` if the call was handled here.
 ///
 /// # Safety
 /// `act` and `oldact` must be null or valid `sigaction` pointers.
 pub unsafe fn intercept_sigaction(
+    sig: c_int,
     act: *const libc::sigaction,
     oldact: *mut libc::sigaction,
 ) -> bool {
+    let (handler, flags) = if sig == libc::SIGTRAP {
+        (&audit::TRAP_HANDLER, &audit::TRAP_FLAGS)
+    } else {
+        (&PROGRAM_HANDLER, &PROGRAM_FLAGS)
+    };
     if !oldact.is_null() {
         // SAFETY: the caller passes a valid out pointer.
         let old = unsafe { &mut *oldact };
         // SAFETY: zeroed sigaction is valid.
         *old = unsafe { core::mem::zeroed() };
-        old.sa_sigaction = PROGRAM_HANDLER.load(Ordering::Relaxed);
-        old.sa_flags = PROGRAM_FLAGS.load(Ordering::Relaxed);
+        old.sa_sigaction = handler.load(Ordering::Relaxed);
+        old.sa_flags = flags.load(Ordering::Relaxed);
     }
     if !act.is_null() {
         // SAFETY: the caller passes a valid sigaction.
         let act = unsafe { &*act };
-        PROGRAM_HANDLER.store(act.sa_sigaction, Ordering::Relaxed);
-        PROGRAM_FLAGS.store(act.sa_flags, Ordering::Relaxed);
+        handler.store(act.sa_sigaction, Ordering::Relaxed);
+        flags.store(act.sa_flags, Ordering::Relaxed);
     }
     true
 }
@@ -135,10 +150,17 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
     let code = unsafe { (*info).si_code };
     if code == SEGV_PKUERR {
         let on_fault = runtime::get().map(|r| r.config.on_fault);
+        if on_fault == Some(crate::config::OnFault::Audit)
+            // SAFETY: valid siginfo and ucontext from the kernel.
+            && unsafe { audit::on_pku_fault(info, ctx as *mut libc::ucontext_t) }
+        {
+            return;
+        }
         if on_fault != Some(crate::config::OnFault::Silent) {
             // SAFETY: valid siginfo and ucontext from the kernel.
             unsafe { report_pku_fault(info, ctx as *const libc::ucontext_t) };
         }
+        audit::summary(Some(sig));
         die_by_sigsegv();
         return;
     }
@@ -146,12 +168,27 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
     let h = PROGRAM_HANDLER.load(Ordering::Relaxed);
     let flags = PROGRAM_FLAGS.load(Ordering::Relaxed);
     if h == libc::SIG_DFL || h == libc::SIG_IGN {
+        if code == libc::SI_KERNEL {
+            // SAFETY: valid ucontext from the kernel.
+            unsafe { audit::kernel_segv(ctx as *const libc::ucontext_t) };
+        }
+        audit::summary(Some(sig));
         die_by_sigsegv();
         return;
     }
-    // The kernel runs handlers with only key 0 accessible; give the
-    // program's handler its own compartment's rights, else the rights of
-    // the code it interrupted.
+    call_program_handler(h, flags, sig, info, ctx);
+}
+
+/// Run the program's handler `h` for `sig` with its own compartment's
+/// rights (the kernel runs handlers with only key 0 accessible), else the
+/// rights of the code it interrupted.
+fn call_program_handler(
+    h: usize,
+    flags: c_int,
+    sig: c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut c_void,
+) {
     // SAFETY: valid ucontext from the kernel.
     let interrupted = unsafe { interrupted_pkru(ctx as *const libc::ucontext_t) };
     let own = runtime::get().and_then(|r| {
@@ -247,7 +284,18 @@ fn write_instruction<const N: usize>(out: &mut StackBuf<N>, rip: usize) {
     let bytes = unsafe { core::slice::from_raw_parts(rip as *const u8, 15) };
     let mut dec = iced_x86::Decoder::with_ip(64, bytes, rip as u64, iced_x86::DecoderOptions::NONE);
     let insn = dec.decode();
-    match FORMATTER.get().and_then(|m| m.try_lock().ok()) {
+    // Another thread may be formatting its own fault: wait a little, but
+    // never block (a fault inside the formatter must not deadlock).
+    let mut guard = None;
+    for _ in 0..200 {
+        guard = FORMATTER.get().and_then(|m| m.try_lock().ok());
+        if guard.is_some() {
+            break;
+        }
+        // SAFETY: sched_yield has no preconditions and is async-signal-safe.
+        unsafe { libc::sched_yield() };
+    }
+    match guard {
         Some(mut f) => f.0.format(&insn, &mut InsnOut(out)),
         None => {
             let _ = write!(out, "{:?}", insn.mnemonic());

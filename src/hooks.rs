@@ -115,7 +115,7 @@ pub unsafe fn real_sigaction(
     unsafe { f(sig, act, old) }
 }
 
-/// SIGSEGV stays with the shim's handler, which
+/// SIGSEGV (and SIGTRAP in audit mode) stays with the shim's handler, which
 /// chains to the program's.
 ///
 /// # Safety
@@ -128,7 +128,7 @@ pub unsafe extern "C" fn sigaction(
 ) -> c_int {
     if crate::fault::intercepts(sig) && runtime::active().is_some() {
         // SAFETY: pointers are the caller's, valid as sigaction(2) requires.
-        unsafe { crate::fault::intercept_sigaction(act, old) };
+        unsafe { crate::fault::intercept_sigaction(sig, act, old) };
         return 0;
     }
     if crate::signals::wraps(sig) && runtime::active().is_some() {
@@ -139,8 +139,8 @@ pub unsafe extern "C" fn sigaction(
     unsafe { real_sigaction(sig, act, old) }
 }
 
-/// `signal(3)` is `sigaction` with BSD semantics; SIGSEGV is recorded, not
-/// installed.
+/// `signal(3)` is `sigaction` with BSD semantics; SIGSEGV (and SIGTRAP in
+/// audit mode) is recorded, not installed.
 ///
 /// # Safety
 /// As `signal(3)`.
@@ -154,7 +154,7 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc
         // SAFETY: zeroed sigaction is valid.
         let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
         // SAFETY: both structs are valid.
-        unsafe { crate::fault::intercept_sigaction(&act, &mut old) };
+        unsafe { crate::fault::intercept_sigaction(sig, &act, &mut old) };
         return old.sa_sigaction;
     }
     if crate::signals::wraps(sig) && runtime::active().is_some() {
