@@ -21,7 +21,20 @@ pub fn thread_carveouts(config: &Config) -> Vec<Located> {
     let dtv = tls::dtv_pointer();
     // SAFETY: the calling thread's own DTV pointer.
     let dtv_range = unsafe { tls::dtv_range(dtv) };
+    let rseq = rseq_area(tp);
     vec![
+        Located {
+            carveout: Carveout {
+                name: "rseq",
+                toggle: "IA2_SHARE_RSEQ",
+                ranges: rseq.map(|r| vec![r.pages_out()]).unwrap_or_default(),
+            },
+            how: match rseq {
+                Some(r) => format!("%fs:0 + __rseq_offset = {r}: the kernel writes it on preemption and signal delivery"),
+                None => "no rseq area registered (__rseq_size is 0)".to_string(),
+            },
+            enabled: config.share_rseq,
+        },
         Located {
             carveout: Carveout {
                 name: "tcb",
@@ -52,6 +65,22 @@ pub fn thread_carveouts(config: &Config) -> Vec<Located> {
     ]
 }
 
+/// The calling thread's rseq area (`%fs:0 + __rseq_offset`, `__rseq_size`
+/// bytes, in glibc's `struct pthread`), or `None` when glibc registered no
+/// rseq area (glibc < 2.35, or `GLIBC_TUNABLES=glibc.pthread.rseq=0`).
+pub fn rseq_area(tp: usize) -> Option<Range> {
+    let off = resolve_global(c"__rseq_offset")?;
+    let size = resolve_global(c"__rseq_size")?;
+    // SAFETY: glibc's exported `ptrdiff_t __rseq_offset` and `unsigned int
+    // __rseq_size`, constant after start-up (in libc's RELRO).
+    let (off, size) = unsafe { (*(off as *const isize), *(size as *const u32)) };
+    if size == 0 {
+        return None;
+    }
+    let start = tp.wrapping_add_signed(off);
+    Some(Range::new(start, start + (size as usize).max(32)))
+}
+
 /// The carveouts that are switched on, as plan input.
 pub fn enabled(located: &[Located]) -> Vec<Carveout> {
     located
@@ -66,19 +95,17 @@ pub fn enabled(located: &[Located]) -> Vec<Carveout> {
 pub fn governed(located: &[Located]) -> Vec<Range> {
     located
         .iter()
-        .filter(|l| matches!(l.carveout.name, "tcb" | "below_tcb" | "dtv"))
+        .filter(|l| matches!(l.carveout.name, "tcb" | "below_tcb" | "dtv" | "rseq"))
         .flat_map(|l| l.carveout.ranges.iter().copied())
         .collect()
 }
 
-/// Which carveout, if any, covers `addr` (for fault reports).
-pub fn covering(located: &[Located], addr: usize) -> Option<&Located> {
-    located.iter().find(|l| {
-        l.carveout
-            .ranges
-            .iter()
-            .any(|r: &Range| r.pages_out().contains(addr))
-    })
+/// Does carveout `l` locate the page holding `addr`? (fault reports)
+pub fn covers(l: &Located, addr: usize) -> bool {
+    l.carveout
+        .ranges
+        .iter()
+        .any(|r| r.pages_out().contains(addr))
 }
 
 /// `copy_relocs`: the executable's copies of data defined by shared objects

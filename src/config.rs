@@ -118,6 +118,7 @@ pub struct Config {
     pub libc_compartment: Option<u8>,
     pub libc_gates: LibcGates,
     pub share_tcb: bool,
+    pub share_rseq: bool,
     pub share_below_tcb: bool,
     pub share_dtv: bool,
     pub share_tls_generation: bool,
@@ -150,6 +151,7 @@ impl Default for Config {
             libc_compartment: None,
             libc_gates: LibcGates::None,
             share_tcb: true,
+            share_rseq: true,
             share_below_tcb: true,
             share_dtv: true,
             share_tls_generation: true,
@@ -518,6 +520,17 @@ pub static VARS: &[VarSpec] = &[
         implemented: true,
         parse: |c, v| {
             c.share_tcb = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_SHARE_RSEQ",
+        values: "1, 0",
+        default: "1",
+        meaning: "carveout rseq: keep each thread's rseq area (in glibc's struct pthread, written by the kernel on preemption) on pkey 0",
+        implemented: true,
+        parse: |c, v| {
+            c.share_rseq = parse_bool(v)?;
             Ok(())
         },
     },
@@ -919,6 +932,7 @@ mod tests {
     fn booleans() {
         for name in [
             "IA2_SHARE_TCB",
+            "IA2_SHARE_RSEQ",
             "IA2_SHARE_BELOW_TCB",
             "IA2_SHARE_DTV",
             "IA2_SHARE_TLS_GENERATION",

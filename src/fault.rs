@@ -360,7 +360,7 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
 
     let census = rt.and_then(|r| r.census.try_read().ok());
     let _ = write!(b, "ia2shim[{p}]:   owner       ");
-    let mut share_hint: Option<&'static str> = None;
+    let mut disabled_cover: Option<&[crate::carveouts::Located]> = None;
     match census.as_deref() {
         Some(c) => {
             let what = c.plan.lookup(addr);
@@ -404,16 +404,21 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
                     }
                 },
             }
-            if let Some(l) = crate::carveouts::covering(&c.carveouts, addr) {
+            // Several carveouts can locate the same page (the DTV and the
+            // rseq area often share one): name each; any disabled one's
+            // toggle would share the page.
+            for l in c
+                .carveouts
+                .iter()
+                .filter(|l| crate::carveouts::covers(l, addr))
+            {
                 let _ = write!(
                     b,
                     "; this is the {} page (carveout {})",
                     l.carveout.name, l.carveout.name
                 );
-                if !l.enabled {
-                    share_hint = Some(l.carveout.toggle);
-                }
             }
+            disabled_cover = Some(&c.carveouts);
             let _ = writeln!(b);
         }
         None => {
@@ -429,9 +434,18 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
     write_instruction(&mut b, rip);
     let _ = writeln!(b);
     let _ = write!(b, "ia2shim[{p}]:   to share    ");
-    match share_hint {
-        Some(t) => {
-            let _ = writeln!(b, "{t}=1");
+    let mut toggles = disabled_cover
+        .into_iter()
+        .flatten()
+        .filter(|l| !l.enabled && crate::carveouts::covers(l, addr))
+        .peekable();
+    match toggles.peek() {
+        Some(_) => {
+            for (i, l) in toggles.enumerate() {
+                let sep = if i == 0 { "" } else { " or " };
+                let _ = write!(b, "{sep}{}=1", l.carveout.toggle);
+            }
+            let _ = writeln!(b);
         }
         None => {
             match symbolize(addr) {

@@ -197,10 +197,14 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
     let dtv = unsafe { crate::tls::dtv_range(crate::tls::dtv_pointer()) };
     let cfg = &rt.config;
     let mut carveouts = Vec::new();
+    let rseq = crate::carveouts::rseq_area(tp)
+        .map(|r| r.pages_out())
+        .unwrap_or(Range::new(0, 0));
     let governed = vec![
         crate::tls::tcb_page(tp),
         crate::tls::below_tcb_page(tp),
         dtv.pages_out(),
+        rseq,
     ];
     for (on, name, toggle, r) in [
         (
@@ -216,6 +220,12 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
             crate::tls::below_tcb_page(tp),
         ),
         (cfg.share_dtv, "dtv", "IA2_SHARE_DTV", dtv.pages_out()),
+        (
+            cfg.share_rseq && !rseq.is_empty(),
+            "rseq",
+            "IA2_SHARE_RSEQ",
+            rseq,
+        ),
     ] {
         if on {
             carveouts.push(plan::Carveout {

@@ -20,7 +20,7 @@ fn fixture(pad: usize) -> PathBuf {
         &["strict/lib2.c"],
         &["-fstack-protector-all", "-ldl"],
     );
-    cc_lib("strict3", &["strict/lib3.c"], &[]);
+    cc_lib("strict3", &["strict/lib3.c"], &["-fno-stack-protector"]);
     let define = format!("-DMAIN_TLS_PAD={pad}");
     cc_exe(
         &format!("strict-pad{pad}"),
@@ -30,6 +30,8 @@ fn fixture(pad: usize) -> PathBuf {
 }
 
 const STRICT: (&str, &str) = ("IA2_LIBC_COMPARTMENT", "1");
+const NO_RSEQ: (&str, &str) = ("IA2_SHARE_RSEQ", "0");
+const NO_DTV: (&str, &str) = ("IA2_SHARE_DTV", "0");
 
 fn dl_lib() -> &'static str {
     Box::leak(
@@ -47,6 +49,8 @@ fn enforced() -> &'static HashMap<&'static str, Outcome> {
     R.get_or_init(|| {
         let small = fixture(16);
         let large = fixture(4000);
+        let mid = fixture(2048);
+        let m = Box::leak(mid.to_str().unwrap().to_string().into_boxed_str()) as &str;
         let (s, l) = (small.to_str().unwrap(), large.to_str().unwrap());
         let report = ("IA2_REPORT", "plan,maps");
         enforced_batch(vec![
@@ -111,6 +115,19 @@ fn enforced() -> &'static HashMap<&'static str, Outcome> {
                         ("IA2_REPORT", "plan,gates"),
                     ],
                 ),
+            ),
+            ("rseq clean", job(&[s, "rseq"], &[STRICT])),
+            (
+                "no rseq small",
+                job(&[s, "rseq"], &[STRICT, NO_RSEQ, NO_DTV, report]),
+            ),
+            (
+                "no rseq mid",
+                job(&[m, "rseq"], &[STRICT, NO_RSEQ, NO_DTV, report]),
+            ),
+            (
+                "no rseq large",
+                job(&[l, "rseq"], &[STRICT, NO_RSEQ, NO_DTV, report]),
             ),
             (
                 "dlopen tls",
@@ -437,4 +454,47 @@ fn dlopen_of_a_tls_module_in_strict_mode() {
     assert_code(o, SIGSEGV_CODE);
     assert_stderr_has(o, "symbol      _rtld_global+0x");
     assert_stderr_has(o, "instruction pthread_mutex_lock+0x0");
+}
+
+/// The kernel writes each thread's rseq area (in glibc's `struct pthread`,
+/// next to the TCB, in the loader heap) on signal delivery and preemption,
+/// with the running code's PKRU. Found by audit mode on dav1d. With the
+/// carveout (and the DTV's, which often shares its page) off, and its page
+/// not kept by the tcb or below_tcb carveouts, a SIGALRM while compartment 3
+/// spins kills the process with a kernel SIGSEGV that the shim explains.
+#[test]
+fn without_rseq_the_kernels_rseq_update_faults() {
+    let o = &enforced()["rseq clean"];
+    assert_code(o, 0);
+    assert_stdout_has(o, "rseq ok");
+    let mut faulted = false;
+    for case in ["no rseq small", "no rseq mid", "no rseq large"] {
+        let o = &enforced()[case];
+        let err = o.stderr_lossy();
+        let page = |name: &str| -> String {
+            let line = err
+                .lines()
+                .find(|l| l.contains(&format!("]:   carveout {name} (")))
+                .unwrap();
+            line.split("): ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        if page("rseq") == page("tcb") || page("rseq") == page("below_tcb") {
+            assert_code(o, 0);
+            continue;
+        }
+        faulted = true;
+        assert_code(o, SIGSEGV_CODE);
+        assert_stderr_has(
+            o,
+            "SIGSEGV from the kernel (SI_KERNEL): the thread's rseq area",
+        );
+        assert_stderr_has(o, "IA2_SHARE_RSEQ=1");
+    }
+    assert!(faulted, "no layout put the rseq area on a page of its own");
 }
