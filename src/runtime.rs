@@ -275,11 +275,15 @@ fn build_census(config: &Config) -> Census {
         &objects,
         &assignment.of_object,
     ));
-    carveouts.push(carveouts::tls_generation(config, &objects));
-    carveouts.push(carveouts::libc_tuning(config, &objects));
-    carveouts.push(carveouts::libc_single_threaded(config, &objects));
-    carveouts.push(carveouts::pthread_once(config, &objects));
-    carveouts.push(carveouts::mutex_elision(config, &objects));
+    // The libc and ld.so carveouts matter only when libc and ld.so carry a
+    // key (strict mode); their decoders cost start-up time, so they run then.
+    if config.libc_compartment.is_some() {
+        carveouts.push(carveouts::tls_generation(config, &objects));
+        carveouts.push(carveouts::libc_tuning(config, &objects));
+        carveouts.push(carveouts::libc_single_threaded(config, &objects));
+        carveouts.push(carveouts::pthread_once(config, &objects));
+        carveouts.push(carveouts::mutex_elision(config, &objects));
+    }
     // Strict mode tags the loader heap with the libc compartment's key.
     let mut extra = Vec::new();
     if let Some(n) = config.libc_compartment {

@@ -34,10 +34,9 @@ pub struct Hit {
 /// Every WRPKRU and XRSTOR sequence in `code`, at every byte offset.
 pub fn scan(code: &[u8]) -> Vec<Hit> {
     let mut out = Vec::new();
-    for i in 0..code.len().saturating_sub(2) {
-        if code[i] != 0x0f {
-            continue;
-        }
+    let end = code.len().saturating_sub(2);
+    // memchr finds the 0x0f escape bytes with SIMD; the check is per hit.
+    for i in memchr::memchr_iter(0x0f, &code[..end]) {
         let (b1, modrm) = (code[i + 1], code[i + 2]);
         if b1 == 0x01 && modrm == 0xef {
             out.push(Hit {
