@@ -26,6 +26,7 @@ const CASES: &[&str] = &[
     "abort-thread",
     "signal",
     "fork",
+    "exec",
 ];
 
 fn enforced() -> &'static HashMap<&'static str, Outcome> {
@@ -149,6 +150,15 @@ fn fork_from_compartment_2() {
     let o = &enforced()["strict fork"];
     assert_code(o, 0);
     assert_stdout_has(o, "child status 42");
+}
+
+#[test]
+fn exec_brings_the_shim_up_again_in_the_child() {
+    let o = &enforced()["exec"];
+    assert_code(o, 0);
+    // The exec'd image runs its thread as compartment 1: the shim is there.
+    assert_stdout_has(o, "main thread ran as 1");
+    assert_stdout_has(o, "exec child exited 0");
 }
 
 /// Found by strict mode on stock glibc: `waitpid` from compartment 2 reads
