@@ -189,26 +189,7 @@ fn call_program_handler(
     info: *mut libc::siginfo_t,
     ctx: *mut c_void,
 ) {
-    // SAFETY: valid ucontext from the kernel.
-    let interrupted = unsafe { interrupted_pkru(ctx as *const libc::ucontext_t) };
-    let own = runtime::get().and_then(|r| {
-        let c = r.census.try_read().ok()?;
-        let comp = c.object_at(h).and_then(|(i, _)| c.compartment_of[i])?;
-        Some(r.pkru_for(comp))
-    });
-    if let Some(pkru) = own.or(interrupted) {
-        crate::pku::write_pkru(pkru);
-    }
-    if flags & libc::SA_SIGINFO != 0 {
-        // SAFETY: the program registered this as an SA_SIGINFO handler.
-        let f: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) =
-            unsafe { core::mem::transmute(h) };
-        f(sig, info, ctx);
-    } else {
-        // SAFETY: the program registered this as a plain handler.
-        let f: extern "C" fn(c_int) = unsafe { core::mem::transmute(h) };
-        f(sig);
-    }
+    crate::signals::run_in_compartment(h, flags, sig, info, ctx);
 }
 
 /// Restore the default action and return: the faulting instruction runs

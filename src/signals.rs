@@ -44,6 +44,19 @@ extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_voi
     if flags & libc::SA_RESETHAND != 0 {
         HANDLERS[i].store(libc::SIG_DFL, Ordering::Release);
     }
+    run_in_compartment(h, flags, sig, info, ctx);
+}
+
+/// Run the program's handler `h` for `sig` with the PKRU of the compartment
+/// that owns it (shared code: the PKRU of the code it interrupted), then put
+/// the interrupted PKRU back. Shared with the SIGSEGV chaining in `fault`.
+pub(crate) fn run_in_compartment(
+    h: usize,
+    flags: c_int,
+    sig: c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut c_void,
+) {
     let saved = pku::read_pkru();
     // SAFETY: the kernel's ucontext for this signal.
     let interrupted = unsafe { crate::fault::interrupted_pkru(ctx as *const libc::ucontext_t) };

@@ -49,6 +49,21 @@ fn assert_share_hint(o: &Outcome, toggle: &str) {
     );
 }
 
+/// The first page range that `IA2_REPORT=plan` gives for carveout `name`.
+fn carveout_page(err: &str, name: &str) -> String {
+    let line = err
+        .lines()
+        .find(|l| l.contains(&format!("]:   carveout {name} (")))
+        .unwrap_or_else(|| panic!("no carveout {name} line in the plan"));
+    line.split("): ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 fn dl_lib() -> &'static str {
     Box::leak(
         fixture_dir()
@@ -247,20 +262,7 @@ fn without_dtv_tls_get_addr_faults_reading_the_dtv_when_it_has_its_own_page() {
     for case in ["no dtv small", "no dtv large"] {
         let o = &enforced()[case];
         let err = o.stderr_lossy();
-        let page_of = |name: &str| -> String {
-            let line = err
-                .lines()
-                .find(|l| l.contains(&format!("]:   carveout {name} (")))
-                .unwrap();
-            line.split("): ")
-                .nth(1)
-                .unwrap()
-                .split(' ')
-                .next()
-                .unwrap()
-                .to_string()
-        };
-        if page_of("dtv") == page_of("tcb") {
+        if carveout_page(&err, "dtv") == carveout_page(&err, "tcb") {
             // The tcb carveout keeps the page shared: nothing can fault.
             assert_code(o, 0);
             continue;
@@ -499,20 +501,9 @@ fn without_rseq_the_kernels_rseq_update_faults() {
     for case in ["no rseq small", "no rseq mid", "no rseq large"] {
         let o = &enforced()[case];
         let err = o.stderr_lossy();
-        let page = |name: &str| -> String {
-            let line = err
-                .lines()
-                .find(|l| l.contains(&format!("]:   carveout {name} (")))
-                .unwrap();
-            line.split("): ")
-                .nth(1)
-                .unwrap()
-                .split(' ')
-                .next()
-                .unwrap()
-                .to_string()
-        };
-        if page("rseq") == page("tcb") || page("rseq") == page("below_tcb") {
+        if carveout_page(&err, "rseq") == carveout_page(&err, "tcb")
+            || carveout_page(&err, "rseq") == carveout_page(&err, "below_tcb")
+        {
             assert_code(o, 0);
             continue;
         }
