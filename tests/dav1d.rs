@@ -9,14 +9,6 @@ use ia2run::Outcome;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-fn clip() -> String {
-    root()
-        .join("demo/clips/clip64.ivf")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
 fn decode(extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = ["dav1d", "-q", "-i", &clip(), "--muxer", "md5", "-o", "-"]
         .iter()

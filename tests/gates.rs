@@ -53,14 +53,6 @@ fn gates_exe() -> &'static str {
     fixtures().gates.to_str().unwrap()
 }
 
-fn clip() -> String {
-    root()
-        .join("demo/clips/clip64.ivf")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
 fn dav1d_args() -> Vec<String> {
     [
         "dav1d",

@@ -14,6 +14,15 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The small committed AV1 clip (64x64, 10 frames; `demo/make_clips.sh`).
+pub fn clip() -> String {
+    root()
+        .join("demo/clips/clip64.ivf")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
