@@ -40,11 +40,7 @@ struct AllKeys(u32);
 impl AllKeys {
     fn enter(rt: &Runtime) -> AllKeys {
         let before = pku::read_pkru();
-        let mask = rt
-            .keys
-            .iter()
-            .fold(1u32, |m, &k| if k != 0 { m | 1 << k } else { m });
-        pku::write_pkru(pku::pkru_allowing_set(mask));
+        pku::write_pkru(rt.pkru_all_compartments());
         AllKeys(before)
     }
 }

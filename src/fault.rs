@@ -317,13 +317,7 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
     let _ = write!(b, "ia2shim[{p}]:   running as  ");
     match pkru {
         Some(v) => {
-            let cur = rt.and_then(|r| {
-                (1..16u32)
-                    .find(|&k| {
-                        crate::pku::pkru_allows(v, k, false) && r.compartment_of_key(k).is_some()
-                    })
-                    .and_then(|k| r.compartment_of_key(k))
-            });
+            let cur = rt.and_then(|r| r.running_compartment(v));
             match cur {
                 Some(c) => {
                     let _ = write!(b, "compartment {c}");

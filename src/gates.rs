@@ -513,63 +513,55 @@ unsafe extern "C" fn gate_personality(
 
 // ---------------------------------------------------------------- per-thread state
 
-/// The calling thread's gate-frame stack top (0: none yet).
-pub fn stack_top() -> usize {
+/// The calling thread's copy of the quadword at byte `OFF` of the shim's
+/// gate TLS words (`ia2shim_gate_tls`: 0 frame-stack top, 16 stack base).
+fn tls_quad<const OFF: usize>() -> usize {
     let v: usize;
     // SAFETY: reads this thread's copy of a TLS word of the shim (initial
-    // exec: the shim is in the static TLS set).
+    // exec: the shim is in the static TLS set); OFF is inside the 24 bytes.
     unsafe {
         core::arch::asm!(
             "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-            "mov {v}, qword ptr fs:[{t}]",
+            "mov {v}, qword ptr fs:[{t} + {off}]",
             t = out(reg) _,
             v = out(reg) v,
+            off = const OFF,
             options(nostack, readonly, preserves_flags)
         );
     }
     v
 }
 
-fn set_stack_top(top: usize) {
-    // SAFETY: writes this thread's copy of the shim's TLS word.
+fn set_tls_quad<const OFF: usize>(value: usize) {
+    // SAFETY: writes this thread's copy of the shim's TLS word at OFF.
     unsafe {
         core::arch::asm!(
             "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-            "mov qword ptr fs:[{t}], {v}",
+            "mov qword ptr fs:[{t} + {off}], {v}",
             t = out(reg) _,
-            v = in(reg) top,
+            v = in(reg) value,
+            off = const OFF,
             options(nostack, preserves_flags)
         );
     }
+}
+
+/// The calling thread's gate-frame stack top (0: none yet).
+pub fn stack_top() -> usize {
+    tls_quad::<0>()
+}
+
+fn set_stack_top(top: usize) {
+    set_tls_quad::<0>(top)
 }
 
 /// The base of the calling thread's gate-frame stack (0: none).
 fn stack_base() -> usize {
-    let v: usize;
-    // SAFETY: reads this thread's copy of the shim's TLS word.
-    unsafe {
-        core::arch::asm!(
-            "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-            "mov {v}, qword ptr fs:[{t} + 16]",
-            t = out(reg) _,
-            v = out(reg) v,
-            options(nostack, readonly, preserves_flags)
-        );
-    }
-    v
+    tls_quad::<16>()
 }
 
 fn set_stack_base(base: usize) {
-    // SAFETY: writes this thread's copy of the shim's TLS word.
-    unsafe {
-        core::arch::asm!(
-            "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-            "mov qword ptr fs:[{t} + 16], {v}",
-            t = out(reg) _,
-            v = in(reg) base,
-            options(nostack, preserves_flags)
-        );
-    }
+    set_tls_quad::<16>(base)
 }
 
 /// The calling thread's simulated PKRU (`IA2_PKU=sim`), which the `sim`

@@ -85,6 +85,24 @@ impl Runtime {
         pku::pkru_allowing(self.key_of(compartment))
     }
 
+    /// PKRU allowing every key the shim allocated (the start-up state).
+    pub fn pkru_all_compartments(&self) -> u32 {
+        let mask = self
+            .keys
+            .iter()
+            .fold(1u32, |m, &k| if k != 0 { m | 1 << k } else { m });
+        pku::pkru_allowing_set(mask)
+    }
+
+    /// The first compartment whose key `pkru` lets read (fault reports: the
+    /// compartment that was running).
+    pub fn running_compartment(&self, pkru: u32) -> Option<u8> {
+        (1..16u8).find(|&c| {
+            let k = self.key_of(c);
+            k != 0 && pku::pkru_allows(pkru, k, false)
+        })
+    }
+
     /// The compartment the main executable belongs to.
     pub fn main_compartment(&self) -> Option<u8> {
         self.census
@@ -330,15 +348,6 @@ fn build_census(config: &Config) -> Census {
     }
 }
 
-/// PKRU allowing every key the shim allocated (the start-up state).
-fn pkru_all_compartments(rt: &Runtime) -> u32 {
-    let mask = rt
-        .keys
-        .iter()
-        .fold(1u32, |m, &k| if k != 0 { m | 1 << k } else { m });
-    pku::pkru_allowing_set(mask)
-}
-
 /// Switch to the main executable's compartment right before `main`;
 /// returns the PKRU to restore when `main` returns.
 pub fn enter_main_compartment() -> u32 {
@@ -388,7 +397,7 @@ pub fn switch_compartment(c: i32) -> i32 {
     let Some(rt) = active() else { return -1 };
     let prev = current_compartment().map_or(0, i32::from);
     let pkru = if c == 0 {
-        pkru_all_compartments(rt)
+        rt.pkru_all_compartments()
     } else {
         match key_of_compartment(c) {
             Some(k) => pku::pkru_allowing(k),

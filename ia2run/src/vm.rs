@@ -180,19 +180,23 @@ fn le(data: &[u8], o: usize, n: usize) -> Option<u64> {
     Some(b.iter().rev().fold(0u64, |v, x| (v << 8) | *x as u64))
 }
 
+/// The file offsets of an ELF64's program headers, or `None` if `data` is
+/// not an ELF64 with a readable header.
+fn elf64_program_headers(data: &[u8]) -> Option<impl Iterator<Item = usize>> {
+    if data.get(..5) != Some(b"\x7fELF\x02") {
+        return None;
+    }
+    let (phoff, phentsize, phnum) = (le(data, 0x20, 8)?, le(data, 0x36, 2)?, le(data, 0x38, 2)?);
+    Some((0..phnum).map(move |i| (phoff + i * phentsize) as usize))
+}
+
 /// Whether an ELF64 has a Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY),
 /// which QEMU needs to boot it directly.
 fn elf_has_pvh_note(data: &[u8]) -> bool {
-    if data.get(..5) != Some(b"\x7fELF\x02") {
-        return false;
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) =
-        (le(data, 0x20, 8), le(data, 0x36, 2), le(data, 0x38, 2))
-    else {
+    let Some(mut phdrs) = elf64_program_headers(data) else {
         return false;
     };
-    (0..phnum).any(|i| {
-        let ph = (phoff + i * phentsize) as usize;
+    phdrs.any(|ph| {
         if le(data, ph, 4) != Some(4) {
             return false; // not PT_NOTE
         }
@@ -257,15 +261,8 @@ fn extract_vmlinux(image: &[u8]) -> Option<Vec<u8>> {
 
 fn elf_is_static(data: &[u8]) -> bool {
     // ELF64: static means no PT_INTERP (3) program header.
-    if data.get(..5) != Some(b"\x7fELF\x02") {
-        return false;
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) =
-        (le(data, 0x20, 8), le(data, 0x36, 2), le(data, 0x38, 2))
-    else {
-        return false;
-    };
-    (0..phnum).all(|i| le(data, (phoff + i * phentsize) as usize, 4).is_some_and(|t| t != 3))
+    elf64_program_headers(data)
+        .is_some_and(|mut phdrs| phdrs.all(|ph| le(data, ph, 4).is_some_and(|t| t != 3)))
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {

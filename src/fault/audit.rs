@@ -952,10 +952,7 @@ fn insn_text(rip: usize) -> StackBuf<256> {
 
 /// The compartment whose key a PKRU value allows (the running one).
 fn running_compartment(rt: Option<&Runtime>, pkru: u32) -> Option<u8> {
-    let rt = rt?;
-    (1..16u32)
-        .find(|&k| crate::pku::pkru_allows(pkru, k, false) && rt.compartment_of_key(k).is_some())
-        .and_then(|k| rt.compartment_of_key(k))
+    rt?.running_compartment(pkru)
 }
 
 /// One line for a new site, as it happens.
