@@ -233,7 +233,7 @@ fn after_dlopen(rt: &Runtime, caller: usize) {
         let comp = assign_new(rt, &o, caller_comp);
         if let Some(k) = comp {
             if rt.key_of(k) == 0 {
-                runtime::fatal(format_args!(
+                crate::lifecycle::fatal(format_args!(
                     "dlopen: {} belongs to compartment {k}, which has no protection key \
                      (only compartments in use at start-up get one)",
                     o.display_name()
@@ -260,8 +260,9 @@ fn after_dlopen(rt: &Runtime, caller: usize) {
             }
         })
         .collect();
-    let maps = crate::maps::read_self_maps()
-        .unwrap_or_else(|e| runtime::fatal(format_args!("dlopen: reading /proc/self/maps: {e}")));
+    let maps = crate::maps::read_self_maps().unwrap_or_else(|e| {
+        crate::lifecycle::fatal(format_args!("dlopen: reading /proc/self/maps: {e}"))
+    });
     let carveouts = crate::carveouts::enabled(&c.carveouts);
     let governed = crate::carveouts::governed(&c.carveouts);
     let plan = crate::plan::build(&crate::plan::PlanInput {
@@ -274,7 +275,7 @@ fn after_dlopen(rt: &Runtime, caller: usize) {
         maps: &maps,
     });
     if let Err((e, errno)) = crate::apply::apply(&plan, &rt.keys) {
-        runtime::fatal(format_args!(
+        crate::lifecycle::fatal(format_args!(
             "dlopen: pkey_mprotect({}, prot {:#x}, key of compartment {:?}) failed (errno {errno})",
             e.range, e.prot, e.compartment
         ));
@@ -379,7 +380,7 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
         untagged_tls: Vec::new(),
     };
     if let Err((e, errno)) = crate::apply::apply(&p, &rt.keys) {
-        runtime::fatal(format_args!(
+        crate::lifecycle::fatal(format_args!(
             "dlclose: re-tagging {} (compartment {:?}) failed (errno {errno})",
             e.range, e.compartment
         ));
@@ -410,7 +411,7 @@ pub fn real_dlsym() -> usize {
             return f;
         }
     }
-    runtime::fatal(format_args!("dlvsym(RTLD_NEXT, \"dlsym\") found no dlsym"))
+    crate::lifecycle::fatal(format_args!("dlvsym(RTLD_NEXT, \"dlsym\") found no dlsym"))
 }
 
 /// `dlsym` for every handle but `RTLD_NEXT` (see the hook in `hooks.rs`).

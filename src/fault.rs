@@ -57,9 +57,9 @@ pub fn install() {
         // SAFETY: plain-old-data.
         unsafe { core::mem::zeroed() };
     // SAFETY: installing a handler with valid sigaction structs.
-    let r = unsafe { crate::hooks::real_sigaction(libc::SIGSEGV, &sa, &mut old) };
+    let r = unsafe { crate::real::sigaction(libc::SIGSEGV, &sa, &mut old) };
     if r != 0 {
-        runtime::fatal(format_args!("sigaction(SIGSEGV) failed"));
+        crate::lifecycle::fatal(format_args!("sigaction(SIGSEGV) failed"));
     }
     // A handler installed before us (by a library constructor) is the program's.
     if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != segv_handler as *const () as usize {
@@ -199,7 +199,7 @@ fn die_by_sigsegv() {
     let mut sa: libc::sigaction = unsafe { core::mem::zeroed() };
     sa.sa_sigaction = libc::SIG_DFL;
     // SAFETY: valid arguments; sigaction is async-signal-safe.
-    unsafe { crate::hooks::real_sigaction(libc::SIGSEGV, &sa, core::ptr::null_mut()) };
+    unsafe { crate::real::sigaction(libc::SIGSEGV, &sa, core::ptr::null_mut()) };
 }
 
 struct Sym {

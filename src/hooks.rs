@@ -16,7 +16,7 @@ extern "C" fn ia2shim_constructor(
     _argv: *const *const c_char,
     _envp: *const *const c_char,
 ) {
-    runtime::init();
+    crate::startup::init();
 }
 
 /// Runs inside ld.so's `_dl_init`, after every initially loaded object has
@@ -27,12 +27,6 @@ extern "C" fn ia2shim_constructor(
 #[link_section = ".init_array"]
 static CONSTRUCTOR: extern "C" fn(c_int, *const *const c_char, *const *const c_char) =
     ia2shim_constructor;
-
-/// Resolve every real function now, in the constructor.
-pub fn resolve_real_functions() {
-    real::resolve_all();
-    crate::dl::real_dlsym();
-}
 
 // ---------------------------------------------------------------- main
 
@@ -96,24 +90,7 @@ pub unsafe extern "C" fn __libc_start_main(
 
 // ---------------------------------------------------------------- signals
 
-type SigactionFn =
-    unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
 type SignalFn = unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t;
-
-/// The real `sigaction`, for the shim's own handlers.
-///
-/// # Safety
-/// As `sigaction(2)`.
-pub unsafe fn real_sigaction(
-    sig: c_int,
-    act: *const libc::sigaction,
-    old: *mut libc::sigaction,
-) -> c_int {
-    // SAFETY: the slot holds glibc's sigaction.
-    let f: SigactionFn = unsafe { real::as_fn(&real::SIGACTION) };
-    // SAFETY: forwarded contract.
-    unsafe { f(sig, act, old) }
-}
 
 /// SIGSEGV (and SIGTRAP in audit mode) stays with the shim's handler, which
 /// chains to the program's.
@@ -136,7 +113,7 @@ pub unsafe extern "C" fn sigaction(
         return unsafe { crate::signals::sigaction(sig, act, old) };
     }
     // SAFETY: forwarded contract.
-    unsafe { real_sigaction(sig, act, old) }
+    unsafe { real::sigaction(sig, act, old) }
 }
 
 /// `signal(3)` is `sigaction` with BSD semantics; SIGSEGV (and SIGTRAP in

@@ -1,15 +1,38 @@
 //! ia2shim: split an unmodified x86-64 program into MPK/PKU compartments at
 //! load time. This file is a manifest; see `DESIGN.md` for the architecture.
+//!
+//! # Layers
+//!
+//! Modules form layers, bottom up. A module imports only from its own layer
+//! or below (`layering::tests` reads every `crate::` path under `src/` and
+//! fails on an upward one):
+//!
+//! 1. pure core: `config`, `objects`, `compartments`, `plan`, `maps`, `stackfmt`, `scan`
+//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `tls`, `apply`, `carveouts`
+//! 3. runtime core: `runtime`
+//! 4. features: `alloc`, `dl`, `fault`, `gates`, `report`, `signals`, `threads`
+//! 5. entry points: `startup`, `hooks`
+//!
+//! The pure core is safe Rust with unit tests and no syscalls beyond reading
+//! files; primitives wrap the kernel, libc and the loader (key syscalls, the
+//! thread pointer, `dlsym(RTLD_NEXT)`, page tagging, carveout locators); the
+//! runtime core holds the state every feature reads; features import the
+//! core and each other, never the entry points; `startup` is the only module
+//! that calls the features' `install`/`start`/`init`.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 /// Every exported `extern "C"` entry point (constructor, interposed libc
 /// functions, the introspection API).
 pub mod hooks;
 
+/// The init state machine and fail-closed exits (`fatal`, `notice`).
+pub mod lifecycle;
 /// The real libc functions behind the hooks (`dlsym(RTLD_NEXT)`, resolved once).
 pub mod real;
-/// The init state machine and the process-wide runtime built by the constructor.
+/// The process-wide runtime built at start-up: config, keys, census.
 pub mod runtime;
+/// The constructor's sequence: the pipeline from configuration to threads.
+pub mod startup;
 
 /// `IA2_*` configuration: one struct, one table, parsed from `environ`.
 pub mod config;
@@ -51,3 +74,6 @@ pub mod signals;
 pub mod threads;
 /// Thread-local-storage geometry: thread pointer, TCB, DTV, module blocks.
 pub mod tls;
+
+#[cfg(test)]
+mod layering;

@@ -108,10 +108,59 @@ static BACKEND: AtomicU8 = AtomicU8::new(Backend::None as u8);
 /// Keys handed out by the sim backend (bitmask).
 static SIM_KEYS: AtomicU32 = AtomicU32::new(1);
 
-// The simulated PKRU lives in the shim's static TLS next to the gate-frame
-// stack top (crate::gates), so that the `sim` call gates switch it with
+// The shim's per-thread words (`ia2shim_gate_tls`, initial-exec TLS, a page
+// the plan never tags because it holds a shared module's block): offset 0
+// the gate-frame stack top, 8 the simulated PKRU, 16 the gate-frame stack
+// base (both read and written by `crate::gates`). The simulated PKRU sits
+// next to the frame-stack top so that the `sim` call gates switch it with
 // plain moves. New threads start with the kernel default, as a new process
 // would; the thread trampoline sets the inherited value.
+core::arch::global_asm!(
+    ".pushsection .tdata.ia2shim_gate_tls,\"awT\",@progbits",
+    ".balign 8",
+    ".globl ia2shim_gate_tls",
+    ".hidden ia2shim_gate_tls",
+    ".type ia2shim_gate_tls,@object",
+    ".size ia2shim_gate_tls, 24",
+    "ia2shim_gate_tls:",
+    ".quad 0",
+    ".long {default_pkru}",
+    ".long 0",
+    ".quad 0",
+    ".popsection",
+    default_pkru = const DEFAULT_PKRU,
+);
+
+/// The calling thread's simulated PKRU (`IA2_PKU=sim`), which the `sim`
+/// gates switch.
+pub fn sim_pkru() -> u32 {
+    let v: u32;
+    // SAFETY: reads this thread's copy of the shim's TLS word.
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+            "mov {v:e}, dword ptr fs:[{t} + 8]",
+            t = out(reg) _,
+            v = out(reg) v,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    v
+}
+
+/// Set the calling thread's simulated PKRU.
+pub fn set_sim_pkru(pkru: u32) {
+    // SAFETY: writes this thread's copy of the shim's TLS word.
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+            "mov dword ptr fs:[{t} + 8], {v:e}",
+            t = out(reg) _,
+            v = in(reg) pkru,
+            options(nostack, preserves_flags)
+        );
+    }
+}
 
 pub fn set_backend(b: Backend) {
     BACKEND.store(b as u8, Ordering::Release);
@@ -129,7 +178,7 @@ pub fn backend() -> Backend {
 pub fn read_pkru() -> u32 {
     match backend() {
         Backend::Hardware => rdpkru(),
-        Backend::Sim => crate::gates::sim_pkru(),
+        Backend::Sim => sim_pkru(),
         Backend::None => 0,
     }
 }
@@ -139,7 +188,7 @@ pub fn write_pkru(pkru: u32) {
     match backend() {
         // SAFETY: only reached once the probe has shown PKU is usable.
         Backend::Hardware => unsafe { wrpkru(pkru) },
-        Backend::Sim => crate::gates::set_sim_pkru(pkru),
+        Backend::Sim => set_sim_pkru(pkru),
         Backend::None => {}
     }
 }
@@ -164,7 +213,7 @@ pub fn alloc_key() -> Result<u32, i32> {
                 ) {
                     Ok(_) => {
                         // Like the kernel: the allocating thread gets access.
-                        crate::gates::set_sim_pkru(crate::gates::sim_pkru() & !(3 << (2 * k)));
+                        set_sim_pkru(sim_pkru() & !(3 << (2 * k)));
                         return Ok(k);
                     }
                     Err(now) => cur = now,

@@ -31,7 +31,7 @@ impl RealFn {
         // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
         let a = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) } as usize;
         if a == 0 {
-            crate::runtime::fatal(format_args!(
+            crate::lifecycle::fatal(format_args!(
                 "dlsym(RTLD_NEXT, \"{}\") returned NULL: cannot find the real function",
                 self.name.to_str().unwrap_or("?")
             ));
@@ -137,4 +137,25 @@ pub unsafe fn as_fn<F: Copy>(f: &RealFn) -> F {
     );
     // SAFETY: the caller guarantees F is the function's type; a is non-null.
     unsafe { core::mem::transmute_copy::<usize, F>(&a) }
+}
+
+type SigactionFn = unsafe extern "C" fn(
+    core::ffi::c_int,
+    *const libc::sigaction,
+    *mut libc::sigaction,
+) -> core::ffi::c_int;
+
+/// The real `sigaction`, for the shim's own handlers.
+///
+/// # Safety
+/// As `sigaction(2)`.
+pub unsafe fn sigaction(
+    sig: core::ffi::c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> core::ffi::c_int {
+    // SAFETY: the slot holds glibc's sigaction.
+    let f: SigactionFn = unsafe { as_fn(&SIGACTION) };
+    // SAFETY: forwarded contract.
+    unsafe { f(sig, act, old) }
 }

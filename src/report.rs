@@ -294,7 +294,7 @@ pub fn startup(rt: &Runtime) {
     if let Some(path) = rt.config.report_file {
         match crate::logging::open_output_file(path) {
             Ok(fd) => crate::fault::REPORT_FD.store(fd, Ordering::Relaxed),
-            Err(e) => crate::runtime::fatal(format_args!(
+            Err(e) => crate::lifecycle::fatal(format_args!(
                 "IA2_REPORT_FILE={path:?}: cannot open for appending (errno {e})"
             )),
         }

@@ -1,42 +1,15 @@
-//! The init state machine (`Uninit → Initializing → Ready | Failed`) and the
-//! process-wide runtime that the constructor builds.
-//!
-//! Hooks consult [`state`]: until the runtime is `Ready` they pass straight
-//! through to the real function, because a hook can run before our
-//! constructor (another library's constructor calling `sigaction`) or during
-//! it (our own census calling into libc), and there is nothing to enforce yet.
+//! The runtime core: the process-wide [`Runtime`] that start-up builds (the
+//! configuration, the key table, the census), and the questions every
+//! feature asks of it (which compartment, which key, which PKRU). It imports
+//! no feature module.
 
-use crate::carveouts::{self, Located};
-use crate::compartments;
+use crate::carveouts::Located;
 use crate::config::{Config, PkuMode};
-use crate::maps;
-use crate::objects::{self, LoadedObject};
-use crate::pku::{self, Backend, PkuSupport};
-use crate::plan::{self, Plan, ThreadTls};
-use crate::stackfmt::{pid, StackBuf};
-use core::fmt::Write;
-use core::sync::atomic::{AtomicU8, Ordering};
+use crate::lifecycle::{state, InitState};
+use crate::objects::LoadedObject;
+use crate::pku::{self, PkuSupport};
+use crate::plan::Plan;
 use std::sync::{OnceLock, RwLock};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum InitState {
-    Uninit = 0,
-    Initializing = 1,
-    Ready = 2,
-    Failed = 3,
-}
-
-static STATE: AtomicU8 = AtomicU8::new(InitState::Uninit as u8);
-
-pub fn state() -> InitState {
-    match STATE.load(Ordering::Acquire) {
-        0 => InitState::Uninit,
-        1 => InitState::Initializing,
-        2 => InitState::Ready,
-        _ => InitState::Failed,
-    }
-}
 
 /// The census, the compartment assignment and the applied plan. Mutable
 /// because `dlopen` extends it.
@@ -132,6 +105,11 @@ impl Runtime {
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
+/// Publish the runtime that start-up built; false if one was already set.
+pub fn set(rt: Runtime) -> bool {
+    RUNTIME.set(rt).is_ok()
+}
+
 /// The runtime, once the constructor has built it.
 pub fn get() -> Option<&'static Runtime> {
     RUNTIME.get()
@@ -143,208 +121,6 @@ pub fn active() -> Option<&'static Runtime> {
         get().filter(|r| r.active())
     } else {
         None
-    }
-}
-
-/// Print a one-line fatal error and exit with status 1 without running
-/// anything else of the program (fail closed). Allocation-free.
-pub fn fatal(args: core::fmt::Arguments<'_>) -> ! {
-    STATE.store(InitState::Failed as u8, Ordering::Release);
-    let mut b = StackBuf::<2048>::new();
-    let _ = writeln!(b, "ia2shim[{}]: fatal: {}", pid(), args);
-    b.write_to_fd(2);
-    // SAFETY: _exit never returns; skipping atexit handlers is the point.
-    unsafe { libc::_exit(1) }
-}
-
-/// Write a line to stderr regardless of the log level (banners and notices
-/// that a user must see).
-pub fn notice(args: core::fmt::Arguments<'_>) {
-    let mut b = StackBuf::<1024>::new();
-    let _ = writeln!(b, "ia2shim[{}]: {}", pid(), args);
-    b.write_to_fd(2);
-}
-
-/// The constructor's work. Runs once; later calls return at once.
-pub fn init() {
-    if STATE
-        .compare_exchange(
-            InitState::Uninit as u8,
-            InitState::Initializing as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-        .is_err()
-    {
-        return;
-    }
-    let config = match Config::from_environ() {
-        Ok(c) => c,
-        Err(e) => fatal(format_args!("{e}")),
-    };
-    if config.help {
-        let mut b = StackBuf::<16384>::new();
-        let _ = crate::config::write_help(&mut b);
-        b.write_to_fd(1);
-        // SAFETY: exiting before the program runs, as IA2_HELP promises.
-        unsafe { libc::_exit(0) }
-    }
-    if let Err(errno) = crate::logging::init(config.log_level, config.log_file) {
-        fatal(format_args!(
-            "IA2_LOG_FILE={:?}: cannot open for appending (errno {errno})",
-            config.log_file.unwrap_or("")
-        ));
-    }
-    crate::hooks::resolve_real_functions();
-    crate::alloc::prepare();
-
-    let support = match config.pku {
-        PkuMode::Off => {
-            notice(format_args!(
-                "IA2_PKU=off: the shim is disabled; nothing is protected"
-            ));
-            let _ = RUNTIME.set(Runtime {
-                config,
-                pku: PkuSupport {
-                    cpu_pku: false,
-                    os_pke: false,
-                    syscall: Err(0),
-                },
-                keys: [0; 16],
-                census: RwLock::new(Census::default()),
-            });
-            STATE.store(InitState::Ready as u8, Ordering::Release);
-            return;
-        }
-        PkuMode::Require => {
-            let s = pku::probe();
-            if !s.usable() {
-                fatal(format_args!(
-                    "IA2_PKU=require: no usable memory protection keys: {s}. \
-                     Run the program under `ia2run --vm -- CMD` (a PKU-capable QEMU guest), \
-                     or set IA2_PKU=sim to simulate keys without enforcement, or IA2_PKU=off"
-                ));
-            }
-            pku::set_backend(Backend::Hardware);
-            s
-        }
-        PkuMode::Sim => {
-            notice(format_args!(
-                "IA2_PKU=sim: protection keys are SIMULATED; nothing is enforced"
-            ));
-            pku::set_backend(Backend::Sim);
-            pku::probe()
-        }
-    };
-
-    let census = build_census(&config);
-    let mut keys = [0u32; 16];
-    let used = census
-        .compartment_of
-        .iter()
-        .flatten()
-        .fold(0u32, |m, &c| m | 1 << c);
-    for c in 1..16u8 {
-        if used & (1 << c) != 0 {
-            keys[c as usize] = pku::alloc_key().unwrap_or_else(|e| {
-                fatal(format_args!(
-                    "pkey_alloc for compartment {c} failed (errno {e})"
-                ))
-            });
-        }
-    }
-    if let Err((entry, errno)) = crate::apply::apply(&census.plan, &keys) {
-        fatal(format_args!(
-            "pkey_mprotect({}, prot {:#x}, key of compartment {:?}) failed (errno {errno})",
-            entry.range, entry.prot, entry.compartment
-        ));
-    }
-    let rt = Runtime {
-        config,
-        pku: support,
-        keys,
-        census: RwLock::new(census),
-    };
-    if RUNTIME.set(rt).is_err() {
-        fatal(format_args!("runtime initialised twice"));
-    }
-    let rt = get().expect("just set");
-    crate::fault::install();
-    crate::gates::install(rt);
-    crate::report::startup(rt);
-    crate::alloc::start(rt);
-    crate::threads::init();
-    STATE.store(InitState::Ready as u8, Ordering::Release);
-}
-
-/// Census, assignment, carveouts and plan for the objects loaded now.
-fn build_census(config: &Config) -> Census {
-    let objects = objects::census();
-    let assignment =
-        compartments::assign(&objects, config).unwrap_or_else(|e| fatal(format_args!("{e}")));
-    for w in &assignment.warnings {
-        log::warn!("{w}");
-    }
-    let maps = maps::read_self_maps()
-        .unwrap_or_else(|e| fatal(format_args!("reading /proc/self/maps: {e}")));
-    let mut carveouts = carveouts::thread_carveouts(config);
-    carveouts.push(carveouts::copy_relocs(
-        config,
-        &objects,
-        &assignment.of_object,
-    ));
-    // The libc and ld.so carveouts matter only when libc and ld.so carry a
-    // key (strict mode); their decoders cost start-up time, so they run then.
-    if config.libc_compartment.is_some() {
-        carveouts.push(carveouts::tls_generation(config, &objects));
-        carveouts.push(carveouts::libc_tuning(config, &objects));
-        carveouts.push(carveouts::libc_single_threaded(config, &objects));
-        carveouts.push(carveouts::pthread_once(config, &objects));
-        carveouts.push(carveouts::mutex_elision(config, &objects));
-    }
-    // Strict mode tags the loader heap with the libc compartment's key.
-    let mut extra = Vec::new();
-    if let Some(n) = config.libc_compartment {
-        let heap = carveouts::loader_heap(&maps, &objects);
-        extra.extend(heap.iter().map(|&range| plan::ExtraRange {
-            range,
-            compartment: n,
-            reason: plan::Reason::LoaderHeap,
-        }));
-        carveouts.push(carveouts::loader_heap_carveout(config, &heap));
-    }
-    match carveouts::user_share(config, &objects) {
-        Ok(Some(l)) => carveouts.push(l),
-        Ok(None) => {}
-        Err(e) => fatal(format_args!("{e}")),
-    }
-    let main_thread = ThreadTls {
-        thread: 0,
-        blocks: objects
-            .iter()
-            .enumerate()
-            .filter_map(|(i, o)| {
-                let t = o.tls?;
-                (t.block != 0).then(|| (i, objects::Range::new(t.block, t.block + t.memsz)))
-            })
-            .collect(),
-    };
-    let enabled = carveouts::enabled(&carveouts);
-    let governed = carveouts::governed(&carveouts);
-    let plan = plan::build(&plan::PlanInput {
-        objects: &objects,
-        compartment_of: &assignment.of_object,
-        threads: &[main_thread],
-        extra: &extra,
-        carveouts: &enabled,
-        governed: &governed,
-        maps: &maps,
-    });
-    Census {
-        objects,
-        compartment_of: assignment.of_object,
-        carveouts,
-        plan,
     }
 }
 

@@ -110,7 +110,7 @@ pub unsafe fn sigaction(
     let mut prev: libc::sigaction = unsafe { core::mem::zeroed() };
     let r = if act.is_null() {
         // SAFETY: querying only.
-        unsafe { crate::hooks::real_sigaction(sig, core::ptr::null(), &mut prev) }
+        unsafe { crate::real::sigaction(sig, core::ptr::null(), &mut prev) }
     } else {
         // SAFETY: the caller passes a valid sigaction.
         let a = unsafe { *act };
@@ -130,7 +130,7 @@ pub unsafe fn sigaction(
             HANDLERS[i].store(a.sa_sigaction, Ordering::Release);
         }
         // SAFETY: a valid sigaction for the real call.
-        let r = unsafe { crate::hooks::real_sigaction(sig, &installed, &mut prev) };
+        let r = unsafe { crate::real::sigaction(sig, &installed, &mut prev) };
         if r != 0 && wrap {
             HANDLERS[i].store(before.0, Ordering::Release);
             FLAGS[i].store(before.1, Ordering::Relaxed);

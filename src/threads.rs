@@ -135,7 +135,7 @@ fn exit_key() -> libc::pthread_key_t {
         let mut k: libc::pthread_key_t = 0;
         // SAFETY: creating a key with a destructor of the right type.
         if unsafe { libc::pthread_key_create(&mut k, Some(thread_teardown)) } != 0 {
-            runtime::fatal(format_args!("pthread_key_create failed"));
+            crate::lifecycle::fatal(format_args!("pthread_key_create failed"));
         }
         k
     })
@@ -270,7 +270,7 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
         return Vec::new();
     }
     if let Err((e, errno)) = crate::apply::apply(&p, &rt.keys) {
-        runtime::fatal(format_args!(
+        crate::lifecycle::fatal(format_args!(
             "thread {tid}: pkey_mprotect({}, key of compartment {:?}) failed (errno {errno})",
             e.range, e.compartment
         ));

@@ -622,7 +622,7 @@ unsafe fn pop(bins: &mut Bins, k: usize, heap: usize) -> usize {
 
 #[cold]
 fn corrupt_cache(p: usize) -> ! {
-    crate::runtime::fatal(format_args!(
+    crate::lifecycle::fatal(format_args!(
         "heap: the thread cache holds {p:#x}, which is no longer a freed block of its heap: \
          a freed block was written after free (use after free)"
     ))

@@ -1,0 +1,175 @@
+//! Per-thread gate-frame stacks: their TLS words, mapping, thread start and exit, and the first-gate fix-up.
+
+use super::*;
+
+// ---------------------------------------------------------------- per-thread state
+
+/// The calling thread's copy of the quadword at byte `OFF` of the shim's
+/// gate TLS words (`ia2shim_gate_tls`: 0 frame-stack top, 16 stack base).
+pub(super) fn tls_quad<const OFF: usize>() -> usize {
+    let v: usize;
+    // SAFETY: reads this thread's copy of a TLS word of the shim (initial
+    // exec: the shim is in the static TLS set); OFF is inside the 24 bytes.
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+            "mov {v}, qword ptr fs:[{t} + {off}]",
+            t = out(reg) _,
+            v = out(reg) v,
+            off = const OFF,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    v
+}
+
+pub(super) fn set_tls_quad<const OFF: usize>(value: usize) {
+    // SAFETY: writes this thread's copy of the shim's TLS word at OFF.
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+            "mov qword ptr fs:[{t} + {off}], {v}",
+            t = out(reg) _,
+            v = in(reg) value,
+            off = const OFF,
+            options(nostack, preserves_flags)
+        );
+    }
+}
+
+/// The calling thread's gate-frame stack top (0: none yet).
+pub fn stack_top() -> usize {
+    tls_quad::<0>()
+}
+
+pub(super) fn set_stack_top(top: usize) {
+    set_tls_quad::<0>(top)
+}
+
+/// The base of the calling thread's gate-frame stack (0: none).
+pub(super) fn stack_base() -> usize {
+    tls_quad::<16>()
+}
+
+pub(super) fn set_stack_base(base: usize) {
+    set_tls_quad::<16>(base)
+}
+
+/// Map a gate-frame stack: a guard page, [`STACK_BYTES`], a guard page.
+/// Async-signal-safe. Returns the base of the usable part.
+pub(super) fn map_stack() -> Option<usize> {
+    let total = STACK_BYTES + 2 * PAGE;
+    // SAFETY: a fresh anonymous mapping; nothing else refers to it.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    let base = p as usize + PAGE;
+    // SAFETY: the middle of the mapping we just made; key 0 (the default).
+    if unsafe {
+        libc::mprotect(
+            base as *mut c_void,
+            STACK_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    } != 0
+    {
+        return None;
+    }
+    Some(base)
+}
+
+/// Give the calling thread a gate-frame stack if it has none. Call it at
+/// thread start (the thread trampoline); a thread that never does gets one
+/// on its first gate, through [`fixup_fault`].
+pub fn thread_start() {
+    if stack_top() == 0 {
+        match map_stack() {
+            Some(base) => {
+                set_stack_base(base);
+                set_stack_top(base);
+            }
+            None => crate::lifecycle::fatal(format_args!(
+                "cannot map a {} KiB gate-frame stack for this thread (errno {})",
+                STACK_BYTES >> 10,
+                crate::stackfmt::errno()
+            )),
+        }
+    }
+}
+
+/// Release the calling thread's gate-frame stack (thread exit). No gate
+/// may be active in this thread any more.
+pub fn thread_exit() {
+    let base = stack_base();
+    if base == 0 {
+        return;
+    }
+    set_stack_top(0);
+    set_stack_base(0);
+    // SAFETY: unmapping the stack this thread owns, guards included.
+    unsafe { libc::munmap((base - PAGE) as *mut c_void, STACK_BYTES + 2 * PAGE) };
+}
+
+/// Called first by the SIGSEGV handler. A gate entered by a thread without
+/// a gate-frame stack faults at its `_fix` label with `r10 == FRAME`: map a
+/// stack, move the reservation onto it and resume. Returns `true` when the
+/// fault was that and has been fixed.
+///
+/// # Safety
+/// `info` and `ctx` must be the kernel's arguments to a SIGSEGV handler
+/// running on the faulting thread.
+pub unsafe fn fixup_fault(info: *const libc::siginfo_t, ctx: *mut c_void) -> bool {
+    const SEGV_MAPERR: c_int = 1;
+    const SEGV_ACCERR: c_int = 2;
+    // SAFETY: valid siginfo from the kernel.
+    let code = unsafe { (*info).si_code };
+    if code == SEGV_ACCERR {
+        // SAFETY: valid siginfo from the kernel.
+        let a = unsafe { (*info).si_addr() } as usize;
+        let base = stack_base();
+        if base != 0 && a >= base + STACK_BYTES && a < base + STACK_BYTES + PAGE {
+            let mut b = crate::stackfmt::StackBuf::<256>::new();
+            let _ = writeln!(
+                b,
+                "ia2shim[{}]: gate-frame stack overflow ({} nested cross-compartment calls): \
+                 unbounded recursion across compartments, or longjmp out of gated calls",
+                crate::stackfmt::pid(),
+                STACK_BYTES / FRAME
+            );
+            b.write_to_fd(crate::fault::REPORT_FD.load(Ordering::Relaxed));
+        }
+        return false;
+    }
+    if code != SEGV_MAPERR {
+        return false;
+    }
+    let uc = ctx as *mut libc::ucontext_t;
+    // SAFETY: valid ucontext from the kernel.
+    let gregs = unsafe { &mut (*uc).uc_mcontext.gregs };
+    let rip = gregs[libc::REG_RIP as usize] as usize;
+    let at_fix = rip == addr(ia2shim_gate_hw_fix)
+        || rip == addr(ia2shim_gate_hwcount_fix)
+        || rip == addr(ia2shim_gate_hwunion_fix)
+        || rip == addr(ia2shim_gate_sim_fix)
+        || rip == addr(ia2shim_gate_simunion_fix);
+    if !at_fix || gregs[libc::REG_R10 as usize] as usize != FRAME || stack_top() != FRAME {
+        return false;
+    }
+    let Some(base) = map_stack() else {
+        return false;
+    };
+    set_stack_base(base);
+    set_stack_top(base + FRAME);
+    gregs[libc::REG_R10 as usize] = (base + FRAME) as i64;
+    true
+}

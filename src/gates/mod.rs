@@ -1,0 +1,169 @@
+//! Call gates and GOT patching (DESIGN.md, "Call gates").
+//!
+//! # Gates
+//!
+//! A gate is a stub from a pool written at build time (`global_asm!` below,
+//! [`MAX_GATES`] stubs of 16 bytes in `.text`). Stub `i` loads the address
+//! of table entry `i` into `r11` and jumps to the variant code that the
+//! entry names. An entry holds the target, the variant and the callee's
+//! PKRU. The table lives in the shim's `.bss`, on key 0, and is read-only
+//! except while the shim writes a new entry. No page is ever writable and
+//! executable at once.
+//!
+//! The variant code (hardware, hardware with a call counter, simulated)
+//! keeps every argument register (`rdi rsi rdx rcx r8 r9`, `al`, `xmm0-7`)
+//! and the stack arguments at their offsets. It moves the caller's return
+//! address to a per-thread gate-frame stack, together with the caller's
+//! PKRU and `rbx`, switches PKRU to the callee's, `call`s the target with
+//! `rbx` pointing at the frame, then restores the caller's PKRU, `rbx` and
+//! return address and returns. The return values (`rax rdx xmm0 xmm1`)
+//! pass through untouched. A gate frame is 48 bytes:
+//!
+//! | offset | contents |
+//! |---|---|
+//! | 0 | caller's return address |
+//! | 8, 16, 24 | `rax`, `rdx`, `rcx` while PKRU is switched |
+//! | 32 | caller's PKRU |
+//! | 40 | caller's `rbx` |
+//!
+//! The frame stack is reserved before it is written and released after it
+//! has been read, so a signal handler that crosses a gate in between uses
+//! the frames above. Its top lives in the shim's static TLS
+//! (`ia2shim_gate_tls`, initial-exec model, a page the plan never tags
+//! because it holds a shared module's block). The simulated PKRU of
+//! `IA2_PKU=sim` is the next TLS word, so the `sim` variant switches it with
+//! plain moves.
+//!
+//! Because `rbx` holds the frame while the callee runs, the variant code's
+//! CFI can say where the caller's return address and `rbx` are
+//! (`DW_CFA_expression` on `rbx`), so unwinders, `backtrace(3)` and
+//! debuggers walk through gates. The gate's FDE names a personality routine.
+//! In the search phase of an exception it adds the caller's rights to the
+//! thread's PKRU (the unwinder is about to read the caller's unwind data,
+//! whose `DW.ref.*` personality and type-info pointers sit in the caller's
+//! tagged .data); so cleanups in the callee's frames run with both rights.
+//! In the cleanup phase (exceptions and forced unwinds such as
+//! `pthread_exit`) it lands in a pad that restores the caller's exact PKRU,
+//! pops the gate frame and resumes unwinding in the caller: a C++ exception
+//! thrown in one compartment and caught in another leaves PKRU right.
+//!
+//! A thread that has no gate-frame stack yet (one not started through the
+//! shim's thread trampoline) faults on its first gate's first frame store;
+//! [`fixup_fault`], called first thing by the SIGSEGV handler, allocates
+//! the stack and resumes. This keeps a null check off the hot path.
+//!
+//! # GOT patching
+//!
+//! At start-up and after each `dlopen`, [`patch_objects`] walks each
+//! compartment object's `R_X86_64_JUMP_SLOT` and `R_X86_64_GLOB_DAT`
+//! relocations. A slot whose value lies in another compartment's object is
+//! pointed at the gate for (target, callee compartment) if the target is a
+//! function (`STT_FUNC`, `STT_GNU_IFUNC`, or an untyped symbol in an
+//! executable segment); otherwise it is recorded as a cross-compartment data
+//! import, which cannot be gated. Lazily bound slots that still point into
+//! the importer's own PLT are resolved first with `dlsym`. Read-only pages
+//! (RELRO) are made writable with plain `mprotect`, which keeps the page's
+//! key, and restored. `DT_FINI` and every `DT_FINI_ARRAY` entry of a
+//! compartment object are pointed at gates into its own compartment, so
+//! destructors run with their own rights whichever thread calls `exit`.
+//!
+//! Only the executable and application libraries take part: calls into
+//! system objects (libc, ld.so, … even when strict mode puts them in a
+//! compartment) keep the caller's rights, and system objects' own slots are
+//! not patched or scanned. In strict mode destructors are not gated either
+//! (each object's first destructor calls `__cxa_finalize`, whose list is
+//! libc-compartment data). Calls from shared code (libc, callbacks through
+//! function pointers) into compartments are not gated: they run with the
+//! caller's rights, as under IA2's `IA2_IGNORE`. Patching `GLOB_DAT` slots
+//! makes `&function` taken in another compartment the gate's address, so
+//! function pointers compare unequal across compartments. Relocations other
+//! than `JUMP_SLOT` and `GLOB_DAT` (say `R_X86_64_64` in a table of function
+//! pointers) are not gated. Lazily bound slots are resolved with
+//! `dlsym(RTLD_DEFAULT)`, which ignores symbol versions. `longjmp` out of a
+//! gated call leaves the callee's PKRU and a stale gate frame behind (not
+//! supported, as in IA2); 21845 leaked frames overflow the gate-frame stack,
+//! which is then reported.
+
+use crate::config::{ReportFormat, ScanWrpkru};
+use crate::objects::{self, page_down, LoadedObject, ObjectKind, PAGE};
+use crate::pku::{self, Backend};
+use crate::runtime::{self, Census, Runtime};
+use core::cell::UnsafeCell;
+use core::ffi::{c_int, c_void, CStr};
+use core::fmt::Write as _;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use object::elf;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+mod frames;
+mod patch;
+mod pool;
+mod report;
+mod table;
+#[cfg(test)]
+mod tests;
+mod unwind;
+
+pub use frames::*;
+pub use patch::*;
+pub use pool::*;
+pub use report::*;
+pub use table::*;
+use unwind::*;
+
+/// Start-up: map the main thread's gate-frame stack, patch every
+/// compartment object and scan their code. Called by `startup::init` after
+/// the plan is applied, with every key accessible.
+pub fn install(rt: &Runtime) {
+    {
+        let mut st = state();
+        if st.installed {
+            return;
+        }
+        st.installed = true;
+        st.enabled = rt.config.gates;
+    }
+    if rt.config.gates {
+        thread_start();
+    }
+    let census = match rt.census.read() {
+        Ok(c) => c,
+        Err(e) => e.into_inner(),
+    };
+    patch_objects(rt, &census, 0..census.objects.len());
+    crate::dl::startup_done(&census);
+    drop(census);
+    if rt.config.gates {
+        protect_table(false);
+    }
+    if rt.config.reports.gates {
+        extern "C" {
+            fn __cxa_atexit(
+                f: extern "C" fn(*mut c_void),
+                arg: *mut c_void,
+                dso: *mut c_void,
+            ) -> c_int;
+        }
+        // Registered with no DSO handle, so that no `__cxa_finalize` (the
+        // shim's own destructor) runs it early; registered before
+        // `__libc_start_main` registers `_dl_fini`, so it runs after every
+        // object's destructors and counts their gates too.
+        // SAFETY: registering a plain function; the handle may be null.
+        unsafe {
+            __cxa_atexit(
+                exit_report_hook,
+                core::ptr::null_mut(),
+                core::ptr::null_mut(),
+            )
+        };
+    }
+}
+
+/// Mark the gates into objects that `dlclose` unmapped.
+pub fn forget_range(range: objects::Range) {
+    let mut st = state();
+    for g in st.gates.iter_mut().filter(|g| range.contains(g.target)) {
+        g.dead = true;
+    }
+}

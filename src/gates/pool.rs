@@ -1,0 +1,350 @@
+//! The stub pool: build-time stubs, the variant code (asm), the gate table's memory, and the variants.
+
+use super::*;
+
+/// Number of stubs in the pool, i.e. the most distinct (target, callee
+/// compartment) pairs a process can have.
+pub const MAX_GATES: usize = 4096;
+/// Bytes per table entry (and per counter).
+pub(super) const STRIDE: usize = 32;
+/// Bytes per gate frame.
+pub const FRAME: usize = 48;
+/// Usable bytes of each thread's gate-frame stack (guard pages on both sides).
+pub const STACK_BYTES: usize = 1 << 20;
+pub(super) const TABLE_BYTES: usize = MAX_GATES * STRIDE;
+
+/// One gate: what the stub's `r11` points at.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(super) struct Entry {
+    pub(super) target: usize,
+    /// The variant code the stub jumps to.
+    pub(super) code: usize,
+    pub(super) pkru: u32,
+    pub(super) compartment: u32,
+    pub(super) _reserved: u64,
+}
+
+/// The gate table (read-only once written) followed by the call counters
+/// (same stride, so the counting variants address a counter as
+/// `[r11 + TABLE_BYTES]`).
+#[repr(C, align(4096))]
+pub(super) struct GateMem {
+    pub(super) table: UnsafeCell<[Entry; MAX_GATES]>,
+    pub(super) counts: [[AtomicU64; STRIDE / 8]; MAX_GATES],
+}
+
+// SAFETY: the table is written only under `STATE`'s lock (and read-only in
+// between); the gate code only reads it. The counters are atomics.
+unsafe impl Sync for GateMem {}
+
+pub(super) const ZERO_ENTRY: Entry = Entry {
+    target: 0,
+    code: 0,
+    pkru: 0,
+    compartment: 0,
+    _reserved: 0,
+};
+
+pub(super) static GATE_MEM: GateMem = GateMem {
+    table: UnsafeCell::new([ZERO_ENTRY; MAX_GATES]),
+    counts: [const { [const { AtomicU64::new(0) }; STRIDE / 8] }; MAX_GATES],
+};
+
+const _: () = assert!(core::mem::size_of::<Entry>() == STRIDE);
+const _: () = assert!(TABLE_BYTES % PAGE == 0);
+
+// The stub pool, the three variants, the unwind pads and the TLS words.
+// Intel syntax. DWARF registers: 3 = rbx, 10 = r10, 16 = return address;
+// `.cfi_escape 0x10, REG, 2, DW_OP_bregN, OFF` is DW_CFA_expression "REG is
+// saved at [bregN + OFF]".
+core::arch::global_asm!(
+    // ---- per-thread words: gate-frame stack top, then the simulated PKRU
+    // ---- the stub pool
+    ".pushsection .text.ia2shim_gates,\"ax\",@progbits",
+    ".balign 64",
+    ".globl ia2shim_gate_pool",
+    ".hidden ia2shim_gate_pool",
+    ".type ia2shim_gate_pool,@function",
+    "ia2shim_gate_pool:",
+    ".cfi_startproc",
+    ".set ia2shim_gate_i, 0",
+    ".rept {max_gates}",
+    ".balign 16",
+    "lea r11, [rip + {mem} + {stride} * ia2shim_gate_i]",
+    "jmp qword ptr [r11 + 8]",
+    ".set ia2shim_gate_i, ia2shim_gate_i + 1",
+    ".endr",
+    ".cfi_endproc",
+    ".size ia2shim_gate_pool, . - ia2shim_gate_pool",
+    // ---- hardware variant (and, with `lock inc` first, the counting one)
+    ".macro ia2shim_gate_body name, count, union",
+    ".balign 16",
+    ".globl ia2shim_gate_\\name",
+    ".hidden ia2shim_gate_\\name",
+    ".type ia2shim_gate_\\name,@function",
+    "ia2shim_gate_\\name:",
+    ".cfi_startproc",
+    ".cfi_personality 0x1b, {personality}",
+    ".if \\count",
+    "lock inc qword ptr [r11 + {table_bytes}]",
+    ".endif",
+    "mov r10, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "add qword ptr fs:[r10], {frame}",
+    "mov r10, qword ptr fs:[r10]",
+    ".globl ia2shim_gate_\\name\\()_fix",
+    ".hidden ia2shim_gate_\\name\\()_fix",
+    "ia2shim_gate_\\name\\()_fix:",
+    "mov qword ptr [r10 - 8], rbx",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x7a, 0x78",
+    "lea rbx, [r10 - {frame}]",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x73, 0x28",
+    "pop qword ptr [rbx]",
+    ".cfi_def_cfa_offset 0",
+    ".cfi_escape 0x10, 0x10, 0x02, 0x73, 0x00",
+    "mov qword ptr [rbx + 8], rax",
+    "mov qword ptr [rbx + 16], rdx",
+    "mov qword ptr [rbx + 24], rcx",
+    "xor ecx, ecx",
+    "rdpkru",
+    "mov dword ptr [rbx + 32], eax",
+    ".if \\union",
+    "and eax, dword ptr [r11 + 16]",
+    ".else",
+    "mov eax, dword ptr [r11 + 16]",
+    ".endif",
+    "wrpkru",
+    "mov rax, qword ptr [rbx + 8]",
+    "mov rdx, qword ptr [rbx + 16]",
+    "mov rcx, qword ptr [rbx + 24]",
+    "call qword ptr [r11]",
+    ".globl ia2shim_gate_\\name\\()_ret",
+    ".hidden ia2shim_gate_\\name\\()_ret",
+    "ia2shim_gate_\\name\\()_ret:",
+    "mov r11, rax",
+    "mov r10, rdx",
+    "push qword ptr [rbx]",
+    ".cfi_def_cfa_offset 8",
+    ".cfi_offset 16, -8",
+    "mov eax, dword ptr [rbx + 32]",
+    "mov rbx, qword ptr [rbx + 40]",
+    ".cfi_restore rbx",
+    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "sub qword ptr fs:[rcx], {frame}",
+    "xor ecx, ecx",
+    "xor edx, edx",
+    "wrpkru",
+    "mov rax, r11",
+    "mov rdx, r10",
+    "ret",
+    ".cfi_endproc",
+    ".size ia2shim_gate_\\name, . - ia2shim_gate_\\name",
+    ".endm",
+    "ia2shim_gate_body hw, 0, 0",
+    "ia2shim_gate_body hwcount, 1, 0",
+    "ia2shim_gate_body hwunion, 1, 1",
+    // ---- simulated variant: the same with RDPKRU/WRPKRU replaced by moves
+    // from and to the TLS word after the frame-stack top; always counts.
+    ".macro ia2shim_gate_sim_body name, union",
+    ".balign 16",
+    ".globl ia2shim_gate_\\name",
+    ".hidden ia2shim_gate_\\name",
+    ".type ia2shim_gate_\\name,@function",
+    "ia2shim_gate_\\name:",
+    ".cfi_startproc",
+    ".cfi_personality 0x1b, {personality}",
+    "lock inc qword ptr [r11 + {table_bytes}]",
+    "mov r10, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "add qword ptr fs:[r10], {frame}",
+    "mov r10, qword ptr fs:[r10]",
+    ".globl ia2shim_gate_\\name\\()_fix",
+    ".hidden ia2shim_gate_\\name\\()_fix",
+    "ia2shim_gate_\\name\\()_fix:",
+    "mov qword ptr [r10 - 8], rbx",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x7a, 0x78",
+    "lea rbx, [r10 - {frame}]",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x73, 0x28",
+    "pop qword ptr [rbx]",
+    ".cfi_def_cfa_offset 0",
+    ".cfi_escape 0x10, 0x10, 0x02, 0x73, 0x00",
+    "mov qword ptr [rbx + 8], rax",
+    "mov qword ptr [rbx + 16], rdx",
+    "mov qword ptr [rbx + 24], rcx",
+    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "mov eax, dword ptr fs:[rcx + 8]",
+    "mov dword ptr [rbx + 32], eax",
+    ".if \\union",
+    "and eax, dword ptr [r11 + 16]",
+    ".else",
+    "mov eax, dword ptr [r11 + 16]",
+    ".endif",
+    "mov dword ptr fs:[rcx + 8], eax",
+    "mov rax, qword ptr [rbx + 8]",
+    "mov rdx, qword ptr [rbx + 16]",
+    "mov rcx, qword ptr [rbx + 24]",
+    "call qword ptr [r11]",
+    ".globl ia2shim_gate_\\name\\()_ret",
+    ".hidden ia2shim_gate_\\name\\()_ret",
+    "ia2shim_gate_\\name\\()_ret:",
+    "mov r11, rax",
+    "mov r10, rdx",
+    "push qword ptr [rbx]",
+    ".cfi_def_cfa_offset 8",
+    ".cfi_offset 16, -8",
+    "mov eax, dword ptr [rbx + 32]",
+    "mov rbx, qword ptr [rbx + 40]",
+    ".cfi_restore rbx",
+    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "sub qword ptr fs:[rcx], {frame}",
+    "mov dword ptr fs:[rcx + 8], eax",
+    "mov rax, r11",
+    "mov rdx, r10",
+    "ret",
+    ".cfi_endproc",
+    ".size ia2shim_gate_\\name, . - ia2shim_gate_\\name",
+    ".endm",
+    "ia2shim_gate_sim_body sim, 0",
+    "ia2shim_gate_sim_body simunion, 1",
+    // ---- unwind pads: entered by the unwinder's install-context with the
+    // gate's frame state (rsp as after the call, rbx = gate frame) and the
+    // exception in rax. Restore the caller's PKRU, drop the frame (and any
+    // left above it), put the return address back and resume unwinding.
+    ".macro ia2shim_gate_pad name, sim",
+    ".balign 16",
+    ".globl ia2shim_gate_pad_\\name",
+    ".hidden ia2shim_gate_pad_\\name",
+    ".type ia2shim_gate_pad_\\name,@function",
+    "ia2shim_gate_pad_\\name:",
+    ".cfi_startproc",
+    ".cfi_def_cfa_offset 0",
+    ".cfi_escape 0x10, 0x10, 0x02, 0x73, 0x00",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x73, 0x28",
+    "mov rdi, rax",
+    "push qword ptr [rbx]",
+    ".cfi_def_cfa_offset 8",
+    ".cfi_offset 16, -8",
+    "mov eax, dword ptr [rbx + 32]",
+    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "mov qword ptr fs:[rcx], rbx",
+    "mov rbx, qword ptr [rbx + 40]",
+    ".cfi_restore rbx",
+    ".if \\sim",
+    "mov dword ptr fs:[rcx + 8], eax",
+    ".else",
+    "xor ecx, ecx",
+    "xor edx, edx",
+    "wrpkru",
+    ".endif",
+    "sub rsp, 8",
+    ".cfi_def_cfa_offset 16",
+    "call {resume}@PLT",
+    "ud2",
+    ".cfi_endproc",
+    ".size ia2shim_gate_pad_\\name, . - ia2shim_gate_pad_\\name",
+    ".endm",
+    "ia2shim_gate_pad hw, 0",
+    "ia2shim_gate_pad sim, 1",
+    ".popsection",
+    max_gates = const MAX_GATES,
+    stride = const STRIDE,
+    table_bytes = const TABLE_BYTES,
+    frame = const FRAME,
+    mem = sym GATE_MEM,
+    personality = sym gate_personality,
+    resume = sym _Unwind_Resume,
+);
+
+extern "C" {
+    pub(super) fn ia2shim_gate_pool();
+    pub(super) fn ia2shim_gate_hw();
+    pub(super) fn ia2shim_gate_hw_fix();
+    pub(super) fn ia2shim_gate_hw_ret();
+    pub(super) fn ia2shim_gate_hwcount();
+    pub(super) fn ia2shim_gate_hwcount_fix();
+    pub(super) fn ia2shim_gate_hwcount_ret();
+    pub(super) fn ia2shim_gate_hwunion();
+    pub(super) fn ia2shim_gate_hwunion_fix();
+    pub(super) fn ia2shim_gate_hwunion_ret();
+    pub(super) fn ia2shim_gate_simunion();
+    pub(super) fn ia2shim_gate_simunion_fix();
+    pub(super) fn ia2shim_gate_simunion_ret();
+    pub(super) fn ia2shim_gate_sim();
+    pub(super) fn ia2shim_gate_sim_fix();
+    pub(super) fn ia2shim_gate_sim_ret();
+    pub(super) fn ia2shim_gate_pad_hw();
+    pub(super) fn ia2shim_gate_pad_sim();
+    pub(super) fn _Unwind_Resume(exc: *mut c_void) -> !;
+    pub(super) fn _Unwind_GetIP(ctx: *mut c_void) -> usize;
+    pub(super) fn _Unwind_GetGR(ctx: *mut c_void, reg: c_int) -> usize;
+    pub(super) fn _Unwind_SetIP(ctx: *mut c_void, ip: usize);
+    pub(super) fn _Unwind_SetGR(ctx: *mut c_void, reg: c_int, value: usize);
+}
+
+pub(super) fn addr(f: unsafe extern "C" fn()) -> usize {
+    f as usize
+}
+
+/// Which variant code a gate runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// RDPKRU/WRPKRU, no counting: the fast path.
+    Hardware,
+    /// RDPKRU/WRPKRU plus a call counter (`IA2_REPORT=gates`).
+    HardwareCounting,
+    /// The simulated PKRU of `IA2_PKU=sim`; always counts.
+    Sim,
+    /// Union gates (`IA2_LIBC_GATES=union`, `IA2_TLS_GET_ADDR_GATE=1`): the
+    /// callee runs with the caller's PKRU ANDed with the entry's mask,
+    /// i.e. the caller's rights plus one more key; always counts.
+    HardwareUnion,
+    SimUnion,
+}
+
+impl Variant {
+    /// The variant for the current backend and report settings.
+    pub fn current(count: bool) -> Variant {
+        match (pku::backend(), count) {
+            (Backend::Sim, _) => Variant::Sim,
+            (_, true) => Variant::HardwareCounting,
+            _ => Variant::Hardware,
+        }
+    }
+
+    /// The union variant for the current backend.
+    pub fn union() -> Variant {
+        match pku::backend() {
+            Backend::Sim => Variant::SimUnion,
+            _ => Variant::HardwareUnion,
+        }
+    }
+
+    pub(super) fn is_union(self) -> bool {
+        matches!(self, Variant::HardwareUnion | Variant::SimUnion)
+    }
+
+    pub(super) fn code(self) -> usize {
+        match self {
+            Variant::Hardware => addr(ia2shim_gate_hw),
+            Variant::HardwareCounting => addr(ia2shim_gate_hwcount),
+            Variant::Sim => addr(ia2shim_gate_sim),
+            Variant::HardwareUnion => addr(ia2shim_gate_hwunion),
+            Variant::SimUnion => addr(ia2shim_gate_simunion),
+        }
+    }
+
+    /// Does this variant count calls?
+    pub fn counts(self) -> bool {
+        self != Variant::Hardware
+    }
+}
+
+/// The code address of stub `i`.
+pub fn stub_address(i: usize) -> usize {
+    addr(ia2shim_gate_pool) + 16 * i
+}
+
+/// The code range of the stub pool.
+pub fn pool_range() -> objects::Range {
+    let s = addr(ia2shim_gate_pool);
+    objects::Range::new(s, s + 16 * MAX_GATES)
+}

@@ -1,0 +1,211 @@
+//! Gate reports (plan listing, per-gate call counts) and introspection for tests and benches.
+
+use super::*;
+
+// ---------------------------------------------------------------- reports
+
+pub(super) fn comp_str(c: Option<u8>) -> String {
+    c.map_or_else(|| "shared".to_string(), |c| format!("compartment {c}"))
+}
+
+/// The gate section of the start-up report (`IA2_REPORT=plan`).
+pub fn report(rt: &Runtime) -> String {
+    let st = state();
+    let mut o = String::new();
+    let json = rt.config.report_format == ReportFormat::Json;
+    let p = crate::stackfmt::pid();
+    if !json {
+        let _ = writeln!(
+            o,
+            "ia2shim[{p}]: ==== gates ({}) ====",
+            if st.enabled {
+                "IA2_GATES=1"
+            } else {
+                "off: IA2_GATES=0"
+            }
+        );
+    }
+    for pt in &st.patches {
+        let g = &st.gates[pt.gate];
+        let caller = match pt.via {
+            Via::Fini | Via::FiniArray(_) => "ld.so (exit)".to_string(),
+            _ => format!("{} ({})", pt.caller, comp_str(pt.caller_compartment)),
+        };
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"gate\",\"gate\":{},\"caller\":{},\"caller_compartment\":{},\"symbol\":{},\"callee\":{},\"callee_compartment\":{},\"via\":\"{}\",\"slot\":\"{:#x}\",\"target\":\"{:#x}\",\"stub\":\"{:#x}\"}}",
+                g.index,
+                crate::report::json_str(&pt.caller),
+                pt.caller_compartment.map_or("null".to_string(), |c| c.to_string()),
+                crate::report::json_str(&g.symbol),
+                crate::report::json_str(&g.callee),
+                g.compartment,
+                pt.via,
+                pt.slot,
+                g.target,
+                stub_address(g.index)
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   gate {}: {caller} -> {} in {} (compartment {}) via {} at {:#x}",
+                g.index, g.symbol, g.callee, g.compartment, pt.via, pt.slot
+            );
+        }
+    }
+    for d in &st.data_imports {
+        let page = match d.page_compartment {
+            Some(c) => format!("page tagged for compartment {c}"),
+            None => "page shared (key 0)".to_string(),
+        };
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"data_import\",\"importer\":{},\"importer_compartment\":{},\"symbol\":{},\"owner\":{},\"owner_compartment\":{},\"address\":\"{:#x}\",\"page_compartment\":{}}}",
+                crate::report::json_str(&d.importer),
+                d.importer_compartment,
+                crate::report::json_str(&d.symbol),
+                crate::report::json_str(&d.owner),
+                d.owner_compartment,
+                d.address,
+                d.page_compartment.map_or("null".to_string(), |c| c.to_string())
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   cross-compartment data import (not gated): {} (compartment {}) imports {} at {:#x} from {} (compartment {}); {page}",
+                d.importer, d.importer_compartment, d.symbol, d.address, d.owner, d.owner_compartment
+            );
+        }
+    }
+    for h in &st.scan_hits {
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"wrpkru_scan\",\"object\":{},\"offset\":\"{:#x}\",\"what\":\"{}\"}}",
+                crate::report::json_str(&h.object),
+                h.offset,
+                h.what
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   IA2_SCAN_WRPKRU: {} at {}+{:#x}",
+                h.what, h.object, h.offset
+            );
+        }
+    }
+    if !json {
+        let _ = writeln!(
+            o,
+            "ia2shim[{p}]:   {} gates, {} patched slots, {} cross-compartment data imports, {} WRPKRU/XRSTOR sequences",
+            st.gates.len(),
+            st.patches.len(),
+            st.data_imports.len(),
+            st.scan_hits.len()
+        );
+    }
+    o
+}
+
+/// Per-gate call counts (`IA2_REPORT=gates`, printed at exit).
+pub fn exit_report(rt: &Runtime) -> String {
+    let st = match STATE.try_lock() {
+        Ok(s) => s,
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return String::new(),
+    };
+    let mut o = String::new();
+    let json = rt.config.report_format == ReportFormat::Json;
+    let p = crate::stackfmt::pid();
+    if !json {
+        let _ = writeln!(o, "ia2shim[{p}]: ==== gate calls ====");
+    }
+    let mut total = 0u64;
+    for g in &st.gates {
+        let n = calls(g.index);
+        total += n;
+        let mut callers: Vec<&str> = st
+            .patches
+            .iter()
+            .filter(|pt| pt.gate == g.index)
+            .map(|pt| match pt.via {
+                Via::Fini | Via::FiniArray(_) => "ld.so (exit)",
+                _ => pt.caller.as_str(),
+            })
+            .collect();
+        callers.dedup();
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"gate_calls\",\"gate\":{},\"symbol\":{},\"callee\":{},\"compartment\":{},\"calls\":{n},\"callers\":[{}]}}",
+                g.index,
+                crate::report::json_str(&g.symbol),
+                crate::report::json_str(&g.callee),
+                g.compartment,
+                callers.iter().map(|c| crate::report::json_str(c)).collect::<Vec<_>>().join(",")
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   gate {}: {} in {} (compartment {}{}): {n} calls from {}",
+                g.index,
+                g.symbol,
+                g.callee,
+                g.compartment,
+                if g.dead { ", unloaded" } else { "" },
+                callers.join(", ")
+            );
+        }
+    }
+    if !json {
+        let _ = writeln!(o, "ia2shim[{p}]:   {} gates, {total} calls", st.gates.len());
+    }
+    o
+}
+
+pub(super) extern "C" fn exit_report_hook(_: *mut c_void) {
+    if let Some(rt) = runtime::get() {
+        let text = exit_report(rt);
+        crate::stackfmt::write_all_fd(
+            crate::fault::REPORT_FD.load(Ordering::Relaxed),
+            text.as_bytes(),
+        );
+    }
+}
+
+// ---------------------------------------------------------------- introspection for tests and benches
+
+/// The instructions of a variant's round trip (entry through `call`, then
+/// return point through `ret`), decoded from the code itself. Used to
+/// check the instruction budget.
+pub fn round_trip_instructions(variant: Variant) -> Vec<iced_x86::Instruction> {
+    let (start, ret) = match variant {
+        Variant::Hardware => (addr(ia2shim_gate_hw), addr(ia2shim_gate_hw_ret)),
+        Variant::HardwareCounting => (addr(ia2shim_gate_hwcount), addr(ia2shim_gate_hwcount_ret)),
+        Variant::Sim => (addr(ia2shim_gate_sim), addr(ia2shim_gate_sim_ret)),
+        Variant::HardwareUnion => (addr(ia2shim_gate_hwunion), addr(ia2shim_gate_hwunion_ret)),
+        Variant::SimUnion => (addr(ia2shim_gate_simunion), addr(ia2shim_gate_simunion_ret)),
+    };
+    let mut out = Vec::new();
+    // The stub: lea + jmp.
+    for (from, stop_at) in [
+        (stub_address(0), iced_x86::Mnemonic::Jmp),
+        (start, iced_x86::Mnemonic::Call),
+        (ret, iced_x86::Mnemonic::Ret),
+    ] {
+        // SAFETY: reading our own text; each piece is well under 256 bytes.
+        let bytes = unsafe { core::slice::from_raw_parts(from as *const u8, 256) };
+        let mut dec =
+            iced_x86::Decoder::with_ip(64, bytes, from as u64, iced_x86::DecoderOptions::NONE);
+        loop {
+            let insn = dec.decode();
+            out.push(insn);
+            if insn.mnemonic() == stop_at {
+                break;
+            }
+        }
+    }
+    out
+}

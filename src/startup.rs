@@ -1,0 +1,193 @@
+//! Start-up: the constructor's sequence, top to bottom, as the pipeline it
+//! is: configuration → logging → real functions → PKU probe → census →
+//! compartments → carveouts → plan → apply → fault handler → gates →
+//! reports → allocator → threads. The only module that calls the features'
+//! `install`/`start`/`init` functions.
+
+use crate::carveouts;
+use crate::compartments;
+use crate::config::{Config, PkuMode};
+use crate::lifecycle::{fatal, notice, set_state, transition, InitState};
+use crate::maps;
+use crate::objects;
+use crate::pku::{self, Backend, PkuSupport};
+use crate::plan::{self, ThreadTls};
+use crate::runtime::{self, Census, Runtime};
+use crate::stackfmt::StackBuf;
+use std::sync::RwLock;
+
+/// The constructor's work. Runs once; later calls return at once.
+pub fn init() {
+    if !transition(InitState::Uninit, InitState::Initializing) {
+        return;
+    }
+    let config = match Config::from_environ() {
+        Ok(c) => c,
+        Err(e) => fatal(format_args!("{e}")),
+    };
+    if config.help {
+        let mut b = StackBuf::<16384>::new();
+        let _ = crate::config::write_help(&mut b);
+        b.write_to_fd(1);
+        // SAFETY: exiting before the program runs, as IA2_HELP promises.
+        unsafe { libc::_exit(0) }
+    }
+    if let Err(errno) = crate::logging::init(config.log_level, config.log_file) {
+        fatal(format_args!(
+            "IA2_LOG_FILE={:?}: cannot open for appending (errno {errno})",
+            config.log_file.unwrap_or("")
+        ));
+    }
+    crate::real::resolve_all();
+    crate::dl::real_dlsym();
+    crate::alloc::prepare();
+
+    let support = match config.pku {
+        PkuMode::Off => {
+            notice(format_args!(
+                "IA2_PKU=off: the shim is disabled; nothing is protected"
+            ));
+            let _ = runtime::set(Runtime {
+                config,
+                pku: PkuSupport {
+                    cpu_pku: false,
+                    os_pke: false,
+                    syscall: Err(0),
+                },
+                keys: [0; 16],
+                census: RwLock::new(Census::default()),
+            });
+            set_state(InitState::Ready);
+            return;
+        }
+        PkuMode::Require => {
+            let s = pku::probe();
+            if !s.usable() {
+                fatal(format_args!(
+                    "IA2_PKU=require: no usable memory protection keys: {s}. \
+                     Run the program under `ia2run --vm -- CMD` (a PKU-capable QEMU guest), \
+                     or set IA2_PKU=sim to simulate keys without enforcement, or IA2_PKU=off"
+                ));
+            }
+            pku::set_backend(Backend::Hardware);
+            s
+        }
+        PkuMode::Sim => {
+            notice(format_args!(
+                "IA2_PKU=sim: protection keys are SIMULATED; nothing is enforced"
+            ));
+            pku::set_backend(Backend::Sim);
+            pku::probe()
+        }
+    };
+
+    let census = build_census(&config);
+    let mut keys = [0u32; 16];
+    let used = census
+        .compartment_of
+        .iter()
+        .flatten()
+        .fold(0u32, |m, &c| m | 1 << c);
+    for c in 1..16u8 {
+        if used & (1 << c) != 0 {
+            keys[c as usize] = pku::alloc_key().unwrap_or_else(|e| {
+                fatal(format_args!(
+                    "pkey_alloc for compartment {c} failed (errno {e})"
+                ))
+            });
+        }
+    }
+    if let Err((entry, errno)) = crate::apply::apply(&census.plan, &keys) {
+        fatal(format_args!(
+            "pkey_mprotect({}, prot {:#x}, key of compartment {:?}) failed (errno {errno})",
+            entry.range, entry.prot, entry.compartment
+        ));
+    }
+    let rt = Runtime {
+        config,
+        pku: support,
+        keys,
+        census: RwLock::new(census),
+    };
+    if !runtime::set(rt) {
+        fatal(format_args!("runtime initialised twice"));
+    }
+    let rt = runtime::get().expect("just set");
+    crate::fault::install();
+    crate::gates::install(rt);
+    crate::report::startup(rt);
+    crate::alloc::start(rt);
+    crate::threads::init();
+    set_state(InitState::Ready);
+}
+
+/// Census, assignment, carveouts and plan for the objects loaded now.
+fn build_census(config: &Config) -> Census {
+    let objects = objects::census();
+    let assignment =
+        compartments::assign(&objects, config).unwrap_or_else(|e| fatal(format_args!("{e}")));
+    for w in &assignment.warnings {
+        log::warn!("{w}");
+    }
+    let maps = maps::read_self_maps()
+        .unwrap_or_else(|e| fatal(format_args!("reading /proc/self/maps: {e}")));
+    let mut carveouts = carveouts::thread_carveouts(config);
+    carveouts.push(carveouts::copy_relocs(
+        config,
+        &objects,
+        &assignment.of_object,
+    ));
+    // The libc and ld.so carveouts matter only when libc and ld.so carry a
+    // key (strict mode); their decoders cost start-up time, so they run then.
+    if config.libc_compartment.is_some() {
+        carveouts.push(carveouts::tls_generation(config, &objects));
+        carveouts.push(carveouts::libc_tuning(config, &objects));
+        carveouts.push(carveouts::libc_single_threaded(config, &objects));
+        carveouts.push(carveouts::pthread_once(config, &objects));
+        carveouts.push(carveouts::mutex_elision(config, &objects));
+    }
+    // Strict mode tags the loader heap with the libc compartment's key.
+    let mut extra = Vec::new();
+    if let Some(n) = config.libc_compartment {
+        let heap = carveouts::loader_heap(&maps, &objects);
+        extra.extend(heap.iter().map(|&range| plan::ExtraRange {
+            range,
+            compartment: n,
+            reason: plan::Reason::LoaderHeap,
+        }));
+        carveouts.push(carveouts::loader_heap_carveout(config, &heap));
+    }
+    match carveouts::user_share(config, &objects) {
+        Ok(Some(l)) => carveouts.push(l),
+        Ok(None) => {}
+        Err(e) => fatal(format_args!("{e}")),
+    }
+    let main_thread = ThreadTls {
+        thread: 0,
+        blocks: objects
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| {
+                let t = o.tls?;
+                (t.block != 0).then(|| (i, objects::Range::new(t.block, t.block + t.memsz)))
+            })
+            .collect(),
+    };
+    let enabled = carveouts::enabled(&carveouts);
+    let governed = carveouts::governed(&carveouts);
+    let plan = plan::build(&plan::PlanInput {
+        objects: &objects,
+        compartment_of: &assignment.of_object,
+        threads: &[main_thread],
+        extra: &extra,
+        carveouts: &enabled,
+        governed: &governed,
+        maps: &maps,
+    });
+    Census {
+        objects,
+        compartment_of: assignment.of_object,
+        carveouts,
+        plan,
+    }
+}
