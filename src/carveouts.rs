@@ -606,6 +606,23 @@ fn build_id(file: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// User `IA2_SHARE` entries. An entry that names nothing is an error.
+/// The first page an object maps: the base of `object+0xOFFSET` terms (the
+/// same as `dladdr`'s `dli_fbase`, for PIE and fixed-address executables alike).
+pub fn map_start(o: &LoadedObject) -> usize {
+    o.segments
+        .iter()
+        .map(|s| s.range.pages_out().start)
+        .min()
+        .unwrap_or(o.base)
+}
+
+/// The executable's file name, so that `IA2_SHARE=prog:sym` works as well
+/// as `main:sym`.
+fn exe_basename() -> Option<String> {
+    let p = std::fs::read_link("/proc/self/exe").ok()?;
+    Some(p.file_name()?.to_str()?.to_string())
+}
+
 pub fn user_share(config: &Config, objects: &[LoadedObject]) -> Result<Option<Located>, String> {
     use crate::config::ShareEntry;
     if config.share.is_empty() {
@@ -618,19 +635,41 @@ pub fn user_share(config: &Config, objects: &[LoadedObject]) -> Result<Option<Lo
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let exe = exe_basename();
+    let matches = |glob: &str, o: &LoadedObject| {
+        crate::compartments::glob_match(glob, &o.basename)
+            || (o.kind == crate::objects::ObjectKind::Main
+                && exe
+                    .as_deref()
+                    .is_some_and(|e| crate::compartments::glob_match(glob, e)))
+    };
     let mut ranges = Vec::new();
     let mut how = Vec::new();
     for e in config.share.entries() {
         match e {
+            ShareEntry::ObjectOffset(glob, off, len) => {
+                let Some(o) = objects.iter().find(|o| matches(glob, o)) else {
+                    return Err(format!("IA2_SHARE={glob}+{off:#x}+{len:#x}: no loaded object matches {glob:?}; loaded objects: {}", loaded()));
+                };
+                let base = map_start(o);
+                let r = Range::new(base + off, base + off + len);
+                if !o.contains(r.start) || !o.contains(r.end - 1) {
+                    return Err(format!(
+                        "IA2_SHARE={glob}+{off:#x}+{len:#x}: outside {} (mapped {:#x} bytes from its first page)",
+                        o.basename,
+                        o.segments.iter().map(|s| s.range.pages_out().end).max().unwrap_or(base) - base
+                    ));
+                }
+                ranges.push(r.pages_out());
+                how.push(format!("{}+{off:#x}+{len:#x} at {r}", o.basename));
+            }
             ShareEntry::Range(a, len) => {
                 ranges.push(Range::new(a, a + len).pages_out());
                 how.push(format!("{a:#x}+{len:#x}"));
             }
             ShareEntry::ObjectSymbol(glob, sym) => {
-                let matching: Vec<&LoadedObject> = objects
-                    .iter()
-                    .filter(|o| crate::compartments::glob_match(glob, &o.basename))
-                    .collect();
+                let matching: Vec<&LoadedObject> =
+                    objects.iter().filter(|o| matches(glob, o)).collect();
                 if matching.is_empty() {
                     return Err(format!("IA2_SHARE={glob}:{sym}: no loaded object matches {glob:?}; loaded objects: {}", loaded()));
                 }

@@ -94,6 +94,9 @@ pub enum ShareEntry {
     Symbol(&'static str),
     /// `0xADDR+LEN`.
     Range(usize, usize),
+    /// `object+0xOFFSET[+LEN]`: relative to the object's first mapped page,
+    /// so it survives ASLR (object is a basename glob; LEN defaults to 1).
+    ObjectOffset(&'static str, usize, usize),
 }
 
 impl ShareList {
@@ -387,7 +390,8 @@ fn parse_number(s: &str) -> Option<usize> {
     }
 }
 
-/// Parse one `IA2_SHARE` entry: `obj:symbol`, `symbol` or `0xADDR+LEN`.
+/// Parse one `IA2_SHARE` entry: `obj:symbol`, `symbol`, `obj+0xOFFSET[+LEN]`
+/// or `0xADDR+LEN`.
 pub fn parse_share_entry(e: &'static str) -> Result<ShareEntry, Problem> {
     if e.starts_with("0x") || e.starts_with("0X") {
         let (a, l) = e.split_once('+').ok_or(Problem::BadShareEntry)?;
@@ -397,6 +401,27 @@ pub fn parse_share_entry(e: &'static str) -> Result<ShareEntry, Problem> {
             return Err(Problem::BadShareEntry);
         }
         return Ok(ShareEntry::Range(addr, len));
+    }
+    // `object+0xOFF[+LEN]`: split at the first `+` before a digit, so that
+    // names such as `libstdc++.so.6` keep their pluses.
+    let split = e
+        .char_indices()
+        .find(|&(i, c)| c == '+' && e[i + 1..].starts_with(|d: char| d.is_ascii_digit()))
+        .map(|(i, _)| (&e[..i], &e[i + 1..]));
+    if let Some((obj, rest)) = split {
+        let (off, len) = match rest.split_once('+') {
+            Some((o, l)) => (o, Some(l)),
+            None => (rest, None),
+        };
+        let off = parse_number(off).ok_or(Problem::BadShareEntry)?;
+        let len = match len {
+            Some(l) => parse_number(l).ok_or(Problem::BadShareEntry)?,
+            None => 1,
+        };
+        if obj.trim().is_empty() || len == 0 || off.checked_add(len).is_none() {
+            return Err(Problem::BadShareEntry);
+        }
+        return Ok(ShareEntry::ObjectOffset(obj.trim(), off, len));
     }
     let valid_sym = |s: &str| {
         !s.is_empty()
@@ -635,7 +660,7 @@ pub static VARS: &[VarSpec] = &[
     },
     VarSpec {
         name: "IA2_SHARE",
-        values: "empty, obj:symbol / symbol / 0xADDR+LEN, comma-separated",
+        values: "empty, obj:symbol / symbol / obj+0xOFFSET[+LEN] / 0xADDR+LEN, comma-separated",
         default: "",
         meaning: "extra pages to keep on pkey 0",
         implemented: true,
@@ -1020,6 +1045,20 @@ mod tests {
             parse_share_entry("0x1000+0x10"),
             Ok(ShareEntry::Range(0x1000, 16))
         );
+        assert_eq!(
+            parse_share_entry("main+0x3000+4096"),
+            Ok(ShareEntry::ObjectOffset("main", 0x3000, 4096))
+        );
+        assert_eq!(
+            parse_share_entry("libstdc++.so.6+0x10"),
+            Ok(ShareEntry::ObjectOffset("libstdc++.so.6", 0x10, 1))
+        );
+        assert_eq!(
+            parse_share_entry("main+0x10+0"),
+            Err(Problem::BadShareEntry)
+        );
+        assert_eq!(parse_share_entry("+0x10"), Err(Problem::BadShareEntry));
+        assert_eq!(parse_share_entry("main+zz"), Err(Problem::BadShareEntry));
         assert_eq!(parse_share_entry("0x1000"), Err(Problem::BadShareEntry));
         assert_eq!(parse_share_entry("0x1000+0"), Err(Problem::BadShareEntry));
         assert_eq!(parse_share_entry("libc.so.6:"), Err(Problem::BadShareEntry));

@@ -423,15 +423,84 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
             let _ = writeln!(b);
         }
         None => {
-            match symbolize(addr) {
-                Some(s) if !s.name.is_empty() => {
-                    let base = s.object.rsplit('/').next().unwrap_or(s.object);
-                    let _ = write!(b, "IA2_SHARE={base}:{} or ", s.name);
+            // Run-independent terms only: `object:symbol` when a symbol
+            // covers the address, else `object+0xOFFSET+LEN`; heap and
+            // anonymous memory have none.
+            let sym = audit::sym_info(addr).filter(|s| symbol_covers(s, addr));
+            match (sym, object_page(addr)) {
+                (Some(s), _) => {
+                    let _ = writeln!(b, "IA2_SHARE={}:{}", s.object_base(), s.name);
                 }
-                _ => {}
+                (None, Some(o)) => {
+                    let _ = writeln!(b, "IA2_SHARE={o}");
+                }
+                (None, None) => {
+                    let _ = writeln!(
+                        b,
+                        "no IA2_SHARE term survives a new run: the page is heap or anonymous memory"
+                    );
+                }
             }
-            let _ = writeln!(b, "IA2_SHARE={:#x}+{PAGE}", page_down(addr));
         }
     }
     b.write_to_fd(REPORT_FD.load(Ordering::Relaxed));
+}
+
+/// Does `s` cover `addr` (a zero-sized symbol covers its own address)?
+fn symbol_covers(s: &audit::SymInfo, addr: usize) -> bool {
+    addr >= s.addr && addr < s.addr + s.size.max(1)
+}
+
+/// The executable's load base, for naming it `main` in policy terms (set
+/// at start-up; the loader's name for it is a path or empty).
+static MAIN_BASE: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Record the executable's load base (start-up).
+pub fn set_main_base(base: usize) {
+    MAIN_BASE.store(base, Ordering::Relaxed);
+}
+
+/// An object's name in policy terms: `main` for the executable, else the
+/// basename of its path (what `IA2_COMPARTMENTS` and `IA2_SHARE` match).
+pub fn term_name(path: &'static str, base: usize) -> &'static str {
+    if base == MAIN_BASE.load(Ordering::Relaxed) {
+        "main"
+    } else {
+        path.rsplit('/').next().unwrap_or(path)
+    }
+}
+
+/// A page of an object, named relative to the object's load base: the
+/// `object+0xOFFSET+LEN` form of `IA2_SHARE`, which survives ASLR.
+#[derive(Clone, Copy, Debug)]
+pub struct ObjectPage {
+    pub object: &'static str,
+    pub base: usize,
+    pub page: usize,
+}
+
+impl core::fmt::Display for ObjectPage {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}+{:#x}+{PAGE}", self.object, self.page - self.base)
+    }
+}
+
+/// The object page holding `addr`, if an object maps it (`dladdr`, which
+/// only reads loader data and never allocates).
+pub fn object_page(addr: usize) -> Option<ObjectPage> {
+    // SAFETY: zeroed Dl_info is valid for dladdr to fill.
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+    // SAFETY: dladdr only reads loader data.
+    if unsafe { libc::dladdr(addr as *const c_void, &mut info) } == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: NUL-terminated string owned by the loader.
+    let path = unsafe { CStr::from_ptr(info.dli_fname) }.to_str().ok()?;
+    let base = info.dli_fbase as usize;
+    Some(ObjectPage {
+        object: term_name(path, base),
+        base,
+        page: page_down(addr),
+    })
 }

@@ -82,6 +82,9 @@ pub fn init() {
     };
 
     let census = build_census(&config);
+    if let Some(exe) = census.objects.first() {
+        crate::fault::set_main_base(carveouts::map_start(exe));
+    }
     let mut keys = [0u32; 16];
     let used = census
         .compartment_of

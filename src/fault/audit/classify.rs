@@ -138,11 +138,14 @@ pub(in crate::fault) struct SymInfo {
     pub(in crate::fault) size: usize,
     /// The defining object's path.
     pub(in crate::fault) object: &'static str,
+    /// The defining object's load base (`dli_fbase`).
+    pub(in crate::fault) fbase: usize,
 }
 
 impl SymInfo {
+    /// The object's name in policy terms (`main` for the executable).
     pub(in crate::fault) fn object_base(&self) -> &'static str {
-        self.object.rsplit('/').next().unwrap_or(self.object)
+        crate::fault::term_name(self.object, self.fbase)
     }
 }
 
@@ -178,6 +181,7 @@ pub(in crate::fault) fn sym_info(addr: usize) -> Option<SymInfo> {
         addr: info.dli_saddr as usize,
         size,
         object: cstr(info.dli_fname),
+        fbase: info.dli_fbase as usize,
     })
 }
 
@@ -190,6 +194,10 @@ pub(in crate::fault) fn symbol_pages(s: &SymInfo) -> Range {
 pub(in crate::fault) enum Fix {
     Toggle(&'static str),
     Symbol(SymInfo),
+    /// A page inside an object with no covering symbol: `object+0xOFFSET`.
+    Offset(crate::fault::ObjectPage),
+    /// A page outside every object (heap, mmap, stack): no term survives a
+    /// new run, so it is listed but never put in a policy.
     Page(usize),
 }
 
@@ -200,9 +208,10 @@ impl Fix {
                 return Fix::Toggle(l.carveout.toggle);
             }
         }
-        match sym_info(addr) {
-            Some(s) => Fix::Symbol(s),
-            None => Fix::Page(page_down(addr)),
+        match (sym_info(addr), crate::fault::object_page(addr)) {
+            (Some(s), _) => Fix::Symbol(s),
+            (None, Some(o)) => Fix::Offset(o),
+            (None, None) => Fix::Page(page_down(addr)),
         }
     }
 
@@ -211,6 +220,7 @@ impl Fix {
         match self {
             Fix::Toggle(_) => (0, 0),
             Fix::Symbol(s) => (1, s.addr),
+            Fix::Offset(o) => (2, o.page),
             Fix::Page(p) => (2, *p),
         }
     }
@@ -220,6 +230,7 @@ impl Fix {
         match self {
             Fix::Toggle(_) => Range::new(0, 0),
             Fix::Symbol(s) => symbol_pages(s),
+            Fix::Offset(o) => Range::new(o.page, o.page + PAGE),
             Fix::Page(p) => Range::new(*p, *p + PAGE),
         }
     }
@@ -237,6 +248,7 @@ impl fmt::Display for Entry<'_> {
         match self.0 {
             Fix::Toggle(t) => write!(f, "{t}=1"),
             Fix::Symbol(s) => write!(f, "{}:{}", s.object_base(), s.name),
+            Fix::Offset(o) => write!(f, "{o}"),
             Fix::Page(p) => write!(f, "{p:#x}+{PAGE}"),
         }
     }

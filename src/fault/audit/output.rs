@@ -150,6 +150,13 @@ pub(in crate::fault) fn share_assignment(fix: &Fix) -> StackBuf<512> {
         Fix::Toggle(_) => {
             let _ = write!(b, "{}", fix.entry());
         }
+        Fix::Page(_) => {
+            let _ = write!(
+                b,
+                "none that survives a new run (heap or anonymous page {})",
+                fix.entry()
+            );
+        }
         _ => {
             let _ = write!(b, "IA2_SHARE={}", fix.entry());
         }

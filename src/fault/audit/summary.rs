@@ -210,6 +210,8 @@ pub(in crate::fault) fn print_summary(sig: Option<c_int>) {
         let addr = s.addr.load(Relaxed);
         let fix = Fix::for_site(c, classify(c, addr), addr);
         let (buf, sep): (&mut dyn Write, &str) = match fix {
+            // No run-independent term for heap or anonymous pages.
+            Fix::Page(_) => continue,
             Fix::Toggle(_) if toggles.as_bytes().is_empty() => (&mut toggles, ""),
             Fix::Toggle(_) => (&mut toggles, " "),
             _ if list.as_bytes().is_empty() => (&mut list, ""),
