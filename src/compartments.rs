@@ -9,6 +9,8 @@ use crate::objects::{LoadedObject, ObjectKind};
 pub struct Assignment {
     pub of_object: Vec<Option<u8>>,
     pub warnings: Vec<String>,
+    /// What auto mode grouped and why (more application objects than keys).
+    pub groups: Vec<String>,
 }
 
 impl Assignment {
@@ -71,11 +73,31 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
-/// Assign compartments. `first_free` lets later `dlopen`s continue auto numbering.
+/// Assign compartments, without dependency information (auto mode then
+/// refuses more application objects than keys).
 pub fn assign(objects: &[LoadedObject], config: &Config) -> Result<Assignment, AssignError> {
+    assign_with_deps(objects, config, &[])
+}
+
+/// Assign compartments. `needed[i]` lists object i's `DT_NEEDED` names; with
+/// them, auto mode groups a program that has more application objects than
+/// keys instead of refusing it (see [`group_by_dependency`]).
+pub fn assign_with_deps(
+    objects: &[LoadedObject],
+    config: &Config,
+    needed: &[Vec<String>],
+) -> Result<Assignment, AssignError> {
     let mut of_object = vec![None; objects.len()];
     let mut warnings = Vec::new();
+    let mut groups = Vec::new();
+    let apps = objects
+        .iter()
+        .filter(|o| matches!(o.kind, ObjectKind::Main | ObjectKind::Application))
+        .count();
     match config.compartments {
+        None if apps > MAX_COMPARTMENT as usize && !needed.is_empty() => {
+            groups = group_by_dependency(objects, needed, &mut of_object);
+        }
         None => {
             let mut next = 1u8;
             let mut over = false;
@@ -140,7 +162,115 @@ pub fn assign(objects: &[LoadedObject], config: &Config) -> Result<Assignment, A
     Ok(Assignment {
         of_object,
         warnings,
+        groups,
     })
+}
+
+/// Auto mode for programs with more application objects than keys: the
+/// executable is compartment 1; each direct application dependency of the
+/// executable gets a compartment together with the application libraries
+/// that only it pulls in (through `DT_NEEDED`, transitively); a final
+/// compartment takes the rest: libraries that several direct dependencies
+/// need, objects the executable does not reach (preloads), and the direct
+/// dependencies beyond the available keys. Returns one line per group.
+pub fn group_by_dependency(
+    objects: &[LoadedObject],
+    needed: &[Vec<String>],
+    of_object: &mut [Option<u8>],
+) -> Vec<String> {
+    let is_app = |i: usize| matches!(objects[i].kind, ObjectKind::Main | ObjectKind::Application);
+    let index_of = |name: &str| {
+        objects
+            .iter()
+            .position(|o| o.basename == name || o.name.rsplit('/').next() == Some(name))
+    };
+    let edges: Vec<Vec<usize>> = (0..objects.len())
+        .map(|i| {
+            needed
+                .get(i)
+                .map(|n| n.iter().filter_map(|d| index_of(d)).collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut direct: Vec<usize> = Vec::new();
+    for &d in edges.first().map(Vec::as_slice).unwrap_or(&[]) {
+        if d != 0 && is_app(d) && !direct.contains(&d) {
+            direct.push(d);
+        }
+    }
+    // Which direct dependencies reach each object (bit k = direct[k]).
+    let mut reached_by = vec![0u128; objects.len()];
+    for (k, &d) in direct.iter().enumerate().take(128) {
+        let mut stack = vec![d];
+        while let Some(i) = stack.pop() {
+            if reached_by[i] & (1 << k) != 0 {
+                continue;
+            }
+            reached_by[i] |= 1 << k;
+            stack.extend(edges[i].iter().copied().filter(|&j| j != 0));
+        }
+    }
+    // Keys 2..=MAX: one per direct dependency while they last, keeping the
+    // last one for the rest when anything is left over.
+    let keys = MAX_COMPARTMENT as usize - 1;
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); direct.len()];
+    let mut rest: Vec<usize> = Vec::new();
+    for i in (1..objects.len()).filter(|&i| is_app(i)) {
+        let r = reached_by[i];
+        match direct.iter().position(|&d| d == i) {
+            Some(k) => members[k].insert(0, i),
+            None if r.count_ones() == 1 => members[r.trailing_zeros() as usize].push(i),
+            None => rest.push(i),
+        }
+    }
+    let own = if direct.len() + usize::from(!rest.is_empty()) > keys {
+        keys - 1
+    } else {
+        direct.len()
+    };
+    for m in members.iter_mut().skip(own) {
+        rest.append(m);
+    }
+    rest.sort_unstable();
+    let name = |i: usize| objects[i].basename.clone();
+    let mut lines = vec![format!(
+        "IA2_COMPARTMENTS=auto: {} application objects for {} keys: grouped by dependency (compartment 1: {})",
+        (0..objects.len()).filter(|&i| is_app(i)).count(),
+        MAX_COMPARTMENT,
+        objects[0].basename
+    )];
+    of_object[0] = Some(1);
+    for (k, m) in members.iter().take(own).enumerate() {
+        let c = k as u8 + 2;
+        for &i in m {
+            of_object[i] = Some(c);
+        }
+        let pulled: Vec<String> = m.iter().skip(1).map(|&i| name(i)).collect();
+        lines.push(if pulled.is_empty() {
+            format!(
+                "compartment {c}: {} (direct dependency of the executable)",
+                name(m[0])
+            )
+        } else {
+            format!(
+                "compartment {c}: {} with {} (pulled in only by it)",
+                name(m[0]),
+                pulled.join(", ")
+            )
+        });
+    }
+    if !rest.is_empty() {
+        let c = own as u8 + 2;
+        for &i in &rest {
+            of_object[i] = Some(c);
+        }
+        let names: Vec<String> = rest.iter().map(|&i| name(i)).collect();
+        lines.push(format!(
+            "compartment {c}: the rest ({}): needed by several direct dependencies, not reached from the executable, or beyond the keys",
+            names.join(", ")
+        ));
+    }
+    lines
 }
 
 #[cfg(test)]
@@ -257,5 +387,61 @@ pub(crate) mod tests {
         }
         let e = assign(&many, &cfg(&[])).unwrap_err();
         assert!(e.to_string().contains("16 application objects"), "{e}");
+    }
+
+    /// 200 libraries: main needs 20 direct ones; each of those pulls in 8
+    /// private libraries; the first two also share one library.
+    #[test]
+    fn auto_groups_a_program_with_200_libraries_by_dependency() {
+        let mut objs = vec![obj("main", true), obj("libc.so.6", false)];
+        let mut needed: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
+        let mut main_needs = Vec::new();
+        for d in 0..20 {
+            let dn = format!("libd{d}.so");
+            main_needs.push(dn.clone());
+            objs.push(obj(&dn, false));
+            let mut dneeds: Vec<String> = (0..8).map(|p| format!("libp{d}_{p}.so")).collect();
+            dneeds.push("libc.so.6".into());
+            if d < 2 {
+                dneeds.push("libshared.so".into());
+            }
+            needed.push(dneeds);
+        }
+        for d in 0..20 {
+            for p in 0..8 {
+                objs.push(obj(&format!("libp{d}_{p}.so"), false));
+                needed.push(vec!["libc.so.6".into()]);
+            }
+        }
+        objs.push(obj("libshared.so", false));
+        needed.push(Vec::new());
+        needed[0] = main_needs;
+        assert!(objs.len() > 180);
+        let a = assign_with_deps(&objs, &cfg(&[]), &needed).unwrap();
+        let at = |n: &str| a.of_object[objs.iter().position(|o| o.basename == n).unwrap()];
+        assert_eq!(at("main"), Some(1));
+        assert_eq!(at("libc.so.6"), None);
+        // 13 direct dependencies get their own compartment with their
+        // private libraries; the rest share compartment 15.
+        assert_eq!(at("libd0.so"), Some(2));
+        assert_eq!(at("libp0_7.so"), Some(2));
+        assert_eq!(at("libd12.so"), Some(14));
+        assert_eq!(at("libp12_3.so"), Some(14));
+        assert_eq!(at("libd13.so"), Some(15));
+        assert_eq!(at("libp19_0.so"), Some(15));
+        assert_eq!(at("libshared.so"), Some(15));
+        assert!(a.of_object.iter().flatten().all(|&c| (1..=15).contains(&c)));
+        assert!(
+            a.groups[0].contains("grouped by dependency"),
+            "{:?}",
+            a.groups
+        );
+        assert!(
+            a.groups.iter().any(|g| g.contains("libshared.so")),
+            "{:?}",
+            a.groups
+        );
+        // Without dependency information auto mode still refuses.
+        assert!(assign(&objs, &cfg(&[])).is_err());
     }
 }

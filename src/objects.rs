@@ -129,6 +129,40 @@ impl LoadedObject {
         }
     }
 
+    /// The `DT_NEEDED` names of this object (its direct dependencies).
+    pub fn needed(&self) -> Vec<String> {
+        let (Some(dynamic), Some(info)) = (self.dynamic, self.dynamic_info()) else {
+            return Vec::new();
+        };
+        if info.strtab == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut p = dynamic as *const elf::Dyn64<LE>;
+        loop {
+            // SAFETY: PT_DYNAMIC of a loaded object: DT_NULL-terminated.
+            let e = unsafe { &*p };
+            let tag = e.d_tag.get(LE) as u32;
+            if tag == elf::DT_NULL {
+                break;
+            }
+            if tag == elf::DT_NEEDED {
+                let off = e.d_val.get(LE) as usize;
+                if off < info.strsz.max(1) {
+                    // SAFETY: a NUL-terminated name in the object's mapped
+                    // string table.
+                    let name = unsafe {
+                        core::ffi::CStr::from_ptr((info.strtab + off) as *const core::ffi::c_char)
+                    };
+                    out.push(name.to_string_lossy().into_owned());
+                }
+            }
+            // SAFETY: not past DT_NULL yet.
+            p = unsafe { p.add(1) };
+        }
+        out
+    }
+
     pub fn dynamic_info(&self) -> Option<DynamicInfo> {
         // SAFETY: `dynamic` came from this object's PT_DYNAMIC, which stays
         // mapped while the object is loaded.
@@ -224,7 +258,12 @@ unsafe extern "C" fn census_callback(
     } else {
         name.rsplit('/').next().unwrap_or(&name).to_string()
     };
-    let kind = classify(&basename, out.is_empty());
+    let mut kind = classify(&basename, out.is_empty());
+    // glibc's own plug-ins: iconv's gconv modules are loaded by libc itself
+    // (`__libc_dlopen`) and run as part of libc, like the NSS modules.
+    if kind == ObjectKind::Application && name.contains("/gconv/") {
+        kind = ObjectKind::System;
+    }
     let mut obj = LoadedObject {
         name,
         basename,

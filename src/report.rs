@@ -80,6 +80,13 @@ pub fn plan_report(rt: &Runtime, c: &Census) -> String {
     if !json {
         let _ = writeln!(o, "ia2shim[{p}]: ==== census ====");
     }
+    for g in &c.groups {
+        if json {
+            let _ = writeln!(o, "{{\"type\":\"group\",\"text\":{}}}", json_str(g));
+        } else {
+            let _ = writeln!(o, "ia2shim[{p}]:   {g}");
+        }
+    }
     for (i, obj) in c.objects.iter().enumerate() {
         let comp = c.compartment_of[i];
         let key = comp.map(|c| rt.key_of(c)).unwrap_or(0);

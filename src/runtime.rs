@@ -19,6 +19,9 @@ pub struct Census {
     pub compartment_of: Vec<Option<u8>>,
     pub carveouts: Vec<Located>,
     pub plan: Plan,
+    /// Auto mode's grouping, when a program has more application objects
+    /// than keys (one line per compartment; empty otherwise).
+    pub groups: Vec<String>,
 }
 
 impl Census {

@@ -127,10 +127,14 @@ pub fn init() {
 /// Census, assignment, carveouts and plan for the objects loaded now.
 fn build_census(config: &Config) -> Census {
     let objects = objects::census();
-    let assignment =
-        compartments::assign(&objects, config).unwrap_or_else(|e| fatal(format_args!("{e}")));
+    let needed: Vec<Vec<String>> = objects.iter().map(|o| o.needed()).collect();
+    let assignment = compartments::assign_with_deps(&objects, config, &needed)
+        .unwrap_or_else(|e| fatal(format_args!("{e}")));
     for w in &assignment.warnings {
         log::warn!("{w}");
+    }
+    if let Some(g) = assignment.groups.first() {
+        notice(format_args!("{g}; IA2_REPORT=plan lists the groups"));
     }
     let maps = maps::read_self_maps()
         .unwrap_or_else(|e| fatal(format_args!("reading /proc/self/maps: {e}")));
@@ -192,5 +196,6 @@ fn build_census(config: &Config) -> Census {
         compartment_of: assignment.of_object,
         carveouts,
         plan,
+        groups: assignment.groups,
     }
 }
