@@ -81,9 +81,33 @@ impl CompartmentSpec {
     }
 }
 
-/// `IA2_SHARE`: a validated comma-separated list of extra shared ranges.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ShareList(&'static str);
+/// `IA2_SHARE`: validated comma-separated lists of extra shared ranges, one
+/// per source (the variable, or each `IA2_SHARE` line of a policy file).
+/// Kept as slices of the environment and of the mapped policy file, so that
+/// reading the configuration allocates nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ShareList {
+    parts: [&'static str; SHARE_PARTS],
+    n: usize,
+}
+
+/// The most `IA2_SHARE` lines a policy file may have.
+pub const SHARE_PARTS: usize = 128;
+
+impl fmt::Debug for ShareList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.parts[..self.n]).finish()
+    }
+}
+
+impl Default for ShareList {
+    fn default() -> Self {
+        ShareList {
+            parts: [""; SHARE_PARTS],
+            n: 0,
+        }
+    }
+}
 
 /// One `IA2_SHARE` entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,9 +124,29 @@ pub enum ShareEntry {
 }
 
 impl ShareList {
-    pub fn entries(&self) -> impl Iterator<Item = ShareEntry> {
-        self.0
-            .split(',')
+    fn one(v: &'static str) -> ShareList {
+        let mut l = ShareList::default();
+        if !v.trim().is_empty() {
+            l.parts[0] = v;
+            l.n = 1;
+        }
+        l
+    }
+
+    /// Add a policy file line's list; false when the list is full.
+    fn push(&mut self, v: &'static str) -> bool {
+        if self.n == SHARE_PARTS {
+            return false;
+        }
+        self.parts[self.n] = v;
+        self.n += 1;
+        true
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = ShareEntry> + '_ {
+        self.parts[..self.n]
+            .iter()
+            .flat_map(|p| p.split(','))
             .map(str::trim)
             .filter(|e| !e.is_empty())
             .filter_map(|e| parse_share_entry(e).ok())
@@ -164,7 +208,7 @@ impl Default for Config {
             share_libc_single_threaded: true,
             share_pthread_once: true,
             share_mutex_elision: true,
-            share: ShareList(""),
+            share: ShareList::default(),
             tls_get_addr_gate: false,
             gates: true,
             heap_explicit: None,
@@ -197,41 +241,34 @@ impl Config {
     pub fn from_vars<I>(vars: I) -> Result<Config, ConfigError>
     where
         I: IntoIterator<Item = &'static str>,
+        I::IntoIter: Clone,
     {
+        let vars = vars.into_iter();
         let mut cfg = Config::default();
+        // A policy file first; every variable set in the environment then
+        // overrides what the file says.
+        if let Some(path) = vars
+            .clone()
+            .find_map(|v| v.strip_prefix("IA2_POLICY="))
+            .filter(|p| !p.is_empty())
+        {
+            let text = read_policy(path).map_err(|e| ConfigError {
+                var: "IA2_POLICY",
+                value: path,
+                accepted: "a readable policy file",
+                problem: Problem::PolicyUnreadable(e),
+                at: None,
+            })?;
+            apply_policy(&mut cfg, path, text)?;
+        }
         for var in vars {
             let Some((name, value)) = var.split_once('=') else {
                 continue;
             };
-            if !name.starts_with("IA2_") {
+            if !name.starts_with("IA2_") || name == "IA2_POLICY" {
                 continue;
             }
-            let Some(spec) = VARS.iter().find(|v| v.name == name) else {
-                return Err(ConfigError {
-                    var: name,
-                    value,
-                    accepted: "one of the variables listed by IA2_HELP=1",
-                    problem: Problem::UnknownVariable,
-                });
-            };
-            (spec.parse)(&mut cfg, value).map_err(|problem| ConfigError {
-                var: spec.name,
-                value,
-                accepted: if problem == Problem::NotImplemented {
-                    spec.default
-                } else {
-                    spec.values
-                },
-                problem,
-            })?;
-            if !spec.implemented && value != spec.default {
-                return Err(ConfigError {
-                    var: spec.name,
-                    value,
-                    accepted: spec.default,
-                    problem: Problem::NotImplemented,
-                });
-            }
+            set_var(&mut cfg, name, value, None)?;
         }
         cfg.check_combinations()?;
         Ok(cfg)
@@ -250,9 +287,143 @@ impl Config {
     }
 }
 
+/// Set one variable; `at` names the policy file line it came from.
+fn set_var(
+    cfg: &mut Config,
+    name: &'static str,
+    value: &'static str,
+    at: Option<(&'static str, usize)>,
+) -> Result<(), ConfigError> {
+    let Some(spec) = VARS.iter().find(|v| v.name == name) else {
+        return Err(ConfigError {
+            var: name,
+            value,
+            accepted: "one of the variables listed by IA2_HELP=1",
+            problem: Problem::UnknownVariable,
+            at,
+        });
+    };
+    (spec.parse)(cfg, value).map_err(|problem| ConfigError {
+        var: spec.name,
+        value,
+        accepted: if problem == Problem::NotImplemented {
+            spec.default
+        } else {
+            spec.values
+        },
+        problem,
+        at,
+    })?;
+    if !spec.implemented && value != spec.default {
+        return Err(ConfigError {
+            var: spec.name,
+            value,
+            accepted: spec.default,
+            problem: Problem::NotImplemented,
+            at,
+        });
+    }
+    Ok(())
+}
+
+/// Map a policy file read-only and privately for the life of the process,
+/// so its lines can be borrowed as `&'static str` without allocating.
+fn read_policy(path: &'static str) -> Result<&'static str, i32> {
+    let mut cpath = [0u8; 4096];
+    if path.len() >= cpath.len() || path.as_bytes().contains(&0) {
+        return Err(libc::ENAMETOOLONG);
+    }
+    cpath[..path.len()].copy_from_slice(path.as_bytes());
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    // SAFETY: a NUL-terminated path in a stack buffer.
+    let fd = unsafe { libc::open(cpath.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: fstat fills a zeroed stat for a descriptor we own.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: as above.
+    let r = unsafe { libc::fstat(fd, &mut st) };
+    let len = st.st_size as usize;
+    let text = if r != 0 {
+        Err(errno())
+    } else if len == 0 {
+        Ok("")
+    } else {
+        // SAFETY: a private read-only mapping of a file we opened; it is
+        // never unmapped, so the slice lives as long as the process.
+        let p = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            Err(errno())
+        } else {
+            // SAFETY: `len` mapped bytes.
+            let bytes = unsafe { core::slice::from_raw_parts(p as *const u8, len) };
+            core::str::from_utf8(bytes).map_err(|_| libc::EILSEQ)
+        }
+    };
+    // SAFETY: closing our descriptor; the mapping stays.
+    unsafe { libc::close(fd) };
+    text
+}
+
+/// Apply a policy file: `IA2_NAME=value` lines, `#` comments (whole-line
+/// or trailing), blank lines. `IA2_SHARE` lines add up; any other variable
+/// set twice keeps the last value. A malformed line is an error naming it.
+pub fn apply_policy(
+    cfg: &mut Config,
+    path: &'static str,
+    text: &'static str,
+) -> Result<(), ConfigError> {
+    for (i, raw) in text.lines().enumerate() {
+        let at = Some((path, i + 1));
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |problem| ConfigError {
+            var: "IA2_POLICY",
+            value: raw.trim(),
+            accepted: "IA2_NAME=value lines for the variables of IA2_HELP=1, # comments",
+            problem,
+            at,
+        };
+        let Some((name, value)) = line.split_once('=') else {
+            return Err(bad(Problem::PolicyLine));
+        };
+        let (name, value) = (name.trim(), value.trim());
+        if !name.starts_with("IA2_") || matches!(name, "IA2_POLICY" | "IA2_HELP") {
+            return Err(bad(Problem::PolicyLine));
+        }
+        if name == "IA2_SHARE" {
+            let one = parse_share(value).map_err(|problem| ConfigError {
+                var: "IA2_SHARE",
+                value,
+                accepted: "obj:symbol / symbol / obj+0xOFFSET[+LEN] / 0xADDR+LEN, comma-separated",
+                problem,
+                at,
+            })?;
+            if one.n > 0 && !cfg.share.push(one.parts[0]) {
+                return Err(bad(Problem::PolicyTooManyShares));
+            }
+            continue;
+        }
+        set_var(cfg, name, value, at)?;
+    }
+    Ok(())
+}
+
 /// Iterate the process environment as `&'static str` without allocating.
 /// Entries that are not UTF-8 are skipped (no `IA2_` value needs them).
-pub fn environ_iter() -> impl Iterator<Item = &'static str> {
+pub fn environ_iter() -> impl Iterator<Item = &'static str> + Clone {
     extern "C" {
         static environ: *const *const libc::c_char;
     }
@@ -290,6 +461,13 @@ pub enum Problem {
     EmptyPattern,
     MissingEquals,
     BadShareEntry,
+    /// `IA2_POLICY`: the file cannot be opened or read (errno).
+    PolicyUnreadable(i32),
+    /// `IA2_POLICY`: a line that is not `IA2_NAME=value`, or names a
+    /// variable a policy cannot set.
+    PolicyLine,
+    /// `IA2_POLICY`: more `IA2_SHARE` lines than [`SHARE_PARTS`].
+    PolicyTooManyShares,
 }
 
 /// A refused variable. `Display` gives the one-line fatal message.
@@ -299,6 +477,8 @@ pub struct ConfigError {
     pub value: &'static str,
     pub accepted: &'static str,
     pub problem: Problem,
+    /// Where the value came from when it was a policy file: (path, line).
+    pub at: Option<(&'static str, usize)>,
 }
 
 impl fmt::Display for ConfigError {
@@ -314,7 +494,19 @@ impl fmt::Display for ConfigError {
             Problem::EmptyPattern => "empty object pattern",
             Problem::MissingEquals => "entry lacks N=pattern form",
             Problem::BadShareEntry => "invalid entry",
+            Problem::PolicyUnreadable(e) => {
+                return write!(
+                    f,
+                    "IA2_POLICY={:?}: cannot read the policy file (errno {e})",
+                    self.value
+                )
+            }
+            Problem::PolicyLine => "not a policy line (IA2_NAME=value, # comment)",
+            Problem::PolicyTooManyShares => "too many IA2_SHARE lines (at most 128)",
         };
+        if let Some((path, line)) = self.at {
+            write!(f, "IA2_POLICY={path:?} line {line}: ")?;
+        }
         write!(
             f,
             "{}={:?}: {}; accepted: {}",
@@ -442,7 +634,7 @@ fn parse_share(v: &'static str) -> Result<ShareList, Problem> {
     for e in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         parse_share_entry(e)?;
     }
-    Ok(ShareList(v))
+    Ok(ShareList::one(v))
 }
 
 fn parse_reports(v: &str) -> Result<Reports, Problem> {
@@ -805,6 +997,15 @@ pub static VARS: &[VarSpec] = &[
         },
     },
     VarSpec {
+        name: "IA2_POLICY",
+        values: "unset, a path",
+        default: "",
+        meaning: "read IA2_* settings from a policy file (IA2_NAME=value lines, # comments; IA2_SHARE lines add up); variables set in the environment override it",
+        implemented: true,
+        // Read by `Config::from_vars` before every other variable.
+        parse: |_, _| Ok(()),
+    },
+    VarSpec {
         name: "IA2_HELP",
         values: "unset, 1",
         default: "",
@@ -1104,5 +1305,77 @@ mod tests {
         for v in VARS {
             assert!(s.contains(v.name), "{}", v.name);
         }
+    }
+
+    fn leak(s: String) -> &'static str {
+        Box::leak(s.into_boxed_str())
+    }
+
+    #[test]
+    fn policy_file_lines_comments_and_accumulated_shares() {
+        let mut c = Config::default();
+        let text = "# learned by ia2run --learn\n\nIA2_COMPARTMENTS=1=main;2=libfoo.so\nIA2_SHARE=main+0x3000+4096   # read by libfoo.so\nIA2_SHARE = libc.so.6:stdout\nIA2_SHARE_TCB=0\n";
+        apply_policy(&mut c, "p.policy", text).unwrap();
+        assert!(!c.share_tcb);
+        assert!(c.compartments.is_some());
+        let e: Vec<ShareEntry> = c.share.entries().collect();
+        assert_eq!(
+            e,
+            vec![
+                ShareEntry::ObjectOffset("main", 0x3000, 4096),
+                ShareEntry::ObjectSymbol("libc.so.6", "stdout")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_malformed_policy_line_names_file_and_line() {
+        let mut c = Config::default();
+        let e =
+            apply_policy(&mut c, "p.policy", "IA2_SHARE_TCB=1\nshare everything\n").unwrap_err();
+        assert_eq!(e.problem, Problem::PolicyLine);
+        let msg = e.to_string();
+        assert!(msg.starts_with("IA2_POLICY=\"p.policy\" line 2: "), "{msg}");
+        let e = apply_policy(&mut c, "p.policy", "IA2_SHARE_TCB=maybe\n").unwrap_err();
+        assert!(
+            e.to_string().contains("line 1: IA2_SHARE_TCB=\"maybe\""),
+            "{e}"
+        );
+        let e = apply_policy(&mut c, "p.policy", "IA2_POLICY=other\n").unwrap_err();
+        assert_eq!(e.problem, Problem::PolicyLine);
+        let e = apply_policy(&mut c, "p.policy", "IA2_SHARE=main+zz\n").unwrap_err();
+        assert_eq!(e.problem, Problem::BadShareEntry);
+    }
+
+    #[test]
+    fn environment_overrides_the_policy_file() {
+        let path = std::env::temp_dir().join(format!("ia2-policy-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "IA2_SHARE_TCB=0\nIA2_SHARE=libc.so.6:stdout\nIA2_ON_FAULT=audit\n",
+        )
+        .unwrap();
+        let var = leak(format!("IA2_POLICY={}", path.display()));
+        let c = Config::from_vars([var, "IA2_SHARE_TCB=1"]).unwrap();
+        assert!(c.share_tcb, "the environment wins");
+        assert_eq!(c.on_fault, OnFault::Audit, "the file's other settings hold");
+        assert_eq!(c.share.entries().count(), 1);
+        let c = Config::from_vars([var, "IA2_SHARE=main:x"]).unwrap();
+        assert_eq!(
+            c.share.entries().collect::<Vec<_>>(),
+            vec![ShareEntry::ObjectSymbol("main", "x")],
+            "IA2_SHARE in the environment replaces the file's list"
+        );
+        std::fs::remove_file(&path).unwrap();
+        let e = Config::from_vars([var]).unwrap_err();
+        assert!(
+            matches!(e.problem, Problem::PolicyUnreadable(libc::ENOENT)),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("cannot read the policy file (errno 2)"),
+            "{e}"
+        );
     }
 }
