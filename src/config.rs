@@ -56,6 +56,7 @@ pub struct Reports {
     pub plan: bool,
     pub maps: bool,
     pub gates: bool,
+    pub summary: bool,
 }
 
 /// `IA2_COMPARTMENTS`: `None` is auto; otherwise a validated spec.
@@ -644,6 +645,7 @@ fn parse_reports(v: &str) -> Result<Reports, Problem> {
             "plan" => r.plan = true,
             "maps" => r.maps = true,
             "gates" => r.gates = true,
+            "summary" => r.summary = true,
             _ => return Err(Problem::BadValue),
         }
     }
@@ -917,9 +919,9 @@ pub static VARS: &[VarSpec] = &[
     },
     VarSpec {
         name: "IA2_REPORT",
-        values: "empty, any of plan, maps, gates (comma-separated)",
+        values: "empty, any of plan, maps, gates, summary (comma-separated)",
         default: "",
-        meaning: "what to print at start-up (plan, maps) and exit (gates)",
+        meaning: "what to print at start-up (plan, maps, summary: private vs shared bytes per compartment) and exit (gates)",
         implemented: true,
         parse: |c, v| {
             c.reports = parse_reports(v)?;

@@ -7,7 +7,7 @@
 //! or below (`layering::tests` reads every `crate::` path under `src/` and
 //! fails on an upward one):
 //!
-//! 1. pure core: `config`, `objects`, `compartments`, `plan`, `maps`, `stackfmt`, `scan`
+//! 1. pure core: `config`, `objects`, `compartments`, `plan`, `privacy`, `maps`, `stackfmt`, `scan`
 //! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `tls`, `apply`, `carveouts`
 //! 3. runtime core: `runtime`
 //! 4. features: `alloc`, `dl`, `fault`, `gates`, `report`, `signals`, `threads`
@@ -64,6 +64,8 @@ pub mod objects;
 pub mod pku;
 /// Pure planning: objects + compartments + carveouts → tagged page ranges.
 pub mod plan;
+/// Per compartment: private versus shared bytes of static data and TLS, and why.
+pub mod privacy;
 /// Start-up census and plan reports, and the smaps cross-check.
 pub mod report;
 /// The WRPKRU/XRSTOR byte-sequence scanner (`IA2_SCAN_WRPKRU`).

@@ -296,6 +296,59 @@ pub fn maps_report(rt: &Runtime, c: &Census) -> String {
     o
 }
 
+/// Per compartment: private and shared bytes of static data and TLS, and
+/// why the shared part is shared (`IA2_REPORT=summary`, and the plan).
+pub fn privacy_report(rt: &Runtime, c: &Census) -> String {
+    let json = rt.config.report_format == ReportFormat::Json;
+    let p = crate::stackfmt::pid();
+    let mut o = String::new();
+    for s in crate::privacy::summarize(&c.objects, &c.compartment_of, &c.plan) {
+        let why: Vec<String> = s
+            .why_shared
+            .iter()
+            .map(|(w, b)| {
+                if json {
+                    format!("{{\"why\":{},\"bytes\":{b}}}", json_str(w))
+                } else {
+                    format!("{w}: {b}")
+                }
+            })
+            .collect();
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"privacy\",\"compartment\":{},\"objects\":[{}],\"data_private\":{},\"data_shared\":{},\"tls_private\":{},\"tls_shared\":{},\"private_percent\":{:.1},\"shared\":[{}]}}",
+                s.compartment,
+                s.objects.iter().map(|n| json_str(n)).collect::<Vec<_>>().join(","),
+                s.data_private,
+                s.data_shared,
+                s.tls_private,
+                s.tls_shared,
+                s.private_percent(),
+                why.join(",")
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]: compartment {} ({}): static data {} B private, {} B shared; TLS {} B private, {} B shared; {:.1}% private{}",
+                s.compartment,
+                s.objects.join(", "),
+                s.data_private,
+                s.data_shared,
+                s.tls_private,
+                s.tls_shared,
+                s.private_percent(),
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (shared: {})", why.join("; "))
+                }
+            );
+        }
+    }
+    o
+}
+
 /// Open the report destination and print what `IA2_REPORT` asks for at start-up.
 pub fn startup(rt: &Runtime) {
     if let Some(path) = rt.config.report_file {
@@ -310,6 +363,9 @@ pub fn startup(rt: &Runtime) {
     if rt.config.reports.plan {
         emit(&plan_report(rt, &c));
         emit(&crate::gates::report(rt));
+    }
+    if rt.config.reports.plan || rt.config.reports.summary {
+        emit(&privacy_report(rt, &c));
     }
     if rt.config.reports.maps {
         let text = maps_report(rt, &c);

@@ -234,6 +234,9 @@ pub struct Policy {
     /// Some process printed its summary on a fatal signal, so the run may
     /// have stopped before reaching every fault.
     pub stopped: bool,
+    /// Why each toggle or entry is needed: (fix, what faulted where), from
+    /// the summaries' `audit_group` lines.
+    pub reasons: Vec<(String, String)>,
 }
 
 impl Policy {
@@ -246,6 +249,10 @@ impl Policy {
                 continue;
             }
             let v = Json::parse(line).map_err(|e| format!("line {}: {e}", n + 1))?;
+            if v.get("type").and_then(Json::as_str) == Some("audit_group") {
+                p.add_reason(&v);
+                continue;
+            }
             if v.get("type").and_then(Json::as_str) != Some("audit_summary") {
                 continue;
             }
@@ -278,6 +285,61 @@ impl Policy {
         Ok(p)
     }
 
+    /// Records why a group's fix is needed: the owner, the data and the
+    /// code that touched it.
+    fn add_reason(&mut self, g: &Json) {
+        let s = |k: &str| g.get(k).and_then(Json::as_str).unwrap_or("");
+        let fix = s("fix").to_string();
+        if fix.is_empty() || self.reasons.iter().any(|(f, _)| *f == fix) {
+            return;
+        }
+        let owner = match (s("object"), s("symbol")) {
+            ("", _) => s("class").to_string(),
+            (o, "") => format!("{o} {}", s("section")),
+            (o, sym) => format!("{o} {sym}"),
+        };
+        let running = g
+            .get("running_compartment")
+            .and_then(Json::as_u64)
+            .map_or("shared code".to_string(), |c| format!("compartment {c}"));
+        let by = match s("first_rip_symbol") {
+            "" => s("first_rip").to_string(),
+            sym => sym.to_string(),
+        };
+        let faults = g.get("faults").and_then(Json::as_u64).unwrap_or(0);
+        self.reasons.push((
+            fix,
+            format!("{owner}: touched by {running} at {by} ({faults} faults)"),
+        ));
+    }
+
+    /// A policy file for `IA2_POLICY`: one line per toggle and entry, each
+    /// with the reason as a comment.
+    pub fn to_file(&self, cmd: &str) -> String {
+        let why = |f: &str| {
+            self.reasons
+                .iter()
+                .find(|(x, _)| x == f)
+                .map(|(_, w)| format!("  # {w}"))
+                .unwrap_or_default()
+        };
+        let mut out = format!(
+            "# ia2shim policy learned by `ia2run --learn` for: {cmd}\n\
+             # Use: IA2_POLICY=<this file> LD_PRELOAD=libia2shim.so {cmd}\n\
+             # Variables set in the environment override these lines.\n"
+        );
+        if self.is_empty() {
+            out.push_str("# nothing to share: the audit run had no protection-key faults\n");
+        }
+        for t in &self.toggles {
+            out.push_str(&format!("{t}{}\n", why(t)));
+        }
+        for e in &self.share {
+            out.push_str(&format!("IA2_SHARE={e}{}\n", why(e)));
+        }
+        out
+    }
+
     /// Adds `other`'s toggles and entries; returns whether any was new.
     pub fn merge(&mut self, other: &Policy) -> bool {
         let before = (self.toggles.len(), self.share.len());
@@ -289,6 +351,11 @@ impl Policy {
         for s in &other.share {
             if !self.share.contains(s) {
                 self.share.push(s.clone());
+            }
+        }
+        for r in &other.reasons {
+            if !self.reasons.iter().any(|(f, _)| *f == r.0) {
+                self.reasons.push(r.clone());
             }
         }
         self.summaries += other.summaries;
@@ -326,6 +393,51 @@ impl Policy {
         }
         env
     }
+}
+
+/// One compartment's private fraction, from `IA2_REPORT=summary`'s JSON
+/// `privacy` lines.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Privacy {
+    pub compartment: u64,
+    pub objects: Vec<String>,
+    pub private_bytes: u64,
+    pub shared_bytes: u64,
+    pub private_percent: f64,
+}
+
+/// Every `privacy` line of a report file (the first process's only: one
+/// per compartment, in order).
+pub fn privacy_from_report(text: &str) -> Vec<Privacy> {
+    let mut out: Vec<Privacy> = Vec::new();
+    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+        let Ok(v) = Json::parse(line) else { continue };
+        if v.get("type").and_then(Json::as_str) != Some("privacy") {
+            continue;
+        }
+        let n = |k: &str| v.get(k).and_then(Json::as_u64).unwrap_or(0);
+        let c = n("compartment");
+        if out.iter().any(|p| p.compartment == c) {
+            continue;
+        }
+        out.push(Privacy {
+            compartment: c,
+            objects: v
+                .get("objects")
+                .and_then(Json::as_array)
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|o| o.as_str().map(str::to_string))
+                .collect(),
+            private_bytes: n("data_private") + n("tls_private"),
+            shared_bytes: n("data_shared") + n("tls_shared"),
+            private_percent: match v.get("private_percent") {
+                Some(Json::Num(x)) => *x,
+                _ => 0.0,
+            },
+        });
+    }
+    out
 }
 
 impl fmt::Display for Policy {
