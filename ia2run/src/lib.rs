@@ -27,7 +27,7 @@ pub mod learn;
 mod vm;
 mod wire;
 
-pub use vm::{run_batch_vm, VmOptions};
+pub use vm::{run_batch_vm, run_vm_stream, VmOptions};
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -481,7 +481,7 @@ pub fn run_native(job: &Job) -> Result<Outcome, Error> {
         &job.cwd,
         job.timeout,
         stdios,
-        true,
+        exec::Group::Own,
         None,
     ) {
         Ok((s, t)) => (s, t, String::new()),
@@ -527,7 +527,7 @@ pub fn run_native_inherit(job: &Job) -> Result<(Status, bool), Error> {
         &job.cwd,
         job.timeout,
         stdios,
-        false,
+        exec::Group::Same,
         None,
     ) {
         Ok((s, t)) => Ok((to_status(s), t)),
@@ -577,6 +577,9 @@ mod tests {
             mounts: vec![("rw0".into(), "/a b".into())],
             creds: Some((1000, 100)),
             parallel: 2,
+            stream: Some(wire::StreamSpec {
+                tty: [true, false, true],
+            }),
             jobs: vec![wire::WireJob {
                 argv: vec!["x".into(), "".into(), "é\n".into()],
                 env: vec![("K".into(), "V=W".into())],
@@ -585,6 +588,19 @@ mod tests {
             }],
         };
         assert_eq!(wire::decode(&wire::encode(&b)).unwrap(), b);
+        let mut frames = Vec::new();
+        wire::put_frame(&mut frames, wire::Frame::Stdout, b"\0\xff").unwrap();
+        wire::put_frame(&mut frames, wire::Frame::Exit, b"exit 0\n").unwrap();
+        let mut r = frames.as_slice();
+        assert_eq!(
+            wire::read_frame(&mut r).unwrap(),
+            Some((wire::Frame::Stdout, b"\0\xff".to_vec()))
+        );
+        assert_eq!(
+            wire::read_frame(&mut r).unwrap().unwrap().0,
+            wire::Frame::Exit
+        );
+        assert_eq!(wire::read_frame(&mut r).unwrap(), None);
         assert_eq!(
             wire::parse_status(&wire::format_status(wire::WireStatus::Signaled(9), true)),
             Some((wire::WireStatus::Signaled(9), true))

@@ -59,8 +59,15 @@ VM settings:
 Exit status: the command's; 128+N if a signal N killed it (with a line
 `ia2run: command killed by signal N (NAME)` on stderr); 124 on a timeout;
 125 when ia2run itself fails (no shim, no QEMU, no PKU in the guest, ...).
-In the VM the command's stdin is /dev/null, and its stdout and stderr are
-passed on once it has finished.
+In the VM (one command) the command's stdin, stdout and stderr are
+ia2run's, streamed while it runs over a virtio-serial port, byte for byte.
+Where ia2run's stdin, stdout or stderr is a terminal, the command's is a
+pty in the guest of the same size (following resizes), and ia2run's
+terminal is in raw mode meanwhile: the guest echoes, and ^C, ^Z and ^\
+reach the command as signals from its terminal. Output the command left a
+background process writing is passed on for at most 0.5 s after it exits.
+With --batch, stdin is /dev/null and output is passed on per command once
+the batch has finished.
 
 Learning (--learn): the audit run sets IA2_ON_FAULT=audit,
 IA2_REPORT_FORMAT=json and IA2_REPORT_FILE to a temporary file in the
@@ -397,14 +404,8 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             }
         } else {
-            match ia2run::run_batch_vm(&vm, std::slice::from_ref(&job)) {
-                Ok(mut outs) => {
-                    let o = outs.remove(0);
-                    let _ = std::io::stdout().write_all(&o.stdout);
-                    let _ = std::io::stdout().flush();
-                    let _ = std::io::stderr().write_all(&o.stderr);
-                    (o.status, o.timed_out)
-                }
+            match ia2run::run_vm_stream(&vm, &job) {
+                Ok(r) => r,
                 Err(e) => return fail(&e),
             }
         };
