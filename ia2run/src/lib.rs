@@ -387,6 +387,10 @@ pub fn shim_candidates() -> Vec<PathBuf> {
                 dirs.push(up.to_path_buf());
             }
         }
+        // Installed (scripts/install.sh): PREFIX/bin/ia2run, PREFIX/lib.
+        if let Some(prefix) = dir.parent() {
+            dirs.push(prefix.join("lib"));
+        }
         dirs.push(dir);
     }
     let mut targets = Vec::new();
@@ -409,8 +413,10 @@ pub fn shim_candidates() -> Vec<PathBuf> {
 }
 
 /// Finds `libia2shim.so`: `explicit` if given, else `$IA2RUN_SHIM`, else
-/// next to the running executable, else in Cargo's target directory
-/// (release, then debug). The result is absolute.
+/// in `../lib` of the running executable's directory (an installed
+/// `PREFIX/bin/ia2run` finds `PREFIX/lib/libia2shim.so`), else next to it,
+/// else in Cargo's target directory (release, then debug). The result is
+/// absolute.
 pub fn find_shim(explicit: Option<&Path>) -> Result<PathBuf, Error> {
     let given = explicit.map(Path::to_path_buf).or_else(|| {
         std::env::var_os("IA2RUN_SHIM")

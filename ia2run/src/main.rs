@@ -116,6 +116,39 @@ Debian packages needed for --vm: qemu-system-x86, linux-image-amd64,
 busybox-static.
 ";
 
+/// The end of `--help`: where this ia2run, its shim and the headers are.
+fn files_help() -> String {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ia2run"));
+    let mut s = format!(
+        "\nFiles (this installation):\n  ia2run          {}\n",
+        exe.display()
+    );
+    match ia2run::find_shim(None) {
+        Ok(p) => {
+            s += &format!(
+                "  libia2shim.so   {} (preloaded unless --shim or IA2RUN_SHIM)\n",
+                p.display()
+            )
+        }
+        Err(_) => {
+            s += "  libia2shim.so   not found; searched, in order:\n";
+            for c in ia2run::shim_candidates() {
+                s += &format!("                    {}\n", c.display());
+            }
+        }
+    }
+    // scripts/install.sh puts them into PREFIX/include next to PREFIX/bin.
+    let include = exe
+        .parent()
+        .and_then(|b| b.parent())
+        .map(|p| p.join("include"));
+    if let Some(h) = include.map(|i| i.join("ia2shim.h")).filter(|h| h.is_file()) {
+        s += &format!("  headers         {} and ia2_allocator.h\n", h.display());
+    }
+    s += "Install with scripts/install.sh --prefix DIR (see the README).\n";
+    s
+}
+
 struct Cli {
     mode: Mode,
     shim: Option<PathBuf>,
@@ -329,6 +362,7 @@ fn main() -> ExitCode {
         Ok(Some(cli)) => cli,
         Ok(None) => {
             print!("{HELP}");
+            print!("{}", files_help());
             return ExitCode::SUCCESS;
         }
         Err(e) => return usage_error(&e),
