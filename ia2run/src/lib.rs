@@ -24,6 +24,7 @@ mod agent;
 mod cpio;
 mod exec;
 pub mod learn;
+pub mod map;
 mod vm;
 mod wire;
 
