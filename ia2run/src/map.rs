@@ -278,7 +278,19 @@ fn bands(r: &Report) -> Vec<Band> {
     let mut last: Option<(Option<usize>, u64)> = None;
     for i in maps {
         let m = &r.mappings[i];
-        let o = owner(m);
+        let mut o = owner(m);
+        // With real keys the kernel splits an object's writable data into
+        // one mapping per key: anonymous pieces (carveouts in .bss) that
+        // continue an object's mappings and hold planned pages are its own.
+        if let (None, true, Some((Some(prev), end))) = (o, m.path.is_empty(), last) {
+            let planned = r
+                .ranges
+                .iter()
+                .any(|x| overlaps((x.start, x.end), (m.start, m.end)));
+            if end == m.start && planned {
+                o = Some(prev);
+            }
+        }
         let same = match last {
             Some((lo, end)) => lo == o && (o.is_some() || m.start.saturating_sub(end) <= 1 << 20),
             None => false,
@@ -574,7 +586,7 @@ pub fn svg(r: &Report, title: &str) -> String {
                 "<text x=\"{:.1}\" y=\"{:.1}\" class=\"n\">{}</text>",
                 nx.min(RIGHT - 200.0),
                 y + 2.0,
-                esc(&n)
+                esc(&truncate(&n, 90))
             );
             y += NOTE;
         }
