@@ -9,6 +9,8 @@ ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v dav1d >/dev/null || need+=(dav1d)
 command -v aomenc >/dev/null || need+=(aom-tools)
+# rsvg-convert renders the --map pictures in ia2run's tests.
+command -v rsvg-convert >/dev/null || need+=(librsvg2-bin)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2

@@ -13,8 +13,25 @@ use std::time::Duration;
 
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
+    fn setsid() -> i32;
+    fn ioctl(fd: i32, req: u64, ...) -> i32;
 }
 const SIGKILL: i32 = 9;
+const TIOCSCTTY: u64 = 0x540e;
+
+/// The process group (and session) the command runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Ours: it shares our terminal (a background group would get SIGTTIN
+    /// on reading it).
+    Same,
+    /// Its own, so that a timeout also kills whatever it forked.
+    Own,
+    /// A new session whose controlling terminal is this fd of the child
+    /// (after the stdio set-up): a pty slave in the guest. Its group is its
+    /// own, as with `Own`.
+    Session { ctty: i32 },
+}
 
 pub struct Stdios {
     pub stdin: Stdio,
@@ -27,16 +44,14 @@ pub struct Stdios {
 ///
 /// `creds` switches to that (uid, gid) first (the guest agent runs as root).
 ///
-/// With `own_group` the command gets its own process group so that a timeout
-/// also kills whatever it forked. Not wanted when it shares our terminal:
-/// a background process group would get SIGTTIN on reading it.
+/// `group` says which process group it runs in, see [`Group`].
 pub fn run(
     argv: &[OsString],
     env: &[(OsString, OsString)],
     cwd: &Path,
     timeout: Option<Duration>,
     stdios: Stdios,
-    own_group: bool,
+    group: Group,
     creds: Option<(u32, u32)>,
 ) -> io::Result<(WireStatus, bool)> {
     let Some((prog, args)) = argv.split_first() else {
@@ -56,9 +71,24 @@ pub fn run(
         .stdin(stdios.stdin)
         .stdout(stdios.stdout)
         .stderr(stdios.stderr);
-    if own_group {
-        cmd.process_group(0);
+    match group {
+        Group::Same => {}
+        Group::Own => {
+            cmd.process_group(0);
+        }
+        Group::Session { ctty } => {
+            // SAFETY: setsid and ioctl are async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if setsid() < 0 || ioctl(ctty, TIOCSCTTY, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
     }
+    let own_group = group != Group::Same;
     if let Some((uid, gid)) = creds {
         cmd.uid(uid).gid(gid);
     }

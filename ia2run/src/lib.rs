@@ -24,10 +24,11 @@ mod agent;
 mod cpio;
 mod exec;
 pub mod learn;
+pub mod map;
 mod vm;
 mod wire;
 
-pub use vm::{run_batch_vm, VmOptions};
+pub use vm::{run_batch_vm, run_vm_stream, VmOptions};
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -387,6 +388,10 @@ pub fn shim_candidates() -> Vec<PathBuf> {
                 dirs.push(up.to_path_buf());
             }
         }
+        // Installed (scripts/install.sh): PREFIX/bin/ia2run, PREFIX/lib.
+        if let Some(prefix) = dir.parent() {
+            dirs.push(prefix.join("lib"));
+        }
         dirs.push(dir);
     }
     let mut targets = Vec::new();
@@ -409,8 +414,10 @@ pub fn shim_candidates() -> Vec<PathBuf> {
 }
 
 /// Finds `libia2shim.so`: `explicit` if given, else `$IA2RUN_SHIM`, else
-/// next to the running executable, else in Cargo's target directory
-/// (release, then debug). The result is absolute.
+/// in `../lib` of the running executable's directory (an installed
+/// `PREFIX/bin/ia2run` finds `PREFIX/lib/libia2shim.so`), else next to it,
+/// else in Cargo's target directory (release, then debug). The result is
+/// absolute.
 pub fn find_shim(explicit: Option<&Path>) -> Result<PathBuf, Error> {
     let given = explicit.map(Path::to_path_buf).or_else(|| {
         std::env::var_os("IA2RUN_SHIM")
@@ -481,7 +488,7 @@ pub fn run_native(job: &Job) -> Result<Outcome, Error> {
         &job.cwd,
         job.timeout,
         stdios,
-        true,
+        exec::Group::Own,
         None,
     ) {
         Ok((s, t)) => (s, t, String::new()),
@@ -527,7 +534,7 @@ pub fn run_native_inherit(job: &Job) -> Result<(Status, bool), Error> {
         &job.cwd,
         job.timeout,
         stdios,
-        false,
+        exec::Group::Same,
         None,
     ) {
         Ok((s, t)) => Ok((to_status(s), t)),
@@ -577,6 +584,9 @@ mod tests {
             mounts: vec![("rw0".into(), "/a b".into())],
             creds: Some((1000, 100)),
             parallel: 2,
+            stream: Some(wire::StreamSpec {
+                tty: [true, false, true],
+            }),
             jobs: vec![wire::WireJob {
                 argv: vec!["x".into(), "".into(), "é\n".into()],
                 env: vec![("K".into(), "V=W".into())],
@@ -585,6 +595,19 @@ mod tests {
             }],
         };
         assert_eq!(wire::decode(&wire::encode(&b)).unwrap(), b);
+        let mut frames = Vec::new();
+        wire::put_frame(&mut frames, wire::Frame::Stdout, b"\0\xff").unwrap();
+        wire::put_frame(&mut frames, wire::Frame::Exit, b"exit 0\n").unwrap();
+        let mut r = frames.as_slice();
+        assert_eq!(
+            wire::read_frame(&mut r).unwrap(),
+            Some((wire::Frame::Stdout, b"\0\xff".to_vec()))
+        );
+        assert_eq!(
+            wire::read_frame(&mut r).unwrap().unwrap().0,
+            wire::Frame::Exit
+        );
+        assert_eq!(wire::read_frame(&mut r).unwrap(), None);
         assert_eq!(
             wire::parse_status(&wire::format_status(wire::WireStatus::Signaled(9), true)),
             Some((wire::WireStatus::Signaled(9), true))

@@ -41,6 +41,13 @@ What to run:
                    every command; default 300), natively each command
                    (default none); exit status 124
   --cmd-timeout S  kill each command after S seconds (VM and native)
+  --map FILE       draw the compartments: FILE.svg, or FILE.html (the
+                   picture plus carveout, gate and fault tables), one per
+                   process (FILE for the first, FILE-PID for the others);
+                   sets IA2_REPORT=plan,gates,maps (plus yours),
+                   IA2_REPORT_FORMAT=json and IA2_REPORT_FILE to a temporary
+                   file in the current directory; with IA2_ON_FAULT=audit
+                   the faults are marked too
   --learn          learn a sharing policy (see below): run CMD in audit mode,
                    print the variables that would have made the run clean,
                    then run CMD again with them to confirm
@@ -59,8 +66,15 @@ VM settings:
 Exit status: the command's; 128+N if a signal N killed it (with a line
 `ia2run: command killed by signal N (NAME)` on stderr); 124 on a timeout;
 125 when ia2run itself fails (no shim, no QEMU, no PKU in the guest, ...).
-In the VM the command's stdin is /dev/null, and its stdout and stderr are
-passed on once it has finished.
+In the VM (one command) the command's stdin, stdout and stderr are
+ia2run's, streamed while it runs over a virtio-serial port, byte for byte.
+Where ia2run's stdin, stdout or stderr is a terminal, the command's is a
+pty in the guest of the same size (following resizes), and ia2run's
+terminal is in raw mode meanwhile: the guest echoes, and ^C, ^Z and ^\
+reach the command as signals from its terminal. Output the command left a
+background process writing is passed on for at most 0.5 s after it exits.
+With --batch, stdin is /dev/null and output is passed on per command once
+the batch has finished.
 
 Learning (--learn): the audit run sets IA2_ON_FAULT=audit,
 IA2_REPORT_FORMAT=json and IA2_REPORT_FILE to a temporary file in the
@@ -109,6 +123,39 @@ Debian packages needed for --vm: qemu-system-x86, linux-image-amd64,
 busybox-static.
 ";
 
+/// The end of `--help`: where this ia2run, its shim and the headers are.
+fn files_help() -> String {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ia2run"));
+    let mut s = format!(
+        "\nFiles (this installation):\n  ia2run          {}\n",
+        exe.display()
+    );
+    match ia2run::find_shim(None) {
+        Ok(p) => {
+            s += &format!(
+                "  libia2shim.so   {} (preloaded unless --shim or IA2RUN_SHIM)\n",
+                p.display()
+            )
+        }
+        Err(_) => {
+            s += "  libia2shim.so   not found; searched, in order:\n";
+            for c in ia2run::shim_candidates() {
+                s += &format!("                    {}\n", c.display());
+            }
+        }
+    }
+    // scripts/install.sh puts them into PREFIX/include next to PREFIX/bin.
+    let include = exe
+        .parent()
+        .and_then(|b| b.parent())
+        .map(|p| p.join("include"));
+    if let Some(h) = include.map(|i| i.join("ia2shim.h")).filter(|h| h.is_file()) {
+        s += &format!("  headers         {} and ia2_allocator.h\n", h.display());
+    }
+    s += "Install with scripts/install.sh --prefix DIR (see the README).\n";
+    s
+}
+
 struct Cli {
     mode: Mode,
     shim: Option<PathBuf>,
@@ -118,6 +165,7 @@ struct Cli {
     timeout: Option<Duration>,
     cmd_timeout: Option<Duration>,
     learn: bool,
+    map: Option<PathBuf>,
     vm: VmOptions,
     cmd: Vec<OsString>,
 }
@@ -145,6 +193,7 @@ fn parse_args(args: Vec<OsString>) -> Result<Option<Cli>, String> {
         timeout: None,
         cmd_timeout: None,
         learn: false,
+        map: None,
         vm: VmOptions::default(),
         cmd: Vec::new(),
     };
@@ -190,6 +239,17 @@ fn parse_args(args: Vec<OsString>) -> Result<Option<Cli>, String> {
             }
             "--batch" => cli.batch = Some(value()?.into()),
             "--learn" => cli.learn = true,
+            "--map" => {
+                let f = PathBuf::from(value()?);
+                let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("");
+                if !matches!(ext, "svg" | "html") {
+                    return Err(format!(
+                        "--map wants FILE.svg or FILE.html, not {}",
+                        f.display()
+                    ));
+                }
+                cli.map = Some(f);
+            }
             "--timeout" => cli.timeout = Some(parse_secs(&text(value()?)?)?),
             "--cmd-timeout" => cli.cmd_timeout = Some(parse_secs(&text(value()?)?)?),
             "--mem" => {
@@ -322,12 +382,16 @@ fn main() -> ExitCode {
         Ok(Some(cli)) => cli,
         Ok(None) => {
             print!("{HELP}");
+            print!("{}", files_help());
             return ExitCode::SUCCESS;
         }
         Err(e) => return usage_error(&e),
     };
     if cli.learn && cli.batch.is_some() {
         return usage_error("--learn takes a command, not --batch");
+    }
+    if cli.map.is_some() && (cli.learn || cli.batch.is_some()) {
+        return usage_error("--map takes a command, not --batch or --learn");
     }
     if cli.batch.is_some() != cli.cmd.is_empty() {
         return usage_error(if cli.batch.is_some() {
@@ -390,24 +454,28 @@ fn main() -> ExitCode {
     }
 
     let Some(batch) = &cli.batch else {
-        let job = make_job(cli.cmd.clone(), &[]);
+        let report = cli.map.as_ref().map(|_| MapReport::new());
+        let extra = report
+            .as_ref()
+            .map_or(Vec::new(), |m| m.env(&make_job(cli.cmd.clone(), &[])));
+        let job = make_job(cli.cmd.clone(), &extra);
         let (status, timed_out) = if mode == Mode::Native {
             match ia2run::run_native_inherit(&job) {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             }
         } else {
-            match ia2run::run_batch_vm(&vm, std::slice::from_ref(&job)) {
-                Ok(mut outs) => {
-                    let o = outs.remove(0);
-                    let _ = std::io::stdout().write_all(&o.stdout);
-                    let _ = std::io::stdout().flush();
-                    let _ = std::io::stderr().write_all(&o.stderr);
-                    (o.status, o.timed_out)
-                }
+            match ia2run::run_vm_stream(&vm, &job) {
+                Ok(r) => r,
                 Err(e) => return fail(&e),
             }
         };
+        if let (Some(m), Some(file)) = (&report, &cli.map) {
+            if let Err(e) = m.render(file, &job, mode) {
+                eprintln!("ia2run: --map: {e}");
+                return ExitCode::from(125);
+            }
+        }
         if timed_out {
             let secs = job.timeout.map_or(0.0, |t| t.as_secs_f64());
             eprintln!("ia2run: command timed out after {secs} s and was killed");
@@ -465,6 +533,99 @@ fn main() -> ExitCode {
         }
     }
     exit_code(first_failure.unwrap_or(0))
+}
+
+/// `--map`: the shim's JSON reports, one file per process, in the current
+/// directory (which the VM can write), turned into pictures afterwards.
+struct MapReport {
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl MapReport {
+    fn new() -> MapReport {
+        MapReport {
+            dir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+            prefix: format!(".ia2run-map-{}-", std::process::id()),
+        }
+    }
+
+    /// The variables that make the shim write the report: the user's
+    /// IA2_REPORT items stay, plus plan, gates and maps.
+    fn env(&self, job: &Job) -> Vec<(OsString, OsString)> {
+        let mut items: Vec<String> = job
+            .env
+            .iter()
+            .find(|(k, _)| k == "IA2_REPORT")
+            .and_then(|(_, v)| v.to_str())
+            .unwrap_or("")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for want in ["plan", "gates", "maps"] {
+            if !items.iter().any(|i| i == want) {
+                items.push(want.into());
+            }
+        }
+        let file = self.dir.join(format!("{}%p.jsonl", self.prefix));
+        vec![
+            ("IA2_REPORT".into(), items.join(",").into()),
+            ("IA2_REPORT_FORMAT".into(), "json".into()),
+            ("IA2_REPORT_FILE".into(), file.into()),
+        ]
+    }
+
+    /// One picture per process: `file` for the first (lowest pid), and
+    /// `STEM-PID.EXT` next to it for each other one.
+    fn render(&self, file: &std::path::Path, job: &Job, mode: Mode) -> Result<(), String> {
+        let mut reports: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.dir)
+            .map_err(|e| format!("{}: {e}", self.dir.display()))?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let pid = name.strip_prefix(&self.prefix)?.strip_suffix(".jsonl")?;
+                Some((pid.parse().ok()?, e.path()))
+            })
+            .collect();
+        reports.sort();
+        if reports.is_empty() {
+            return Err(
+                "the shim wrote no report (is it preloaded? --no-shim gives no picture)".into(),
+            );
+        }
+        let html = file.extension().is_some_and(|e| e == "html");
+        let mut written = Vec::new();
+        for (n, (pid, path)) in reports.iter().enumerate() {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let _ = std::fs::remove_file(path);
+            let r = ia2run::map::Report::parse(&text);
+            if r.is_empty() {
+                continue;
+            }
+            let how = if mode == Mode::Vm { "PKU VM" } else { "native" };
+            let title = format!("{job} — pid {pid} ({how})");
+            let out = if n == 0 {
+                file.to_path_buf()
+            } else {
+                let stem = file.file_stem().unwrap_or_default().to_string_lossy();
+                let ext = if html { "html" } else { "svg" };
+                file.with_file_name(format!("{stem}-{pid}.{ext}"))
+            };
+            let doc = if html {
+                ia2run::map::html(&r, &title)
+            } else {
+                ia2run::map::svg(&r, &title)
+            };
+            std::fs::write(&out, doc).map_err(|e| format!("{}: {e}", out.display()))?;
+            written.push(out.display().to_string());
+        }
+        if written.is_empty() {
+            return Err("the shim's report had no objects or mappings".into());
+        }
+        eprintln!("ia2run: map: wrote {}", written.join(", "));
+        Ok(())
+    }
 }
 
 /// Runs one job (natively or in one VM boot) and passes its output on.

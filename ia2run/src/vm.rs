@@ -7,7 +7,7 @@
 //! guest agent in and the results out.
 
 use crate::cpio::Cpio;
-use crate::wire::{self, WireBatch, WireJob, WireStatus};
+use crate::wire::{self, StreamSpec, WireBatch, WireJob, WireStatus};
 use crate::{Error, Job, Outcome, Status};
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -15,6 +15,7 @@ use std::fs;
 use std::hash::{Hash, Hasher};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,7 +28,7 @@ static INIT: &str = include_str!("init.sh");
 /// The modules that make virtio-9p work, in load order. Their dependencies
 /// from `modules.dep` are loaded first; modules that are built in (or absent)
 /// are skipped.
-const MODULES: [&str; 10] = [
+const MODULES: [&str; 11] = [
     "virtio_ring",
     "virtio",
     "virtio_pci_legacy_dev",
@@ -38,6 +39,8 @@ const MODULES: [&str; 10] = [
     "9pnet",
     "9pnet_virtio",
     "9p",
+    // The streaming port of `ia2run --vm -- CMD` (virtio-serial).
+    "virtio_console",
 ];
 
 /// Settings for the guest. `Default` gives 1024 MB, 2 CPUs, 300 s, and the
@@ -610,13 +613,144 @@ impl Drop for TempDir {
     }
 }
 
-/// Boots one guest, runs `jobs` in order inside it and returns one
-/// [`Outcome`] per job. Fails if the guest cannot be started, has no PKU,
-/// or does not finish within `opts.timeout`.
-pub fn run_batch_vm(opts: &VmOptions, jobs: &[Job]) -> Result<Vec<Outcome>, Error> {
-    if jobs.is_empty() {
-        return Ok(Vec::new());
+/// A started guest: QEMU running, the job directory shared with it.
+struct Guest {
+    child: std::process::Child,
+    tmp: TempDir,
+    share: PathBuf,
+    console: PathBuf,
+    qemu_log: PathBuf,
+    /// Listening for QEMU's connection to the streaming port.
+    listener: Option<UnixListener>,
+    image: PathBuf,
+    t0: Instant,
+    t_boot: Instant,
+    verbose: bool,
+}
+
+impl Guest {
+    fn guest_err(&self, msg: String) -> Error {
+        let log = fs::read_to_string(&self.console).unwrap_or_default();
+        Error::Guest {
+            msg,
+            console: tail(&log, 20),
+        }
     }
+
+    /// What the guest was doing, for a timeout message.
+    fn during(&self, jobs: &[Job]) -> String {
+        if !self.share.join("started").exists() {
+            return "while booting".to_string();
+        }
+        let i = (0..jobs.len())
+            .find(|i| !self.share.join(format!("{i}.status")).exists())
+            .unwrap_or(0);
+        format!(
+            "while running job {} of {} ({})",
+            i + 1,
+            jobs.len(),
+            jobs[i]
+        )
+    }
+
+    fn timeout_error(&mut self, opts: &VmOptions, jobs: &[Job]) -> Error {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = fs::read_to_string(&self.console).unwrap_or_default();
+        Error::Timeout {
+            after: opts.timeout,
+            during: self.during(jobs),
+            console: tail(&log, 20),
+        }
+    }
+
+    /// Waits for the guest to power off (or kills it at the deadline), then
+    /// turns what the guest left behind into an error if it failed before
+    /// running the jobs.
+    fn wait(&mut self, opts: &VmOptions, jobs: &[Job]) -> Result<(), Error> {
+        let deadline = self.t_boot + opts.timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().map_err(io_err("waiting for qemu"))? {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout_error(opts, jobs));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        };
+        if self.verbose {
+            eprintln!(
+                "ia2run: VM ran {} job(s) in {:.2} s (setup {:.2} s), kernel {}",
+                jobs.len(),
+                self.t_boot.elapsed().as_secs_f64(),
+                (self.t_boot - self.t0).as_secs_f64(),
+                self.image.display()
+            );
+        }
+        let log = fs::read_to_string(&self.console).unwrap_or_default();
+        if let Ok(flags) = fs::read_to_string(self.share.join("nopku")) {
+            let flags = flags.split_once(':').map_or(flags.as_str(), |(_, f)| f);
+            return Err(Error::NoPku(flags.trim().to_owned()));
+        }
+        if let Some(line) = log
+            .lines()
+            .find_map(|l| l.split_once("IA2RUN-INIT-ERROR: "))
+        {
+            return Err(self.guest_err(format!("guest init failed: {}", line.1.trim())));
+        }
+        if let Ok(msg) = fs::read_to_string(self.share.join("agent-error")) {
+            return Err(self.guest_err(format!("guest agent failed: {}", msg.trim())));
+        }
+        if !self.share.join("started").exists() {
+            let qlog = fs::read_to_string(&self.qemu_log).unwrap_or_default();
+            let msg = if !status.success() && !qlog.trim().is_empty() {
+                format!("qemu failed ({status}): {}", tail(&qlog, 10))
+            } else {
+                format!("the guest stopped before running anything ({status})")
+            };
+            return Err(self.guest_err(msg));
+        }
+        Ok(())
+    }
+
+    /// The status line file of job `i`, parsed; with its guest timing.
+    fn job_status(&self, i: usize, jobs: &[Job]) -> Result<(Status, bool), Error> {
+        let text = fs::read(self.share.join(format!("{i}.status")))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .ok();
+        let Some((st, timed_out)) = text.as_deref().and_then(wire::parse_status) else {
+            return Err(self.guest_err(format!(
+                "job {} of {} ({}) did not finish: the guest crashed or powered off",
+                i + 1,
+                jobs.len(),
+                jobs[i]
+            )));
+        };
+        if self.verbose {
+            let ms = text
+                .as_deref()
+                .and_then(|t| t.lines().find_map(|l| l.strip_prefix("ms ")));
+            eprintln!(
+                "ia2run: job {} ({}) took {} ms in the guest",
+                i + 1,
+                jobs[i],
+                ms.unwrap_or("?")
+            );
+        }
+        Ok((to_status(st), timed_out))
+    }
+}
+
+fn to_status(st: WireStatus) -> Status {
+    match st {
+        WireStatus::Exited(c) => Status::Exited(c),
+        WireStatus::Signaled(s) => Status::Signaled(s),
+    }
+}
+
+/// Boots QEMU with `jobs` in the job directory; with `stream`, also with
+/// the streaming port, whose host end is a Unix socket QEMU connects to.
+fn start_guest(opts: &VmOptions, jobs: &[Job], stream: Option<StreamSpec>) -> Result<Guest, Error> {
     let verbose = opts.verbose || env_flag("IA2RUN_VERBOSE");
     let t0 = Instant::now();
     let qemu = resolve_tool(
@@ -655,6 +789,7 @@ pub fn run_batch_vm(opts: &VmOptions, jobs: &[Job]) -> Result<Vec<Outcome>, Erro
             ids => Some(ids),
         },
         parallel: opts.parallel.max(1),
+        stream,
         jobs: jobs
             .iter()
             .map(|j| WireJob {
@@ -692,7 +827,8 @@ pub fn run_batch_vm(opts: &VmOptions, jobs: &[Job]) -> Result<Vec<Outcome>, Erro
     .arg("-initrd")
     .arg(&initrd)
     // The console goes to a log file: `quiet` keeps it short, and the
-    // command's output travels through the job directory instead.
+    // command's output travels through the job directory (or the
+    // streaming port) instead.
     .arg("-append")
     .arg(kernel_args())
     .arg("-serial")
@@ -711,6 +847,26 @@ pub fn run_batch_vm(opts: &VmOptions, jobs: &[Job]) -> Result<Vec<Outcome>, Erro
             qemu_escape(dir)
         ));
     }
+    let listener = match stream {
+        None => None,
+        Some(_) => {
+            // We listen and QEMU connects (its chardev's client mode), so
+            // the connection exists once QEMU has started, with no retries.
+            let sock = tmp.path.join("io.sock");
+            let l = UnixListener::bind(&sock).map_err(io_err(format!(
+                "cannot listen on {} (set TMPDIR to a shorter path?)",
+                sock.display()
+            )))?;
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=ia2io,path={}", qemu_escape(&sock)))
+                .args(["-device", "virtio-serial-pci,id=ia2ser", "-device"])
+                .arg(format!(
+                    "virtserialport,bus=ia2ser.0,chardev=ia2io,name={}",
+                    wire::STREAM_PORT
+                ));
+            Some(l)
+        }
+    };
     cmd.stdin(Stdio::null())
         .stdout(qemu_log_file.try_clone().map_err(io_err("qemu.log"))?)
         .stderr(qemu_log_file);
@@ -721,114 +877,52 @@ pub fn run_batch_vm(opts: &VmOptions, jobs: &[Job]) -> Result<Vec<Outcome>, Erro
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+    let child = cmd.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
             missing("qemu-system-x86_64", qemu.clone(), "qemu-system-x86")
         }
         _ => io_err(format!("cannot start {}", qemu.display()))(e),
     })?;
-    let t_boot = Instant::now();
-    let deadline = t_boot + opts.timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait().map_err(io_err("waiting for qemu"))? {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let log = fs::read_to_string(&console).unwrap_or_default();
-            let during = if !share.join("started").exists() {
-                "while booting".to_string()
-            } else {
-                let i = (0..jobs.len())
-                    .find(|i| !share.join(format!("{i}.status")).exists())
-                    .unwrap_or(0);
-                format!(
-                    "while running job {} of {} ({})",
-                    i + 1,
-                    jobs.len(),
-                    jobs[i]
-                )
-            };
-            return Err(Error::Timeout {
-                after: opts.timeout,
-                during,
-                console: tail(&log, 20),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    };
-    if verbose {
-        eprintln!(
-            "ia2run: VM ran {} job(s) in {:.2} s (setup {:.2} s), kernel {}",
-            jobs.len(),
-            t_boot.elapsed().as_secs_f64(),
-            (t_boot - t0).as_secs_f64(),
-            image.display()
-        );
-    }
+    Ok(Guest {
+        child,
+        tmp,
+        share,
+        console,
+        qemu_log,
+        listener,
+        image,
+        t0,
+        t_boot: Instant::now(),
+        verbose,
+    })
+}
 
-    let log = fs::read_to_string(&console).unwrap_or_default();
-    let guest_err = |msg: String| Error::Guest {
-        msg,
-        console: tail(&log, 20),
-    };
-    if let Ok(flags) = fs::read_to_string(share.join("nopku")) {
-        let flags = flags.split_once(':').map_or(flags.as_str(), |(_, f)| f);
-        return Err(Error::NoPku(flags.trim().to_owned()));
+/// Boots one guest, runs `jobs` in order inside it and returns one
+/// [`Outcome`] per job. Fails if the guest cannot be started, has no PKU,
+/// or does not finish within `opts.timeout`.
+pub fn run_batch_vm(opts: &VmOptions, jobs: &[Job]) -> Result<Vec<Outcome>, Error> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
     }
-    if let Some(line) = log
-        .lines()
-        .find_map(|l| l.split_once("IA2RUN-INIT-ERROR: "))
-    {
-        return Err(guest_err(format!("guest init failed: {}", line.1.trim())));
-    }
-    if let Ok(msg) = fs::read_to_string(share.join("agent-error")) {
-        return Err(guest_err(format!("guest agent failed: {}", msg.trim())));
-    }
-    if !share.join("started").exists() {
-        let qlog = fs::read_to_string(&qemu_log).unwrap_or_default();
-        let msg = if !status.success() && !qlog.trim().is_empty() {
-            format!("qemu failed ({status}): {}", tail(&qlog, 10))
-        } else {
-            format!("the guest stopped before running anything ({status})")
-        };
-        return Err(guest_err(msg));
-    }
+    let mut g = start_guest(opts, jobs, None)?;
+    g.wait(opts, jobs)?;
     let mut outcomes = Vec::with_capacity(jobs.len());
-    for (i, job) in jobs.iter().enumerate() {
-        let read = |ext: &str| fs::read(share.join(format!("{i}.{ext}")));
-        let text = read("status").map(|b| String::from_utf8_lossy(&b).into_owned());
-        let text = text.ok();
-        let Some((st, timed_out)) = text.as_deref().and_then(wire::parse_status) else {
-            return Err(guest_err(format!(
-                "job {} of {} ({job}) did not finish: the guest crashed or powered off",
-                i + 1,
-                jobs.len()
-            )));
-        };
-        if verbose {
-            let ms = text
-                .as_deref()
-                .and_then(|t| t.lines().find_map(|l| l.strip_prefix("ms ")));
-            eprintln!(
-                "ia2run: job {} ({job}) took {} ms in the guest",
-                i + 1,
-                ms.unwrap_or("?")
-            );
-        }
+    for i in 0..jobs.len() {
+        let (status, timed_out) = g.job_status(i, jobs)?;
+        let read = |ext: &str| fs::read(g.share.join(format!("{i}.{ext}")));
         outcomes.push(Outcome {
-            status: match st {
-                WireStatus::Exited(c) => Status::Exited(c),
-                WireStatus::Signaled(s) => Status::Signaled(s),
-            },
+            status,
             stdout: read("out").unwrap_or_default(),
             stderr: read("err").unwrap_or_default(),
             timed_out,
         });
     }
+    drop(g.tmp);
     Ok(outcomes)
 }
+
+mod stream;
+pub use stream::run_vm_stream;
 
 pub(crate) fn describe(argv: &[OsString]) -> String {
     let words: Vec<String> = argv

@@ -10,7 +10,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
-const MAGIC: &[u8; 8] = b"IA2RUNJ1";
+const MAGIC: &[u8; 8] = b"IA2RUNJ2";
 
 /// One command as the agent sees it: the environment is final (LD_PRELOAD
 /// already applied).
@@ -31,7 +31,97 @@ pub struct WireBatch {
     pub creds: Option<(u32, u32)>,
     /// How many jobs run at once.
     pub parallel: u32,
+    /// Run the one job with its stdio on the streaming port (see
+    /// [`Frame`]) instead of files in the job directory.
+    pub stream: Option<StreamSpec>,
     pub jobs: Vec<WireJob>,
+}
+
+/// How a streamed job's stdio is set up in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamSpec {
+    /// Which of the command's fds 0, 1, 2 are a terminal (the slave of one
+    /// pty in the guest) because ia2run's own are; the others are pipes.
+    pub tty: [bool; 3],
+}
+
+/// The name of the virtio-serial port that carries a streamed job's stdio.
+pub const STREAM_PORT: &str = "ia2run.io";
+
+/// The frames on the streaming port: a kind byte, a little-endian u32
+/// length, the payload. One port in both directions keeps the host side to
+/// one socket and preserves the order of stdout and stderr as the agent
+/// read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Frame {
+    /// host to guest: bytes for the command's stdin.
+    Stdin = 0,
+    /// host to guest: ia2run's stdin reached its end.
+    StdinEof = 1,
+    /// host to guest: the terminal's size, rows and columns as two u16.
+    Winsize = 2,
+    /// guest to host: bytes the command wrote to its stdout pipe.
+    Stdout = 3,
+    /// guest to host: bytes the command wrote to its stderr pipe.
+    Stderr = 4,
+    /// guest to host: bytes from the pty master (the command's terminal
+    /// output and the line discipline's echo).
+    Tty = 5,
+    /// guest to host: how the command ended, as [`format_status`] writes it.
+    Exit = 6,
+}
+
+impl Frame {
+    pub fn from_u8(b: u8) -> Option<Frame> {
+        Some(match b {
+            0 => Frame::Stdin,
+            1 => Frame::StdinEof,
+            2 => Frame::Winsize,
+            3 => Frame::Stdout,
+            4 => Frame::Stderr,
+            5 => Frame::Tty,
+            6 => Frame::Exit,
+            _ => return None,
+        })
+    }
+}
+
+/// Writes one frame with a single `write_all`, so that frames from several
+/// threads sharing a writer (behind a lock) never interleave.
+pub fn put_frame(w: &mut impl io::Write, kind: Frame, data: &[u8]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(5 + data.len());
+    buf.push(kind as u8);
+    buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    buf.extend_from_slice(data);
+    w.write_all(&buf)
+}
+
+/// The largest payload a reader accepts: writers send at most 64 KiB.
+const MAX_FRAME: usize = 1 << 20;
+
+/// Reads one frame; `Ok(None)` at a clean end of the stream.
+pub fn read_frame(r: &mut impl io::Read) -> io::Result<Option<(Frame, Vec<u8>)>> {
+    let mut head = [0u8; 5];
+    let mut got = 0;
+    while got < head.len() {
+        match r.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let kind = Frame::from_u8(head[0]).ok_or_else(|| bad("unknown frame kind"))?;
+    let len = u32::from_le_bytes(head[1..].try_into().unwrap()) as usize;
+    if len > MAX_FRAME {
+        return Err(bad("frame too long"));
+    }
+    let mut data = vec![0; len];
+    r.read_exact(&mut data)?;
+    Ok(Some((kind, data)))
 }
 
 /// How a command ended, in the agent's own words.
@@ -60,7 +150,14 @@ pub fn encode(batch: &WireBatch) -> Vec<u8> {
         put_bytes(&mut out, path.as_os_str().as_bytes());
     }
     let (has, uid, gid) = batch.creds.map_or((0, 0, 0), |(u, g)| (1, u, g));
-    for v in [has, uid, gid, batch.parallel] {
+    let stream = batch.stream.map_or(0, |s| {
+        1 | s
+            .tty
+            .iter()
+            .enumerate()
+            .fold(0, |m, (i, &t)| m | (u32::from(t) << (i + 1)))
+    });
+    for v in [has, uid, gid, batch.parallel, stream] {
         put_u32(&mut out, v);
     }
     put_u32(&mut out, batch.jobs.len() as u32);
@@ -130,6 +227,10 @@ pub fn decode(buf: &[u8]) -> io::Result<WireBatch> {
     let (has, uid, gid) = (r.u32()?, r.u32()?, r.u32()?);
     batch.creds = (has != 0).then_some((uid, gid));
     batch.parallel = r.u32()?;
+    let stream = r.u32()?;
+    batch.stream = (stream & 1 != 0).then(|| StreamSpec {
+        tty: [0, 1, 2].map(|i| stream & (2 << i) != 0),
+    });
     for _ in 0..r.u32()? {
         let argv = (0..r.u32()?).map(|_| r.os()).collect::<io::Result<_>>()?;
         let env = (0..r.u32()?)
