@@ -1207,7 +1207,8 @@ mod tests {
             Reports {
                 plan: true,
                 maps: true,
-                gates: false
+                gates: false,
+                summary: false
             }
         );
         assert_eq!(c.report_format, ReportFormat::Json);

@@ -54,7 +54,10 @@ fn split(plan: &Plan, c: u8, r: Range, why_shared: &mut Vec<(String, usize)>) ->
         None => why_shared.push((w, n)),
     };
     let first = plan.entries.partition_point(|e| e.range.end <= r.start);
-    for e in plan.entries[first..].iter().take_while(|e| e.range.start < r.end) {
+    for e in plan.entries[first..]
+        .iter()
+        .take_while(|e| e.range.start < r.end)
+    {
         let (s, t) = (e.range.start.max(r.start), e.range.end.min(r.end));
         if s > at {
             shared += s - at;
@@ -76,7 +79,11 @@ fn split(plan: &Plan, c: u8, r: Range, why_shared: &mut Vec<(String, usize)>) ->
 }
 
 /// Per compartment in use, in compartment order.
-pub fn summarize(objects: &[LoadedObject], compartment_of: &[Option<u8>], plan: &Plan) -> Vec<Privacy> {
+pub fn summarize(
+    objects: &[LoadedObject],
+    compartment_of: &[Option<u8>],
+    plan: &Plan,
+) -> Vec<Privacy> {
     let mut out: Vec<Privacy> = Vec::new();
     for (i, o) in objects.iter().enumerate() {
         let Some(c) = compartment_of.get(i).copied().flatten() else {
@@ -99,13 +106,19 @@ pub fn summarize(objects: &[LoadedObject], compartment_of: &[Option<u8>], plan: 
             p.data_shared += b;
         }
         if let Some(t) = o.tls.filter(|t| t.block != 0 && t.memsz != 0) {
-            let (a, b) = split(plan, c, Range::new(t.block, t.block + t.memsz), &mut p.why_shared);
+            let (a, b) = split(
+                plan,
+                c,
+                Range::new(t.block, t.block + t.memsz),
+                &mut p.why_shared,
+            );
             p.tls_private += a;
             p.tls_shared += b;
         }
     }
     for p in &mut out {
-        p.why_shared.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        p.why_shared
+            .sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     }
     out.sort_by_key(|p| p.compartment);
     out
@@ -145,10 +158,16 @@ mod tests {
         let mut why = Vec::new();
         let (p, s) = split(&plan, 2, Range::new(0x1000, 0x5000), &mut why);
         assert_eq!((p, s), (0x2000, 0x2000));
-        assert!(why.contains(&("carveout copy_relocs (IA2_SHARE_COPY_RELOCS)".to_string(), 0x1000)));
+        assert!(why.contains(&(
+            "carveout copy_relocs (IA2_SHARE_COPY_RELOCS)".to_string(),
+            0x1000
+        )));
         assert!(why.contains(&("not in the plan".to_string(), 0x1000)));
         let mut why = Vec::new();
-        assert_eq!(split(&plan, 3, Range::new(0x1000, 0x2000), &mut why), (0, 0x1000));
+        assert_eq!(
+            split(&plan, 3, Range::new(0x1000, 0x2000), &mut why),
+            (0, 0x1000)
+        );
         assert_eq!(why[0].0, "tagged for another compartment");
     }
 }

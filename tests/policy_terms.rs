@@ -94,3 +94,56 @@ fn an_offset_outside_the_object_is_refused() {
         "IA2_SHARE=libpol2.so+0x7fff0000+0x1: outside libpol2.so",
     );
 }
+
+/// `ia2run --learn -o FILE` on the stripped PIE: the file names the page
+/// relative to the executable, says why, confirms clean through
+/// `IA2_POLICY`, reports the private fraction; then a separate, fresh run
+/// with `IA2_POLICY=FILE` is clean too.
+#[test]
+fn learn_writes_a_policy_file_that_a_fresh_run_uses() {
+    let exe = fixture();
+    let policy = fixture_dir().join(format!("policy-{}.policy", std::process::id()));
+    let bin = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+        .join("release/ia2run");
+    let o = std::process::Command::new(&bin)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .current_dir(root())
+        .arg("--shim")
+        .arg(shim())
+        .args(["--timeout", "600", "--learn", "-o"])
+        .arg(&policy)
+        .args(["--", &exe])
+        .output()
+        .expect("running ia2run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("ia2run: learn: the confirming run was clean"),
+        "{err}"
+    );
+    assert!(
+        err.contains("ia2run: learn: kept private: compartment 2 (libpol2.so)"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&policy).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("IA2_SHARE=main+0x"))
+        .unwrap_or_else(|| panic!("no offset entry in\n{text}"));
+    assert!(
+        line.contains("  # policy .data/.bss: touched by compartment 2 at pol_read+0x0"),
+        "the reason is a comment: {line}"
+    );
+    let p = policy.to_str().unwrap();
+    let r = enforced_batch(vec![
+        ("with policy", job(&[&exe], &[("IA2_POLICY", p)])),
+        ("without", job(&[&exe], &[])),
+    ]);
+    assert_code(&r["with policy"], 0);
+    assert_stdout_has(&r["with policy"], "read 4242");
+    assert_stderr_has(&r["without"], "protection-key fault");
+    std::fs::remove_file(&policy).unwrap();
+}

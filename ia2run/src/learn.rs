@@ -289,11 +289,14 @@ impl Policy {
     /// code that touched it.
     fn add_reason(&mut self, g: &Json) {
         let s = |k: &str| g.get(k).and_then(Json::as_str).unwrap_or("");
-        let fix = s("fix").to_string();
+        // Share groups name their fix as `IA2_SHARE=entry`; policies list
+        // the bare entry.
+        let fix = s("fix").trim_start_matches("IA2_SHARE=").to_string();
         if fix.is_empty() || self.reasons.iter().any(|(f, _)| *f == fix) {
             return;
         }
-        let owner = match (s("object"), s("symbol")) {
+        let object = s("object").rsplit('/').next().unwrap_or("");
+        let owner = match (object, s("symbol")) {
             ("", _) => s("class").to_string(),
             (o, "") => format!("{o} {}", s("section")),
             (o, sym) => format!("{o} {sym}"),

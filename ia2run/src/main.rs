@@ -51,6 +51,8 @@ What to run:
   --learn          learn a sharing policy (see below): run CMD in audit mode,
                    print the variables that would have made the run clean,
                    then run CMD again with them to confirm
+  -o FILE          with --learn: write the policy to FILE (for IA2_POLICY),
+                   each line with the reason, and confirm with IA2_POLICY=FILE
 
 VM settings:
   --mem MB         guest memory (default 1024)
@@ -86,11 +88,15 @@ at most 4 times. Then ia2run prints `ia2run: learned: VARS` on stderr,
 VARS being the carveout toggles and IA2_SHARE entries of the minimal
 policy (IA2_SHARE entries that you set are kept), or `ia2run: learned:
 nothing`, and runs the command once more with VARS and IA2_ON_FAULT=report
-to confirm. The exit status is the confirming run's: 0 when it was clean (a
-fault that the policy misses kills it with SIGSEGV after a report: 139);
-125 when an audit run left no summary. Each run is a VM boot of its own.
-Addresses in learned entries (0xPAGE+4096, for memory without a symbol)
-only carry over when the layout does (ASLR).
+to confirm (with -o FILE: writes the policy file, one line per entry with
+what faulted where as a comment, and confirms with IA2_POLICY=FILE). The
+confirming run prints, per compartment, the share of its static data and
+TLS that stayed private. The exit status is the confirming run's: 0 when it
+was clean (a fault that the policy misses kills it with SIGSEGV after a
+report: 139); 125 when an audit run left no summary. Each run is a VM boot
+of its own. Learned entries name memory relative to objects
+(object:symbol, object+0xOFFSET+4096), so they hold in a new run with a new
+address layout; heap pages have no such name and are never learned.
 
 Batch files: one command per line. Empty lines and lines starting with #
 are skipped. Words are split as by a POSIX shell without expansions:
@@ -165,6 +171,8 @@ struct Cli {
     timeout: Option<Duration>,
     cmd_timeout: Option<Duration>,
     learn: bool,
+    /// `--learn -o FILE`: write the learned policy file there.
+    learn_out: Option<PathBuf>,
     map: Option<PathBuf>,
     vm: VmOptions,
     cmd: Vec<OsString>,
@@ -193,6 +201,7 @@ fn parse_args(args: Vec<OsString>) -> Result<Option<Cli>, String> {
         timeout: None,
         cmd_timeout: None,
         learn: false,
+        learn_out: None,
         map: None,
         vm: VmOptions::default(),
         cmd: Vec::new(),
@@ -239,6 +248,7 @@ fn parse_args(args: Vec<OsString>) -> Result<Option<Cli>, String> {
             }
             "--batch" => cli.batch = Some(value()?.into()),
             "--learn" => cli.learn = true,
+            "-o" | "--output" => cli.learn_out = Some(value()?.into()),
             "--map" => {
                 let f = PathBuf::from(value()?);
                 let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -387,6 +397,9 @@ fn main() -> ExitCode {
         }
         Err(e) => return usage_error(&e),
     };
+    if cli.learn_out.is_some() && !cli.learn {
+        return usage_error("-o FILE goes with --learn");
+    }
     if cli.learn && cli.batch.is_some() {
         return usage_error("--learn takes a command, not --batch");
     }
@@ -450,7 +463,7 @@ fn main() -> ExitCode {
     }
 
     if cli.learn {
-        return learn(&cli.cmd, mode, &vm, &make_job);
+        return learn(&cli.cmd, cli.learn_out.as_deref(), mode, &vm, &make_job);
     }
 
     let Some(batch) = &cli.batch else {
@@ -645,7 +658,13 @@ type MakeJob<'a> = dyn Fn(Vec<OsString>, &[(OsString, OsString)]) -> Job + 'a;
 const LEARN_ROUNDS: usize = 4;
 
 /// `--learn`: audit runs, the learned policy, a confirming run.
-fn learn(cmd: &[OsString], mode: Mode, vm: &VmOptions, make_job: &MakeJob) -> ExitCode {
+fn learn(
+    cmd: &[OsString],
+    out: Option<&std::path::Path>,
+    mode: Mode,
+    vm: &VmOptions,
+    make_job: &MakeJob,
+) -> ExitCode {
     let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let report = dir.join(format!(".ia2run-learn-{}.jsonl", std::process::id()));
     // The user's own IA2_SHARE entries stay.
@@ -704,12 +723,48 @@ fn learn(cmd: &[OsString], mode: Mode, vm: &VmOptions, make_job: &MakeJob) -> Ex
         eprintln!("ia2run: learned: {policy}");
     }
     let mut env = policy_env(&policy);
-    env.push(("IA2_ON_FAULT".into(), "report".into()));
+    // With -o the confirming run reads the written file, as a user would.
+    if let Some(path) = out {
+        let words: Vec<String> = cmd
+            .iter()
+            .map(|w| w.to_string_lossy().into_owned())
+            .collect();
+        if let Err(e) = std::fs::write(path, policy.to_file(&words.join(" "))) {
+            eprintln!("ia2run: learn: writing {}: {e}", path.display());
+            return ExitCode::from(125);
+        }
+        eprintln!("ia2run: learn: wrote the policy to {}", path.display());
+        let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        env = vec![("IA2_POLICY".into(), abs.into())];
+    }
+    // The confirming run also reports how much stayed private.
+    let summary = dir.join(format!(
+        ".ia2run-learn-{}-summary.jsonl",
+        std::process::id()
+    ));
+    env.extend([
+        ("IA2_ON_FAULT".into(), "report".into()),
+        ("IA2_REPORT".into(), "summary".into()),
+        ("IA2_REPORT_FORMAT".into(), "json".into()),
+        ("IA2_REPORT_FILE".into(), summary.clone().into()),
+    ]);
     eprintln!("ia2run: learn: confirming run");
     let second = match run_one(mode, vm, &make_job(cmd.to_vec(), &env)) {
         Ok(o) => o,
         Err(e) => return fail(&e),
     };
+    let text = std::fs::read_to_string(&summary).unwrap_or_default();
+    let _ = std::fs::remove_file(&summary);
+    for p in ia2run::learn::privacy_from_report(&text) {
+        eprintln!(
+            "ia2run: learn: kept private: compartment {} ({}): {:.1}% of its static data and TLS ({} B private, {} B shared)",
+            p.compartment,
+            p.objects.join(", "),
+            p.private_percent,
+            p.private_bytes,
+            p.shared_bytes
+        );
+    }
     if second.timed_out {
         eprintln!("ia2run: learn: the confirming run timed out");
         return ExitCode::from(124);
