@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what ia2shim needs on a fresh Debian 12 machine, skipping what is
 # already there: QEMU (the PKU virtual machine), a Debian kernel and a static
-# busybox for its guest, dav1d and aomenc for the demo, and a C compiler.
+# busybox for its guest, dav1d and aomenc for the demo, a C compiler, and the
+# stock programs of the compatibility corpus.
 set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -12,6 +13,12 @@ command -v aomenc >/dev/null || need+=(aom-tools)
 # rsvg-convert renders the --map pictures in ia2run's tests.
 command -v rsvg-convert >/dev/null || need+=(librsvg2-bin)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
+# The compatibility corpus (tests/corpus.rs): stock programs and their libraries.
+for p in libxml2-utils xsltproc xmlstarlet libarchive-tools curl python3 perl \
+         sqlite3 jq openssl lua5.4 xz-utils zstd bzip2 file pigz qpdf exiv2 \
+         imagemagick ffmpeg tcl gawk bc gzip tar; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"

@@ -10,3 +10,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 # (`cargo test` does not rebuild a cdylib it does not link).
 cargo build --release --workspace
 cargo test --release --workspace
+# The compatibility corpus's table (tests/corpus.rs), for the CI log.
+if [ -f target/corpus-table.md ]; then
+  echo "Compatibility corpus (default mode, PKU VM):"
+  cat target/corpus-table.md
+fi

@@ -155,6 +155,89 @@ pub fn copy_relocs(
     }
 }
 
+/// Data that one compartment's object imports from another's through a
+/// `GLOB_DAT` slot (a library's exported variable, a hook pointer, a globals
+/// struct): the importer reads it by design, so its pages are shared. Each
+/// import is one start-up warning (`IA2_SHARE_DATA_IMPORTS=0` keeps them
+/// tagged, for experiments). Functions are not data: calls are gated.
+pub fn data_imports(
+    config: &Config,
+    objects: &[LoadedObject],
+    compartment_of: &[Option<u8>],
+) -> Located {
+    let mut ranges = Vec::new();
+    let mut names = Vec::new();
+    let comp = |i: usize| compartment_of.get(i).copied().flatten();
+    let owner_of = |addr: usize| objects.iter().position(|o| o.contains(addr));
+    for (i, o) in objects.iter().enumerate() {
+        let Some(own) = comp(i) else { continue };
+        if !matches!(
+            o.kind,
+            crate::objects::ObjectKind::Main | crate::objects::ObjectKind::Application
+        ) {
+            continue;
+        }
+        let Some(d) = o.dynamic_info() else { continue };
+        for r in d.relocations(o.base) {
+            if r.r_type != object::elf::R_X86_64_GLOB_DAT || r.sym == 0 || !o.contains(r.slot) {
+                continue;
+            }
+            // SAFETY: the index comes from this object's own relocation.
+            let Some(sym) = (unsafe { d.symbol(r.sym) }) else {
+                continue;
+            };
+            if !matches!(sym.st_type, object::elf::STT_OBJECT | object::elf::STT_TLS)
+                && sym.st_type != object::elf::STT_NOTYPE
+            {
+                continue;
+            }
+            // SAFETY: an aligned GOT word of this loaded object, relocated.
+            let value = unsafe { core::ptr::read_volatile(r.slot as *const usize) };
+            let Some(k) = (value != 0).then(|| owner_of(value)).flatten() else {
+                continue;
+            };
+            let owner = &objects[k];
+            let theirs = comp(k);
+            let executable = owner
+                .segments
+                .iter()
+                .any(|s| s.executable() && s.range.contains(value));
+            if k == i || theirs.is_none() || theirs == Some(own) || executable {
+                continue;
+            }
+            let size = (sym.size as usize).max(1);
+            ranges.push(Range::new(value, value + size).pages_out());
+            let line = format!(
+                "{} (compartment {own}) imports {} from {} (compartment {})",
+                o.basename,
+                sym.name,
+                owner.basename,
+                theirs.unwrap_or(0)
+            );
+            if config.share_data_imports {
+                log::warn!("sharing a cross-compartment data import: {line} (IA2_SHARE_DATA_IMPORTS=0 keeps it tagged)");
+            }
+            names.push(line);
+        }
+    }
+    ranges.sort();
+    ranges.dedup();
+    let how = if names.is_empty() {
+        "no cross-compartment data imports".to_string()
+    } else {
+        names.join("; ")
+    };
+    Located {
+        carveout: Carveout {
+            name: "data_imports",
+            toggle: "IA2_SHARE_DATA_IMPORTS",
+            ranges,
+        },
+        how,
+        enabled: config.share_data_imports,
+    }
+}
+
 /// The run-time address of `name` as the dynamic linker resolves it for the
 /// program (for an IFUNC, the selected implementation).
 fn resolve_global(name: &core::ffi::CStr) -> Option<usize> {

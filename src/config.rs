@@ -176,6 +176,7 @@ pub struct Config {
     pub share_libc_single_threaded: bool,
     pub share_pthread_once: bool,
     pub share_mutex_elision: bool,
+    pub share_data_imports: bool,
     pub share: ShareList,
     pub tls_get_addr_gate: bool,
     pub gates: bool,
@@ -209,6 +210,7 @@ impl Default for Config {
             share_libc_single_threaded: true,
             share_pthread_once: true,
             share_mutex_elision: true,
+            share_data_imports: true,
             share: ShareList::default(),
             tls_get_addr_gate: false,
             gates: true,
@@ -838,6 +840,17 @@ pub static VARS: &[VarSpec] = &[
         implemented: true,
         parse: |c, v| {
             c.share_mutex_elision = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_SHARE_DATA_IMPORTS",
+        values: "1, 0",
+        default: "1",
+        meaning: "share the data one compartment imports from another through GOT slots (exported variables, hook pointers), with a start-up warning for each",
+        implemented: true,
+        parse: |c, v| {
+            c.share_data_imports = parse_bool(v)?;
             Ok(())
         },
     },

@@ -190,6 +190,11 @@ pub fn classify(basename: &str, is_first: bool) -> ObjectKind {
         "libc_malloc_debug.so",
         "libgcc_s.so",
         "libstdc++.so",
+        // GCC's other run-time libraries: called on the program's behalf
+        // with pointers into its data (`omp_init_lock(&lock)`).
+        "libgomp.so",
+        "libatomic.so",
+        "libquadmath.so",
     ];
     if is_first {
         ObjectKind::Main

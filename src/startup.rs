@@ -144,6 +144,11 @@ fn build_census(config: &Config) -> Census {
         &objects,
         &assignment.of_object,
     ));
+    carveouts.push(carveouts::data_imports(
+        config,
+        &objects,
+        &assignment.of_object,
+    ));
     // The libc and ld.so carveouts matter only when libc and ld.so carry a
     // key (strict mode); their decoders cost start-up time, so they run then.
     if config.libc_compartment.is_some() {
