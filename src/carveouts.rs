@@ -164,6 +164,7 @@ pub fn data_imports(
     config: &Config,
     objects: &[LoadedObject],
     compartment_of: &[Option<u8>],
+    copies: &Located,
 ) -> Located {
     let mut ranges = Vec::new();
     let mut names = Vec::new();
@@ -202,7 +203,10 @@ pub fn data_imports(
                 .segments
                 .iter()
                 .any(|s| s.executable() && s.range.contains(value));
-            if k == i || theirs.is_none() || theirs == Some(own) || executable {
+            // The executable's copies of libraries' data (`stdout`) are
+            // the copy_relocs carveout's, whether it is on or off.
+            let copied = copies.carveout.ranges.iter().any(|r| r.contains(value));
+            if k == i || theirs.is_none() || theirs == Some(own) || executable || copied {
                 continue;
             }
             let size = (sym.size as usize).max(1);

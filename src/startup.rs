@@ -139,16 +139,10 @@ fn build_census(config: &Config) -> Census {
     let maps = maps::read_self_maps()
         .unwrap_or_else(|e| fatal(format_args!("reading /proc/self/maps: {e}")));
     let mut carveouts = carveouts::thread_carveouts(config);
-    carveouts.push(carveouts::copy_relocs(
-        config,
-        &objects,
-        &assignment.of_object,
-    ));
-    carveouts.push(carveouts::data_imports(
-        config,
-        &objects,
-        &assignment.of_object,
-    ));
+    let copies = carveouts::copy_relocs(config, &objects, &assignment.of_object);
+    let imports = carveouts::data_imports(config, &objects, &assignment.of_object, &copies);
+    carveouts.push(copies);
+    carveouts.push(imports);
     // The libc and ld.so carveouts matter only when libc and ld.so carry a
     // key (strict mode); their decoders cost start-up time, so they run then.
     if config.libc_compartment.is_some() {
