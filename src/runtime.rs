@@ -6,6 +6,7 @@
 use crate::carveouts::Located;
 use crate::config::{Config, PkuMode};
 use crate::lifecycle::{state, InitState};
+use crate::maps::Mapping;
 use crate::objects::LoadedObject;
 use crate::pku::{self, PkuSupport};
 use crate::plan::Plan;
@@ -19,6 +20,9 @@ pub struct Census {
     pub compartment_of: Vec<Option<u8>>,
     pub carveouts: Vec<Located>,
     pub plan: Plan,
+    /// `/proc/self/maps` as the latest census (start-up or `dlopen`) read
+    /// it, once: the plan's page protections, and GOT patching's.
+    pub maps: Vec<Mapping>,
 }
 
 impl Census {

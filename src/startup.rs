@@ -189,5 +189,6 @@ fn build_census(config: &Config) -> Census {
         compartment_of: assignment.of_object,
         carveouts,
         plan,
+        maps,
     }
 }
