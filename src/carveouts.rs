@@ -319,6 +319,7 @@ fn decoded_libc_data(d: &DecodedLocator, enabled: bool, objects: &[LoadedObject]
     let libc = object_named(objects, "libc.so");
     if let Some(libc) = libc {
         let data = mutable_data(libc);
+        let mut exported: Option<Vec<usize>> = None;
         for name in d.functions {
             let Some(f) = resolve_global(name) else {
                 continue;
@@ -334,7 +335,12 @@ fn decoded_libc_data(d: &DecodedLocator, enabled: bool, objects: &[LoadedObject]
             for (ip, t) in rip_relative_operands(f, text, false) {
                 // Exported data (`__libc_single_threaded`, ...) is its own
                 // carveout's business: keep these locators to hidden state.
-                if data.iter().any(|r| r.contains(t)) && !is_exported_symbol(t) {
+                if data.iter().any(|r| r.contains(t))
+                    && exported
+                        .get_or_insert_with(|| exported_addresses(libc))
+                        .binary_search(&t)
+                        .is_err()
+                {
                     ranges.push(Range::new(t, t + 4).pages_out());
                     found.push(format!(
                         "{} at libc+{:#x} reads libc+{:#x}",
@@ -371,13 +377,25 @@ fn decoded_libc_data(d: &DecodedLocator, enabled: bool, objects: &[LoadedObject]
     }
 }
 
-/// Is `addr` exactly the address of a symbol in some object's dynsym?
-fn is_exported_symbol(addr: usize) -> bool {
-    // SAFETY: zeroed Dl_info is valid for dladdr to fill.
-    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
-    // SAFETY: dladdr only reads loader data.
-    let found = unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) } != 0;
-    found && !info.dli_sname.is_null() && info.dli_saddr as usize == addr
+/// The sorted run-time addresses of `o`'s defined, non-TLS dynamic
+/// symbols: an address is one of them exactly when `dladdr` gives a symbol
+/// starting there (one pass over dynsym instead of one `dladdr`, itself a
+/// pass over dynsym, per address).
+fn exported_addresses(o: &LoadedObject) -> Vec<usize> {
+    let mut out = Vec::new();
+    if let Some(d) = o.dynamic_info() {
+        for i in 1..dynsym_count(&d).unwrap_or(0) {
+            // SAFETY: i < the symbol count derived from the hash table.
+            let Some(s) = (unsafe { d.symbol(i as u32) }) else {
+                continue;
+            };
+            if s.shndx != 0 && s.value != 0 && s.st_type != object::elf::STT_TLS {
+                out.push(o.base + s.value as usize);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
 }
 
 /// `libc_tuning`: the x86 string-function thresholds
@@ -725,6 +743,34 @@ mod tests {
             assert!(r.len() >= crate::objects::PAGE);
             assert!(objects.iter().all(|o| !o.contains(r.start)), "{r}");
         }
+    }
+
+    #[test]
+    fn exported_addresses_are_what_dladdr_names_exactly() {
+        let objects = crate::objects::census();
+        let libc = object_named(&objects, "libc.so").unwrap();
+        let exported = exported_addresses(libc);
+        let dladdr_exact = |addr: usize| {
+            // SAFETY: zeroed Dl_info is valid for dladdr to fill.
+            let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+            // SAFETY: dladdr only reads loader data.
+            let found = unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) } != 0;
+            found && !info.dli_sname.is_null() && info.dli_saddr as usize == addr
+        };
+        // Every word of libc's writable data, as the locators ask.
+        let mut n = 0;
+        for r in mutable_data(libc) {
+            for a in (r.start..r.end).step_by(4) {
+                assert_eq!(
+                    exported.binary_search(&a).is_ok(),
+                    dladdr_exact(a),
+                    "libc+{:#x}",
+                    a - libc.base
+                );
+                n += usize::from(dladdr_exact(a));
+            }
+        }
+        assert!(n > 10, "only {n} exported data symbols in libc");
     }
 
     #[test]

@@ -133,12 +133,22 @@ pub fn parse_smaps(text: &str) -> Vec<Mapping> {
     out
 }
 
+/// Read a `/proc` file whole. Its size is unknown (stat says 0), and each
+/// `read` makes the kernel regenerate text from the last position, so
+/// start with a buffer that holds a typical process's maps in one call.
+fn read_proc(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut s = String::with_capacity(64 << 10);
+    std::fs::File::open(path)?.read_to_string(&mut s)?;
+    Ok(s)
+}
+
 pub fn read_self_maps() -> std::io::Result<Vec<Mapping>> {
-    Ok(parse_maps(&std::fs::read_to_string("/proc/self/maps")?))
+    Ok(parse_maps(&read_proc("/proc/self/maps")?))
 }
 
 pub fn read_self_smaps() -> std::io::Result<Vec<Mapping>> {
-    Ok(parse_smaps(&std::fs::read_to_string("/proc/self/smaps")?))
+    Ok(parse_smaps(&read_proc("/proc/self/smaps")?))
 }
 
 #[cfg(test)]
