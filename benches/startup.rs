@@ -11,8 +11,14 @@
 //!    executable calls), all in compartment 2, for N from 0 to 200, with a
 //!    least-squares line through the added times.
 //!
+//! Each case prints the medians of the wall time and of the child's CPU
+//! time (user + system, from `wait4`): on a shared machine the wall time
+//! also counts waiting for a core. Strict mode's locator cache lives in
+//! `target/bench-home/.cache/ia2shim` (warm after the warm-up runs).
+//!
 //! `IA2_BENCH_ITERS` sets the pairs per small program (default 200; the
-//! large ones take a fifth, at least 30).
+//! large ones take a fifth, at least 30). `IA2SHIM_LIB` benchmarks another
+//! build of the shim (an older commit's, for before/after figures).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,21 +32,44 @@ struct Case {
     target: Option<f64>,
 }
 
-fn run(argv: &[String], shim: Option<(&Path, &[(&'static str, String)])>) -> Duration {
+/// One exec-to-exit: (wall time, the child's CPU time, user + system, from
+/// `wait4`'s rusage). On a busy machine the wall time includes waiting for
+/// a core; the CPU time does not.
+fn run(argv: &[String], shim: Option<(&Path, &[(&'static str, String)])>) -> (Duration, Duration) {
     let mut c = Command::new(&argv[0]);
     c.args(&argv[1..]);
     c.env_clear().stdout(Stdio::null()).stderr(Stdio::null());
     if let Some((s, env)) = shim {
-        c.env("LD_PRELOAD", s).env("IA2_PKU", "sim");
+        // HOME for the default IA2_CACHE_DIR (strict mode's decoded
+        // locators): warm after the first run, as for a user.
+        c.env("LD_PRELOAD", s)
+            .env("IA2_PKU", "sim")
+            .env("HOME", home());
         for (k, v) in env {
             c.env(k, v);
         }
     }
     let t = Instant::now();
-    let st = c.status().expect("spawn");
+    // Reaped below by wait4, which also gives the child's rusage.
+    #[allow(clippy::zombie_processes)]
+    let child = c.spawn().expect("spawn");
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is valid for wait4 to fill.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child, with valid out pointers.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
     let d = t.elapsed();
-    assert!(st.success(), "{argv:?} failed (shim: {})", shim.is_some());
-    d
+    assert!(
+        r > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{argv:?} failed (shim: {})",
+        shim.is_some()
+    );
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (d, tv(ru.ru_utime) + tv(ru.ru_stime))
+}
+
+fn home() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-home")
 }
 
 fn median(mut v: Vec<Duration>) -> f64 {
@@ -48,8 +77,9 @@ fn median(mut v: Vec<Duration>) -> f64 {
     v[v.len() / 2].as_secs_f64() * 1e3
 }
 
-/// Medians (ms) of `iters` alternating pairs: (without, with).
-fn measure(shim: &Path, case: &Case, iters: usize) -> (f64, f64) {
+/// Medians (ms) of `iters` alternating pairs, wall and CPU:
+/// ((without, with), (without, with)).
+fn measure(shim: &Path, case: &Case, iters: usize) -> ((f64, f64), (f64, f64)) {
     for _ in 0..5 {
         run(&case.argv, None);
         run(&case.argv, Some((shim, &case.env)));
@@ -59,20 +89,26 @@ fn measure(shim: &Path, case: &Case, iters: usize) -> (f64, f64) {
         base.push(run(&case.argv, None));
         with.push(run(&case.argv, Some((shim, &case.env))));
     }
-    (median(base), median(with))
+    let wall = |v: &[(Duration, Duration)]| median(v.iter().map(|x| x.0).collect());
+    let cpu = |v: &[(Duration, Duration)]| median(v.iter().map(|x| x.1).collect());
+    ((wall(&base), wall(&with)), (cpu(&base), cpu(&with)))
 }
 
-fn report(case: &Case, iters: usize, (b, w): (f64, f64)) {
+fn report(case: &Case, iters: usize, ((b, w), (bc, wc)): ((f64, f64), (f64, f64))) {
     let ratio = w / b;
-    let verdict = match case.target {
-        Some(t) if ratio <= t => format!(", target <= {t}x: met"),
-        Some(t) => format!(", target <= {t}x: NOT met"),
+    let cpu_ratio = wc / bc;
+    let verdict = |r: f64| match case.target {
+        Some(t) if r <= t => format!(" (target <= {t}x: met)"),
+        Some(t) => format!(" (target <= {t}x: NOT met)"),
         None => String::new(),
     };
     println!(
-        "startup {}: without {b:.3} ms, with shim (sim) {w:.3} ms, ratio {ratio:.2}x, added {:.3} ms (median of {iters} alternating pairs{verdict})",
+        "startup {}, median of {iters} alternating pairs:\n  wall: without {b:.3} ms, with shim (sim) {w:.3} ms, ratio {ratio:.2}x{}, added {:.3} ms\n  cpu:  without {bc:.3} ms, with shim (sim) {wc:.3} ms, ratio {cpu_ratio:.2}x{}, added {:.3} ms",
         case.label,
-        w - b
+        verdict(ratio),
+        w - b,
+        verdict(cpu_ratio),
+        wc - bc
     );
 }
 
@@ -203,8 +239,8 @@ fn main() {
     let dir = root.join("target/bench-many");
     let mut points = Vec::new();
     println!("added time against loaded objects (fixture: N libraries in compartment 2, default mode, median of {big_iters} pairs):");
-    println!("| N libraries | loaded objects | without (ms) | with (ms) | added (ms) |");
-    println!("|---|---|---|---|---|");
+    println!("| N libraries | loaded objects | wall without (ms) | wall with (ms) | wall added (ms) | cpu without (ms) | cpu with (ms) | cpu added (ms) |");
+    println!("|---|---|---|---|---|---|---|---|");
     for n in [0, 50, 100, 150, 200] {
         let exe = many_fixture(&dir, n);
         let case = Case {
@@ -213,11 +249,15 @@ fn main() {
             env: vec![("IA2_COMPARTMENTS", "1=main;2=libmany*.so".to_string())],
             target: None,
         };
-        let (b, w) = measure(&shim, &case, big_iters);
+        let ((b, w), (bc, wc)) = measure(&shim, &case, big_iters);
         // main, the N libraries, libc, ld.so, the vdso and the shim.
         let objects = n + 5;
-        println!("| {n} | {objects} | {b:.3} | {w:.3} | {:.3} |", w - b);
-        points.push((objects as f64, w - b));
+        println!(
+            "| {n} | {objects} | {b:.3} | {w:.3} | {:.3} | {bc:.3} | {wc:.3} | {:.3} |",
+            w - b,
+            wc - bc
+        );
+        points.push((objects as f64, wc - bc));
     }
     let k = points.len() as f64;
     let (sx, sy) = points
@@ -234,7 +274,7 @@ fn main() {
         1.0
     };
     println!(
-        "least squares: added = {:.3} ms + {:.2} us per object, R^2 = {r2:.3}",
+        "least squares over the cpu column: added = {:.3} ms + {:.2} us per object, R^2 = {r2:.3}",
         my - slope * mx,
         slope * 1e3
     );
