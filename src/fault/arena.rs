@@ -68,8 +68,8 @@ fn tid() -> i32 {
 
 /// Run `f` with this thread's Rust allocations served from the arena.
 /// `None` if another thread holds the arena for longer than a few hundred
-/// yields (another report in progress) or no arena can be mapped. Nested
-/// calls on the holding thread run `f` directly.
+/// yields (another report in progress), when the calling thread already
+/// holds it (a fault inside `f`), or when no arena can be mapped.
 pub fn with_arena<R>(f: impl FnOnce() -> R) -> Option<R> {
     if !reserve() {
         return None;
@@ -82,7 +82,9 @@ pub fn with_arena<R>(f: impl FnOnce() -> R) -> Option<R> {
                 OWNER.store(0, Ordering::Release);
                 return Some(r);
             }
-            Err(o) if o == me => return Some(f()),
+            // A fault inside `f` on the same thread (say, while the decoder
+            // tables are being built): do not re-enter the half-built state.
+            Err(o) if o == me => return None,
             // SAFETY: sched_yield has no preconditions and is async-signal-safe.
             Err(_) => unsafe {
                 libc::sched_yield();
