@@ -1,59 +1,281 @@
-//! Start-up cost: exec to exit of a small program with the shim (sim mode,
-//! natively) against without, the two sides alternating in one run.
+//! Start-up cost: exec to exit with the shim (sim mode, natively) against
+//! without, the two sides alternating in one run, medians of the pairs.
 //! `cargo bench --bench startup` (build the release shim first).
+//!
+//! 1. `/bin/true` and `dav1d --version`, default and strict mode
+//!    (`IA2_LIBC_COMPARTMENT=1`); targets 1.5× and 1.7×.
+//! 2. `ffmpeg -version` (Debian's, 215 shared objects), with libavcodec,
+//!    libavformat and libavutil in compartments 2-4; target 1.3×.
+//! 3. Added time against the number of loaded objects: a fixture executable
+//!    linked against N tiny libraries (each with data and a function the
+//!    executable calls), all in compartment 2, for N from 0 to 200, with a
+//!    least-squares line through the added times.
+//!
+//! Each case prints the medians of the wall time and of the child's CPU
+//! time (user + system, from `wait4`): on a shared machine the wall time
+//! also counts waiting for a core. Strict mode's locator cache lives in
+//! `target/bench-home/.cache/ia2shim` (warm after the warm-up runs).
+//!
+//! `IA2_BENCH_ITERS` sets the pairs per small program (default 200; the
+//! large ones take a fifth, at least 30). `IA2SHIM_LIB` benchmarks another
+//! build of the shim (an older commit's, for before/after figures).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn run(prog: &[&str], shim: Option<&PathBuf>) -> Duration {
-    let mut c = Command::new(prog[0]);
-    c.args(&prog[1..]);
-    c.env_clear().stdout(Stdio::null()).stderr(Stdio::null());
-    if let Some(s) = shim {
-        c.env("LD_PRELOAD", s).env("IA2_PKU", "sim");
-    }
-    let t = Instant::now();
-    let st = c.status().expect("spawn");
-    let d = t.elapsed();
-    assert!(st.success(), "{prog:?} failed");
-    d
+struct Case {
+    label: String,
+    argv: Vec<String>,
+    /// Variables for the shimmed side (IA2_PKU=sim is always set).
+    env: Vec<(&'static str, String)>,
+    target: Option<f64>,
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+/// One exec-to-exit: (wall time, the child's CPU time, user + system, from
+/// `wait4`'s rusage). On a busy machine the wall time includes waiting for
+/// a core; the CPU time does not.
+fn run(argv: &[String], shim: Option<(&Path, &[(&'static str, String)])>) -> (Duration, Duration) {
+    let mut c = Command::new(&argv[0]);
+    c.args(&argv[1..]);
+    c.env_clear().stdout(Stdio::null()).stderr(Stdio::null());
+    if let Some((s, env)) = shim {
+        // HOME for the default IA2_CACHE_DIR (strict mode's decoded
+        // locators): warm after the first run, as for a user.
+        c.env("LD_PRELOAD", s)
+            .env("IA2_PKU", "sim")
+            .env("HOME", home());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+    }
+    let t = Instant::now();
+    // Reaped below by wait4, which also gives the child's rusage.
+    #[allow(clippy::zombie_processes)]
+    let child = c.spawn().expect("spawn");
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is valid for wait4 to fill.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child, with valid out pointers.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let d = t.elapsed();
+    assert!(
+        r > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{argv:?} failed (shim: {})",
+        shim.is_some()
+    );
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (d, tv(ru.ru_utime) + tv(ru.ru_stime))
+}
+
+fn home() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-home")
+}
+
+fn median(mut v: Vec<Duration>) -> f64 {
     v.sort();
-    v[v.len() / 2]
+    v[v.len() / 2].as_secs_f64() * 1e3
+}
+
+/// Medians (ms) of `iters` alternating pairs, wall and CPU:
+/// ((without, with), (without, with)).
+fn measure(shim: &Path, case: &Case, iters: usize) -> ((f64, f64), (f64, f64)) {
+    for _ in 0..5 {
+        run(&case.argv, None);
+        run(&case.argv, Some((shim, &case.env)));
+    }
+    let (mut base, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..iters {
+        base.push(run(&case.argv, None));
+        with.push(run(&case.argv, Some((shim, &case.env))));
+    }
+    let wall = |v: &[(Duration, Duration)]| median(v.iter().map(|x| x.0).collect());
+    let cpu = |v: &[(Duration, Duration)]| median(v.iter().map(|x| x.1).collect());
+    ((wall(&base), wall(&with)), (cpu(&base), cpu(&with)))
+}
+
+fn report(case: &Case, iters: usize, ((b, w), (bc, wc)): ((f64, f64), (f64, f64))) {
+    let ratio = w / b;
+    let cpu_ratio = wc / bc;
+    let verdict = |r: f64| match case.target {
+        Some(t) if r <= t => format!(" (target <= {t}x: met)"),
+        Some(t) => format!(" (target <= {t}x: NOT met)"),
+        None => String::new(),
+    };
+    println!(
+        "startup {}, median of {iters} alternating pairs:\n  wall: without {b:.3} ms, with shim (sim) {w:.3} ms, ratio {ratio:.2}x{}, added {:.3} ms\n  cpu:  without {bc:.3} ms, with shim (sim) {wc:.3} ms, ratio {cpu_ratio:.2}x{}, added {:.3} ms",
+        case.label,
+        verdict(ratio),
+        w - b,
+        verdict(cpu_ratio),
+        wc - bc
+    );
+}
+
+/// The N-library fixture: `libmanyK.so` for K < n (an initialised global and
+/// a function reading it) and an executable calling each; built once into
+/// `target/bench-many/`.
+fn many_fixture(dir: &Path, n: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let cc = |args: &[&str]| {
+        let o = Command::new("cc").args(args).output().expect("running cc");
+        assert!(
+            o.status.success(),
+            "cc {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    for k in 0..n {
+        let so = dir.join(format!("libmany{k}.so"));
+        if so.exists() {
+            continue;
+        }
+        let c = dir.join(format!("many{k}.c"));
+        std::fs::write(
+            &c,
+            format!("int many_d{k} = {k};\nint many_f{k}(int x) {{ return x + many_d{k}++; }}\n"),
+        )
+        .unwrap();
+        cc(&[
+            "-O1",
+            "-shared",
+            "-fPIC",
+            "-Wl,-z,now,-z,relro",
+            c.to_str().unwrap(),
+            "-o",
+            so.to_str().unwrap(),
+        ]);
+    }
+    let exe = dir.join(format!("many_main{n}"));
+    if !exe.exists() {
+        let mut src = String::new();
+        for k in 0..n {
+            src += &format!("int many_f{k}(int);\n");
+        }
+        src += "int main(void) {\n  int s = 0;\n";
+        for k in 0..n {
+            src += &format!("  s += many_f{k}(s);\n");
+        }
+        src += "  return s == -1;\n}\n";
+        let c = dir.join(format!("many_main{n}.c"));
+        std::fs::write(&c, src).unwrap();
+        let mut args: Vec<String> = vec![
+            "-O1".into(),
+            "-Wl,-z,now,-z,relro".into(),
+            c.to_str().unwrap().into(),
+            "-L".into(),
+            dir.to_str().unwrap().into(),
+            format!("-Wl,-rpath,{}", dir.display()),
+        ];
+        args.extend((0..n).map(|k| format!("-lmany{k}")));
+        args.extend(["-o".into(), exe.to_str().unwrap().into()]);
+        let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        cc(&refs);
+    }
+    exe
 }
 
 fn main() {
-    let shim = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/libia2shim.so");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // IA2SHIM_LIB: another build of the shim (as in the tests), e.g. an
+    // older commit's, for before/after figures.
+    let shim = std::env::var_os("IA2SHIM_LIB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release/libia2shim.so"));
     assert!(shim.exists(), "build the shim first: cargo build --release");
     let iters: usize = std::env::var("IA2_BENCH_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    for prog in [&["/bin/true"][..], &["/usr/bin/dav1d", "--version"][..]] {
-        if !std::path::Path::new(prog[0]).exists() {
+        .unwrap_or(200);
+    let big_iters = (iters / 5).max(30);
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let strict = || vec![("IA2_LIBC_COMPARTMENT", "1".to_string())];
+
+    let mut cases = Vec::new();
+    for argv in [s(&["/bin/true"]), s(&["/usr/bin/dav1d", "--version"])] {
+        if !Path::new(&argv[0]).exists() {
+            println!("startup {}: skipped (not installed)", argv[0]);
             continue;
         }
-        let args_prog = prog;
-        let (mut base, mut with) = (Vec::new(), Vec::new());
-        for _ in 0..10 {
-            run(args_prog, None);
-            run(args_prog, Some(&shim));
-        }
-        for _ in 0..iters {
-            base.push(run(args_prog, None));
-            with.push(run(args_prog, Some(&shim)));
-        }
-        let (b, w) = (median(base), median(with));
-        println!(
-            "startup {}: without {:.3} ms, with shim (sim) {:.3} ms, ratio {:.2}x, difference {:.3} ms (median of {iters}, alternating)",
-            prog.join(" "),
-            b.as_secs_f64() * 1e3,
-            w.as_secs_f64() * 1e3,
-            w.as_secs_f64() / b.as_secs_f64(),
-            (w.as_secs_f64() - b.as_secs_f64()) * 1e3
-        );
+        cases.push(Case {
+            label: argv.join(" "),
+            argv: argv.clone(),
+            env: vec![],
+            target: Some(1.5),
+        });
+        cases.push(Case {
+            label: format!("{} (strict)", argv.join(" ")),
+            argv,
+            env: strict(),
+            target: Some(1.7),
+        });
     }
+    for case in &cases {
+        report(case, iters, measure(&shim, case, iters));
+    }
+
+    let ffmpeg = "/usr/bin/ffmpeg";
+    if Path::new(ffmpeg).exists() {
+        let comps = "1=main;2=libavcodec.so*;3=libavformat.so*;4=libavutil.so*".to_string();
+        for (label, extra) in [
+            ("", vec![]),
+            (" (strict)", vec![("IA2_LIBC_COMPARTMENT", "5".to_string())]),
+        ] {
+            let mut env = vec![("IA2_COMPARTMENTS", comps.clone())];
+            env.extend(extra);
+            let case = Case {
+                label: format!("ffmpeg -version{label}, 215 objects"),
+                argv: s(&[ffmpeg, "-version"]),
+                env,
+                target: (label.is_empty()).then_some(1.3),
+            };
+            report(&case, big_iters, measure(&shim, &case, big_iters));
+        }
+    } else {
+        println!("startup ffmpeg: skipped (apt-get install ffmpeg)");
+    }
+
+    // Added time against the number of loaded objects.
+    let dir = root.join("target/bench-many");
+    let mut points = Vec::new();
+    println!("added time against loaded objects (fixture: N libraries in compartment 2, default mode, median of {big_iters} pairs):");
+    println!("| N libraries | loaded objects | wall without (ms) | wall with (ms) | wall added (ms) | cpu without (ms) | cpu with (ms) | cpu added (ms) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for n in [0, 50, 100, 150, 200] {
+        let exe = many_fixture(&dir, n);
+        let case = Case {
+            label: format!("many {n}"),
+            argv: vec![exe.to_str().unwrap().to_string()],
+            env: vec![("IA2_COMPARTMENTS", "1=main;2=libmany*.so".to_string())],
+            target: None,
+        };
+        let ((b, w), (bc, wc)) = measure(&shim, &case, big_iters);
+        // main, the N libraries, libc, ld.so, the vdso and the shim.
+        let objects = n + 5;
+        println!(
+            "| {n} | {objects} | {b:.3} | {w:.3} | {:.3} | {bc:.3} | {wc:.3} | {:.3} |",
+            w - b,
+            wc - bc
+        );
+        points.push((objects as f64, wc - bc));
+    }
+    let k = points.len() as f64;
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / k, sy / k);
+    let sxx: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+    let sxy: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let syy: f64 = points.iter().map(|(_, y)| (y - my) * (y - my)).sum();
+    let slope = sxy / sxx;
+    let r2 = if syy > 0.0 {
+        sxy * sxy / (sxx * syy)
+    } else {
+        1.0
+    };
+    println!(
+        "least squares over the cpu column: added = {:.3} ms + {:.2} us per object, R^2 = {r2:.3}",
+        my - slope * mx,
+        slope * 1e3
+    );
 }

@@ -6,6 +6,8 @@ use crate::objects::{LoadedObject, Range};
 use crate::plan::Carveout;
 use crate::tls;
 
+mod cache;
+
 /// What a locator found, for the plan and for the report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Located {
@@ -330,9 +332,13 @@ pub fn tls_generation(config: &Config, objects: &[LoadedObject]) -> Located {
     ) {
         (Some(f), Some(ld)) => {
             let data = mutable_data(ld);
-            let hit = rip_relative_operands(f, Range::new(f, f + 64), false)
-                .into_iter()
-                .find(|(_, t)| data.iter().any(|r| r.contains(*t)));
+            let span = Range::new(f, f + 64);
+            let dir = config.cache_dir();
+            let hit = cache::operands(dir.as_deref(), ld, f, span, false, || {
+                rip_relative_operands(f, span, false)
+            })
+            .into_iter()
+            .find(|(_, t)| data.iter().any(|r| r.contains(*t)));
             match hit {
                 Some((ip, target)) => {
                     ranges.push(Range::new(target, target + 8).pages_out());
@@ -398,14 +404,17 @@ struct DecodedLocator {
     name: &'static str,
     toggle: &'static str,
     functions: &'static [&'static core::ffi::CStr],
+    enabled: bool,
 }
 
-fn decoded_libc_data(d: &DecodedLocator, enabled: bool, objects: &[LoadedObject]) -> Located {
+fn decoded_libc_data(d: &DecodedLocator, config: &Config, objects: &[LoadedObject]) -> Located {
     let mut ranges = Vec::new();
     let mut found = Vec::new();
     let libc = object_named(objects, "libc.so");
     if let Some(libc) = libc {
         let data = mutable_data(libc);
+        let dir = config.cache_dir();
+        let mut reads = Vec::new();
         for name in d.functions {
             let Some(f) = resolve_global(name) else {
                 continue;
@@ -418,19 +427,31 @@ fn decoded_libc_data(d: &DecodedLocator, enabled: bool, objects: &[LoadedObject]
             else {
                 continue;
             };
-            for (ip, t) in rip_relative_operands(f, text, false) {
-                // Exported data (`__libc_single_threaded`, ...) is its own
-                // carveout's business: keep these locators to hidden state.
-                if data.iter().any(|r| r.contains(t)) && !is_exported_symbol(t) {
-                    ranges.push(Range::new(t, t + 4).pages_out());
-                    found.push(format!(
-                        "{} at libc+{:#x} reads libc+{:#x}",
-                        name.to_str().unwrap_or("?"),
-                        ip - libc.base,
-                        t - libc.base
-                    ));
-                }
+            let operands = cache::operands(dir.as_deref(), libc, f, text, false, || {
+                rip_relative_operands(f, text, false)
+            });
+            reads.extend(
+                operands
+                    .into_iter()
+                    .filter(|(_, t)| data.iter().any(|r| r.contains(*t)))
+                    .map(|(ip, t)| (name, ip, t)),
+            );
+        }
+        // Exported data (`__libc_single_threaded`, ...) is its own
+        // carveout's business: keep these locators to hidden state.
+        let targets: Vec<usize> = reads.iter().map(|&(_, _, t)| t).collect();
+        let exported = exported_among(libc, &targets);
+        for (name, ip, t) in reads {
+            if exported.binary_search(&t).is_ok() {
+                continue;
             }
+            ranges.push(Range::new(t, t + 4).pages_out());
+            found.push(format!(
+                "{} at libc+{:#x} reads libc+{:#x}",
+                name.to_str().unwrap_or("?"),
+                ip - libc.base,
+                t - libc.base
+            ));
         }
     }
     ranges.sort();
@@ -454,17 +475,46 @@ fn decoded_libc_data(d: &DecodedLocator, enabled: bool, objects: &[LoadedObject]
             ranges,
         },
         how,
-        enabled,
+        enabled: d.enabled,
     }
 }
 
-/// Is `addr` exactly the address of a symbol in some object's dynsym?
-fn is_exported_symbol(addr: usize) -> bool {
-    // SAFETY: zeroed Dl_info is valid for dladdr to fill.
-    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
-    // SAFETY: dladdr only reads loader data.
-    let found = unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) } != 0;
-    found && !info.dli_sname.is_null() && info.dli_saddr as usize == addr
+/// The sorted addresses among `candidates` at which one of `o`'s defined,
+/// non-TLS dynamic symbols starts: exactly those for which `dladdr` gives
+/// a symbol starting there (one pass over dynsym instead of one `dladdr`,
+/// itself a pass over dynsym, per address).
+fn exported_among(o: &LoadedObject, candidates: &[usize]) -> Vec<usize> {
+    use object::elf::{Sym64, STT_TLS};
+    use object::LittleEndian as LE;
+    let mut sorted = candidates.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = Vec::new();
+    if sorted.is_empty() {
+        return out;
+    }
+    let (lo, hi) = (sorted[0], sorted[sorted.len() - 1]);
+    if let Some(d) = o.dynamic_info().filter(|d| d.symtab != 0) {
+        for i in 1..dynsym_count(&d).unwrap_or(0) {
+            // SAFETY: i < the symbol count derived from the hash table, and
+            // DT_SYMTAB is the object's mapped dynamic symbol table. Names
+            // are not read: only where each symbol is.
+            let s = unsafe { &*(d.symtab as *const Sym64<LE>).add(i) };
+            let (value, shndx) = (s.st_value.get(LE), s.st_shndx.get(LE));
+            let a = o.base.wrapping_add(value as usize);
+            if (lo..=hi).contains(&a)
+                && shndx != 0
+                && value != 0
+                && s.st_info & 0xf != STT_TLS
+                && sorted.binary_search(&a).is_ok()
+            {
+                out.push(a);
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// `libc_tuning`: the x86 string-function thresholds
@@ -476,8 +526,9 @@ pub fn libc_tuning(config: &Config, objects: &[LoadedObject]) -> Located {
         name: "libc_tuning",
         toggle: "IA2_SHARE_LIBC_TUNING",
         functions: &[c"memmove", c"memcpy", c"memset"],
+        enabled: config.share_libc_tuning,
     };
-    decoded_libc_data(&d, config.share_libc_tuning, objects)
+    decoded_libc_data(&d, config, objects)
 }
 
 /// `pthread_once`: `__fork_generation` (hidden), read by `pthread_once`'s
@@ -488,8 +539,9 @@ pub fn pthread_once(config: &Config, objects: &[LoadedObject]) -> Located {
         name: "pthread_once",
         toggle: "IA2_SHARE_PTHREAD_ONCE",
         functions: &[c"pthread_once"],
+        enabled: config.share_pthread_once,
     };
-    decoded_libc_data(&d, config.share_pthread_once, objects)
+    decoded_libc_data(&d, config, objects)
 }
 
 /// `mutex_elision`: the lock-elision tunables (`__pthread_force_elision`,
@@ -505,8 +557,9 @@ pub fn mutex_elision(config: &Config, objects: &[LoadedObject]) -> Located {
             c"pthread_mutex_trylock",
             c"pthread_mutex_unlock",
         ],
+        enabled: config.share_mutex_elision,
     };
-    decoded_libc_data(&d, config.share_mutex_elision, objects)
+    decoded_libc_data(&d, config, objects)
 }
 
 /// The loader heap: what ld.so's start-up allocator put in anonymous
@@ -804,7 +857,10 @@ mod tests {
     #[test]
     fn locators_find_the_glibc_state_of_this_process() {
         let objects = crate::objects::census();
-        let cfg = Config::default();
+        let cfg = Config {
+            cache_dir: None, // decode, whatever a cache holds
+            ..Config::default()
+        };
         let g = tls_generation(&cfg, &objects);
         assert_eq!(g.carveout.ranges.len(), 1, "{}", g.how);
         assert!(g.how.starts_with("__tls_get_addr+0x"), "{}", g.how);
@@ -851,6 +907,92 @@ mod tests {
             assert!(r.len() >= crate::objects::PAGE);
             assert!(objects.iter().all(|o| !o.contains(r.start)), "{r}");
         }
+    }
+
+    #[test]
+    fn build_ids_read_from_memory_match_the_files() {
+        let objects = crate::objects::census();
+        let mut n = 0;
+        for o in objects.iter().filter(|o| o.name.starts_with('/')) {
+            let file = std::fs::read(&o.name).unwrap();
+            assert_eq!(
+                o.build_id().map(<[u8]>::to_vec),
+                build_id(&file),
+                "{}",
+                o.name
+            );
+            n += usize::from(o.build_id().is_some());
+        }
+        assert!(n >= 2, "libc and ld.so carry build-ids");
+    }
+
+    #[test]
+    fn cached_locators_equal_decoded_ones() {
+        let objects = crate::objects::census();
+        let dir = std::env::temp_dir().join(format!("ia2-cache-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let dir_str: &'static str = Box::leak(dir.to_str().unwrap().to_string().into_boxed_str());
+        let decode = Config {
+            cache_dir: None,
+            ..Config::default()
+        };
+        let cached = Config {
+            cache_dir: Some(dir_str),
+            ..Config::default()
+        };
+        type Locator = fn(&Config, &[LoadedObject]) -> Located;
+        let all: [Locator; 4] = [tls_generation, libc_tuning, pthread_once, mutex_elision];
+        let fresh: Vec<Located> = all.iter().map(|l| l(&decode, &objects)).collect();
+        // First run writes the cache, the second reads it (a new process
+        // would read the file: drop what this one loaded).
+        let cold: Vec<Located> = all.iter().map(|l| l(&cached, &objects)).collect();
+        cache::forget();
+        let warm: Vec<Located> = all.iter().map(|l| l(&cached, &objects)).collect();
+        assert_eq!(fresh, cold);
+        assert_eq!(fresh, warm);
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(files.len(), 2, "one file each for libc and ld.so");
+        // A damaged cache is decoded again, not believed.
+        for f in &files {
+            let p = f.as_ref().unwrap().path();
+            let text = std::fs::read_to_string(&p).unwrap();
+            let bad = text.replace(',', ";");
+            std::fs::write(&p, bad).unwrap();
+        }
+        cache::forget();
+        let again: Vec<Located> = all.iter().map(|l| l(&cached, &objects)).collect();
+        assert_eq!(fresh, again);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn exported_addresses_are_what_dladdr_names_exactly() {
+        let objects = crate::objects::census();
+        let libc = object_named(&objects, "libc.so").unwrap();
+        // Every word of libc's writable data, as the locators ask.
+        let words: Vec<usize> = mutable_data(libc)
+            .iter()
+            .flat_map(|r| (r.start..r.end).step_by(4))
+            .collect();
+        let exported = exported_among(libc, &words);
+        let dladdr_exact = |addr: usize| {
+            // SAFETY: zeroed Dl_info is valid for dladdr to fill.
+            let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+            // SAFETY: dladdr only reads loader data.
+            let found = unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) } != 0;
+            found && !info.dli_sname.is_null() && info.dli_saddr as usize == addr
+        };
+        let mut n = 0;
+        for &a in &words {
+            assert_eq!(
+                exported.binary_search(&a).is_ok(),
+                dladdr_exact(a),
+                "libc+{:#x}",
+                a - libc.base
+            );
+            n += usize::from(dladdr_exact(a));
+        }
+        assert!(n > 10, "only {n} exported data symbols in libc");
     }
 
     #[test]

@@ -189,6 +189,10 @@ pub struct Config {
     pub scan_wrpkru: ScanWrpkru,
     pub log_level: log::LevelFilter,
     pub log_file: Option<&'static str>,
+    /// `IA2_CACHE_DIR`: where strict mode's decoded locator results are
+    /// kept across runs (`None`: `off`, no cache; `Some("")`: the default,
+    /// `$XDG_CACHE_HOME/ia2shim`, else `$HOME/.cache/ia2shim`).
+    pub cache_dir: Option<&'static str>,
     pub help: bool,
 }
 
@@ -222,6 +226,7 @@ impl Default for Config {
             scan_wrpkru: ScanWrpkru::Warn,
             log_level: log::LevelFilter::Warn,
             log_file: None,
+            cache_dir: Some(""),
             help: false,
         }
     }
@@ -1021,6 +1026,21 @@ pub static VARS: &[VarSpec] = &[
         parse: |_, _| Ok(()),
     },
     VarSpec {
+        name: "IA2_CACHE_DIR",
+        values: "default ($XDG_CACHE_HOME/ia2shim, else $HOME/.cache/ia2shim), a directory, off",
+        default: "default",
+        meaning: "strict mode's decoded libc/ld.so locator results, kept by build-id across runs",
+        implemented: true,
+        parse: |c, v| {
+            c.cache_dir = match v {
+                "off" => None,
+                "default" => Some(""),
+                p => Some(non_empty(p)?),
+            };
+            Ok(())
+        },
+    },
+    VarSpec {
         name: "IA2_HELP",
         values: "unset, 1",
         default: "",
@@ -1036,6 +1056,28 @@ pub static VARS: &[VarSpec] = &[
         },
     },
 ];
+
+impl Config {
+    /// The cache directory `IA2_CACHE_DIR` names, or its default from
+    /// `XDG_CACHE_HOME` or `HOME`; `None` when off or neither is set.
+    pub fn cache_dir(&self) -> Option<String> {
+        let dir = self.cache_dir?;
+        if !dir.is_empty() {
+            return Some(dir.to_string());
+        }
+        let var = |name: &str| {
+            environ_iter()
+                .filter_map(|e| e.split_once('='))
+                .find(|(n, v)| *n == name && v.starts_with('/'))
+                .map(|(_, v)| v)
+        };
+        match (var("XDG_CACHE_HOME"), var("HOME")) {
+            (Some(x), _) => Some(format!("{x}/ia2shim")),
+            (None, Some(h)) => Some(format!("{h}/.cache/ia2shim")),
+            (None, None) => None,
+        }
+    }
+}
 
 /// Write the variable table (for `IA2_HELP=1`) through `out`.
 pub fn write_help(out: &mut dyn fmt::Write) -> fmt::Result {

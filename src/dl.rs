@@ -282,6 +282,7 @@ fn after_dlopen(rt: &Runtime, caller: usize) {
     }
     c.plan.entries.extend(plan.entries);
     c.plan.entries.sort_by_key(|e| e.range.start);
+    c.maps = maps;
     let end = c.objects.len();
     crate::gates::patch_objects(rt, &c, start..end);
 }

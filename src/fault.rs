@@ -16,7 +16,13 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+mod arena;
 mod audit;
+
+/// The shim's allocator: `System`, except while a fault report builds its
+/// decoder and formatter (see [`arena`]).
+#[global_allocator]
+static ALLOC: arena::ShimAlloc = arena::ShimAlloc;
 
 /// `si_code` of a protection-key fault.
 pub const SEGV_PKUERR: i32 = 4;
@@ -31,7 +37,9 @@ static PROGRAM_FLAGS: AtomicI32 = AtomicI32::new(0);
 /// Where reports go (stderr unless `IA2_REPORT_FILE`).
 pub static REPORT_FD: AtomicI32 = AtomicI32::new(2);
 
-/// Formatter made once at install time, so the handler does not allocate one.
+/// The Intel formatter, made by the first report that needs it (building
+/// it costs about 5 M instructions, which no run without a fault should
+/// pay), from the arena, not `malloc`.
 static FORMATTER: OnceLock<Mutex<SendFormatter>> = OnceLock::new();
 
 struct SendFormatter(iced_x86::IntelFormatter);
@@ -44,7 +52,8 @@ static PKRU_XSAVE_OFFSET: AtomicUsize = AtomicUsize::new(0);
 
 /// Install the shim's SIGSEGV handler (through the real `sigaction`).
 pub fn install() {
-    let _ = FORMATTER.set(Mutex::new(SendFormatter(iced_x86::IntelFormatter::new())));
+    // Address space for the first report's decoder tables and formatter.
+    arena::reserve();
     // CPUID leaf 0xD returns zeros on CPUs without it: "unknown".
     let leaf = core::arch::x86_64::__cpuid_count(0xd, 9);
     PKRU_XSAVE_OFFSET.store(leaf.ebx as usize, Ordering::Relaxed);
@@ -260,27 +269,29 @@ impl<const N: usize> iced_x86::FormatterOutput for InsnOut<'_, N> {
 }
 
 fn write_instruction<const N: usize>(out: &mut StackBuf<N>, rip: usize) {
-    use iced_x86::Formatter;
     // SAFETY: RIP points into mapped text (it just executed); text stays on key 0.
     let bytes = unsafe { core::slice::from_raw_parts(rip as *const u8, 15) };
-    let mut dec = iced_x86::Decoder::with_ip(64, bytes, rip as u64, iced_x86::DecoderOptions::NONE);
-    let insn = dec.decode();
-    // Another thread may be formatting its own fault: wait a little, but
-    // never block (a fault inside the formatter must not deadlock).
-    let mut guard = None;
-    for _ in 0..200 {
-        guard = FORMATTER.get().and_then(|m| m.try_lock().ok());
-        if guard.is_some() {
-            break;
+    // The decoder's tables and the formatter are built on first use, with
+    // this thread's allocations served from the arena. Another thread may
+    // be reporting its own fault: `with_arena` waits a little, but never
+    // blocks (a fault inside the formatter must not deadlock).
+    let done = arena::with_arena(|| {
+        use iced_x86::Formatter;
+        let mut dec =
+            iced_x86::Decoder::with_ip(64, bytes, rip as u64, iced_x86::DecoderOptions::NONE);
+        let insn = dec.decode();
+        let f = FORMATTER
+            .get_or_init(|| Mutex::new(SendFormatter(iced_x86::IntelFormatter::new())))
+            .try_lock();
+        match f {
+            Ok(mut f) => f.0.format(&insn, &mut InsnOut(out)),
+            Err(_) => {
+                let _ = write!(out, "{:?}", insn.mnemonic());
+            }
         }
-        // SAFETY: sched_yield has no preconditions and is async-signal-safe.
-        unsafe { libc::sched_yield() };
-    }
-    match guard {
-        Some(mut f) => f.0.format(&insn, &mut InsnOut(out)),
-        None => {
-            let _ = write!(out, "{:?}", insn.mnemonic());
-        }
+    });
+    if done.is_none() {
+        let _ = write!(out, "(not decoded: another report holds the decoder)");
     }
 }
 

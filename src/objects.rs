@@ -163,6 +163,57 @@ impl LoadedObject {
         out
     }
 
+    /// The GNU build-id note, read from the loaded image: the ELF header
+    /// at the start of the lowest segment, its program headers, PT_NOTE.
+    pub fn build_id(&self) -> Option<&'static [u8]> {
+        let low = self.segments.iter().map(|s| s.range.start).min()?;
+        let text = |a: usize, n: usize| -> Option<&'static [u8]> {
+            let r = Range::new(a, a.checked_add(n)?);
+            // Only bytes inside one of this object's readable segments.
+            self.segments
+                .iter()
+                .any(|s| {
+                    s.flags & elf::PF_R != 0 && s.range.start <= r.start && r.end <= s.range.end
+                })
+                // SAFETY: inside a mapped, readable segment of a loaded object.
+                .then(|| unsafe { core::slice::from_raw_parts(a as *const u8, n) })
+        };
+        let hdr = text(low, core::mem::size_of::<elf::FileHeader64<LE>>())?;
+        if hdr[..4] != elf::ELFMAG {
+            return None;
+        }
+        // SAFETY: the bytes checked above hold an ELF64 file header.
+        let h = unsafe { &*(hdr.as_ptr() as *const elf::FileHeader64<LE>) };
+        let (phoff, phnum) = (h.e_phoff.get(LE) as usize, h.e_phnum.get(LE) as usize);
+        let size = core::mem::size_of::<elf::ProgramHeader64<LE>>();
+        let phdrs = text(low + phoff, phnum * size)?;
+        for i in 0..phnum {
+            // SAFETY: inside the program header table checked above.
+            let ph = unsafe { &*(phdrs.as_ptr().add(i * size) as *const elf::ProgramHeader64<LE>) };
+            if ph.p_type.get(LE) != elf::PT_NOTE {
+                continue;
+            }
+            let start = self.base.wrapping_add(ph.p_vaddr.get(LE) as usize);
+            let mut notes = text(start, ph.p_memsz.get(LE) as usize)?;
+            // Elf64_Nhdr: namesz, descsz, type; name and desc 4-aligned.
+            while notes.len() >= 12 {
+                let word =
+                    |i: usize| u32::from_le_bytes(notes[i..i + 4].try_into().unwrap()) as usize;
+                let (namesz, descsz, ty) = (word(0), word(4), word(8));
+                let name_end = 12 + namesz.next_multiple_of(4);
+                let desc_end = name_end + descsz.next_multiple_of(4);
+                if desc_end > notes.len() {
+                    break;
+                }
+                if ty == elf::NT_GNU_BUILD_ID as usize && notes[12..12 + namesz] == *b"GNU\0" {
+                    return Some(&notes[name_end..name_end + descsz]);
+                }
+                notes = &notes[desc_end..];
+            }
+        }
+        None
+    }
+
     pub fn dynamic_info(&self) -> Option<DynamicInfo> {
         // SAFETY: `dynamic` came from this object's PT_DYNAMIC, which stays
         // mapped while the object is loaded.

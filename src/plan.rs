@@ -296,9 +296,20 @@ pub fn build(input: &PlanInput<'_>) -> Plan {
 
     // Coalesce pages into ranges, split by mapping, and take each mapping's
     // protection (never widened).
+    // /proc/self/maps is sorted by address: a binary search per page keeps
+    // the plan linear in the number of objects (a linear scan otherwise).
+    let sorted = maps.windows(2).all(|w| w[0].end <= w[1].start);
+    let mapping_of = |page: usize| {
+        if sorted {
+            let i = maps.partition_point(|m| m.end <= page);
+            maps.get(i).filter(|m| m.start <= page)
+        } else {
+            maps.iter().find(|m| m.start <= page && page < m.end)
+        }
+    };
     let mut entries: Vec<PlanEntry> = Vec::new();
     for (page, (c, reason, _)) in pages {
-        let Some(m) = maps.iter().find(|m| m.start <= page && page < m.end) else {
+        let Some(m) = mapping_of(page) else {
             continue;
         };
         if let Some(last) = entries.last_mut() {

@@ -6,6 +6,7 @@
 use crate::carveouts::Located;
 use crate::config::{Config, PkuMode};
 use crate::lifecycle::{state, InitState};
+use crate::maps::Mapping;
 use crate::objects::LoadedObject;
 use crate::pku::{self, PkuSupport};
 use crate::plan::Plan;
@@ -22,6 +23,9 @@ pub struct Census {
     /// Auto mode's grouping, when a program has more application objects
     /// than keys (one line per compartment; empty otherwise).
     pub groups: Vec<String>,
+    /// `/proc/self/maps` as the latest census (start-up or `dlopen`) read
+    /// it, once: the plan's page protections, and GOT patching's.
+    pub maps: Vec<Mapping>,
 }
 
 impl Census {

@@ -196,5 +196,6 @@ fn build_census(config: &Config) -> Census {
         carveouts,
         plan,
         groups: assignment.groups,
+        maps,
     }
 }

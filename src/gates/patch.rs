@@ -112,11 +112,9 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
     let mut st = state();
     let count = rt.config.reports.gates;
     let variant = Variant::current(count);
-    let maps = crate::maps::read_self_maps().unwrap_or_else(|e| {
-        crate::lifecycle::fatal(format_args!(
-            "reading /proc/self/maps for GOT patching: {e}"
-        ))
-    });
+    // The census's own read of /proc/self/maps: applying the plan kept
+    // every page's protection.
+    let maps = &census.maps;
     let gating = st.enabled;
     let mut writes: Vec<(usize, usize)> = Vec::new();
     for i in which {
@@ -224,7 +222,7 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
             patch_fini(&mut st, rt, obj, own, variant, &mut writes);
         }
     }
-    write_slots(&writes, &maps);
+    write_slots(&writes, maps);
 }
 
 /// Point `DT_FINI` and each `DT_FINI_ARRAY` entry of `obj` at gates into
