@@ -147,8 +147,9 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc
 // ---------------------------------------------------------------- dlopen, dlclose
 
 // `dlopen` passes its return address (the caller's code, whose compartment
-// a new application object joins) to the Rust entry point in rdx, like the
-// malloc trampolines below. Left out of unit-test binaries.
+// a new application object joins, and whom ld.so must see as the caller)
+// to the Rust entry point in rdx, like the malloc trampolines below. With
+// the shim off it jumps straight to glibc's. Left out of unit-test binaries.
 #[cfg(not(test))]
 core::arch::global_asm!(
     ".pushsection .text.dlopen,\"ax\",@progbits",
@@ -157,12 +158,18 @@ core::arch::global_asm!(
     ".p2align 4",
     "dlopen:",
     ".cfi_startproc",
+    "mov rax, qword ptr [rip + {pass}]",
+    "test rax, rax",
+    "jz 1f",
+    "jmp rax",
+    "1:",
     "mov rdx, qword ptr [rsp]",
     "jmp {dlopen}",
     ".cfi_endproc",
     ".size dlopen, .-dlopen",
     ".popsection",
     dlopen = sym hook_dlopen,
+    pass = sym crate::dl::PASS_DLOPEN,
 );
 
 #[cfg_attr(test, allow(dead_code))]
@@ -184,9 +191,10 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
 
 // `dlsym(RTLD_NEXT, …)` answers relative to its caller's object, so it
 // jumps straight to glibc's `dlsym` with the caller's return address in
-// place. Every other handle goes through `hook_dlsym`, which in strict mode
+// place (so does every call with the shim off). Every other handle goes
+// through `hook_dlsym` with the caller's address in rdx: in strict mode it
 // runs the lookup with the libc compartment's rights added (it walks ld.so's
-// link maps and takes its lock).
+// link maps and takes its lock), as called from the caller's object.
 #[cfg(not(test))]
 core::arch::global_asm!(
     ".pushsection .text.dlsym,\"ax\",@progbits",
@@ -195,23 +203,35 @@ core::arch::global_asm!(
     ".p2align 4",
     "dlsym:",
     ".cfi_startproc",
+    "mov rax, qword ptr [rip + {pass}]",
+    "test rax, rax",
+    "jnz 2f",
     "cmp rdi, -1",
-    "jne {hook}",
+    "jne 1f",
     "mov rax, qword ptr [rip + {real}]",
     "test rax, rax",
-    "jz {hook}",
+    "jz 1f",
+    "2:",
     "jmp rax",
+    "1:",
+    "mov rdx, qword ptr [rsp]",
+    "jmp {hook}",
     ".cfi_endproc",
     ".size dlsym, .-dlsym",
     ".popsection",
     hook = sym hook_dlsym,
     real = sym crate::dl::REAL_DLSYM,
+    pass = sym crate::dl::PASS_DLSYM,
 );
 
 #[cfg_attr(test, allow(dead_code))]
-unsafe extern "C" fn hook_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+unsafe extern "C" fn hook_dlsym(
+    handle: *mut c_void,
+    name: *const c_char,
+    ra: usize,
+) -> *mut c_void {
     // SAFETY: dlsym's contract, from the caller.
-    unsafe { crate::dl::dlsym(handle, name) }
+    unsafe { crate::dl::dlsym(handle, name, ra) }
 }
 
 // ---------------------------------------------------------------- threads and fork

@@ -47,6 +47,7 @@ pub fn init() {
             notice(format_args!(
                 "IA2_PKU=off: the shim is disabled; nothing is protected"
             ));
+            crate::dl::pass_through();
             let _ = runtime::set(Runtime {
                 config,
                 pku: PkuSupport {

@@ -141,17 +141,88 @@ fn exit_key() -> libc::pthread_key_t {
     })
 }
 
-/// Create the exit key now, outside any thread start (called by the constructor).
+/// Create the exit key now, outside any thread start, and install the
+/// `fork` handlers (called by the constructor).
 pub fn init() {
     exit_key();
+    // SAFETY: registering plain functions.
+    let r =
+        unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    if r != 0 {
+        log::warn!(
+            "threads: pthread_atfork failed ({r}); a fork child may inherit a held shim lock"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- fork
+
+std::thread_local! {
+    /// The census write lock, held by the forking thread from the prepare
+    /// handler to the parent or child handler.
+    static FORK_CENSUS: core::cell::RefCell<Option<std::sync::RwLockWriteGuard<'static, crate::runtime::Census>>> =
+        const { core::cell::RefCell::new(None) };
+}
+
+/// The forking thread's id in plan entries (0: the main thread).
+static FORK_THREAD: AtomicUsize = AtomicUsize::new(0);
+
+/// Take every shim lock, in lock order (the `dlopen` lock, then the census),
+/// so the child never inherits one held by a thread it does not have.
+extern "C" fn fork_prepare() {
+    crate::dl::fork_prepare();
+    // SAFETY: gettid and getpid have no preconditions.
+    let (tid, pid) = unsafe { (libc::gettid(), libc::getpid()) };
+    FORK_THREAD.store(if tid == pid { 0 } else { tid as usize }, Ordering::Relaxed);
+    if let Some(rt) = runtime::get() {
+        let g = rt.census.write().unwrap_or_else(|e| e.into_inner());
+        FORK_CENSUS.with(|c| *c.borrow_mut() = Some(g));
+    }
+}
+
+fn fork_release() {
+    FORK_CENSUS.with(|c| c.borrow_mut().take());
+    crate::dl::fork_release();
+}
+
+extern "C" fn fork_parent() {
+    fork_release();
+}
+
+/// The child has one thread. The other threads' TLS pages stay tagged in
+/// their stacks, which glibc now caches for the child's next threads (and
+/// initialises with the creator's rights): put them back on key 0.
+extern "C" fn fork_child() {
+    let me = FORK_THREAD.load(Ordering::Relaxed);
+    FORK_CENSUS.with(|c| {
+        let mut c = c.borrow_mut();
+        let Some(census) = c.as_mut() else { return };
+        let theirs = |e: &PlanEntry| match e.reason {
+            plan::Reason::Tls { thread, .. } | plan::Reason::TlsShared { thread, .. } => {
+                thread != me
+            }
+            _ => false,
+        };
+        for e in census
+            .plan
+            .entries
+            .iter()
+            .filter(|e| theirs(e) && e.compartment.is_some())
+        {
+            let _ = pku::protect(e.range.start, e.range.len(), e.prot, 0);
+        }
+        census.plan.entries.retain(|e| !theirs(e));
+    });
+    fork_release();
 }
 
 /// The TLS blocks of the calling thread: (census object index, block).
 fn thread_blocks(rt: &Runtime) -> Vec<(usize, Range)> {
+    // Ask ld.so first: no shim lock is held while calling into it.
+    let here = crate::objects::tls_blocks_here();
     let Ok(c) = rt.census.read() else {
         return Vec::new();
     };
-    let here = crate::objects::tls_blocks_here();
     let mut out = Vec::new();
     for (modid, block, size) in here {
         if block == 0 {

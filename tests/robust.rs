@@ -1,0 +1,166 @@
+//! Correct programs keep working under the shim (issue 18): concurrent
+//! `dlopen`/`dlclose`, `fork` with shim locks held elsewhere, every way to
+//! install a signal handler, cancellation inside gated calls, threads the
+//! shim did not start, simultaneous faults, and `IA2_PKU=off` doing
+//! nothing. main = compartment 1, librob2.so = 2. Hangs are failures: every
+//! job has a short timeout.
+
+mod common;
+use common::*;
+use ia2run::{Job, Outcome};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+fn fixture() -> PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        let d = fixture_dir();
+        for sub in ["dupA", "dupB"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+            cc(
+                &format!("{sub}/libdup.so"),
+                &["robust/dup.c"],
+                &["-shared", "-fPIC", "-Wl,-soname,libdup.so"],
+            );
+        }
+        cc_lib("rob2", &["robust/lib2.c"], &["-pthread", "-ldl"]);
+        cc_lib("plain", &["robust/plain.c"], &["-lrob2"]);
+        cc_lib("plain2", &["robust/plain.c"], &["-lrob2"]);
+        cc_lib("cctor", &["robust/cctor.c"], &["-pthread"]);
+        let rpath = format!("-Wl,-rpath,{}", d.join("dupB").display());
+        cc_exe(
+            "robust",
+            &["robust/main.c"],
+            &["-lrob2", "-pthread", "-ldl", &rpath],
+        )
+    })
+    .clone()
+}
+
+fn dir() -> String {
+    fixture_dir().to_str().unwrap().to_string()
+}
+
+/// A job for case `args` with a short timeout (a hang is a failure).
+fn rob(args: &[&str], vars: &[(&str, &str)], secs: u64) -> Job {
+    let exe = fixture();
+    let mut argv = vec![exe.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    let d = dir();
+    let mut v = vec![("ROB_DIR", d.as_str())];
+    v.extend_from_slice(vars);
+    job(&argv, &v).timeout(Duration::from_secs(secs))
+}
+
+fn sim(args: &[&str], secs: u64) -> Outcome {
+    native(&rob(args, &[("IA2_PKU", "sim")], secs))
+}
+
+#[track_caller]
+fn assert_clean(o: &Outcome) {
+    assert_code(o, 0);
+    assert_stderr_lacks(o, "SEGV_PKUERR");
+    assert_stderr_lacks(o, "panicked");
+}
+
+// ---------------------------------------------------------------- dlopen
+
+/// A constructor inside the real dlopen starts a thread while another thread
+/// finishes its own dlopen: the shim once held its census lock while asking
+/// ld.so, and the two threads deadlocked on every run.
+#[test]
+fn concurrent_dlopens_with_a_thread_starting_constructor_do_not_deadlock() {
+    let o = sim(&["race-ctor", "2"], 30);
+    assert_clean(&o);
+    assert_stdout_has(&o, "race ok a b");
+}
+
+/// Two threads open and close the same library: the shim once patched an
+/// object the other thread was unloading.
+#[test]
+fn concurrent_dlopen_and_dlclose_do_not_crash() {
+    let o = sim(&["race-close", "2"], 30);
+    assert_clean(&o);
+    assert_stdout_has(&o, "race ok a b");
+}
+
+/// A library loaded by absolute path is found again by its SONAME, as
+/// without the shim; the shim once searched the caller's RUNPATH itself and
+/// loaded a second copy.
+#[test]
+fn dlopen_by_soname_finds_the_loaded_copy() {
+    for mode in ["sim", "off"] {
+        let o = native(&rob(&["dup"], &[("IA2_PKU", mode)], 30));
+        assert_clean(&o);
+        assert_stdout_has(&o, "dup: same copy");
+    }
+    let exe = fixture();
+    let base = native(
+        &job_unshimmed(&[exe.to_str().unwrap(), "dup"])
+            .env("ROB_DIR", dir())
+            .timeout(Duration::from_secs(30)),
+    );
+    assert_stdout_has(&base, "dup: same copy");
+}
+
+/// The loader's own debug output about a dlopen (search path, RUNPATH of
+/// the caller, files tried) is the same with the shim as without it: in
+/// `off` mode the shim changes nothing, and in `sim` mode the real dlopen
+/// still sees the program as its caller.
+#[test]
+fn ld_debug_libs_of_a_dlopen_is_unchanged() {
+    let exe = fixture();
+    let exe = exe.to_str().unwrap();
+    let pick = |o: &Outcome| -> Vec<String> {
+        o.stderr_lossy()
+            .lines()
+            .filter(|l| l.contains("libplain") || l.contains("search path"))
+            .filter(|l| !l.contains("ia2shim") && !l.contains("libgcc_s"))
+            .map(|l| l.split_once(':').map_or(l, |(_, r)| r).trim().to_string())
+            .collect()
+    };
+    let base = native(
+        &job_unshimmed(&[exe, "idle"])
+            .env("ROB_DIR", dir())
+            .env("LD_DEBUG", "libs")
+            .timeout(Duration::from_secs(30)),
+    );
+    assert_stdout_has(&base, "idle loaded");
+    let want = pick(&base);
+    assert!(
+        want.iter().any(|l| l.contains("RUNPATH from file")),
+        "{}",
+        out_text(&base)
+    );
+    for mode in ["off", "sim"] {
+        let o = native(&rob(
+            &["idle"],
+            &[("IA2_PKU", mode), ("LD_DEBUG", "libs")],
+            30,
+        ));
+        assert_stdout_has(&o, "idle loaded");
+        assert_eq!(pick(&o), want, "IA2_PKU={mode}\n{}", out_text(&o));
+    }
+}
+
+/// glibc dlopens a gconv module for iconv; the next dlopen, from
+/// compartment 2, must not claim it.
+#[test]
+fn objects_glibc_loads_itself_are_not_assigned_to_the_next_dlopen() {
+    let o = sim(&["gconv"], 30);
+    assert_clean(&o);
+    assert_stdout_has(&o, "gconv module data in compartment 0");
+}
+
+// ---------------------------------------------------------------- fork
+
+/// Children forked while another thread is inside the shim's dlopen work
+/// start threads and dlopen: once they could inherit a held census lock and
+/// hang forever.
+#[test]
+fn fork_children_never_inherit_a_held_shim_lock() {
+    let o = sim(&["fork-race", "3"], 60);
+    assert_clean(&o);
+    assert_stdout_has(&o, "fork race ok forked");
+}
