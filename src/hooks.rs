@@ -93,7 +93,7 @@ pub unsafe extern "C" fn __libc_start_main(
 type SignalFn = unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t;
 
 /// SIGSEGV (and SIGTRAP in audit mode) stays with the shim's handler, which
-/// chains to the program's.
+/// chains to the program's; other handlers run in their compartment.
 ///
 /// # Safety
 /// As `sigaction(2)`.
@@ -103,45 +103,85 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> c_int {
-    if crate::fault::intercepts(sig) && runtime::active().is_some() {
-        // SAFETY: pointers are the caller's, valid as sigaction(2) requires.
-        unsafe { crate::fault::intercept_sigaction(sig, act, old) };
-        return 0;
-    }
-    if crate::signals::wraps(sig) && runtime::active().is_some() {
+    if runtime::active().is_some() {
         // SAFETY: forwarded contract.
-        return unsafe { crate::signals::sigaction(sig, act, old) };
+        return unsafe { crate::signals::dispatch(sig, act, old) };
     }
     // SAFETY: forwarded contract.
     unsafe { real::sigaction(sig, act, old) }
 }
 
-/// `signal(3)` is `sigaction` with BSD semantics; SIGSEGV (and SIGTRAP in
-/// audit mode) is recorded, not installed.
-///
-/// # Safety
-/// As `signal(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
-    if crate::fault::intercepts(sig) && runtime::active().is_some() {
-        // SAFETY: zeroed sigaction is valid.
-        let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
-        act.sa_sigaction = handler;
-        act.sa_flags = libc::SA_RESTART;
-        // SAFETY: zeroed sigaction is valid.
-        let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
-        // SAFETY: both structs are valid.
-        unsafe { crate::fault::intercept_sigaction(sig, &act, &mut old) };
-        return old.sa_sigaction;
+/// The shim's handler-installing function while it is active, else glibc's.
+fn signal_via(
+    sig: c_int,
+    handler: libc::sighandler_t,
+    shim: fn(c_int, libc::sighandler_t) -> libc::sighandler_t,
+    glibc: &real::RealFn,
+) -> libc::sighandler_t {
+    if runtime::active().is_some() {
+        return shim(sig, handler);
     }
-    if crate::signals::wraps(sig) && runtime::active().is_some() {
-        // SAFETY: forwarded contract.
-        return unsafe { crate::signals::signal(sig, handler) };
-    }
-    // SAFETY: the slot holds glibc's signal.
-    let f: SignalFn = unsafe { real::as_fn(&real::SIGNAL) };
+    // SAFETY: the slot holds glibc's function of this type.
+    let f: SignalFn = unsafe { real::as_fn(glibc) };
     // SAFETY: forwarded contract.
     unsafe { f(sig, handler) }
+}
+
+/// `signal(3)`: `sigaction` with BSD semantics.
+#[no_mangle]
+pub extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(sig, handler, crate::signals::bsd_signal, &real::SIGNAL)
+}
+
+/// `bsd_signal(3)`: as `signal`.
+#[no_mangle]
+pub extern "C" fn bsd_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(sig, handler, crate::signals::bsd_signal, &real::BSD_SIGNAL)
+}
+
+/// `ssignal(3)`: as `signal`.
+#[no_mangle]
+pub extern "C" fn ssignal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(sig, handler, crate::signals::bsd_signal, &real::SSIGNAL)
+}
+
+/// `sysv_signal(3)`: one-shot, unblocked, not restarting.
+#[no_mangle]
+pub extern "C" fn sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(
+        sig,
+        handler,
+        crate::signals::sysv_signal,
+        &real::SYSV_SIGNAL,
+    )
+}
+
+/// `__sysv_signal`: what `signal` compiles to under `-std=c99`.
+#[no_mangle]
+pub extern "C" fn __sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(
+        sig,
+        handler,
+        crate::signals::sysv_signal,
+        &real::SYSV_SIGNAL_INTERNAL,
+    )
+}
+
+/// `sigset(3)`, `SIG_HOLD` included.
+#[no_mangle]
+pub extern "C" fn sigset(sig: c_int, disp: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(sig, disp, crate::signals::sigset, &real::SIGSET)
+}
+
+/// `sigaltstack(2)`: the shim keeps its own key-0 stack where the
+/// program's lies in tagged memory (see `signals`).
+///
+/// # Safety
+/// As `sigaltstack(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> c_int {
+    // SAFETY: forwarded contract.
+    unsafe { crate::signals::sigaltstack(ss, old) }
 }
 
 // ---------------------------------------------------------------- dlopen, dlclose
@@ -259,6 +299,40 @@ pub unsafe extern "C" fn pthread_create(
     let real: PthreadCreateFn = unsafe { real::as_fn(&real::PTHREAD_CREATE) };
     // SAFETY: forwarded contract.
     unsafe { crate::threads::create(real, thread, attr, start, arg) }
+}
+
+/// `pthread_cleanup_push` in C: the shim makes the buffer land through a
+/// pad that restores the registration's PKRU and gate frames (see
+/// `gates::cancel_register`).
+///
+/// # Safety
+/// `buf` is a `__pthread_unwind_buf_t` with a fresh `sigsetjmp` buffer.
+#[no_mangle]
+pub unsafe extern "C" fn __pthread_register_cancel(buf: *mut c_void) {
+    if runtime::active().is_some() {
+        // SAFETY: the caller's buffer.
+        unsafe { crate::gates::cancel_register(buf) };
+    }
+    // SAFETY: the slot holds glibc's function of this type.
+    let f: unsafe extern "C" fn(*mut c_void) = unsafe { real::as_fn(&real::REGISTER_CANCEL) };
+    // SAFETY: forwarded contract.
+    unsafe { f(buf) }
+}
+
+/// `pthread_cleanup_pop` in C.
+///
+/// # Safety
+/// `buf` is the buffer registered with `__pthread_register_cancel`.
+#[no_mangle]
+pub unsafe extern "C" fn __pthread_unregister_cancel(buf: *mut c_void) {
+    // SAFETY: the slot holds glibc's function of this type.
+    let f: unsafe extern "C" fn(*mut c_void) = unsafe { real::as_fn(&real::UNREGISTER_CANCEL) };
+    // SAFETY: forwarded contract.
+    unsafe { f(buf) };
+    if runtime::active().is_some() {
+        // SAFETY: the caller's buffer.
+        unsafe { crate::gates::cancel_unregister(buf) };
+    }
 }
 
 /// `fork` keeps tags and PKRU; in strict mode glibc's fork runs with the

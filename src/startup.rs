@@ -1,7 +1,8 @@
 //! Start-up: the constructor's sequence, top to bottom, as the pipeline it
 //! is: configuration → logging → real functions → PKU probe → census →
-//! compartments → carveouts → plan → apply → fault handler → gates →
-//! reports → allocator → threads. The only module that calls the features'
+//! compartments → carveouts → plan → fault handler → apply → gates →
+//! reports → allocator → threads → signal handlers installed earlier and
+//! the main thread's alternate stack. The only module that calls the features'
 //! `install`/`start`/`init` functions.
 
 use crate::carveouts;
@@ -98,12 +99,6 @@ pub fn init() {
             });
         }
     }
-    if let Err((entry, errno)) = crate::apply::apply(&census.plan, &keys) {
-        fatal(format_args!(
-            "pkey_mprotect({}, prot {:#x}, key of compartment {:?}) failed (errno {errno})",
-            entry.range, entry.prot, entry.compartment
-        ));
-    }
     let rt = Runtime {
         config,
         pku: support,
@@ -114,11 +109,25 @@ pub fn init() {
         fatal(format_args!("runtime initialised twice"));
     }
     let rt = runtime::get().expect("just set");
+    // The fault handler first: threads that library constructors started
+    // are already running, and the first one to touch a page tagged below
+    // gets a report rather than a silent death.
     crate::fault::install();
+    {
+        let census = rt.census.read().unwrap_or_else(|e| e.into_inner());
+        if let Err((entry, errno)) = crate::apply::apply(&census.plan, &rt.keys) {
+            fatal(format_args!(
+                "pkey_mprotect({}, prot {:#x}, key of compartment {:?}) failed (errno {errno})",
+                entry.range, entry.prot, entry.compartment
+            ));
+        }
+    }
     crate::gates::install(rt);
     crate::report::startup(rt);
     crate::alloc::start(rt);
     crate::threads::init();
+    crate::signals::adopt_installed();
+    crate::signals::thread_start();
     set_state(InitState::Ready);
 }
 

@@ -117,6 +117,7 @@ extern "C" fn trampoline(slot: *mut c_void) -> *mut c_void {
     let (start, arg, pkru) = take(slot as usize);
     if let Some(rt) = runtime::active() {
         crate::gates::thread_start();
+        crate::signals::thread_start();
         thread_setup(rt);
     }
     pku::write_pkru(pkru);
@@ -354,9 +355,33 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
     entries
 }
 
+/// The exit key's value for a thread that the shim did not start: no
+/// tagged TLS, only a gate-frame stack to free.
+const FOREIGN: usize = 1;
+
+/// Called (from the SIGSEGV handler) when a thread that the shim did not
+/// start maps its gate-frame stack on its first gate: have the exit key's
+/// destructor free it, so such threads do not leak two mappings each.
+/// Async-signal-safe in practice: the key exists (made by `init`), and
+/// setting a low key's value writes the thread's own array.
+pub fn adopt_foreign() {
+    let Some(&key) = EXIT_KEY.get() else {
+        return;
+    };
+    // SAFETY: our own key, created at start-up.
+    if unsafe { libc::pthread_getspecific(key) }.is_null() {
+        // SAFETY: as above; FOREIGN is a marker, never dereferenced.
+        unsafe { libc::pthread_setspecific(key, FOREIGN as *const c_void) };
+    }
+}
+
 /// Put the exiting thread's TLS pages back on key 0 (pthread key destructor).
 unsafe extern "C" fn thread_teardown(state: *mut c_void) {
     if state.is_null() {
+        return;
+    }
+    if state as usize == FOREIGN {
+        crate::gates::thread_exit();
         return;
     }
     // SAFETY: the value set by thread_setup, released once here.
@@ -371,6 +396,7 @@ unsafe extern "C" fn thread_teardown(state: *mut c_void) {
             }
         }
     }
+    crate::signals::thread_exit();
     crate::gates::thread_exit();
 }
 

@@ -164,3 +164,102 @@ fn fork_children_never_inherit_a_held_shim_lock() {
     assert_clean(&o);
     assert_stdout_has(&o, "fork race ok forked");
 }
+
+// ---------------------------------------------------------------- signals
+
+/// A SIGSEGV sent with kill/raise and the default action ends the process
+/// by SIGSEGV, as without the shim (it was once swallowed, and the shim's
+/// handler removed); SIG_IGN ignores a sent one.
+#[test]
+fn a_sent_sigsegv_gets_the_programs_disposition() {
+    for case in ["raise-segv", "kill-segv"] {
+        let o = sim(&[case], 30);
+        assert_code(&o, SIGSEGV_CODE);
+        assert!(!o.stdout_lossy().contains("survived"), "{}", out_text(&o));
+    }
+    let o = sim(&["segv-ign"], 30);
+    assert_code(&o, SIGSEGV_CODE);
+    assert_stdout_has(&o, "ignored");
+}
+
+/// The program's SA_RESETHAND and sa_mask for SIGSEGV are honoured.
+#[test]
+fn sigsegv_resethand_and_mask_are_honoured() {
+    let o = sim(&["resethand"], 30);
+    assert_code(&o, SIGSEGV_CODE);
+    assert_stdout_has(&o, "handler 1:");
+    assert!(!o.stdout_lossy().contains("handler 2"), "{}", out_text(&o));
+    let o = sim(&["segv-mask"], 30);
+    assert_clean(&o);
+    assert_stdout_has(&o, "handler 1: SIGUSR1 masked");
+    assert_stdout_has(&o, "handler 2: SIGUSR1 masked");
+    assert_stdout_has(&o, "after two raises: 2 calls");
+}
+
+/// Every way to install a handler (signal, bsd_signal, sysv_signal,
+/// __sysv_signal, sigset, ssignal) gets the handler run in its own
+/// compartment, SIGSEGV included (chained by the shim's handler).
+#[test]
+fn every_way_to_install_a_handler_runs_it_in_its_compartment() {
+    let o = sim(&["sigapis"], 30);
+    assert_clean(&o);
+    for api in [
+        "signal",
+        "bsd_signal",
+        "sysv_signal",
+        "__sysv_signal",
+        "sigset",
+        "ssignal",
+    ] {
+        for sig in ["SIGUSR1", "SIGSEGV"] {
+            assert_stdout_has(&o, &format!("{api}({sig}): handler ran as 2, 1 calls"));
+        }
+    }
+}
+
+/// A handler that a library constructor installed before the shim's
+/// constructor ran is wrapped too.
+#[test]
+fn handlers_installed_before_the_shim_are_wrapped() {
+    let o = native(&rob(
+        &["early-handler"],
+        &[("IA2_PKU", "sim"), ("ROB_EARLY_HANDLER", "1")],
+        30,
+    ));
+    assert_clean(&o);
+    assert_stdout_has(&o, "early handler ran as 2, 1 calls");
+}
+
+// ---------------------------------------------------------------- cancellation
+
+/// `pthread_exit` and `pthread_cancel` inside a gated call into
+/// compartment 2, under a caller's `pthread_cleanup_push`: the cleanup runs
+/// as the caller's compartment 1 (glibc longjmps over the gate frame).
+#[test]
+fn cleanup_handlers_run_in_the_callers_compartment_after_cancellation() {
+    for case in ["cancel-exit", "cancel"] {
+        let o = sim(&[case], 30);
+        assert_clean(&o);
+        assert_stdout_has(
+            &o,
+            &format!("{case}: cleanup ran 1 time(s) as 1, main continues as 1"),
+        );
+    }
+}
+
+// ---------------------------------------------------------------- foreign threads
+
+/// Threads started with glibc's own pthread_create (not the shim's) get a
+/// gate-frame stack on their first gate; it is freed when they exit.
+#[test]
+fn gate_stacks_of_threads_the_shim_did_not_start_are_freed() {
+    let o = sim(&["foreign-threads", "100"], 60);
+    assert_clean(&o);
+    let out = o.stdout_lossy();
+    let grew: i64 = out
+        .split("maps grew by ")
+        .nth(1)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}", out_text(&o)));
+    assert!(grew < 10, "the map count grew by {grew}\n{}", out_text(&o));
+}
