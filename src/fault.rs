@@ -33,8 +33,13 @@ static PROGRAM_MASK: AtomicU64 = AtomicU64::new(0);
 /// Where reports go (stderr unless `IA2_REPORT_FILE`).
 pub static REPORT_FD: AtomicI32 = AtomicI32::new(2);
 
-/// Formatter made once at install time, so the handler does not allocate one.
-static FORMATTER: OnceLock<Mutex<SendFormatter>> = OnceLock::new();
+/// Formatters made once at install time, so the handler does not allocate
+/// one: several, so that threads faulting at once each format in full.
+static FORMATTER: OnceLock<[Mutex<SendFormatter>; FORMATTERS]> = OnceLock::new();
+const FORMATTERS: usize = 4;
+/// Reports being written now: the first thread to finish waits for the
+/// others before the process dies.
+static REPORTS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 struct SendFormatter(iced_x86::IntelFormatter);
 // SAFETY: the formatter's boxed trait objects are iced's defaults (no symbol
@@ -46,7 +51,9 @@ static PKRU_XSAVE_OFFSET: AtomicUsize = AtomicUsize::new(0);
 
 /// Install the shim's SIGSEGV handler (through the real `sigaction`).
 pub fn install() {
-    let _ = FORMATTER.set(Mutex::new(SendFormatter(iced_x86::IntelFormatter::new())));
+    let _ = FORMATTER.set(core::array::from_fn(|_| {
+        Mutex::new(SendFormatter(iced_x86::IntelFormatter::new()))
+    }));
     // CPUID leaf 0xD returns zeros on CPUs without it: "unknown".
     let leaf = core::arch::x86_64::__cpuid_count(0xd, 9);
     PKRU_XSAVE_OFFSET.store(leaf.ebx as usize, Ordering::Relaxed);
@@ -180,8 +187,11 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
             return;
         }
         if on_fault != Some(crate::config::OnFault::Silent) {
+            REPORTS_IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
             // SAFETY: valid siginfo and ucontext from the kernel.
             unsafe { report_pku_fault(info, ctx as *const libc::ucontext_t) };
+            REPORTS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+            wait_for_other_reports();
         }
         audit::summary(Some(sig));
         die_by_sigsegv();
@@ -254,6 +264,22 @@ fn call_program_handler(
     ctx: *mut c_void,
 ) {
     crate::signals::run_in_compartment(h, flags, sig, info, ctx);
+}
+
+/// Let reports that other threads are writing finish (up to two seconds)
+/// before this thread's return ends the process.
+fn wait_for_other_reports() {
+    for _ in 0..2000 {
+        if REPORTS_IN_FLIGHT.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let ms = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        // SAFETY: nanosleep is async-signal-safe.
+        unsafe { libc::nanosleep(&ms, core::ptr::null_mut()) };
+    }
 }
 
 /// Restore the default action and return: the faulting instruction runs
@@ -329,16 +355,23 @@ fn write_instruction<const N: usize>(out: &mut StackBuf<N>, rip: usize) {
     let bytes = unsafe { core::slice::from_raw_parts(rip as *const u8, 15) };
     let mut dec = iced_x86::Decoder::with_ip(64, bytes, rip as u64, iced_x86::DecoderOptions::NONE);
     let insn = dec.decode();
-    // Another thread may be formatting its own fault: wait a little, but
-    // never block (a fault inside the formatter must not deadlock).
+    // Other threads may be formatting their own faults: take a free
+    // formatter, waiting up to a second, but never block (a fault inside
+    // the formatter must not deadlock).
     let mut guard = None;
-    for _ in 0..200 {
-        guard = FORMATTER.get().and_then(|m| m.try_lock().ok());
-        if guard.is_some() {
-            break;
+    'wait: for _ in 0..1000 {
+        for m in FORMATTER.get().into_iter().flatten() {
+            if let Ok(g) = m.try_lock() {
+                guard = Some(g);
+                break 'wait;
+            }
         }
-        // SAFETY: sched_yield has no preconditions and is async-signal-safe.
-        unsafe { libc::sched_yield() };
+        let ms = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        // SAFETY: nanosleep is async-signal-safe.
+        unsafe { libc::nanosleep(&ms, core::ptr::null_mut()) };
     }
     match guard {
         Some(mut f) => f.0.format(&insn, &mut InsnOut(out)),

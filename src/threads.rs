@@ -217,27 +217,22 @@ extern "C" fn fork_child() {
     fork_release();
 }
 
-/// The TLS blocks of the calling thread: (census object index, block).
+/// The TLS blocks of the calling thread: (census object index, block),
+/// read from the thread's DTV (no call into ld.so).
 fn thread_blocks(rt: &Runtime) -> Vec<(usize, Range)> {
-    // Ask ld.so first: no shim lock is held while calling into it.
-    let here = crate::objects::tls_blocks_here();
     let Ok(c) = rt.census.read() else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    for (modid, block, size) in here {
-        if block == 0 {
-            continue;
-        }
-        if let Some(i) = c
-            .objects
-            .iter()
-            .position(|o| o.tls.is_some_and(|t| t.modid == modid))
-        {
-            out.push((i, Range::new(block, block + size)));
-        }
-    }
-    out
+    c.objects
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| !o.segments.is_empty())
+        .filter_map(|(i, o)| {
+            let t = o.tls?;
+            let block = crate::tls::dtv_block(t.modid)?;
+            Some((i, Range::new(block, block + t.memsz)))
+        })
+        .collect()
 }
 
 fn thread_setup(rt: &Runtime) {
