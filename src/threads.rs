@@ -336,17 +336,18 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
     if p.tagged().next().is_none() {
         return Vec::new();
     }
+    let entries: Vec<PlanEntry> = p.tagged().cloned().collect();
+    // Tag and record under the census lock, so that a fork (whose prepare
+    // handler takes it) never sees tagged pages that the plan lacks.
+    let mut c = rt.census.write().unwrap_or_else(|e| e.into_inner());
     if let Err((e, errno)) = crate::apply::apply(&p, &rt.keys) {
         crate::lifecycle::fatal(format_args!(
             "thread {tid}: pkey_mprotect({}, key of compartment {:?}) failed (errno {errno})",
             e.range, e.compartment
         ));
     }
-    let entries: Vec<PlanEntry> = p.tagged().cloned().collect();
-    if let Ok(mut c) = rt.census.write() {
-        c.plan.entries.extend(entries.iter().cloned());
-        c.plan.entries.sort_by_key(|e| e.range.start);
-    }
+    c.plan.entries.extend(entries.iter().cloned());
+    c.plan.entries.sort_by_key(|e| e.range.start);
     entries
 }
 
@@ -381,14 +382,14 @@ unsafe extern "C" fn thread_teardown(state: *mut c_void) {
     }
     // SAFETY: the value set by thread_setup, released once here.
     let state = unsafe { Box::from_raw(state as *mut ThreadState) };
-    for e in &state.entries {
-        let _ = pku::protect(e.range.start, e.range.len(), e.prot, 0);
-    }
     if !state.entries.is_empty() {
-        if let Some(rt) = runtime::get() {
-            if let Ok(mut c) = rt.census.write() {
-                c.plan.entries.retain(|x| !state.entries.contains(x));
-            }
+        // Under the census lock, as the tagging was (see tag_thread_tls).
+        let census = runtime::get().map(|rt| rt.census.write().unwrap_or_else(|e| e.into_inner()));
+        for e in &state.entries {
+            let _ = pku::protect(e.range.start, e.range.len(), e.prot, 0);
+        }
+        if let Some(mut c) = census {
+            c.plan.entries.retain(|x| !state.entries.contains(x));
         }
     }
     crate::signals::thread_exit();
