@@ -71,11 +71,17 @@ pub fn thread_carveouts(config: &Config) -> Vec<Located> {
 /// bytes, in glibc's `struct pthread`), or `None` when glibc registered no
 /// rseq area (glibc < 2.35, or `GLIBC_TUNABLES=glibc.pthread.rseq=0`).
 pub fn rseq_area(tp: usize) -> Option<Range> {
-    let off = resolve_global(c"__rseq_offset")?;
-    let size = resolve_global(c"__rseq_size")?;
-    // SAFETY: glibc's exported `ptrdiff_t __rseq_offset` and `unsigned int
-    // __rseq_size`, constant after start-up (in libc's RELRO).
-    let (off, size) = unsafe { (*(off as *const isize), *(size as *const u32)) };
+    // Resolved once (at start-up, by the main thread's carveouts): a thread
+    // started inside a constructor must not call dlsym, whose lock the
+    // thread running the constructor holds while it joins this one.
+    static RSEQ: std::sync::OnceLock<Option<(isize, u32)>> = std::sync::OnceLock::new();
+    let (off, size) = (*RSEQ.get_or_init(|| {
+        let off = resolve_global(c"__rseq_offset")?;
+        let size = resolve_global(c"__rseq_size")?;
+        // SAFETY: glibc's exported `ptrdiff_t __rseq_offset` and `unsigned
+        // int __rseq_size`, constant after start-up (in libc's RELRO).
+        Some(unsafe { (*(off as *const isize), *(size as *const u32)) })
+    }))?;
     if size == 0 {
         return None;
     }

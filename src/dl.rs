@@ -1,11 +1,26 @@
 //! `dlopen` and `dlclose` (DESIGN.md, "Start-up sequence", step 3).
 //!
-//! After the real `dlopen` returns, the objects it loaded are counted (a new
-//! census, compared with the old one by base address and name), assigned,
-//! tagged with the plan for just those objects, registered in the census
-//! (so fault reports and `ia2_addr_compartment` know them), scanned, and
-//! their GOT slots and destructors are patched for gates. Objects loaded
-//! earlier keep their slots: they were resolved at start-up.
+//! The shim's own lock (`DL_LOCK`, reentrant) is held across the real call
+//! and the census work around it, so no two threads do that work at once
+//! and a `dlclose` cannot unload what a `dlopen` is patching. Lock order:
+//! `DL_LOCK`, then ld.so's locks, then the census lock; the census lock is
+//! never held while calling into ld.so (a constructor running inside the
+//! real `dlopen`, with ld.so's lock held, may start a thread, whose start
+//! reads the census).
+//!
+//! The real `dlopen` and `dlsym` are called so that they see the program's
+//! code as their caller (`ia2shim_call_as`): glibc picks the RUNPATH,
+//! `$ORIGIN`, namespace and `RTLD_DEFAULT` scope by the caller. With
+//! `IA2_PKU=off` the entry points jump straight to glibc.
+//!
+//! After the real `dlopen` returns, the objects it loaded are the handle's
+//! object and, transitively, the new objects that its `DT_NEEDED` entries
+//! name; objects that glibc loaded for itself meanwhile (gconv, NSS,
+//! `dlmopen`) are left alone. They are assigned, tagged with the plan for
+//! just those objects, registered in the census (so fault reports and
+//! `ia2_addr_compartment` know them), scanned, and their GOT slots and
+//! destructors are patched for gates (on a snapshot of the census, without
+//! its lock). Objects loaded earlier keep their slots.
 //!
 //! Assignment: an object that an explicit `IA2_COMPARTMENTS` pattern names
 //! goes there. Otherwise an application object joins the compartment of the
@@ -27,7 +42,7 @@ use crate::pku;
 use crate::plan::{PlanEntry, Reason};
 use crate::runtime::{self, Census, Runtime};
 use core::ffi::{c_char, c_int, c_void};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 /// Census index of the first object that `dlopen` added (objects before it
 /// were loaded at start-up). `usize::MAX` until start-up is done.
@@ -53,6 +68,10 @@ impl Drop for AllKeys {
 
 fn census_mut(rt: &Runtime) -> std::sync::RwLockWriteGuard<'_, Census> {
     rt.census.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn census_read(rt: &Runtime) -> std::sync::RwLockReadGuard<'_, Census> {
+    rt.census.read().unwrap_or_else(|e| e.into_inner())
 }
 
 fn first_dlopened(c: &Census) -> usize {
@@ -88,148 +107,359 @@ fn assign_new(rt: &Runtime, o: &LoadedObject, caller: Option<u8>) -> Option<u8> 
     }
 }
 
-/// The real `dlopen`, then counting, assigning, tagging and patching the
-/// objects it loaded. `caller` is the return address of the `dlopen` call.
+// ---------------------------------------------------------------- the shim's own lock
+
+/// Serialises the shim's `dlopen`/`dlclose` work (the real call and the
+/// census update around it). Lock order: this lock, then ld.so's locks,
+/// then the census lock; the census lock is never held while calling into
+/// ld.so. Reentrant, because constructors and destructors that the real
+/// call runs may `dlopen` and `dlclose` themselves. A futex word, so that
+/// the `fork` handlers can take and release it from plain functions.
+struct DlLock {
+    /// 0 free, 1 held, 2 held with waiters.
+    state: AtomicU32,
+    /// Thread pointer of the holder (0: none).
+    owner: AtomicUsize,
+    depth: AtomicUsize,
+}
+
+static DL_LOCK: DlLock = DlLock {
+    state: AtomicU32::new(0),
+    owner: AtomicUsize::new(0),
+    depth: AtomicUsize::new(0),
+};
+
+fn futex(word: &AtomicU32, op: c_int, val: u32) {
+    // SAFETY: a futex call on a live, aligned 32-bit word; no timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            op | libc::FUTEX_PRIVATE_FLAG,
+            val,
+            core::ptr::null::<libc::timespec>(),
+        )
+    };
+}
+
+impl DlLock {
+    fn lock(&self) {
+        let me = crate::tls::thread_pointer();
+        if self.owner.load(Ordering::Relaxed) == me {
+            self.depth.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self
+            .state
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            while self.state.swap(2, Ordering::Acquire) != 0 {
+                futex(&self.state, libc::FUTEX_WAIT, 2);
+            }
+        }
+        self.owner.store(me, Ordering::Relaxed);
+        self.depth.store(1, Ordering::Relaxed);
+    }
+
+    fn unlock(&self) {
+        if self.depth.fetch_sub(1, Ordering::Relaxed) > 1 {
+            return;
+        }
+        self.owner.store(0, Ordering::Relaxed);
+        if self.state.swap(0, Ordering::Release) == 2 {
+            futex(&self.state, libc::FUTEX_WAKE, 1);
+        }
+    }
+}
+
+struct DlGuard;
+
+impl DlGuard {
+    fn take() -> DlGuard {
+        DL_LOCK.lock();
+        DlGuard
+    }
+
+    /// Is this an inner `dlopen`/`dlclose`, from a constructor or destructor?
+    fn nested(&self) -> bool {
+        DL_LOCK.depth.load(Ordering::Relaxed) > 1
+    }
+}
+
+impl Drop for DlGuard {
+    fn drop(&mut self) {
+        DL_LOCK.unlock();
+    }
+}
+
+/// `fork` prepare handler: no thread is inside the shim's dlopen work when
+/// the process is copied.
+pub fn fork_prepare() {
+    DL_LOCK.lock();
+}
+
+/// `fork` parent and child handler (the child's only thread is the one that
+/// took the lock in [`fork_prepare`]).
+pub fn fork_release() {
+    DL_LOCK.unlock();
+}
+
+// ---------------------------------------------------------------- calling ld.so as the program
+
+// `ia2shim_call_as(f, a, b, ret)`: call `f(a, b)` so that `f` sees `ret` as
+// its return address. `ret` is a `ret` instruction (byte 0xc3) in the
+// caller's object, which returns into the continuation below. glibc's
+// `dlopen` and `dlsym` use their return address to find the calling object
+// (its RUNPATH, `$ORIGIN`, namespace and lookup scope), so the program's
+// object stays the caller although the shim made the call.
+core::arch::global_asm!(
+    ".pushsection .text.ia2shim_call_as,\"ax\",@progbits",
+    ".globl ia2shim_call_as",
+    ".hidden ia2shim_call_as",
+    ".type ia2shim_call_as,@function",
+    ".p2align 4",
+    "ia2shim_call_as:",
+    ".cfi_startproc",
+    "push rbp",
+    ".cfi_def_cfa_offset 16",
+    ".cfi_offset rbp, -16",
+    "mov rbp, rsp",
+    ".cfi_def_cfa_register rbp",
+    "and rsp, -16",
+    "sub rsp, 8",
+    "lea r11, [rip + 2f]",
+    "push r11",
+    "push rcx",
+    "mov rax, rdi",
+    "mov rdi, rsi",
+    "mov rsi, rdx",
+    "jmp rax",
+    "2:",
+    "mov rsp, rbp",
+    "pop rbp",
+    ".cfi_def_cfa rsp, 8",
+    "ret",
+    ".cfi_endproc",
+    ".size ia2shim_call_as, .-ia2shim_call_as",
+    ".popsection",
+);
+
+extern "C" {
+    fn ia2shim_call_as(f: usize, a: usize, b: usize, ret: usize) -> usize;
+}
+
+/// A `ret` byte in the executable segment of the object that holds `addr`.
+fn ret_gadget(addr: usize) -> Option<usize> {
+    struct Search {
+        addr: usize,
+        found: Option<usize>,
+    }
+    unsafe extern "C" fn cb(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: `data` is the Search below; glibc passes a valid info.
+        let (s, info) = unsafe { (&mut *(data as *mut Search), &*info) };
+        // SAFETY: dlpi_phdr points at dlpi_phnum program headers.
+        let phdrs =
+            unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        for ph in phdrs {
+            if ph.p_type != libc::PT_LOAD || ph.p_flags & libc::PF_X == 0 {
+                continue;
+            }
+            let start = info.dlpi_addr as usize + ph.p_vaddr as usize;
+            let len = ph.p_filesz as usize;
+            if (start..start + len).contains(&s.addr) {
+                // SAFETY: the loaded, readable text of this object.
+                let text = unsafe { core::slice::from_raw_parts(start as *const u8, len) };
+                s.found = text.iter().position(|&b| b == 0xc3).map(|i| start + i);
+                return 1;
+            }
+        }
+        0
+    }
+    let mut s = Search { addr, found: None };
+    // SAFETY: the callback only touches `s` and the info glibc passes.
+    unsafe { libc::dl_iterate_phdr(Some(cb), (&mut s as *mut Search).cast()) };
+    s.found
+}
+
+/// `f(a, b)` with `caller` (a return address in the program) as the caller
+/// that `f` sees; a direct call when no object holds `caller`.
+fn call_as_caller(f: usize, a: usize, b: usize, caller: usize) -> usize {
+    match ret_gadget(caller) {
+        // SAFETY: f takes two word arguments (dlopen, dlsym); the gadget is
+        // a `ret` byte in mapped text.
+        Some(g) => runtime::with_libc_rights(|| unsafe { ia2shim_call_as(f, a, b, g) }),
+        None => {
+            // SAFETY: as above, called directly.
+            let f: unsafe extern "C" fn(usize, usize) -> usize = unsafe { core::mem::transmute(f) };
+            // SAFETY: forwarding the caller's arguments.
+            runtime::with_libc_rights(|| unsafe { f(a, b) })
+        }
+    }
+}
+
+/// Real `dlopen`/`dlsym` addresses the entry points jump to directly when
+/// the shim is off (`IA2_PKU=off`): then nothing stands between the program
+/// and ld.so (`dlclose` does not depend on its caller).
+pub static PASS_DLOPEN: AtomicUsize = AtomicUsize::new(0);
+pub static PASS_DLSYM: AtomicUsize = AtomicUsize::new(0);
+
+/// `IA2_PKU=off`: let `dlopen` and `dlsym` go straight to glibc.
+pub fn pass_through() {
+    PASS_DLOPEN.store(crate::real::DLOPEN.get(), Ordering::Release);
+    PASS_DLSYM.store(real_dlsym(), Ordering::Release);
+}
+
+// ---------------------------------------------------------------- dlopen
+
+/// The real `dlopen` (as called from `caller`), then counting, assigning,
+/// tagging and patching the objects it loaded.
 ///
 /// # Safety
 /// As `dlopen(3)`.
 pub unsafe fn dlopen(file: *const c_char, mode: c_int, caller: usize) -> *mut c_void {
-    type DlopenFn = unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void;
-    // SAFETY: the slot holds libc's dlopen.
-    let real: DlopenFn = unsafe { crate::real::as_fn(&crate::real::DLOPEN) };
-    // glibc searches the *calling* object's RPATH/RUNPATH for a bare name,
-    // and the caller of the real dlopen is now the shim: search the
-    // caller's path here and pass the file found.
-    // SAFETY: file is null or a C string (dlopen's contract).
-    let found = unsafe { search_for_caller(file, caller) };
-    let mut handle = core::ptr::null_mut();
-    if let Some(path) = &found {
-        // SAFETY: a NUL-terminated path and the caller's mode.
-        handle = runtime::with_libc_rights(|| unsafe { real(path.as_ptr(), mode) });
+    let real = crate::real::DLOPEN.get();
+    let Some(rt) = runtime::active() else {
+        return call_as_caller(real, file as usize, mode as usize, caller) as *mut c_void;
+    };
+    let guard = DlGuard::take();
+    let handle = call_as_caller(real, file as usize, mode as usize, caller) as *mut c_void;
+    if !handle.is_null() {
+        after_dlopen(rt, caller, handle);
     }
-    if handle.is_null() {
-        // SAFETY: forwarding the caller's arguments.
-        handle = runtime::with_libc_rights(|| unsafe { real(file, mode) });
-    }
-    if handle.is_null() {
-        return handle;
-    }
-    if let Some(rt) = runtime::active() {
-        after_dlopen(rt, caller);
-    }
+    drop(guard);
     handle
 }
 
-/// glibc's `Dl_serpath`.
-#[repr(C)]
-struct SerPath {
-    name: *const c_char,
-    flags: u32,
+/// `DT_NEEDED` names and `DT_SONAME` of a loaded object.
+fn needed_and_soname(o: &LoadedObject) -> (Vec<String>, Option<String>) {
+    let (Some(dynamic), Some(info)) = (o.dynamic, o.dynamic_info()) else {
+        return (Vec::new(), None);
+    };
+    let string = |off: u64| -> Option<String> {
+        if info.strtab == 0 || off as usize >= info.strsz {
+            return None;
+        }
+        // SAFETY: an offset inside the object's mapped string table.
+        let s = unsafe { core::ffi::CStr::from_ptr((info.strtab + off as usize) as *const c_char) };
+        Some(String::from_utf8_lossy(s.to_bytes()).into_owned())
+    };
+    let mut needed = Vec::new();
+    let mut soname = None;
+    let mut p = dynamic as *const [u64; 2];
+    loop {
+        // SAFETY: the object's DT_NULL-terminated dynamic section, mapped while it is loaded.
+        let [tag, val] = unsafe { *p };
+        match tag as u32 {
+            object::elf::DT_NULL => break,
+            object::elf::DT_NEEDED => needed.extend(string(val)),
+            object::elf::DT_SONAME => soname = string(val),
+            _ => {}
+        }
+        // SAFETY: not past DT_NULL yet.
+        p = unsafe { p.add(1) };
+    }
+    (needed, soname)
 }
 
-/// The file that a `dlopen(file)` from code at `caller` would load, found
-/// in the caller's library search path (`RTLD_DI_SERINFO`: `DT_RPATH`,
-/// `LD_LIBRARY_PATH`, `DT_RUNPATH`, default directories). `None` for paths
-/// with a slash, for null, and when nothing is found there (the real
-/// `dlopen` then also tries its cache).
-///
-/// # Safety
-/// `file` is null or a NUL-terminated string.
-unsafe fn search_for_caller(file: *const c_char, caller: usize) -> Option<std::ffi::CString> {
-    const RTLD_DI_SERINFO: c_int = 4;
-    const RTLD_DI_SERINFOSIZE: c_int = 5;
-    const RTLD_DL_LINKMAP: c_int = 2;
+/// Of the objects that appeared since the census, those this `dlopen`
+/// loaded: the handle's object and, transitively, the new objects its
+/// `DT_NEEDED` entries name. Objects that glibc loaded for itself meanwhile
+/// (gconv and NSS modules, `dlmopen`) are not among them.
+fn loaded_by(handle: *mut c_void, fresh: &[LoadedObject]) -> Vec<usize> {
+    const RTLD_DI_LINKMAP: c_int = 2;
     extern "C" {
-        fn dladdr1(
-            addr: *const c_void,
-            info: *mut libc::Dl_info,
-            extra: *mut *mut c_void,
-            flags: c_int,
-        ) -> c_int;
         fn dlinfo(handle: *mut c_void, request: c_int, arg: *mut c_void) -> c_int;
     }
-    if file.is_null() {
-        return None;
-    }
-    // SAFETY: the caller's contract.
-    let name = unsafe { core::ffi::CStr::from_ptr(file) }.to_bytes();
-    if name.is_empty() || name.contains(&b'/') {
-        return None;
-    }
-    // SAFETY: a zeroed Dl_info is valid for dladdr1 to fill.
-    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
-    let mut map: *mut c_void = core::ptr::null_mut();
-    // SAFETY: dladdr1 reads loader data and fills our out-parameters.
+    let mut map: *mut libc::c_void = core::ptr::null_mut();
+    // SAFETY: a handle the real dlopen returned; dlinfo writes a link_map pointer.
     if unsafe {
-        dladdr1(
-            caller as *const c_void,
-            &mut info,
-            &mut map,
-            RTLD_DL_LINKMAP,
+        dlinfo(
+            handle,
+            RTLD_DI_LINKMAP,
+            (&mut map as *mut *mut c_void).cast(),
         )
-    } == 0
+    } != 0
         || map.is_null()
     {
-        return None;
+        return Vec::new();
     }
-    // Dl_serinfo: size_t dls_size; unsigned dls_cnt; Dl_serpath dls_serpath[].
-    let mut head = [0usize; 4];
-    // SAFETY: SERINFOSIZE fills the two header fields of a Dl_serinfo.
-    if unsafe { dlinfo(map, RTLD_DI_SERINFOSIZE, head.as_mut_ptr().cast()) } != 0 {
-        return None;
-    }
-    let (size, count) = (head[0], head[1] & 0xffff_ffff);
-    let mut buf = vec![0usize; size.div_ceil(8).max(2)];
-    buf[0] = size;
-    buf[1] = count;
-    // SAFETY: a buffer of the size SERINFOSIZE asked for, header set as dlinfo(3) requires.
-    if unsafe { dlinfo(map, RTLD_DI_SERINFO, buf.as_mut_ptr().cast()) } != 0 {
-        return None;
-    }
-    // SAFETY: dlinfo wrote `count` Dl_serpath entries after the header.
-    let paths =
-        unsafe { core::slice::from_raw_parts(buf.as_ptr().add(2) as *const SerPath, count) };
-    for p in paths {
-        if p.name.is_null() {
-            continue;
+    // SAFETY: the public head of glibc's struct link_map: l_addr, l_name.
+    let (l_addr, l_name) = unsafe {
+        (
+            *(map as *const usize),
+            *(map as *const *const c_char).add(1),
+        )
+    };
+    let name = if l_name.is_null() {
+        String::new()
+    } else {
+        // SAFETY: ld.so's NUL-terminated name of a loaded object.
+        String::from_utf8_lossy(unsafe { core::ffi::CStr::from_ptr(l_name) }.to_bytes())
+            .into_owned()
+    };
+    let Some(root) = fresh
+        .iter()
+        .position(|o| o.base == l_addr && o.name == name)
+    else {
+        return Vec::new();
+    };
+    let names: Vec<(Vec<String>, Option<String>)> = fresh.iter().map(needed_and_soname).collect();
+    let mut ours = vec![root];
+    let mut i = 0;
+    while i < ours.len() {
+        let needed = names[ours[i]].0.clone();
+        for n in needed {
+            let n = n.rsplit('/').next().unwrap_or(&n).to_string();
+            if let Some(j) = (0..fresh.len()).find(|&j| {
+                !ours.contains(&j)
+                    && (fresh[j].basename == n || names[j].1.as_deref() == Some(n.as_str()))
+            }) {
+                ours.push(j);
+            }
         }
-        // SAFETY: dlinfo's strings live in our buffer, NUL-terminated.
-        let dir = unsafe { core::ffi::CStr::from_ptr(p.name) }.to_bytes();
-        let mut full = Vec::with_capacity(dir.len() + name.len() + 2);
-        full.extend_from_slice(if dir.is_empty() { b"." } else { dir });
-        full.push(b'/');
-        full.extend_from_slice(name);
-        let Ok(c) = std::ffi::CString::new(full) else {
-            continue;
-        };
-        // SAFETY: a NUL-terminated path.
-        if unsafe { libc::access(c.as_ptr(), libc::F_OK) } == 0 {
-            return Some(c);
-        }
+        i += 1;
     }
-    None
+    ours.sort_unstable();
+    ours
 }
 
-fn after_dlopen(rt: &Runtime, caller: usize) {
+fn after_dlopen(rt: &Runtime, caller: usize, handle: *mut c_void) {
     // The census takes ld.so's lock (dl_iterate_phdr), which is libc
-    // compartment data in strict mode: all keys first.
+    // compartment data in strict mode: all keys first. No shim lock but
+    // DL_LOCK is held while ld.so is asked anything.
     let _keys = AllKeys::enter(rt);
     let now = objects::census();
-    let mut c = census_mut(rt);
-    first_dlopened(&c);
-    let fresh: Vec<LoadedObject> = now
-        .into_iter()
-        .filter(|o| !c.objects.iter().any(|e| same(e, o)))
-        .collect();
-    if fresh.is_empty() {
-        return;
-    }
-    let caller_comp = c
+    let (mut snapshot, fresh) = {
+        let c = census_read(rt);
+        first_dlopened(&c);
+        let fresh: Vec<LoadedObject> = now
+            .into_iter()
+            .filter(|o| !c.objects.iter().any(|e| same(e, o)))
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        (c.clone(), fresh)
+    };
+    let ours = loaded_by(handle, &fresh);
+    let caller_comp = snapshot
         .object_at(caller)
-        .and_then(|(i, _)| c.compartment_of[i])
+        .and_then(|(i, _)| snapshot.compartment_of[i])
         .or_else(|| runtime::current_compartment().filter(|&x| x != 0));
-    let start = c.objects.len();
-    for o in fresh {
+    let start = snapshot.objects.len();
+    for (i, o) in fresh.into_iter().enumerate() {
+        if !ours.contains(&i) {
+            log::debug!(
+                "dlopen: {} was loaded by someone else (glibc itself, dlmopen); left alone",
+                o.display_name()
+            );
+            continue;
+        }
         let comp = assign_new(rt, &o, caller_comp);
         if let Some(k) = comp {
             if rt.key_of(k) == 0 {
@@ -248,13 +478,17 @@ fn after_dlopen(rt: &Runtime, caller: usize) {
                 "compartment {k}"
             ))
         );
-        c.objects.push(o);
-        c.compartment_of.push(comp);
+        snapshot.objects.push(o);
+        snapshot.compartment_of.push(comp);
     }
-    let only_new: Vec<Option<u8>> = (0..c.objects.len())
+    let end = snapshot.objects.len();
+    if start == end {
+        return;
+    }
+    let only_new: Vec<Option<u8>> = (0..end)
         .map(|i| {
             if i >= start {
-                c.compartment_of[i]
+                snapshot.compartment_of[i]
             } else {
                 None
             }
@@ -263,10 +497,10 @@ fn after_dlopen(rt: &Runtime, caller: usize) {
     let maps = crate::maps::read_self_maps().unwrap_or_else(|e| {
         crate::lifecycle::fatal(format_args!("dlopen: reading /proc/self/maps: {e}"))
     });
-    let carveouts = crate::carveouts::enabled(&c.carveouts);
-    let governed = crate::carveouts::governed(&c.carveouts);
+    let carveouts = crate::carveouts::enabled(&snapshot.carveouts);
+    let governed = crate::carveouts::governed(&snapshot.carveouts);
     let plan = crate::plan::build(&crate::plan::PlanInput {
-        objects: &c.objects,
+        objects: &snapshot.objects,
         compartment_of: &only_new,
         threads: &[],
         extra: &[],
@@ -280,11 +514,21 @@ fn after_dlopen(rt: &Runtime, caller: usize) {
             e.range, e.prot, e.compartment
         ));
     }
-    c.plan.entries.extend(plan.entries);
-    c.plan.entries.sort_by_key(|e| e.range.start);
-    c.maps = maps;
-    let end = c.objects.len();
-    crate::gates::patch_objects(rt, &c, start..end);
+    {
+        // Only DL_LOCK holders add objects, so the indices still hold.
+        let mut c = census_mut(rt);
+        c.objects.extend(snapshot.objects[start..].iter().cloned());
+        c.compartment_of
+            .extend(snapshot.compartment_of[start..].iter().copied());
+        c.plan.entries.extend(plan.entries.iter().cloned());
+        c.plan.entries.sort_by_key(|e| e.range.start);
+        c.maps = maps.clone();
+    }
+    snapshot.maps = maps;
+    snapshot.plan.entries.extend(plan.entries);
+    snapshot.plan.entries.sort_by_key(|e| e.range.start);
+    // Patching asks ld.so (dladdr, dlsym): on the snapshot, no census lock.
+    crate::gates::patch_objects(rt, &snapshot, start..end);
 }
 
 /// The object whose data or TLS a plan entry tags.
@@ -317,10 +561,13 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
         // SAFETY: forwarded.
         return runtime::with_libc_rights(|| unsafe { real(handle) });
     };
+    let guard = DlGuard::take();
+    // An inner dlclose (from a destructor) leaves the outer one's untagging alone.
+    let nested = guard.nested();
     let from = FIRST_DLOPENED.load(Ordering::Acquire);
     let tagged = {
-        let c = census_mut(rt);
-        if from == usize::MAX {
+        let c = census_read(rt);
+        if from == usize::MAX || nested {
             Vec::new()
         } else {
             entries_of(&c, from)
@@ -338,7 +585,7 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
             );
         }
     }
-    // The lock is not held here: destructors may dlopen or dlclose.
+    // Only DL_LOCK is held here (reentrant: destructors may dlopen or dlclose).
     // SAFETY: forwarded.
     let r = runtime::with_libc_rights(|| unsafe { real(handle) });
     if from == usize::MAX {
@@ -415,14 +662,12 @@ pub fn real_dlsym() -> usize {
     crate::lifecycle::fatal(format_args!("dlvsym(RTLD_NEXT, \"dlsym\") found no dlsym"))
 }
 
-/// `dlsym` for every handle but `RTLD_NEXT` (see the hook in `hooks.rs`).
+/// `dlsym` for every handle but `RTLD_NEXT`, as called from `caller`
+/// (`RTLD_DEFAULT` searches the caller's lookup scope), with the libc
+/// compartment's rights in strict mode (see the hook in `hooks.rs`).
 ///
 /// # Safety
 /// As `dlsym(3)`.
-pub unsafe fn dlsym(handle: *mut c_void, name: *const libc::c_char) -> *mut c_void {
-    type DlsymFn = unsafe extern "C" fn(*mut c_void, *const libc::c_char) -> *mut c_void;
-    // SAFETY: REAL_DLSYM holds glibc's dlsym.
-    let real: DlsymFn = unsafe { core::mem::transmute::<usize, DlsymFn>(real_dlsym()) };
-    // SAFETY: forwarded contract.
-    runtime::with_libc_rights(|| unsafe { real(handle, name) })
+pub unsafe fn dlsym(handle: *mut c_void, name: *const libc::c_char, caller: usize) -> *mut c_void {
+    call_as_caller(real_dlsym(), handle as usize, name as usize, caller) as *mut c_void
 }

@@ -13,7 +13,7 @@ use crate::runtime;
 use crate::stackfmt::{pid, StackBuf};
 use core::ffi::{c_int, c_void, CStr};
 use core::fmt::Write;
-use core::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 mod arena;
@@ -34,6 +34,8 @@ const SI_PKEY_OFFSET: usize = 32;
 /// 0 = SIG_DFL, 1 = SIG_IGN, else a handler address.
 static PROGRAM_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
 static PROGRAM_FLAGS: AtomicI32 = AtomicI32::new(0);
+/// The program's `sa_mask` for SIGSEGV (the kernel's 64 signals).
+static PROGRAM_MASK: AtomicU64 = AtomicU64::new(0);
 /// Where reports go (stderr unless `IA2_REPORT_FILE`).
 pub static REPORT_FD: AtomicI32 = AtomicI32::new(2);
 
@@ -41,6 +43,9 @@ pub static REPORT_FD: AtomicI32 = AtomicI32::new(2);
 /// it costs about 5 M instructions, which no run without a fault should
 /// pay), from the arena, not `malloc`.
 static FORMATTER: OnceLock<Mutex<SendFormatter>> = OnceLock::new();
+/// Reports being written now: the first thread to finish waits for the
+/// others before the process dies.
+static REPORTS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 struct SendFormatter(iced_x86::IntelFormatter);
 // SAFETY: the formatter's boxed trait objects are iced's defaults (no symbol
@@ -74,6 +79,7 @@ pub fn install() {
     if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != segv_handler as *const () as usize {
         PROGRAM_HANDLER.store(old.sa_sigaction, Ordering::Relaxed);
         PROGRAM_FLAGS.store(old.sa_flags, Ordering::Relaxed);
+        PROGRAM_MASK.store(mask_word(&old.sa_mask), Ordering::Relaxed);
     }
     audit::read_rseq_abi();
     if audit::configured() {
@@ -111,14 +117,34 @@ pub unsafe fn intercept_sigaction(
         *old = unsafe { core::mem::zeroed() };
         old.sa_sigaction = handler.load(Ordering::Relaxed);
         old.sa_flags = flags.load(Ordering::Relaxed);
+        if sig == libc::SIGSEGV {
+            set_mask_word(&mut old.sa_mask, PROGRAM_MASK.load(Ordering::Relaxed));
+        }
     }
     if !act.is_null() {
         // SAFETY: the caller passes a valid sigaction.
         let act = unsafe { &*act };
+        if sig == libc::SIGSEGV {
+            PROGRAM_MASK.store(mask_word(&act.sa_mask), Ordering::Relaxed);
+        }
         handler.store(act.sa_sigaction, Ordering::Relaxed);
         flags.store(act.sa_flags, Ordering::Relaxed);
     }
     true
+}
+
+/// The kernel's part of a `sigset_t` (signals 1-64).
+fn mask_word(set: &libc::sigset_t) -> u64 {
+    // SAFETY: sigset_t is at least 8 bytes of plain data.
+    unsafe { core::ptr::read_unaligned(set as *const libc::sigset_t as *const u64) }
+}
+
+fn set_mask_word(set: &mut libc::sigset_t, word: u64) {
+    // SAFETY: zeroing then writing the first 8 bytes of plain data.
+    unsafe {
+        *set = core::mem::zeroed();
+        core::ptr::write_unaligned(set as *mut libc::sigset_t as *mut u64, word);
+    }
 }
 
 /// Read the interrupted PKRU from the signal frame's XSAVE area.
@@ -166,16 +192,25 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
             return;
         }
         if on_fault != Some(crate::config::OnFault::Silent) {
+            REPORTS_IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
             // SAFETY: valid siginfo and ucontext from the kernel.
             unsafe { report_pku_fault(info, ctx as *const libc::ucontext_t) };
+            REPORTS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+            wait_for_other_reports();
         }
         audit::summary(Some(sig));
         die_by_sigsegv();
         return;
     }
-    // Not ours: the program's handler, or the default action.
+    // Not ours: the program's handler, or its disposition. A SIGSEGV sent
+    // by kill/raise/sigqueue (si_code <= 0) does not come back when the
+    // handler returns: honour the disposition now.
+    let sent = code <= 0;
     let h = PROGRAM_HANDLER.load(Ordering::Relaxed);
     let flags = PROGRAM_FLAGS.load(Ordering::Relaxed);
+    if h == libc::SIG_IGN && sent {
+        return;
+    }
     if h == libc::SIG_DFL || h == libc::SIG_IGN {
         if code == libc::SI_KERNEL {
             // SAFETY: valid ucontext from the kernel.
@@ -183,9 +218,44 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
         }
         audit::summary(Some(sig));
         die_by_sigsegv();
+        if sent {
+            // Pending until this handler returns and unblocks SIGSEGV; then
+            // the default action ends the process, as without the shim.
+            // SAFETY: raise is async-signal-safe.
+            unsafe { libc::raise(libc::SIGSEGV) };
+        }
         return;
     }
+    if flags & libc::SA_RESETHAND != 0 {
+        // One-shot handler: the next SIGSEGV gets the default action (the
+        // shim's handler stays installed to report it).
+        let _ = PROGRAM_HANDLER.compare_exchange(
+            h,
+            libc::SIG_DFL,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        PROGRAM_FLAGS.store(0, Ordering::Relaxed);
+    }
+    // The program's sa_mask (and SIGSEGV itself unless SA_NODEFER) is
+    // blocked while its handler runs; sigreturn restores the interrupted mask.
+    let mut block: u64 = PROGRAM_MASK.load(Ordering::Relaxed);
+    if flags & libc::SA_NODEFER == 0 {
+        block |= 1 << (libc::SIGSEGV - 1);
+    }
+    // SAFETY: zeroed sigsets are valid.
+    let (mut set, mut old): (libc::sigset_t, libc::sigset_t) = unsafe { core::mem::zeroed() };
+    set_mask_word(&mut set, block);
+    // SAFETY: valid sigsets; pthread_sigmask is async-signal-safe.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
+    if flags & libc::SA_NODEFER != 0 {
+        set_mask_word(&mut set, 1 << (libc::SIGSEGV - 1));
+        // SAFETY: as above.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, core::ptr::null_mut()) };
+    }
     call_program_handler(h, flags, sig, info, ctx);
+    // SAFETY: as above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut()) };
 }
 
 /// Run the program's handler `h` for `sig` with its own compartment's
@@ -199,6 +269,22 @@ fn call_program_handler(
     ctx: *mut c_void,
 ) {
     crate::signals::run_in_compartment(h, flags, sig, info, ctx);
+}
+
+/// Let reports that other threads are writing finish (up to two seconds)
+/// before this thread's return ends the process.
+fn wait_for_other_reports() {
+    for _ in 0..2000 {
+        if REPORTS_IN_FLIGHT.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let ms = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        // SAFETY: nanosleep is async-signal-safe.
+        unsafe { libc::nanosleep(&ms, core::ptr::null_mut()) };
+    }
 }
 
 /// Restore the default action and return: the faulting instruction runs

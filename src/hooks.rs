@@ -93,7 +93,7 @@ pub unsafe extern "C" fn __libc_start_main(
 type SignalFn = unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t;
 
 /// SIGSEGV (and SIGTRAP in audit mode) stays with the shim's handler, which
-/// chains to the program's.
+/// chains to the program's; other handlers run in their compartment.
 ///
 /// # Safety
 /// As `sigaction(2)`.
@@ -103,52 +103,93 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> c_int {
-    if crate::fault::intercepts(sig) && runtime::active().is_some() {
-        // SAFETY: pointers are the caller's, valid as sigaction(2) requires.
-        unsafe { crate::fault::intercept_sigaction(sig, act, old) };
-        return 0;
-    }
-    if crate::signals::wraps(sig) && runtime::active().is_some() {
+    if runtime::active().is_some() {
         // SAFETY: forwarded contract.
-        return unsafe { crate::signals::sigaction(sig, act, old) };
+        return unsafe { crate::signals::dispatch(sig, act, old) };
     }
     // SAFETY: forwarded contract.
     unsafe { real::sigaction(sig, act, old) }
 }
 
-/// `signal(3)` is `sigaction` with BSD semantics; SIGSEGV (and SIGTRAP in
-/// audit mode) is recorded, not installed.
-///
-/// # Safety
-/// As `signal(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
-    if crate::fault::intercepts(sig) && runtime::active().is_some() {
-        // SAFETY: zeroed sigaction is valid.
-        let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
-        act.sa_sigaction = handler;
-        act.sa_flags = libc::SA_RESTART;
-        // SAFETY: zeroed sigaction is valid.
-        let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
-        // SAFETY: both structs are valid.
-        unsafe { crate::fault::intercept_sigaction(sig, &act, &mut old) };
-        return old.sa_sigaction;
+/// The shim's handler-installing function while it is active, else glibc's.
+fn signal_via(
+    sig: c_int,
+    handler: libc::sighandler_t,
+    shim: fn(c_int, libc::sighandler_t) -> libc::sighandler_t,
+    glibc: &real::RealFn,
+) -> libc::sighandler_t {
+    if runtime::active().is_some() {
+        return shim(sig, handler);
     }
-    if crate::signals::wraps(sig) && runtime::active().is_some() {
-        // SAFETY: forwarded contract.
-        return unsafe { crate::signals::signal(sig, handler) };
-    }
-    // SAFETY: the slot holds glibc's signal.
-    let f: SignalFn = unsafe { real::as_fn(&real::SIGNAL) };
+    // SAFETY: the slot holds glibc's function of this type.
+    let f: SignalFn = unsafe { real::as_fn(glibc) };
     // SAFETY: forwarded contract.
     unsafe { f(sig, handler) }
+}
+
+/// `signal(3)`: `sigaction` with BSD semantics.
+#[no_mangle]
+pub extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(sig, handler, crate::signals::bsd_signal, &real::SIGNAL)
+}
+
+/// `bsd_signal(3)`: as `signal`.
+#[no_mangle]
+pub extern "C" fn bsd_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(sig, handler, crate::signals::bsd_signal, &real::BSD_SIGNAL)
+}
+
+/// `ssignal(3)`: as `signal`.
+#[no_mangle]
+pub extern "C" fn ssignal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(sig, handler, crate::signals::bsd_signal, &real::SSIGNAL)
+}
+
+/// `sysv_signal(3)`: one-shot, unblocked, not restarting.
+#[no_mangle]
+pub extern "C" fn sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(
+        sig,
+        handler,
+        crate::signals::sysv_signal,
+        &real::SYSV_SIGNAL,
+    )
+}
+
+/// `__sysv_signal`: what `signal` compiles to under `-std=c99`.
+#[no_mangle]
+pub extern "C" fn __sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(
+        sig,
+        handler,
+        crate::signals::sysv_signal,
+        &real::SYSV_SIGNAL_INTERNAL,
+    )
+}
+
+/// `sigset(3)`, `SIG_HOLD` included.
+#[no_mangle]
+pub extern "C" fn sigset(sig: c_int, disp: libc::sighandler_t) -> libc::sighandler_t {
+    signal_via(sig, disp, crate::signals::sigset, &real::SIGSET)
+}
+
+/// `sigaltstack(2)`: the shim keeps its own key-0 stack where the
+/// program's lies in tagged memory (see `signals`).
+///
+/// # Safety
+/// As `sigaltstack(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> c_int {
+    // SAFETY: forwarded contract.
+    unsafe { crate::signals::sigaltstack(ss, old) }
 }
 
 // ---------------------------------------------------------------- dlopen, dlclose
 
 // `dlopen` passes its return address (the caller's code, whose compartment
-// a new application object joins) to the Rust entry point in rdx, like the
-// malloc trampolines below. Left out of unit-test binaries.
+// a new application object joins, and whom ld.so must see as the caller)
+// to the Rust entry point in rdx, like the malloc trampolines below. With
+// the shim off it jumps straight to glibc's. Left out of unit-test binaries.
 #[cfg(not(test))]
 core::arch::global_asm!(
     ".pushsection .text.dlopen,\"ax\",@progbits",
@@ -157,12 +198,18 @@ core::arch::global_asm!(
     ".p2align 4",
     "dlopen:",
     ".cfi_startproc",
+    "mov rax, qword ptr [rip + {pass}]",
+    "test rax, rax",
+    "jz 1f",
+    "jmp rax",
+    "1:",
     "mov rdx, qword ptr [rsp]",
     "jmp {dlopen}",
     ".cfi_endproc",
     ".size dlopen, .-dlopen",
     ".popsection",
     dlopen = sym hook_dlopen,
+    pass = sym crate::dl::PASS_DLOPEN,
 );
 
 #[cfg_attr(test, allow(dead_code))]
@@ -184,9 +231,10 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
 
 // `dlsym(RTLD_NEXT, …)` answers relative to its caller's object, so it
 // jumps straight to glibc's `dlsym` with the caller's return address in
-// place. Every other handle goes through `hook_dlsym`, which in strict mode
+// place (so does every call with the shim off). Every other handle goes
+// through `hook_dlsym` with the caller's address in rdx: in strict mode it
 // runs the lookup with the libc compartment's rights added (it walks ld.so's
-// link maps and takes its lock).
+// link maps and takes its lock), as called from the caller's object.
 #[cfg(not(test))]
 core::arch::global_asm!(
     ".pushsection .text.dlsym,\"ax\",@progbits",
@@ -195,23 +243,35 @@ core::arch::global_asm!(
     ".p2align 4",
     "dlsym:",
     ".cfi_startproc",
+    "mov rax, qword ptr [rip + {pass}]",
+    "test rax, rax",
+    "jnz 2f",
     "cmp rdi, -1",
-    "jne {hook}",
+    "jne 1f",
     "mov rax, qword ptr [rip + {real}]",
     "test rax, rax",
-    "jz {hook}",
+    "jz 1f",
+    "2:",
     "jmp rax",
+    "1:",
+    "mov rdx, qword ptr [rsp]",
+    "jmp {hook}",
     ".cfi_endproc",
     ".size dlsym, .-dlsym",
     ".popsection",
     hook = sym hook_dlsym,
     real = sym crate::dl::REAL_DLSYM,
+    pass = sym crate::dl::PASS_DLSYM,
 );
 
 #[cfg_attr(test, allow(dead_code))]
-unsafe extern "C" fn hook_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+unsafe extern "C" fn hook_dlsym(
+    handle: *mut c_void,
+    name: *const c_char,
+    ra: usize,
+) -> *mut c_void {
     // SAFETY: dlsym's contract, from the caller.
-    unsafe { crate::dl::dlsym(handle, name) }
+    unsafe { crate::dl::dlsym(handle, name, ra) }
 }
 
 // ---------------------------------------------------------------- threads and fork
@@ -239,6 +299,40 @@ pub unsafe extern "C" fn pthread_create(
     let real: PthreadCreateFn = unsafe { real::as_fn(&real::PTHREAD_CREATE) };
     // SAFETY: forwarded contract.
     unsafe { crate::threads::create(real, thread, attr, start, arg) }
+}
+
+/// `pthread_cleanup_push` in C: the shim makes the buffer land through a
+/// pad that restores the registration's PKRU and gate frames (see
+/// `gates::cancel_register`).
+///
+/// # Safety
+/// `buf` is a `__pthread_unwind_buf_t` with a fresh `sigsetjmp` buffer.
+#[no_mangle]
+pub unsafe extern "C" fn __pthread_register_cancel(buf: *mut c_void) {
+    if runtime::active().is_some() {
+        // SAFETY: the caller's buffer.
+        unsafe { crate::gates::cancel_register(buf) };
+    }
+    // SAFETY: the slot holds glibc's function of this type.
+    let f: unsafe extern "C" fn(*mut c_void) = unsafe { real::as_fn(&real::REGISTER_CANCEL) };
+    // SAFETY: forwarded contract.
+    unsafe { f(buf) }
+}
+
+/// `pthread_cleanup_pop` in C.
+///
+/// # Safety
+/// `buf` is the buffer registered with `__pthread_register_cancel`.
+#[no_mangle]
+pub unsafe extern "C" fn __pthread_unregister_cancel(buf: *mut c_void) {
+    // SAFETY: the slot holds glibc's function of this type.
+    let f: unsafe extern "C" fn(*mut c_void) = unsafe { real::as_fn(&real::UNREGISTER_CANCEL) };
+    // SAFETY: forwarded contract.
+    unsafe { f(buf) };
+    if runtime::active().is_some() {
+        // SAFETY: the caller's buffer.
+        unsafe { crate::gates::cancel_unregister(buf) };
+    }
 }
 
 /// `fork` keeps tags and PKRU; in strict mode glibc's fork runs with the

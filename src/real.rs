@@ -52,6 +52,15 @@ pub static DLOPEN: RealFn = RealFn::new(c"dlopen");
 pub static DLCLOSE: RealFn = RealFn::new(c"dlclose");
 pub static PTHREAD_CREATE: RealFn = RealFn::new(c"pthread_create");
 pub static FORK: RealFn = RealFn::new(c"fork");
+// The other ways to install a handler, resolved on first use (only while
+// the shim is not active do the hooks call them).
+pub static BSD_SIGNAL: RealFn = RealFn::new(c"bsd_signal");
+pub static SSIGNAL: RealFn = RealFn::new(c"ssignal");
+pub static SYSV_SIGNAL: RealFn = RealFn::new(c"sysv_signal");
+pub static SYSV_SIGNAL_INTERNAL: RealFn = RealFn::new(c"__sysv_signal");
+pub static SIGSET: RealFn = RealFn::new(c"sigset");
+pub static REGISTER_CANCEL: RealFn = RealFn::new(c"__pthread_register_cancel");
+pub static UNREGISTER_CANCEL: RealFn = RealFn::new(c"__pthread_unregister_cancel");
 
 // The malloc family (see `crate::alloc`). glibc exports its allocator under
 // internal names too; the hooks call those directly, because `dlsym` itself

@@ -14,7 +14,7 @@ use std::sync::{OnceLock, RwLock};
 
 /// The census, the compartment assignment and the applied plan. Mutable
 /// because `dlopen` extends it.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Census {
     pub objects: Vec<LoadedObject>,
     pub compartment_of: Vec<Option<u8>>,

@@ -9,6 +9,7 @@
 
 use crate::pku;
 use crate::runtime;
+use core::cell::Cell;
 use core::ffi::{c_int, c_void};
 use core::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
@@ -149,20 +150,302 @@ pub unsafe fn sigaction(
     r
 }
 
-/// `signal(3)` (BSD semantics) for a signal that [`wraps`].
+/// Every way to install a handler comes here once the shim is active:
+/// SIGSEGV (and SIGTRAP in audit mode) is recorded for the shim's handler
+/// to chain to, other catchable signals get the trampoline, the rest go to
+/// the kernel as they are.
 ///
 /// # Safety
-/// As `signal(3)`.
-pub unsafe fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+/// As `sigaction(2)`.
+pub unsafe fn dispatch(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    if crate::fault::intercepts(sig) {
+        // SAFETY: pointers are the caller's, valid as sigaction(2) requires.
+        unsafe { crate::fault::intercept_sigaction(sig, act, old) };
+        return 0;
+    }
+    if wraps(sig) {
+        // SAFETY: forwarded contract.
+        return unsafe { sigaction(sig, act, old) };
+    }
+    // SAFETY: forwarded contract.
+    unsafe { crate::real::sigaction(sig, act, old) }
+}
+
+/// Install `handler` with `flags` and an empty mask through [`dispatch`];
+/// the previous handler, or `SIG_ERR`.
+fn install(sig: c_int, handler: libc::sighandler_t, flags: c_int) -> libc::sighandler_t {
     // SAFETY: zeroed sigaction is valid.
     let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
     act.sa_sigaction = handler;
-    act.sa_flags = libc::SA_RESTART;
+    act.sa_flags = flags;
     // SAFETY: zeroed sigaction is valid.
     let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
     // SAFETY: both structs are valid.
-    if unsafe { sigaction(sig, &act, &mut old) } != 0 {
+    if unsafe { dispatch(sig, &act, &mut old) } != 0 {
         return libc::SIG_ERR;
     }
     old.sa_sigaction
+}
+
+/// `signal(3)`, `bsd_signal(3)`, `ssignal`: BSD semantics (restart, the
+/// handler stays installed, the signal is blocked while it runs).
+pub fn bsd_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    install(sig, handler, libc::SA_RESTART)
+}
+
+/// `sysv_signal(3)` and `__sysv_signal` (what `signal` is under
+/// `-std=c99`): one-shot, not blocked while it runs, no restart.
+pub fn sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    install(sig, handler, libc::SA_RESETHAND | libc::SA_NODEFER)
+}
+
+/// `SIG_HOLD` (`sigset(3)`).
+pub const SIG_HOLD: libc::sighandler_t = 2;
+
+/// `sigset(3)`, as glibc implements it, over [`dispatch`].
+pub fn sigset(sig: c_int, disp: libc::sighandler_t) -> libc::sighandler_t {
+    // SAFETY: zeroed sigsets are valid.
+    let (mut set, mut oset): (libc::sigset_t, libc::sigset_t) = unsafe { core::mem::zeroed() };
+    // SAFETY: valid sigset pointers.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        if libc::sigaddset(&mut set, sig) != 0 {
+            return libc::SIG_ERR;
+        }
+    }
+    if disp == SIG_HOLD {
+        // SAFETY: valid sigsets.
+        if unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, &mut oset) } != 0 {
+            return libc::SIG_ERR;
+        }
+        // SAFETY: valid sigset.
+        if unsafe { libc::sigismember(&oset, sig) } == 1 {
+            return SIG_HOLD;
+        }
+        // SAFETY: zeroed sigaction is valid.
+        let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
+        // SAFETY: querying only.
+        if unsafe { dispatch(sig, core::ptr::null(), &mut old) } != 0 {
+            return libc::SIG_ERR;
+        }
+        return old.sa_sigaction;
+    }
+    let old = install(sig, disp, 0);
+    if old == libc::SIG_ERR {
+        return old;
+    }
+    // SAFETY: valid sigsets.
+    if unsafe { libc::sigprocmask(libc::SIG_UNBLOCK, &set, &mut oset) } != 0 {
+        return libc::SIG_ERR;
+    }
+    // SAFETY: valid sigset.
+    if unsafe { libc::sigismember(&oset, sig) } == 1 {
+        SIG_HOLD
+    } else {
+        old
+    }
+}
+
+/// Wrap the handlers installed before the shim's constructor ran (by
+/// library constructors, which run first): read each with `sigaction` and
+/// install it again through the trampoline. Called by the constructor.
+pub fn adopt_installed() {
+    for sig in 1..NSIG as c_int {
+        if !wraps(sig) {
+            continue;
+        }
+        // SAFETY: zeroed sigaction is valid.
+        let mut cur: libc::sigaction = unsafe { core::mem::zeroed() };
+        // SAFETY: querying only (glibc refuses its internal signals).
+        if unsafe { crate::real::sigaction(sig, core::ptr::null(), &mut cur) } != 0 {
+            continue;
+        }
+        let h = cur.sa_sigaction;
+        if h == libc::SIG_DFL || h == libc::SIG_IGN || h == trampoline_addr() {
+            continue;
+        }
+        // SAFETY: re-installing what the kernel holds, wrapped.
+        if unsafe { sigaction(sig, &cur, core::ptr::null_mut()) } != 0 {
+            log::warn!("signals: cannot wrap the handler installed earlier for signal {sig}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------- alternate signal stacks
+
+/// The shim's per-thread alternate signal stack (key 0, committed lazily).
+/// The shim's SIGSEGV handler runs on it (`SA_ONSTACK`): the kernel writes
+/// the signal frame with the interrupted thread's PKRU, so a frame on a
+/// program's stack in tagged memory cannot be written and the fault would
+/// end the process without a report.
+const ALT_BYTES: usize = 256 << 10;
+const MINSIGSTKSZ: usize = 2048;
+
+std::thread_local! {
+    /// Base of this thread's shim stack (0: none, e.g. a thread that the
+    /// shim did not start).
+    static ALT: Cell<usize> = const { Cell::new(0) };
+    /// The stack the program asked for while the kernel holds the shim's
+    /// instead (it lies in tagged memory): (sp, size).
+    static PROGRAM_ALT: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
+}
+
+fn sys_sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> c_int {
+    // SAFETY: the raw syscall (the libc symbol is the shim's own hook).
+    unsafe { libc::syscall(libc::SYS_sigaltstack, ss, old) as c_int }
+}
+
+fn stack(sp: usize, size: usize, flags: c_int) -> libc::stack_t {
+    libc::stack_t {
+        ss_sp: sp as *mut c_void,
+        ss_flags: flags,
+        ss_size: size,
+    }
+}
+
+/// Does any page of `[sp, sp + size)` carry a compartment's key?
+fn tagged(sp: usize, size: usize) -> bool {
+    let Some(rt) = runtime::get() else {
+        return false;
+    };
+    let first = crate::objects::page_down(sp);
+    (first..sp + size)
+        .step_by(crate::objects::PAGE)
+        .any(|p| rt.page_compartment(p).is_some())
+}
+
+/// Give the calling thread the shim's alternate stack (thread start, and
+/// the main thread at start-up). A stack the program set before, in
+/// tagged memory, is remembered and replaced.
+pub fn thread_start() {
+    if ALT.get() != 0 {
+        return;
+    }
+    let total = ALT_BYTES + crate::objects::PAGE;
+    // SAFETY: a fresh anonymous mapping; the lowest page stays a guard.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return;
+    }
+    let base = p as usize + crate::objects::PAGE;
+    // SAFETY: the upper part of the mapping just made.
+    if unsafe {
+        libc::mprotect(
+            base as *mut c_void,
+            ALT_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    } != 0
+    {
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(p, total) };
+        return;
+    }
+    // SAFETY: zeroed stack_t is valid.
+    let mut cur: libc::stack_t = unsafe { core::mem::zeroed() };
+    sys_sigaltstack(core::ptr::null(), &mut cur);
+    if cur.ss_flags & libc::SS_DISABLE == 0 {
+        if !tagged(cur.ss_sp as usize, cur.ss_size) {
+            ALT.set(base);
+            return; // the program's own stack, usable: keep it
+        }
+        PROGRAM_ALT.set(Some((cur.ss_sp as usize, cur.ss_size)));
+    }
+    ALT.set(base);
+    sys_sigaltstack(&stack(base, ALT_BYTES, 0), core::ptr::null_mut());
+}
+
+/// Drop the shim's stack at thread exit.
+pub fn thread_exit() {
+    let base = ALT.replace(0);
+    if base == 0 {
+        return;
+    }
+    // SAFETY: zeroed stack_t is valid.
+    let mut cur: libc::stack_t = unsafe { core::mem::zeroed() };
+    sys_sigaltstack(core::ptr::null(), &mut cur);
+    if cur.ss_sp as usize == base {
+        sys_sigaltstack(&stack(0, 0, libc::SS_DISABLE), core::ptr::null_mut());
+    }
+    // SAFETY: unmapping this thread's own stack, guard included; no handler runs on it now.
+    unsafe {
+        libc::munmap(
+            (base - crate::objects::PAGE) as *mut c_void,
+            ALT_BYTES + crate::objects::PAGE,
+        )
+    };
+}
+
+fn set_errno(e: c_int) -> c_int {
+    // SAFETY: this thread's errno.
+    unsafe { *libc::__errno_location() = e };
+    -1
+}
+
+/// `sigaltstack(2)`: a stack in tagged memory is remembered and reported
+/// back, while the kernel keeps the shim's stack (program handlers with
+/// `SA_ONSTACK` then run on the shim's stack); any other stack is installed.
+///
+/// # Safety
+/// As `sigaltstack(2)`.
+pub unsafe fn sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> c_int {
+    let ours = ALT.get();
+    if ours == 0 || runtime::active().is_none() {
+        return sys_sigaltstack(ss, old);
+    }
+    // SAFETY: zeroed stack_t is valid.
+    let mut cur: libc::stack_t = unsafe { core::mem::zeroed() };
+    if sys_sigaltstack(core::ptr::null(), &mut cur) != 0 {
+        return -1;
+    }
+    let on_ours = cur.ss_sp as usize == ours && cur.ss_flags & libc::SS_DISABLE == 0;
+    let view = if on_ours {
+        match PROGRAM_ALT.get() {
+            Some((sp, size)) => stack(sp, size, cur.ss_flags & libc::SS_ONSTACK),
+            None => stack(0, 0, libc::SS_DISABLE),
+        }
+    } else {
+        cur
+    };
+    if !ss.is_null() {
+        // SAFETY: the caller's valid stack_t.
+        let new = unsafe { *ss };
+        if cur.ss_flags & libc::SS_ONSTACK != 0 {
+            return set_errno(libc::EPERM);
+        }
+        if new.ss_flags & libc::SS_DISABLE != 0 {
+            PROGRAM_ALT.set(None);
+            sys_sigaltstack(&stack(ours, ALT_BYTES, 0), core::ptr::null_mut());
+        } else if new.ss_size < MINSIGSTKSZ {
+            return set_errno(libc::ENOMEM);
+        } else if tagged(new.ss_sp as usize, new.ss_size) {
+            PROGRAM_ALT.set(Some((new.ss_sp as usize, new.ss_size)));
+            if !on_ours {
+                sys_sigaltstack(&stack(ours, ALT_BYTES, 0), core::ptr::null_mut());
+            }
+        } else {
+            if sys_sigaltstack(ss, core::ptr::null_mut()) != 0 {
+                return -1;
+            }
+            PROGRAM_ALT.set(None);
+        }
+    }
+    if !old.is_null() {
+        // SAFETY: the caller's valid out pointer.
+        unsafe { *old = view };
+    }
+    0
 }

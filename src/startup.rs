@@ -1,7 +1,8 @@
 //! Start-up: the constructor's sequence, top to bottom, as the pipeline it
 //! is: configuration → logging → real functions → PKU probe → census →
-//! compartments → carveouts → plan → apply → fault handler → gates →
-//! reports → allocator → threads. The only module that calls the features'
+//! compartments → carveouts → plan → fault handler → apply → gates →
+//! reports → allocator → threads → signal handlers installed earlier and
+//! the main thread's alternate stack. The only module that calls the features'
 //! `install`/`start`/`init` functions.
 
 use crate::carveouts;
@@ -47,6 +48,7 @@ pub fn init() {
             notice(format_args!(
                 "IA2_PKU=off: the shim is disabled; nothing is protected"
             ));
+            crate::dl::pass_through();
             let _ = runtime::set(Runtime {
                 config,
                 pku: PkuSupport {
@@ -100,12 +102,6 @@ pub fn init() {
             });
         }
     }
-    if let Err((entry, errno)) = crate::apply::apply(&census.plan, &keys) {
-        fatal(format_args!(
-            "pkey_mprotect({}, prot {:#x}, key of compartment {:?}) failed (errno {errno})",
-            entry.range, entry.prot, entry.compartment
-        ));
-    }
     let rt = Runtime {
         config,
         pku: support,
@@ -116,11 +112,25 @@ pub fn init() {
         fatal(format_args!("runtime initialised twice"));
     }
     let rt = runtime::get().expect("just set");
+    // The fault handler first: threads that library constructors started
+    // are already running, and the first one to touch a page tagged below
+    // gets a report rather than a silent death.
     crate::fault::install();
+    {
+        let census = rt.census.read().unwrap_or_else(|e| e.into_inner());
+        if let Err((entry, errno)) = crate::apply::apply(&census.plan, &rt.keys) {
+            fatal(format_args!(
+                "pkey_mprotect({}, prot {:#x}, key of compartment {:?}) failed (errno {errno})",
+                entry.range, entry.prot, entry.compartment
+            ));
+        }
+    }
     crate::gates::install(rt);
     crate::report::startup(rt);
     crate::alloc::start(rt);
     crate::threads::init();
+    crate::signals::adopt_installed();
+    crate::signals::thread_start();
     set_state(InitState::Ready);
 }
 

@@ -117,6 +117,7 @@ extern "C" fn trampoline(slot: *mut c_void) -> *mut c_void {
     let (start, arg, pkru) = take(slot as usize);
     if let Some(rt) = runtime::active() {
         crate::gates::thread_start();
+        crate::signals::thread_start();
         thread_setup(rt);
     }
     pku::write_pkru(pkru);
@@ -141,31 +142,97 @@ fn exit_key() -> libc::pthread_key_t {
     })
 }
 
-/// Create the exit key now, outside any thread start (called by the constructor).
+/// Create the exit key now, outside any thread start, and install the
+/// `fork` handlers (called by the constructor).
 pub fn init() {
     exit_key();
+    // SAFETY: registering plain functions.
+    let r =
+        unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    if r != 0 {
+        log::warn!(
+            "threads: pthread_atfork failed ({r}); a fork child may inherit a held shim lock"
+        );
+    }
 }
 
-/// The TLS blocks of the calling thread: (census object index, block).
+// ---------------------------------------------------------------- fork
+
+std::thread_local! {
+    /// The census write lock, held by the forking thread from the prepare
+    /// handler to the parent or child handler.
+    static FORK_CENSUS: core::cell::RefCell<Option<std::sync::RwLockWriteGuard<'static, crate::runtime::Census>>> =
+        const { core::cell::RefCell::new(None) };
+}
+
+/// The forking thread's id in plan entries (0: the main thread).
+static FORK_THREAD: AtomicUsize = AtomicUsize::new(0);
+
+/// Take every shim lock, in lock order (the `dlopen` lock, then the census),
+/// so the child never inherits one held by a thread it does not have.
+extern "C" fn fork_prepare() {
+    crate::dl::fork_prepare();
+    // SAFETY: gettid and getpid have no preconditions.
+    let (tid, pid) = unsafe { (libc::gettid(), libc::getpid()) };
+    FORK_THREAD.store(if tid == pid { 0 } else { tid as usize }, Ordering::Relaxed);
+    if let Some(rt) = runtime::get() {
+        let g = rt.census.write().unwrap_or_else(|e| e.into_inner());
+        FORK_CENSUS.with(|c| *c.borrow_mut() = Some(g));
+    }
+}
+
+fn fork_release() {
+    FORK_CENSUS.with(|c| c.borrow_mut().take());
+    crate::dl::fork_release();
+}
+
+extern "C" fn fork_parent() {
+    fork_release();
+}
+
+/// The child has one thread. The other threads' TLS pages stay tagged in
+/// their stacks, which glibc now caches for the child's next threads (and
+/// initialises with the creator's rights): put them back on key 0.
+extern "C" fn fork_child() {
+    let me = FORK_THREAD.load(Ordering::Relaxed);
+    FORK_CENSUS.with(|c| {
+        let mut c = c.borrow_mut();
+        let Some(census) = c.as_mut() else { return };
+        let theirs = |e: &PlanEntry| match e.reason {
+            plan::Reason::Tls { thread, .. } | plan::Reason::TlsShared { thread, .. } => {
+                thread != me
+            }
+            _ => false,
+        };
+        for e in census
+            .plan
+            .entries
+            .iter()
+            .filter(|e| theirs(e) && e.compartment.is_some())
+        {
+            let _ = pku::protect(e.range.start, e.range.len(), e.prot, 0);
+        }
+        census.plan.entries.retain(|e| !theirs(e));
+    });
+    fork_release();
+}
+
+/// The TLS blocks of the calling thread: (census object index, block),
+/// read from the thread's DTV (no call into ld.so).
 fn thread_blocks(rt: &Runtime) -> Vec<(usize, Range)> {
     let Ok(c) = rt.census.read() else {
         return Vec::new();
     };
-    let here = crate::objects::tls_blocks_here();
-    let mut out = Vec::new();
-    for (modid, block, size) in here {
-        if block == 0 {
-            continue;
-        }
-        if let Some(i) = c
-            .objects
-            .iter()
-            .position(|o| o.tls.is_some_and(|t| t.modid == modid))
-        {
-            out.push((i, Range::new(block, block + size)));
-        }
-    }
-    out
+    c.objects
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| !o.segments.is_empty())
+        .filter_map(|(i, o)| {
+            let t = o.tls?;
+            let block = crate::tls::dtv_block(t.modid)?;
+            Some((i, Range::new(block, block + t.memsz)))
+        })
+        .collect()
 }
 
 fn thread_setup(rt: &Runtime) {
@@ -269,18 +336,39 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
     if p.tagged().next().is_none() {
         return Vec::new();
     }
+    let entries: Vec<PlanEntry> = p.tagged().cloned().collect();
+    // Tag and record under the census lock, so that a fork (whose prepare
+    // handler takes it) never sees tagged pages that the plan lacks.
+    let mut c = rt.census.write().unwrap_or_else(|e| e.into_inner());
     if let Err((e, errno)) = crate::apply::apply(&p, &rt.keys) {
         crate::lifecycle::fatal(format_args!(
             "thread {tid}: pkey_mprotect({}, key of compartment {:?}) failed (errno {errno})",
             e.range, e.compartment
         ));
     }
-    let entries: Vec<PlanEntry> = p.tagged().cloned().collect();
-    if let Ok(mut c) = rt.census.write() {
-        c.plan.entries.extend(entries.iter().cloned());
-        c.plan.entries.sort_by_key(|e| e.range.start);
-    }
+    c.plan.entries.extend(entries.iter().cloned());
+    c.plan.entries.sort_by_key(|e| e.range.start);
     entries
+}
+
+/// The exit key's value for a thread that the shim did not start: no
+/// tagged TLS, only a gate-frame stack to free.
+const FOREIGN: usize = 1;
+
+/// Called (from the SIGSEGV handler) when a thread that the shim did not
+/// start maps its gate-frame stack on its first gate: have the exit key's
+/// destructor free it, so such threads do not leak two mappings each.
+/// Async-signal-safe in practice: the key exists (made by `init`), and
+/// setting a low key's value writes the thread's own array.
+pub fn adopt_foreign() {
+    let Some(&key) = EXIT_KEY.get() else {
+        return;
+    };
+    // SAFETY: our own key, created at start-up.
+    if unsafe { libc::pthread_getspecific(key) }.is_null() {
+        // SAFETY: as above; FOREIGN is a marker, never dereferenced.
+        unsafe { libc::pthread_setspecific(key, FOREIGN as *const c_void) };
+    }
 }
 
 /// Put the exiting thread's TLS pages back on key 0 (pthread key destructor).
@@ -288,18 +376,23 @@ unsafe extern "C" fn thread_teardown(state: *mut c_void) {
     if state.is_null() {
         return;
     }
+    if state as usize == FOREIGN {
+        crate::gates::thread_exit();
+        return;
+    }
     // SAFETY: the value set by thread_setup, released once here.
     let state = unsafe { Box::from_raw(state as *mut ThreadState) };
-    for e in &state.entries {
-        let _ = pku::protect(e.range.start, e.range.len(), e.prot, 0);
-    }
     if !state.entries.is_empty() {
-        if let Some(rt) = runtime::get() {
-            if let Ok(mut c) = rt.census.write() {
-                c.plan.entries.retain(|x| !state.entries.contains(x));
-            }
+        // Under the census lock, as the tagging was (see tag_thread_tls).
+        let census = runtime::get().map(|rt| rt.census.write().unwrap_or_else(|e| e.into_inner()));
+        for e in &state.entries {
+            let _ = pku::protect(e.range.start, e.range.len(), e.prot, 0);
+        }
+        if let Some(mut c) = census {
+            c.plan.entries.retain(|x| !state.entries.contains(x));
         }
     }
+    crate::signals::thread_exit();
     crate::gates::thread_exit();
 }
 

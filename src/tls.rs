@@ -38,6 +38,23 @@ pub unsafe fn dtv_range(dtv: usize) -> Range {
     Range::new(dtv - DTV_ENTRY, dtv + DTV_ENTRY * (len + 1))
 }
 
+/// The calling thread's TLS block of module `modid`, read from its DTV
+/// (what `dl_iterate_phdr` reports as `dlpi_tls_data`, without taking
+/// ld.so's lock, which a `fork` child may have inherited held). `None`:
+/// not allocated in this thread (yet).
+pub fn dtv_block(modid: usize) -> Option<usize> {
+    let dtv = dtv_pointer();
+    // SAFETY: this thread's live DTV; dtv[-1].counter is its length.
+    let len = unsafe { *((dtv - DTV_ENTRY) as *const usize) };
+    if modid == 0 || modid > len {
+        return None;
+    }
+    // SAFETY: entry `modid` is inside the DTV; its first word is the block
+    // (TLS_DTV_UNALLOCATED, all ones, until first use).
+    let v = unsafe { *((dtv + DTV_ENTRY * modid) as *const usize) };
+    (v != 0 && v != usize::MAX).then_some(v)
+}
+
 /// The page holding the thread pointer.
 pub fn tcb_page(tp: usize) -> Range {
     Range::new(page_down(tp), page_down(tp) + PAGE)

@@ -67,15 +67,16 @@ fn tid() -> i32 {
 }
 
 /// Run `f` with this thread's Rust allocations served from the arena.
-/// `None` if another thread holds the arena for longer than a few hundred
-/// yields (another report in progress), when the calling thread already
-/// holds it (a fault inside `f`), or when no arena can be mapped.
+/// Threads faulting at once take turns (each waits up to a second, so each
+/// report shows its instruction in full); `None` if another thread holds
+/// the arena longer than that, when the calling thread already holds it (a
+/// fault inside `f`), or when no arena can be mapped.
 pub fn with_arena<R>(f: impl FnOnce() -> R) -> Option<R> {
     if !reserve() {
         return None;
     }
     let me = tid();
-    for _ in 0..200 {
+    for _ in 0..1000 {
         match OWNER.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
             Ok(_) => {
                 let r = f();
@@ -85,10 +86,14 @@ pub fn with_arena<R>(f: impl FnOnce() -> R) -> Option<R> {
             // A fault inside `f` on the same thread (say, while the decoder
             // tables are being built): do not re-enter the half-built state.
             Err(o) if o == me => return None,
-            // SAFETY: sched_yield has no preconditions and is async-signal-safe.
-            Err(_) => unsafe {
-                libc::sched_yield();
-            },
+            Err(_) => {
+                let ms = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 1_000_000,
+                };
+                // SAFETY: nanosleep is async-signal-safe.
+                unsafe { libc::nanosleep(&ms, core::ptr::null_mut()) };
+            }
         }
     }
     None

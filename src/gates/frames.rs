@@ -171,5 +171,146 @@ pub unsafe fn fixup_fault(info: *const libc::siginfo_t, ctx: *mut c_void) -> boo
     set_stack_base(base);
     set_stack_top(base + FRAME);
     gregs[libc::REG_R10 as usize] = (base + FRAME) as i64;
+    // A thread the shim did not start: free the stack when it exits.
+    crate::threads::adopt_foreign();
     true
+}
+
+// ---------------------------------------------------------------- cancellation
+
+// C code's `pthread_cleanup_push` saves a `sigsetjmp` buffer and registers
+// it (`__pthread_register_cancel`). Cancellation and `pthread_exit` unwind
+// with a stop function that `longjmp`s to the buffer as soon as the unwind
+// reaches its frame, which can be before (or instead of) the gate's
+// personality routine: the cleanup would run with the callee's PKRU, above
+// a leaked gate frame. So the shim points each registered buffer's saved
+// PC at `ia2shim_cancel_landing`, which restores the PKRU and gate-frame
+// stack top of the registration and then jumps to the saved PC.
+
+/// Registered buffers of this thread, innermost last.
+const CANCEL_DEPTH: usize = 32;
+
+/// (buffer, saved SP, saved PC, gate-frame stack top, PKRU).
+type CancelEntry = (usize, usize, usize, usize, u32);
+
+std::thread_local! {
+    static CANCEL: core::cell::RefCell<([CancelEntry; CANCEL_DEPTH], usize)> =
+        const { core::cell::RefCell::new(([(0, 0, 0, 0, 0); CANCEL_DEPTH], 0)) };
+}
+
+/// glibc's pointer guard (`%fs:0x30`), which mangles saved SP and PC.
+fn pointer_guard() -> usize {
+    let g: usize;
+    // SAFETY: the TCB's pointer_guard word on x86-64 glibc.
+    unsafe {
+        core::arch::asm!("mov {}, qword ptr fs:[0x30]", out(reg) g, options(nostack, readonly, preserves_flags))
+    };
+    g
+}
+
+fn demangle(v: usize) -> usize {
+    v.rotate_right(0x11) ^ pointer_guard()
+}
+
+fn mangle(v: usize) -> usize {
+    (v ^ pointer_guard()).rotate_left(0x11)
+}
+
+const JB_RSP: usize = 6;
+const JB_PC: usize = 7;
+
+core::arch::global_asm!(
+    ".pushsection .text.ia2shim_cancel_landing,\"ax\",@progbits",
+    ".globl ia2shim_cancel_landing",
+    ".hidden ia2shim_cancel_landing",
+    ".type ia2shim_cancel_landing,@function",
+    ".p2align 4",
+    "ia2shim_cancel_landing:",
+    // longjmp arrived: rax = setjmp's value, rsp = the caller's frame.
+    "push rax",
+    "push rdx",
+    "lea rdi, [rsp + 16]",
+    "call {landed}",
+    "mov r11, rax",
+    "pop rdx",
+    "pop rax",
+    "jmp r11",
+    ".size ia2shim_cancel_landing, .-ia2shim_cancel_landing",
+    ".popsection",
+    landed = sym cancel_landed,
+);
+
+extern "C" {
+    fn ia2shim_cancel_landing();
+}
+
+/// The landing pad's work: restore what the registration saw, pop the
+/// entry, return the PC to continue at.
+extern "C" fn cancel_landed(sp: usize) -> usize {
+    let found = CANCEL.with(|c| {
+        let mut c = c.borrow_mut();
+        let n = c.1;
+        let i = (0..n).rev().find(|&i| c.0[i].1 == sp)?;
+        let e = c.0[i];
+        c.1 = i;
+        Some(e)
+    });
+    let Some((_, _, pc, top, pkru)) = found else {
+        crate::lifecycle::fatal(format_args!(
+            "cancellation landed at sp {sp:#x}, which no registered cleanup buffer saved"
+        ));
+    };
+    if stack_top() != 0 && stack_top() != top {
+        set_stack_top(top);
+    }
+    pku::write_pkru(pkru);
+    pc
+}
+
+/// Before glibc registers `buf` (a `__pthread_unwind_buf_t`, whose first
+/// member is the `sigsetjmp` buffer): remember its PC, the gate-frame stack
+/// top and PKRU, and point the PC at the landing pad.
+///
+/// # Safety
+/// `buf` is the buffer the caller passes to `__pthread_register_cancel`.
+pub unsafe fn cancel_register(buf: *mut c_void) {
+    let jb = buf as *mut usize;
+    // SAFETY: the jmp_buf's eight words at the start of the buffer.
+    let (sp, pc) = unsafe { (demangle(*jb.add(JB_RSP)), demangle(*jb.add(JB_PC))) };
+    let top = stack_top();
+    let pkru = pku::read_pkru();
+    let stored = CANCEL.with(|c| {
+        let mut c = c.borrow_mut();
+        let n = c.1;
+        if n == CANCEL_DEPTH {
+            return false;
+        }
+        c.0[n] = (buf as usize, sp, pc, top, pkru);
+        c.1 = n + 1;
+        true
+    });
+    if stored {
+        // SAFETY: as above; mangled as glibc's longjmp expects.
+        unsafe { *jb.add(JB_PC) = mangle(ia2shim_cancel_landing as *const () as usize) };
+    }
+}
+
+/// After glibc unregisters `buf` (`pthread_cleanup_pop`): put its PC back
+/// and forget it.
+///
+/// # Safety
+/// `buf` is the buffer the caller passes to `__pthread_unregister_cancel`.
+pub unsafe fn cancel_unregister(buf: *mut c_void) {
+    let pc = CANCEL.with(|c| {
+        let mut c = c.borrow_mut();
+        let n = c.1;
+        let i = (0..n).rev().find(|&i| c.0[i].0 == buf as usize)?;
+        let pc = c.0[i].2;
+        c.1 = i;
+        Some(pc)
+    });
+    if let Some(pc) = pc {
+        // SAFETY: the buffer's saved PC word.
+        unsafe { *(buf as *mut usize).add(JB_PC) = mangle(pc) };
+    }
 }
