@@ -527,9 +527,11 @@ fn initramfs(opts: &VmOptions, kernel: &Kernel, busybox: &Path) -> Result<PathBu
 }
 
 /// `quiet` keeps the console log short; `IA2RUN_KERNEL_ARGS` adds more
-/// (e.g. `loglevel=7` to debug a boot).
+/// (e.g. `loglevel=7` to debug a boot). `no_timer_check`: on a loaded host
+/// the emulated CPU can miss the kernel's IO-APIC timer check, which then
+/// panics the boot ("IO-APIC + timer doesn't work"); the timer works.
 fn kernel_args() -> String {
-    let mut a = String::from("console=ttyS0 quiet panic=-1 mitigations=off");
+    let mut a = String::from("console=ttyS0 quiet panic=-1 mitigations=off no_timer_check");
     if let Ok(extra) = std::env::var("IA2RUN_KERNEL_ARGS") {
         a.push(' ');
         a.push_str(&extra);
