@@ -140,6 +140,8 @@ pub struct Config {
     pub scan_wrpkru: ScanWrpkru,
     pub log_level: log::LevelFilter,
     pub log_file: Option<&'static str>,
+    /// `IA2_DEBUG_API=1`: `ia2_switch_compartment` may change PKRU.
+    pub debug_api: bool,
     pub help: bool,
 }
 
@@ -172,6 +174,7 @@ impl Default for Config {
             scan_wrpkru: ScanWrpkru::Warn,
             log_level: log::LevelFilter::Warn,
             log_file: None,
+            debug_api: false,
             help: false,
         }
     }
@@ -195,6 +198,16 @@ impl Config {
     where
         I: IntoIterator<Item = &'static str>,
     {
+        Config::from_vars_in(VARS, vars)
+    }
+
+    /// [`Config::from_vars`] against a given table (unit tests give one
+    /// with an unimplemented variable; today every variable in `VARS` is
+    /// implemented).
+    fn from_vars_in<I>(table: &[VarSpec], vars: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = &'static str>,
+    {
         let mut cfg = Config::default();
         for var in vars {
             let Some((name, value)) = var.split_once('=') else {
@@ -203,7 +216,7 @@ impl Config {
             if !name.starts_with("IA2_") {
                 continue;
             }
-            let Some(spec) = VARS.iter().find(|v| v.name == name) else {
+            let Some(spec) = table.iter().find(|v| v.name == name) else {
                 return Err(ConfigError {
                     var: name,
                     value,
@@ -780,6 +793,17 @@ pub static VARS: &[VarSpec] = &[
         },
     },
     VarSpec {
+        name: "IA2_DEBUG_API",
+        values: "0, 1",
+        default: "0",
+        meaning: "let ia2_switch_compartment change the calling thread's PKRU (a debugging aid that defeats isolation; refused with EPERM otherwise)",
+        implemented: true,
+        parse: |c, v| {
+            c.debug_api = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
         name: "IA2_HELP",
         values: "unset, 1",
         default: "",
@@ -1056,6 +1080,31 @@ mod tests {
         assert_eq!(c.heap(), HeapMode::Shared);
         c.heap_explicit = Some(HeapMode::Compartment);
         assert_eq!(c.heap(), HeapMode::Compartment);
+    }
+
+    #[test]
+    fn an_unimplemented_variable_accepts_only_its_default() {
+        let table = [VarSpec {
+            name: "IA2_FUTURE",
+            values: "0, 1",
+            default: "0",
+            meaning: "not built yet",
+            implemented: false,
+            parse: |c, v| {
+                c.gates = parse_bool(v)?;
+                Ok(())
+            },
+        }];
+        let ok = Config::from_vars_in(&table, ["IA2_FUTURE=0"]);
+        assert!(ok.is_ok(), "{ok:?}");
+        let e = Config::from_vars_in(&table, ["IA2_FUTURE=1"]).unwrap_err();
+        assert_eq!(e.problem, Problem::NotImplemented);
+        assert_eq!(e.accepted, "0");
+        assert!(e.to_string().contains("IA2_FUTURE=\"1\""), "{e}");
+        assert!(e.to_string().contains("not yet implemented"), "{e}");
+        let mut help = String::new();
+        write_help(&mut help).unwrap();
+        assert!(!help.contains("[not yet implemented]"), "{help}");
     }
 
     #[test]

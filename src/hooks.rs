@@ -278,9 +278,10 @@ pub extern "C" fn ia2_compartment_pkru(c: c_int) -> c_uint {
     runtime::key_of_compartment(c).map_or(0, crate::pku::pkru_allowing)
 }
 
-/// Switch the calling thread to compartment `c` (0: back to key 0 only
-/// plus every compartment, as before `main`). A debugging and testing aid;
-/// returns the previous compartment, or -1 if `c` does not exist.
+/// Switch the calling thread to compartment `c` (0: every compartment, as
+/// before `main`). A debugging aid that defeats isolation, so refused (-1,
+/// `EPERM`) unless `IA2_DEBUG_API=1`; returns the previous compartment, or
+/// -1 if `c` does not exist.
 #[no_mangle]
 pub extern "C" fn ia2_switch_compartment(c: c_int) -> c_int {
     runtime::switch_compartment(c)
