@@ -250,6 +250,47 @@ pub extern "C" fn fork() -> libc::pid_t {
     runtime::with_libc_rights(|| real())
 }
 
+// ---------------------------------------------------------------- libc's protection-key API
+
+/// `pkey_set(3)`, refused for compartment keys (see `keyguard`).
+#[no_mangle]
+pub extern "C" fn pkey_set(key: c_int, rights: c_uint) -> c_int {
+    crate::keyguard::pkey_set(key, rights)
+}
+
+/// `pkey_get(3)`.
+#[no_mangle]
+pub extern "C" fn pkey_get(key: c_int) -> c_int {
+    crate::keyguard::pkey_get(key)
+}
+
+/// `pkey_alloc(2)`.
+#[no_mangle]
+pub extern "C" fn pkey_alloc(flags: c_uint, rights: c_uint) -> c_int {
+    crate::keyguard::pkey_alloc(flags, rights)
+}
+
+/// `pkey_free(2)`, refused for compartment keys.
+#[no_mangle]
+pub extern "C" fn pkey_free(key: c_int) -> c_int {
+    crate::keyguard::pkey_free(key)
+}
+
+/// `pkey_mprotect(2)`, refused with compartment keys or on tagged pages.
+///
+/// # Safety
+/// As `pkey_mprotect(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn pkey_mprotect(
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    key: c_int,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::keyguard::pkey_mprotect(addr, len, prot, key) }
+}
+
 // ---------------------------------------------------------------- introspection API
 
 /// The compartment the calling thread runs as (0: none, -1: shim inactive).

@@ -8,9 +8,9 @@
 //! fails on an upward one):
 //!
 //! 1. pure core: `config`, `objects`, `compartments`, `plan`, `maps`, `stackfmt`, `scan`
-//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `tls`, `apply`, `carveouts`
+//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `tagmap`, `tls`, `apply`, `carveouts`
 //! 3. runtime core: `runtime`
-//! 4. features: `alloc`, `dl`, `fault`, `gates`, `report`, `signals`, `threads`
+//! 4. features: `alloc`, `dl`, `fault`, `gates`, `keyguard`, `report`, `signals`, `threads`
 //! 5. entry points: `startup`, `hooks`
 //!
 //! The pure core is safe Rust with unit tests and no syscalls beyond reading
@@ -56,6 +56,8 @@ pub mod dl;
 pub mod fault;
 /// Call gates (stub pool, gate-frame stacks, unwinding) and GOT patching.
 pub mod gates;
+/// libc's `pkey_*` API, guarded: no compartment key or tagged page changes hands.
+pub mod keyguard;
 /// `/proc/self/maps` and `/proc/self/smaps` parsing.
 pub mod maps;
 /// Census of loaded objects (`dl_iterate_phdr` + dynamic sections).
@@ -70,6 +72,8 @@ pub mod report;
 pub mod scan;
 /// Signal handlers run with their own compartment's PKRU.
 pub mod signals;
+/// Which ranges carry a compartment's key now (every `pku::protect`).
+pub mod tagmap;
 /// The `pthread_create` trampoline: per-thread PKRU, TLS tags, gate stacks.
 pub mod threads;
 /// Thread-local-storage geometry: thread pointer, TCB, DTV, module blocks.

@@ -52,6 +52,12 @@ pub static DLOPEN: RealFn = RealFn::new(c"dlopen");
 pub static DLCLOSE: RealFn = RealFn::new(c"dlclose");
 pub static PTHREAD_CREATE: RealFn = RealFn::new(c"pthread_create");
 pub static FORK: RealFn = RealFn::new(c"fork");
+// libc's protection-key API (see `crate::keyguard`).
+pub static PKEY_SET: RealFn = RealFn::new(c"pkey_set");
+pub static PKEY_GET: RealFn = RealFn::new(c"pkey_get");
+pub static PKEY_ALLOC: RealFn = RealFn::new(c"pkey_alloc");
+pub static PKEY_FREE: RealFn = RealFn::new(c"pkey_free");
+pub static PKEY_MPROTECT: RealFn = RealFn::new(c"pkey_mprotect");
 
 // The malloc family (see `crate::alloc`). glibc exports its allocator under
 // internal names too; the hooks call those directly, because `dlsym` itself
@@ -114,6 +120,11 @@ pub static ALL: &[&RealFn] = &[
     &DLCLOSE,
     &PTHREAD_CREATE,
     &FORK,
+    &PKEY_SET,
+    &PKEY_GET,
+    &PKEY_ALLOC,
+    &PKEY_FREE,
+    &PKEY_MPROTECT,
     &POSIX_MEMALIGN,
     &ALIGNED_ALLOC,
     &MALLOC_USABLE_SIZE,
