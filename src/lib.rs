@@ -8,7 +8,7 @@
 //! fails on an upward one):
 //!
 //! 1. pure core: `config`, `objects`, `compartments`, `plan`, `maps`, `stackfmt`, `scan`
-//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `tagmap`, `tls`, `apply`, `carveouts`
+//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`
 //! 3. runtime core: `runtime`
 //! 4. features: `alloc`, `dl`, `fault`, `gates`, `keyguard`, `report`, `signals`, `threads`
 //! 5. entry points: `startup`, `hooks`
@@ -70,6 +70,8 @@ pub mod plan;
 pub mod report;
 /// The WRPKRU/XRSTOR byte-sequence scanner (`IA2_SCAN_WRPKRU`).
 pub mod scan;
+/// The PKRU a signal frame's XSAVE area hands to `sigreturn`, guarded.
+pub mod sigframe;
 /// Signal handlers run with their own compartment's PKRU.
 pub mod signals;
 /// Which ranges carry a compartment's key now (every `pku::protect`).

@@ -75,6 +75,8 @@ pub(crate) fn run_in_compartment(
     if let Some(p) = own.or(interrupted) {
         pku::write_pkru(p);
     }
+    // SAFETY: the kernel's ucontext for this signal.
+    let frame = unsafe { crate::sigframe::Snapshot::take(ctx as *const libc::ucontext_t) };
     if flags & libc::SA_SIGINFO != 0 {
         // SAFETY: the program registered an SA_SIGINFO handler.
         let f: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) =
@@ -84,6 +86,16 @@ pub(crate) fn run_in_compartment(
         // SAFETY: the program registered a plain handler.
         let f: extern "C" fn(c_int) = unsafe { core::mem::transmute(h) };
         f(sig);
+    }
+    // sigreturn installs the frame's PKRU: never more than was interrupted.
+    if let Some(f) = frame {
+        // SAFETY: the same ucontext, after the handler returned.
+        if let Some(w) = unsafe { f.enforce(ctx as *mut libc::ucontext_t) } {
+            log::warn!(
+                "signal {sig}: the handler at {h:#x} set PKRU {w:#x} in its signal frame, wider than the interrupted {:#x}; restored",
+                f.pkru()
+            );
+        }
     }
     pku::write_pkru(interrupted.unwrap_or(saved));
 }
