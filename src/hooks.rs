@@ -103,6 +103,10 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> c_int {
+    if !act.is_null() {
+        // SAFETY: the caller passes a valid sigaction.
+        crate::signals::decide(sig, unsafe { (*act).sa_sigaction });
+    }
     if crate::fault::intercepts(sig) && runtime::active().is_some() {
         // SAFETY: pointers are the caller's, valid as sigaction(2) requires.
         unsafe { crate::fault::intercept_sigaction(sig, act, old) };
@@ -123,6 +127,7 @@ pub unsafe extern "C" fn sigaction(
 /// As `signal(3)`.
 #[no_mangle]
 pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    crate::signals::decide(sig, handler);
     if crate::fault::intercepts(sig) && runtime::active().is_some() {
         // SAFETY: zeroed sigaction is valid.
         let mut act: libc::sigaction = unsafe { core::mem::zeroed() };

@@ -10,7 +10,7 @@
 //! 1. pure core: `config`, `objects`, `compartments`, `plan`, `maps`, `stackfmt`, `scan`
 //! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`
 //! 3. runtime core: `runtime`
-//! 4. features: `alloc`, `dl`, `fault`, `gates`, `keyguard`, `report`, `signals`, `threads`
+//! 4. features: `alloc`, `deputy`, `dl`, `fault`, `gates`, `keyguard`, `report`, `signals`, `threads`
 //! 5. entry points: `startup`, `hooks`
 //!
 //! The pure core is safe Rust with unit tests and no syscalls beyond reading
@@ -50,6 +50,8 @@ pub mod apply;
 pub mod carveouts;
 /// Compartment assignment: which object belongs to which compartment.
 pub mod compartments;
+/// Whose rights a start routine or signal handler runs with (confused deputies).
+pub mod deputy;
 /// `dlopen`/`dlclose`: counting, assigning, tagging and patching new objects.
 pub mod dl;
 /// SIGSEGV handling and fault reports.

@@ -10,7 +10,7 @@
 use crate::pku;
 use crate::runtime;
 use core::ffi::{c_int, c_void};
-use core::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 
 const NSIG: usize = 65;
 
@@ -21,6 +21,29 @@ const NO_FLAGS: AtomicI32 = AtomicI32::new(0);
 /// The program's handler and flags for each signal the trampoline serves.
 static HANDLERS: [AtomicUsize; NSIG] = [NO_HANDLER; NSIG];
 static FLAGS: [AtomicI32; NSIG] = [NO_FLAGS; NSIG];
+
+/// The PKRU decided for a handler when it was registered (see
+/// `crate::deputy`): `DECIDED_PKRU[sig]` holds for the handler at
+/// `DECIDED_FOR[sig]` (0: none decided).
+static DECIDED_FOR: [AtomicUsize; NSIG] = [NO_HANDLER; NSIG];
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_PKRU: AtomicU32 = AtomicU32::new(0);
+static DECIDED_PKRU: [AtomicU32; NSIG] = [NO_PKRU; NSIG];
+
+/// Decide, at registration, the rights `handler` for `sig` will run with
+/// (the registrant is the calling code). Called by the `sigaction` and
+/// `signal` hooks for every signal, SIGSEGV included.
+pub fn decide(sig: c_int, handler: usize) {
+    let Some(rt) = runtime::active() else { return };
+    let i = sig as usize;
+    if i >= NSIG || handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+        return;
+    }
+    let pkru = crate::deputy::entry_pkru(rt, handler, pku::read_pkru());
+    DECIDED_FOR[i].store(0, Ordering::Release);
+    DECIDED_PKRU[i].store(pkru, Ordering::Relaxed);
+    DECIDED_FOR[i].store(handler, Ordering::Release);
+}
 
 /// Signals whose handlers the trampoline wraps.
 pub fn wraps(sig: c_int) -> bool {
@@ -60,11 +83,16 @@ pub(crate) fn run_in_compartment(
     let saved = pku::read_pkru();
     // SAFETY: the kernel's ucontext for this signal.
     let interrupted = unsafe { crate::fault::interrupted_pkru(ctx as *const libc::ucontext_t) };
-    let own = runtime::get().and_then(|r| {
-        let c = r.census.try_read().ok()?;
-        let comp = c.object_at(h).and_then(|(i, _)| c.compartment_of[i])?;
-        Some(r.pkru_for(comp))
-    });
+    let decided = (sig as usize) < NSIG && DECIDED_FOR[sig as usize].load(Ordering::Acquire) == h;
+    let own = if decided {
+        Some(DECIDED_PKRU[sig as usize].load(Ordering::Relaxed))
+    } else {
+        runtime::get().and_then(|r| {
+            let c = r.census.try_read().ok()?;
+            let comp = c.object_at(h).and_then(|(i, _)| c.compartment_of[i])?;
+            Some(r.pkru_for(comp))
+        })
+    };
     // In sim mode nothing is in the frame; the thread's simulated PKRU is
     // still the interrupted one.
     let interrupted = if pku::backend() == pku::Backend::Sim {
