@@ -43,6 +43,13 @@ pub enum ReportFormat {
     Json,
 }
 
+/// `IA2_SYSCALLS`: the seccomp filter on memory-map, key and /proc/*/mem syscalls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Syscalls {
+    Filter,
+    Off,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScanWrpkru {
     Warn,
@@ -142,6 +149,7 @@ pub struct Config {
     pub log_file: Option<&'static str>,
     /// `IA2_DEBUG_API=1`: `ia2_switch_compartment` may change PKRU.
     pub debug_api: bool,
+    pub syscalls: Syscalls,
     pub help: bool,
 }
 
@@ -175,6 +183,7 @@ impl Default for Config {
             log_level: log::LevelFilter::Warn,
             log_file: None,
             debug_api: false,
+            syscalls: Syscalls::Filter,
             help: false,
         }
     }
@@ -788,6 +797,21 @@ pub static VARS: &[VarSpec] = &[
             c.log_file = match v {
                 "stderr" => None,
                 p => Some(non_empty(p)?),
+            };
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_SYSCALLS",
+        values: "filter, off",
+        default: "filter",
+        meaning: "a seccomp filter traps pkey_*, process_vm_*, ptrace, io_uring_setup, mprotect/munmap/mremap/mmap(MAP_FIXED) and open/openat/openat2; the shim refuses those that touch another compartment's pages or keys or open /proc/*/mem (off: no filter)",
+        implemented: true,
+        parse: |c, v| {
+            c.syscalls = match v {
+                "filter" => Syscalls::Filter,
+                "off" => Syscalls::Off,
+                _ => return Err(Problem::BadValue),
             };
             Ok(())
         },

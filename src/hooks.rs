@@ -103,9 +103,21 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> c_int {
-    if !act.is_null() {
+    // SIGSYS stays deliverable inside handlers (see `syscalls`).
+    let mut copy: libc::sigaction;
+    let act = if act.is_null() {
+        act
+    } else {
         // SAFETY: the caller passes a valid sigaction.
-        crate::signals::decide(sig, unsafe { (*act).sa_sigaction });
+        copy = unsafe { *act };
+        copy.sa_mask = crate::syscalls::unblockable(&copy.sa_mask);
+        crate::signals::decide(sig, copy.sa_sigaction);
+        &copy as *const libc::sigaction
+    };
+    if crate::syscalls::intercepts(sig) {
+        // SAFETY: pointers are the caller's, valid as sigaction(2) requires.
+        unsafe { crate::syscalls::intercept_sigaction(act, old) };
+        return 0;
     }
     if crate::fault::intercepts(sig) && runtime::active().is_some() {
         // SAFETY: pointers are the caller's, valid as sigaction(2) requires.
@@ -128,6 +140,17 @@ pub unsafe extern "C" fn sigaction(
 #[no_mangle]
 pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
     crate::signals::decide(sig, handler);
+    if crate::syscalls::intercepts(sig) {
+        // SAFETY: zeroed sigaction is valid.
+        let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
+        act.sa_sigaction = handler;
+        act.sa_flags = libc::SA_RESTART;
+        // SAFETY: zeroed sigaction is valid.
+        let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
+        // SAFETY: both structs are valid.
+        unsafe { crate::syscalls::intercept_sigaction(&act, &mut old) };
+        return old.sa_sigaction;
+    }
     if crate::fault::intercepts(sig) && runtime::active().is_some() {
         // SAFETY: zeroed sigaction is valid.
         let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
@@ -147,6 +170,57 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc
     let f: SignalFn = unsafe { real::as_fn(&real::SIGNAL) };
     // SAFETY: forwarded contract.
     unsafe { f(sig, handler) }
+}
+
+type SigmaskFn = unsafe extern "C" fn(c_int, *const libc::sigset_t, *mut libc::sigset_t) -> c_int;
+
+/// # Safety
+/// `set` is null or valid.
+unsafe fn mask_without_sigsys(
+    real: &real::RealFn,
+    how: c_int,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> c_int {
+    // SAFETY: the slot holds glibc's function of this type.
+    let f: SigmaskFn = unsafe { real::as_fn(real) };
+    if set.is_null() {
+        // SAFETY: forwarded contract.
+        return unsafe { f(how, set, old) };
+    }
+    // SAFETY: the caller's valid set.
+    let s = crate::syscalls::unblockable(unsafe { &*set });
+    // SAFETY: forwarded contract, with our copy of the set.
+    unsafe { f(how, &s, old) }
+}
+
+/// `sigprocmask(2)`; SIGSYS is never blocked while the syscall filter is
+/// in (a trap with SIGSYS blocked would kill the process).
+///
+/// # Safety
+/// As `sigprocmask(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn sigprocmask(
+    how: c_int,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { mask_without_sigsys(&real::SIGPROCMASK, how, set, old) }
+}
+
+/// `pthread_sigmask(3)`, as `sigprocmask`.
+///
+/// # Safety
+/// As `pthread_sigmask(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn pthread_sigmask(
+    how: c_int,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { mask_without_sigsys(&real::PTHREAD_SIGMASK, how, set, old) }
 }
 
 // ---------------------------------------------------------------- dlopen, dlclose

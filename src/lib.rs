@@ -10,7 +10,7 @@
 //! 1. pure core: `config`, `objects`, `compartments`, `plan`, `maps`, `stackfmt`, `scan`
 //! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`
 //! 3. runtime core: `runtime`
-//! 4. features: `alloc`, `deputy`, `dl`, `fault`, `gates`, `keyguard`, `report`, `signals`, `threads`
+//! 4. features: `alloc`, `deputy`, `dl`, `fault`, `gates`, `keyguard`, `report`, `signals`, `syscalls`, `threads`
 //! 5. entry points: `startup`, `hooks`
 //!
 //! The pure core is safe Rust with unit tests and no syscalls beyond reading
@@ -76,6 +76,8 @@ pub mod scan;
 pub mod sigframe;
 /// Signal handlers run with their own compartment's PKRU.
 pub mod signals;
+/// The seccomp filter and SIGSYS handler (`IA2_SYSCALLS`).
+pub mod syscalls;
 /// Which ranges carry a compartment's key now (every `pku::protect`).
 pub mod tagmap;
 /// The `pthread_create` trampoline: per-thread PKRU, TLS tags, gate stacks.

@@ -58,6 +58,9 @@ pub static PKEY_GET: RealFn = RealFn::new(c"pkey_get");
 pub static PKEY_ALLOC: RealFn = RealFn::new(c"pkey_alloc");
 pub static PKEY_FREE: RealFn = RealFn::new(c"pkey_free");
 pub static PKEY_MPROTECT: RealFn = RealFn::new(c"pkey_mprotect");
+// Signal masks (see `crate::syscalls::unblockable`).
+pub static SIGPROCMASK: RealFn = RealFn::new(c"sigprocmask");
+pub static PTHREAD_SIGMASK: RealFn = RealFn::new(c"pthread_sigmask");
 
 // The malloc family (see `crate::alloc`). glibc exports its allocator under
 // internal names too; the hooks call those directly, because `dlsym` itself
@@ -125,6 +128,8 @@ pub static ALL: &[&RealFn] = &[
     &PKEY_ALLOC,
     &PKEY_FREE,
     &PKEY_MPROTECT,
+    &SIGPROCMASK,
+    &PTHREAD_SIGMASK,
     &POSIX_MEMALIGN,
     &ALIGNED_ALLOC,
     &MALLOC_USABLE_SIZE,

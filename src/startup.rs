@@ -1,7 +1,7 @@
 //! Start-up: the constructor's sequence, top to bottom, as the pipeline it
 //! is: configuration → logging → real functions → PKU probe → census →
 //! compartments → carveouts → plan → apply → fault handler → gates →
-//! reports → allocator → threads. The only module that calls the features'
+//! reports → allocator → threads → syscall filter. The only module that calls the features'
 //! `install`/`start`/`init` functions.
 
 use crate::carveouts;
@@ -118,6 +118,7 @@ pub fn init() {
     crate::report::startup(rt);
     crate::alloc::start(rt);
     crate::threads::init();
+    crate::syscalls::install(rt);
     set_state(InitState::Ready);
 }
 

@@ -126,6 +126,23 @@ pub fn other_key_in(start: usize, len: usize, except: u32, wait: bool) -> Option
     .unwrap_or(Some(u32::MAX))
 }
 
+/// The keys (bit k = key k) of compartment ranges overlapping
+/// `[start, start+len)`; every bit when the table cannot answer (busy and
+/// `!wait`, or overflowed): fail closed.
+pub fn keys_in(start: usize, len: usize, wait: bool) -> u32 {
+    if OVERFLOW.load(Ordering::Relaxed) != 0 {
+        return u32::MAX;
+    }
+    let end = start.saturating_add(len);
+    with(wait, |t| {
+        t.e[..t.n]
+            .iter()
+            .filter(|e| e.start < end && start < e.end)
+            .fold(0u32, |m, e| m | 1 << (e.key & 31))
+    })
+    .unwrap_or(u32::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,7 +159,9 @@ mod tests {
         assert_eq!(other_key_in(base, 0x1000, 0, true), Some(3));
         assert_eq!(other_key_in(base + 0x3000, 0x1000, 0, true), Some(3));
         assert_eq!(other_key_in(base - 0x1000, 0x1000, 0, true), None);
+        assert_eq!(keys_in(base, 0x4000, true), 1 << 3);
         record(base, 0x4000, 0);
         assert_eq!(other_key_in(base, 0x4000, 0, true), None);
+        assert_eq!(keys_in(base, 0x4000, true), 0);
     }
 }
