@@ -247,7 +247,11 @@ core::arch::global_asm!(
 #[cfg_attr(test, allow(dead_code))]
 unsafe extern "C" fn hook_dlopen(file: *const c_char, mode: c_int, ra: usize) -> *mut c_void {
     // SAFETY: dlopen's contract, from the caller.
-    unsafe { crate::dl::dlopen(file, mode, ra) }
+    let h = unsafe { crate::dl::dlopen(file, mode, ra) };
+    if let (false, Some(rt)) = (h.is_null(), runtime::active()) {
+        crate::syscalls::cover_new_code(rt);
+    }
+    h
 }
 
 /// `dlclose(3)`: untag, close, re-tag the survivors (see `crate::dl`).

@@ -23,6 +23,7 @@ const ATTACKS: &[&str] = &[
     "signal-deputy",
     "sys-pkey-mprotect",
     "sys-pkey-free",
+    "dlopen-syscall",
     "process-vm-readv",
     "proc-self-mem",
 ];
@@ -31,6 +32,7 @@ const ATTACKS: &[&str] = &[
 const SYSCALL_ATTACKS: &[&str] = &[
     "sys-pkey-mprotect",
     "sys-pkey-free",
+    "dlopen-syscall",
     "process-vm-readv",
     "proc-self-mem",
 ];
@@ -43,7 +45,8 @@ fn sandboxed() -> String {
 }
 
 fn exe() -> String {
-    cc_lib("esc2", &["escapes/lib2.c"], &["-pthread"]);
+    cc_lib("esc2plug", &["escapes/plug.c"], &[]);
+    cc_lib("esc2", &["escapes/lib2.c"], &["-pthread", "-ldl"]);
     cc_exe("escapes", &["escapes/main.c"], &["-lesc2", "-pthread"])
         .to_str()
         .unwrap()
@@ -183,6 +186,18 @@ fn the_filter_refuses_raw_pkey_mprotect_on_another_compartments_page() {
     assert_stderr_has(
         o,
         "refused: the pages carry the key of a compartment the caller is not running as",
+    );
+    stopped_by_a_key_fault(o);
+}
+
+/// Code loaded after start-up gets a filter of its own at dlopen.
+#[test]
+fn the_filter_covers_the_syscall_instructions_of_dlopened_code() {
+    let o = &enforced()["dlopen-syscall"];
+    ran_and_kept_secret(o, "dlopen-syscall");
+    assert_stdout_has(
+        o,
+        "plugin syscall pkey_mprotect(secret page, key 0) = -1 (EPERM)",
     );
     stopped_by_a_key_fault(o);
 }

@@ -8,7 +8,8 @@
 //! come from code loaded at start-up ([`bpf`]); the handler decides with the
 //! interrupted PKRU (whose keys the caller holds) and the key map
 //! (`crate::tagmap`), and carries out the allowed ones from the shim's own
-//! syscall instruction ([`raw`]), which the filter lets through. Refused
+//! syscall instruction ([`raw`]), which the filter lets through. Each
+//! `dlopen` stacks one more filter for the new objects' text. Refused
 //! calls return `EPERM` (`EACCES` for `/proc/*/mem`) with one warning line.
 //! Calls whose caller is the shim (the trapping instruction, or the return
 //! address of a libc wrapper, lies in the shim's text) are carried out.
@@ -28,12 +29,14 @@ mod bpf;
 mod raw;
 
 use crate::config::Syscalls;
+use crate::objects::Range;
 use crate::pku;
 use crate::runtime::{self, Runtime};
 use crate::stackfmt::StackBuf;
 use core::ffi::{c_int, c_void};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 static SHIM_TEXT: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
@@ -45,29 +48,26 @@ static PROGRAM_FLAGS: AtomicI32 = AtomicI32::new(0);
 const SYS_SECCOMP: i32 = 1;
 const PROC_SUPER_MAGIC: i64 = 0x9fa0;
 
-/// Install the filter and the SIGSYS handler (the constructor, last).
-pub fn install(rt: &Runtime) {
-    if rt.config.syscalls == Syscalls::Off {
-        return;
-    }
-    let me = install as *const () as usize;
-    let ranges: Vec<crate::objects::Range> = {
-        let Ok(c) = rt.census.read() else { return };
-        if let Some((_, o)) = c.object_at(me) {
-            let text = o.segments.iter().filter(|s| s.executable());
-            let lo = text.clone().map(|s| s.range.start).min().unwrap_or(0);
-            let hi = text.map(|s| s.range.end).max().unwrap_or(0);
-            SHIM_TEXT[0].store(lo, Ordering::Relaxed);
-            SHIM_TEXT[1].store(hi, Ordering::Relaxed);
-        }
-        c.objects
-            .iter()
-            .flat_map(|o| o.segments.iter())
-            .filter(|s| s.executable())
-            .map(|s| s.range.pages_out())
-            .collect()
+/// Text ranges some installed filter already watches.
+static COVERED: Mutex<Vec<Range>> = Mutex::new(Vec::new());
+
+/// The executable ranges of census objects that no filter watches yet.
+fn uncovered(rt: &Runtime) -> Vec<Range> {
+    let Ok(c) = rt.census.read() else {
+        return Vec::new();
     };
-    let prog: Vec<libc::sock_filter> = bpf::program(raw::stub_ip(), &ranges)
+    let covered = COVERED.lock().unwrap_or_else(|e| e.into_inner());
+    c.objects
+        .iter()
+        .flat_map(|o| o.segments.iter())
+        .filter(|s| s.executable())
+        .map(|s| s.range.pages_out())
+        .filter(|r| !covered.contains(r))
+        .collect()
+}
+
+fn to_kernel(ranges: &[Range]) -> Vec<libc::sock_filter> {
+    bpf::program(raw::stub_ip(), ranges)
         .iter()
         .map(|i| libc::sock_filter {
             code: i.code,
@@ -75,7 +75,74 @@ pub fn install(rt: &Runtime) {
             jf: i.jf,
             k: i.k,
         })
-        .collect();
+        .collect()
+}
+
+/// Stack one more filter, for every thread; the kernel's errno on failure.
+fn load(prog: &[libc::sock_filter]) -> Result<(), i32> {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: seccomp with a valid program, which the kernel copies.
+    let r = unsafe {
+        let mut r = libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_TSYNC,
+            &fprog,
+        );
+        if r != 0 {
+            r = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &fprog);
+        }
+        r
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(crate::stackfmt::errno())
+    }
+}
+
+/// After a `dlopen`: stack a filter that watches the new objects' text
+/// (filters cannot be changed, only added; each costs every syscall a few
+/// more BPF instructions).
+pub fn cover_new_code(rt: &Runtime) {
+    if !INSTALLED.load(Ordering::Acquire) {
+        return;
+    }
+    let ranges = uncovered(rt);
+    if ranges.is_empty() {
+        return;
+    }
+    match load(&to_kernel(&ranges)) {
+        Ok(()) => COVERED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(&ranges),
+        Err(e) => log::warn!(
+            "IA2_SYSCALLS=filter: the kernel refused a filter for newly loaded code (errno {e}); its syscalls are not filtered"
+        ),
+    }
+}
+
+/// Install the filter and the SIGSYS handler (the constructor, last).
+pub fn install(rt: &Runtime) {
+    if rt.config.syscalls == Syscalls::Off {
+        return;
+    }
+    let me = install as *const () as usize;
+    if let Ok(c) = rt.census.read() {
+        if let Some((_, o)) = c.object_at(me) {
+            let text = o.segments.iter().filter(|s| s.executable());
+            let lo = text.clone().map(|s| s.range.start).min().unwrap_or(0);
+            let hi = text.map(|s| s.range.end).max().unwrap_or(0);
+            SHIM_TEXT[0].store(lo, Ordering::Relaxed);
+            SHIM_TEXT[1].store(hi, Ordering::Relaxed);
+        }
+    }
+    let ranges = uncovered(rt);
+    let prog = to_kernel(&ranges);
     // SAFETY: a zeroed sigaction is valid; we set what we rely on.
     let mut sa: libc::sigaction = unsafe { core::mem::zeroed() };
     sa.sa_sigaction = sigsys_handler as *const () as usize;
@@ -88,34 +155,21 @@ pub fn install(rt: &Runtime) {
         return;
     }
     INSTALLED.store(true, Ordering::Release);
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    };
     // Unprivileged filters need no_new_privs (exec'd set-uid programs then
     // run without their privileges: IA2_SYSCALLS=off for such programs).
-    // SAFETY: prctl and seccomp with valid arguments; the kernel copies the program.
-    let r = unsafe {
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-        let mut r = libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_TSYNC,
-            &fprog,
-        );
-        if r != 0 {
-            r = libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &fprog);
-        }
-        r
-    };
-    if r != 0 {
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    if let Err(e) = load(&prog) {
         INSTALLED.store(false, Ordering::Release);
         log::warn!(
-            "IA2_SYSCALLS=filter: the kernel refused the seccomp filter (errno {}); syscalls are not filtered",
-            crate::stackfmt::errno()
+            "IA2_SYSCALLS=filter: the kernel refused the seccomp filter (errno {e}); syscalls are not filtered"
         );
         return;
     }
+    COVERED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend_from_slice(&ranges);
     log::info!(
         "IA2_SYSCALLS=filter: {} BPF instructions, {} watched text ranges",
         prog.len(),
@@ -197,6 +251,13 @@ fn name(nr: i64) -> &'static str {
 }
 
 extern "C" fn sigsys_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // As in the SIGSEGV handler: the kernel entered with key 0 only, but in
+    // strict mode the TCB (read for any TLS access) and libc's state carry
+    // the libc compartment's key. The shim is trusted: every key. The
+    // caller's PKRU comes from the frame, and sigreturn restores it.
+    if pku::backend() == pku::Backend::Hardware {
+        pku::write_pkru(0);
+    }
     // SAFETY: the kernel's siginfo: si_errno at 4, si_code at 8, and for
     // SIGSYS `_syscall` at 24.
     let (data, code, nr) = unsafe {
