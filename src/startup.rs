@@ -118,6 +118,7 @@ pub fn init() {
     crate::report::startup(rt);
     crate::alloc::start(rt);
     crate::threads::init();
+    crate::keyguard::install(crate::hooks::pkey_set as *const () as usize);
     crate::syscalls::install(rt);
     set_state(InitState::Ready);
 }

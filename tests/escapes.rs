@@ -16,6 +16,7 @@ const SECRET: &str = "SECRET-1-7f3a9c";
 const ATTACKS: &[&str] = &[
     "debug-api",
     "pkey-set",
+    "pkey-set-dlvsym",
     "pkey-reuse",
     "pkey-mprotect",
     "sigframe",
@@ -116,6 +117,16 @@ fn libc_pkey_set_cannot_grant_a_compartment_key() {
     ran_and_kept_secret(o, "pkey-set");
     assert_stdout_has(o, "= -1 (Operation not permitted)");
     assert_stderr_has(o, "refused: the key or the pages belong to a compartment");
+    stopped_by_a_key_fault(o);
+}
+
+/// libc's own pkey_set, found by version, is redirected to the guard too.
+#[test]
+fn libc_pkey_set_found_by_address_is_guarded_too() {
+    let o = &enforced()["pkey-set-dlvsym"];
+    ran_and_kept_secret(o, "pkey-set-dlvsym");
+    assert_stdout_has(o, "libc's pkey_set(");
+    assert_stdout_has(o, "= -1 (Operation not permitted)");
     stopped_by_a_key_fault(o);
 }
 
