@@ -29,8 +29,9 @@ __attribute__((weak)) unsigned int ia2_compartment_pkru(int c);
 
 /* Switch the calling thread to compartment `c`; 0 allows every compartment
  * (the state before main). Returns the previous compartment, or -1 if `c`
- * does not exist. A testing and debugging aid: normal cross-compartment
- * calls switch through the shim's call gates. */
+ * does not exist. A debugging aid that defeats isolation: it is refused
+ * (-1, errno EPERM) unless the program runs with IA2_DEBUG_API=1. Normal
+ * cross-compartment calls switch through the shim's call gates. */
 __attribute__((weak)) int ia2_switch_compartment(int c);
 
 static inline int ia2shim_present(void) { return &ia2_get_compartment != 0; }

@@ -43,6 +43,13 @@ pub enum ReportFormat {
     Json,
 }
 
+/// `IA2_SYSCALLS`: the seccomp filter on memory-map, key and /proc/*/mem syscalls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Syscalls {
+    Filter,
+    Off,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScanWrpkru {
     Warn,
@@ -193,6 +200,9 @@ pub struct Config {
     /// kept across runs (`None`: `off`, no cache; `Some("")`: the default,
     /// `$XDG_CACHE_HOME/ia2shim`, else `$HOME/.cache/ia2shim`).
     pub cache_dir: Option<&'static str>,
+    /// `IA2_DEBUG_API=1`: `ia2_switch_compartment` may change PKRU.
+    pub debug_api: bool,
+    pub syscalls: Syscalls,
     pub help: bool,
 }
 
@@ -227,6 +237,8 @@ impl Default for Config {
             log_level: log::LevelFilter::Warn,
             log_file: None,
             cache_dir: Some(""),
+            debug_api: false,
+            syscalls: Syscalls::Filter,
             help: false,
         }
     }
@@ -247,6 +259,17 @@ impl Config {
     /// Variables outside the `IA2_` namespace are ignored; an unknown `IA2_`
     /// name is an error, because a mistyped toggle must not be silently ignored.
     pub fn from_vars<I>(vars: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = &'static str>,
+        I::IntoIter: Clone,
+    {
+        Config::from_vars_in(VARS, vars)
+    }
+
+    /// [`Config::from_vars`] against a given table (unit tests give one
+    /// with an unimplemented variable; today every variable in `VARS` is
+    /// implemented).
+    fn from_vars_in<I>(table: &[VarSpec], vars: I) -> Result<Config, ConfigError>
     where
         I: IntoIterator<Item = &'static str>,
         I::IntoIter: Clone,
@@ -276,7 +299,7 @@ impl Config {
             if !name.starts_with("IA2_") || name == "IA2_POLICY" {
                 continue;
             }
-            set_var(&mut cfg, name, value, None)?;
+            set_var(table, &mut cfg, name, value, None)?;
         }
         cfg.check_combinations()?;
         Ok(cfg)
@@ -297,12 +320,13 @@ impl Config {
 
 /// Set one variable; `at` names the policy file line it came from.
 fn set_var(
+    table: &[VarSpec],
     cfg: &mut Config,
     name: &'static str,
     value: &'static str,
     at: Option<(&'static str, usize)>,
 ) -> Result<(), ConfigError> {
-    let Some(spec) = VARS.iter().find(|v| v.name == name) else {
+    let Some(spec) = table.iter().find(|v| v.name == name) else {
         return Err(ConfigError {
             var: name,
             value,
@@ -424,7 +448,7 @@ pub fn apply_policy(
             }
             continue;
         }
-        set_var(cfg, name, value, at)?;
+        set_var(VARS, cfg, name, value, at)?;
     }
     Ok(())
 }
@@ -1041,6 +1065,32 @@ pub static VARS: &[VarSpec] = &[
         },
     },
     VarSpec {
+        name: "IA2_SYSCALLS",
+        values: "filter, off",
+        default: "filter",
+        meaning: "a seccomp filter traps pkey_*, process_vm_*, ptrace, io_uring_setup, mprotect/munmap/mremap/mmap(MAP_FIXED) and open/openat/openat2; the shim refuses those that touch another compartment's pages or keys or open /proc/*/mem (off: no filter)",
+        implemented: true,
+        parse: |c, v| {
+            c.syscalls = match v {
+                "filter" => Syscalls::Filter,
+                "off" => Syscalls::Off,
+                _ => return Err(Problem::BadValue),
+            };
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_DEBUG_API",
+        values: "0, 1",
+        default: "0",
+        meaning: "let ia2_switch_compartment change the calling thread's PKRU (a debugging aid that defeats isolation; refused with EPERM otherwise)",
+        implemented: true,
+        parse: |c, v| {
+            c.debug_api = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
         name: "IA2_HELP",
         values: "unset, 1",
         default: "",
@@ -1354,6 +1404,31 @@ mod tests {
         assert_eq!(c.heap(), HeapMode::Shared);
         c.heap_explicit = Some(HeapMode::Compartment);
         assert_eq!(c.heap(), HeapMode::Compartment);
+    }
+
+    #[test]
+    fn an_unimplemented_variable_accepts_only_its_default() {
+        let table = [VarSpec {
+            name: "IA2_FUTURE",
+            values: "0, 1",
+            default: "0",
+            meaning: "not built yet",
+            implemented: false,
+            parse: |c, v| {
+                c.gates = parse_bool(v)?;
+                Ok(())
+            },
+        }];
+        let ok = Config::from_vars_in(&table, ["IA2_FUTURE=0"]);
+        assert!(ok.is_ok(), "{ok:?}");
+        let e = Config::from_vars_in(&table, ["IA2_FUTURE=1"]).unwrap_err();
+        assert_eq!(e.problem, Problem::NotImplemented);
+        assert_eq!(e.accepted, "0");
+        assert!(e.to_string().contains("IA2_FUTURE=\"1\""), "{e}");
+        assert!(e.to_string().contains("not yet implemented"), "{e}");
+        let mut help = String::new();
+        write_help(&mut help).unwrap();
+        assert!(!help.contains("[not yet implemented]"), "{help}");
     }
 
     #[test]

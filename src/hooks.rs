@@ -103,6 +103,23 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> c_int {
+    // SIGSYS stays deliverable inside handlers (see `syscalls`), and the
+    // deputy rule is decided at registration (see `deputy`).
+    let mut copy: libc::sigaction;
+    let act = if act.is_null() {
+        act
+    } else {
+        // SAFETY: the caller passes a valid sigaction.
+        copy = unsafe { *act };
+        copy.sa_mask = crate::syscalls::unblockable(&copy.sa_mask);
+        crate::signals::decide(sig, copy.sa_sigaction);
+        &copy as *const libc::sigaction
+    };
+    if crate::syscalls::intercepts(sig) {
+        // SAFETY: pointers are the caller's, valid as sigaction(2) requires.
+        unsafe { crate::syscalls::intercept_sigaction(act, old) };
+        return 0;
+    }
     if runtime::active().is_some() {
         // SAFETY: forwarded contract.
         return unsafe { crate::signals::dispatch(sig, act, old) };
@@ -118,6 +135,18 @@ fn signal_via(
     shim: fn(c_int, libc::sighandler_t) -> libc::sighandler_t,
     glibc: &real::RealFn,
 ) -> libc::sighandler_t {
+    crate::signals::decide(sig, handler);
+    if crate::syscalls::intercepts(sig) {
+        // SAFETY: zeroed sigaction is valid.
+        let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
+        act.sa_sigaction = handler;
+        act.sa_flags = libc::SA_RESTART;
+        // SAFETY: zeroed sigaction is valid.
+        let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
+        // SAFETY: both structs are valid.
+        unsafe { crate::syscalls::intercept_sigaction(&act, &mut old) };
+        return old.sa_sigaction;
+    }
     if runtime::active().is_some() {
         return shim(sig, handler);
     }
@@ -184,6 +213,57 @@ pub unsafe extern "C" fn sigaltstack(ss: *const libc::stack_t, old: *mut libc::s
     unsafe { crate::signals::sigaltstack(ss, old) }
 }
 
+type SigmaskFn = unsafe extern "C" fn(c_int, *const libc::sigset_t, *mut libc::sigset_t) -> c_int;
+
+/// # Safety
+/// `set` is null or valid.
+unsafe fn mask_without_sigsys(
+    real: &real::RealFn,
+    how: c_int,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> c_int {
+    // SAFETY: the slot holds glibc's function of this type.
+    let f: SigmaskFn = unsafe { real::as_fn(real) };
+    if set.is_null() {
+        // SAFETY: forwarded contract.
+        return unsafe { f(how, set, old) };
+    }
+    // SAFETY: the caller's valid set.
+    let s = crate::syscalls::unblockable(unsafe { &*set });
+    // SAFETY: forwarded contract, with our copy of the set.
+    unsafe { f(how, &s, old) }
+}
+
+/// `sigprocmask(2)`; SIGSYS is never blocked while the syscall filter is
+/// in (a trap with SIGSYS blocked would kill the process).
+///
+/// # Safety
+/// As `sigprocmask(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn sigprocmask(
+    how: c_int,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { mask_without_sigsys(&real::SIGPROCMASK, how, set, old) }
+}
+
+/// `pthread_sigmask(3)`, as `sigprocmask`.
+///
+/// # Safety
+/// As `pthread_sigmask(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn pthread_sigmask(
+    how: c_int,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { mask_without_sigsys(&real::PTHREAD_SIGMASK, how, set, old) }
+}
+
 // ---------------------------------------------------------------- dlopen, dlclose
 
 // `dlopen` passes its return address (the caller's code, whose compartment
@@ -215,7 +295,11 @@ core::arch::global_asm!(
 #[cfg_attr(test, allow(dead_code))]
 unsafe extern "C" fn hook_dlopen(file: *const c_char, mode: c_int, ra: usize) -> *mut c_void {
     // SAFETY: dlopen's contract, from the caller.
-    unsafe { crate::dl::dlopen(file, mode, ra) }
+    let h = unsafe { crate::dl::dlopen(file, mode, ra) };
+    if let (false, Some(rt)) = (h.is_null(), runtime::active()) {
+        crate::syscalls::cover_new_code(rt);
+    }
+    h
 }
 
 /// `dlclose(3)`: untag, close, re-tag the survivors (see `crate::dl`).
@@ -344,6 +428,47 @@ pub extern "C" fn fork() -> libc::pid_t {
     runtime::with_libc_rights(|| real())
 }
 
+// ---------------------------------------------------------------- libc's protection-key API
+
+/// `pkey_set(3)`, refused for compartment keys (see `keyguard`).
+#[no_mangle]
+pub extern "C" fn pkey_set(key: c_int, rights: c_uint) -> c_int {
+    crate::keyguard::pkey_set(key, rights)
+}
+
+/// `pkey_get(3)`.
+#[no_mangle]
+pub extern "C" fn pkey_get(key: c_int) -> c_int {
+    crate::keyguard::pkey_get(key)
+}
+
+/// `pkey_alloc(2)`.
+#[no_mangle]
+pub extern "C" fn pkey_alloc(flags: c_uint, rights: c_uint) -> c_int {
+    crate::keyguard::pkey_alloc(flags, rights)
+}
+
+/// `pkey_free(2)`, refused for compartment keys.
+#[no_mangle]
+pub extern "C" fn pkey_free(key: c_int) -> c_int {
+    crate::keyguard::pkey_free(key)
+}
+
+/// `pkey_mprotect(2)`, refused with compartment keys or on tagged pages.
+///
+/// # Safety
+/// As `pkey_mprotect(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn pkey_mprotect(
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    key: c_int,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::keyguard::pkey_mprotect(addr, len, prot, key) }
+}
+
 // ---------------------------------------------------------------- introspection API
 
 /// The compartment the calling thread runs as (0: none, -1: shim inactive).
@@ -372,9 +497,10 @@ pub extern "C" fn ia2_compartment_pkru(c: c_int) -> c_uint {
     runtime::key_of_compartment(c).map_or(0, crate::pku::pkru_allowing)
 }
 
-/// Switch the calling thread to compartment `c` (0: back to key 0 only
-/// plus every compartment, as before `main`). A debugging and testing aid;
-/// returns the previous compartment, or -1 if `c` does not exist.
+/// Switch the calling thread to compartment `c` (0: every compartment, as
+/// before `main`). A debugging aid that defeats isolation, so refused (-1,
+/// `EPERM`) unless `IA2_DEBUG_API=1`; returns the previous compartment, or
+/// -1 if `c` does not exist.
 #[no_mangle]
 pub extern "C" fn ia2_switch_compartment(c: c_int) -> c_int {
     runtime::switch_compartment(c)

@@ -8,9 +8,9 @@
 //! fails on an upward one):
 //!
 //! 1. pure core: `config`, `objects`, `compartments`, `plan`, `privacy`, `maps`, `stackfmt`, `scan`
-//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `tls`, `apply`, `carveouts`
+//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`
 //! 3. runtime core: `runtime`
-//! 4. features: `alloc`, `dl`, `fault`, `gates`, `report`, `signals`, `threads`
+//! 4. features: `alloc`, `deputy`, `dl`, `fault`, `gates`, `keyguard`, `report`, `signals`, `syscalls`, `threads`
 //! 5. entry points: `startup`, `hooks`
 //!
 //! The pure core is safe Rust with unit tests and no syscalls beyond reading
@@ -50,12 +50,16 @@ pub mod apply;
 pub mod carveouts;
 /// Compartment assignment: which object belongs to which compartment.
 pub mod compartments;
+/// Whose rights a start routine or signal handler runs with (confused deputies).
+pub mod deputy;
 /// `dlopen`/`dlclose`: counting, assigning, tagging and patching new objects.
 pub mod dl;
 /// SIGSEGV handling and fault reports.
 pub mod fault;
 /// Call gates (stub pool, gate-frame stacks, unwinding) and GOT patching.
 pub mod gates;
+/// libc's `pkey_*` API, guarded: no compartment key or tagged page changes hands.
+pub mod keyguard;
 /// `/proc/self/maps` and `/proc/self/smaps` parsing.
 pub mod maps;
 /// Census of loaded objects (`dl_iterate_phdr` + dynamic sections).
@@ -70,8 +74,14 @@ pub mod privacy;
 pub mod report;
 /// The WRPKRU/XRSTOR byte-sequence scanner (`IA2_SCAN_WRPKRU`).
 pub mod scan;
+/// The PKRU a signal frame's XSAVE area hands to `sigreturn`, guarded.
+pub mod sigframe;
 /// Signal handlers run with their own compartment's PKRU.
 pub mod signals;
+/// The seccomp filter and SIGSYS handler (`IA2_SYSCALLS`).
+pub mod syscalls;
+/// Which ranges carry a compartment's key now (every `pku::protect`).
+pub mod tagmap;
 /// The `pthread_create` trampoline: per-thread PKRU, TLS tags, gate stacks.
 pub mod threads;
 /// Thread-local-storage geometry: thread pointer, TCB, DTV, module blocks.

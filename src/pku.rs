@@ -225,12 +225,17 @@ pub fn alloc_key() -> Result<u32, i32> {
 }
 
 /// `pkey_mprotect` on page-aligned `[start, start+len)`; a no-op under sim.
+/// Every success is recorded in `crate::tagmap`.
 pub fn protect(start: usize, len: usize, prot: i32, key: u32) -> Result<(), i32> {
-    match backend() {
+    let r = match backend() {
         Backend::Hardware => sys_pkey_mprotect(start, len, prot, key),
         Backend::Sim => Ok(()),
         Backend::None => Err(libc::ENOSYS),
+    };
+    if r.is_ok() {
+        crate::tagmap::record(start, len, key);
     }
+    r
 }
 
 /// Raw `pkey_mprotect(2)`.

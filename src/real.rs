@@ -61,6 +61,15 @@ pub static SYSV_SIGNAL_INTERNAL: RealFn = RealFn::new(c"__sysv_signal");
 pub static SIGSET: RealFn = RealFn::new(c"sigset");
 pub static REGISTER_CANCEL: RealFn = RealFn::new(c"__pthread_register_cancel");
 pub static UNREGISTER_CANCEL: RealFn = RealFn::new(c"__pthread_unregister_cancel");
+// libc's protection-key API (see `crate::keyguard`).
+pub static PKEY_SET: RealFn = RealFn::new(c"pkey_set");
+pub static PKEY_GET: RealFn = RealFn::new(c"pkey_get");
+pub static PKEY_ALLOC: RealFn = RealFn::new(c"pkey_alloc");
+pub static PKEY_FREE: RealFn = RealFn::new(c"pkey_free");
+pub static PKEY_MPROTECT: RealFn = RealFn::new(c"pkey_mprotect");
+// Signal masks (see `crate::syscalls::unblockable`).
+pub static SIGPROCMASK: RealFn = RealFn::new(c"sigprocmask");
+pub static PTHREAD_SIGMASK: RealFn = RealFn::new(c"pthread_sigmask");
 
 // The malloc family (see `crate::alloc`). glibc exports its allocator under
 // internal names too; the hooks call those directly, because `dlsym` itself
@@ -123,6 +132,13 @@ pub static ALL: &[&RealFn] = &[
     &DLCLOSE,
     &PTHREAD_CREATE,
     &FORK,
+    &PKEY_SET,
+    &PKEY_GET,
+    &PKEY_ALLOC,
+    &PKEY_FREE,
+    &PKEY_MPROTECT,
+    &SIGPROCMASK,
+    &PTHREAD_SIGMASK,
     &POSIX_MEMALIGN,
     &ALIGNED_ALLOC,
     &MALLOC_USABLE_SIZE,

@@ -176,8 +176,15 @@ pub fn key_of_compartment(c: i32) -> Option<u32> {
 }
 
 /// `ia2_switch_compartment`: returns the previous compartment or -1.
+/// Refused (-1, `EPERM`) unless `IA2_DEBUG_API=1`: it hands any caller any
+/// compartment's rights, so it must not exist for compartment code.
 pub fn switch_compartment(c: i32) -> i32 {
     let Some(rt) = active() else { return -1 };
+    if !rt.config.debug_api {
+        log::warn!("ia2_switch_compartment({c}) refused: set IA2_DEBUG_API=1 to allow it");
+        set_errno(libc::EPERM);
+        return -1;
+    }
     let prev = current_compartment().map_or(0, i32::from);
     let pkru = if c == 0 {
         rt.pkru_all_compartments()
@@ -206,4 +213,10 @@ pub fn with_libc_rights<R>(f: impl FnOnce() -> R) -> R {
     let r = f();
     pku::write_pkru(saved);
     r
+}
+
+/// Set the calling thread's `errno` (refused calls of interposed functions).
+pub fn set_errno(e: i32) {
+    // SAFETY: __errno_location returns the calling thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
 }

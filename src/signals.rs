@@ -11,7 +11,7 @@ use crate::pku;
 use crate::runtime;
 use core::cell::Cell;
 use core::ffi::{c_int, c_void};
-use core::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 
 const NSIG: usize = 65;
 
@@ -22,6 +22,29 @@ const NO_FLAGS: AtomicI32 = AtomicI32::new(0);
 /// The program's handler and flags for each signal the trampoline serves.
 static HANDLERS: [AtomicUsize; NSIG] = [NO_HANDLER; NSIG];
 static FLAGS: [AtomicI32; NSIG] = [NO_FLAGS; NSIG];
+
+/// The PKRU decided for a handler when it was registered (see
+/// `crate::deputy`): `DECIDED_PKRU[sig]` holds for the handler at
+/// `DECIDED_FOR[sig]` (0: none decided).
+static DECIDED_FOR: [AtomicUsize; NSIG] = [NO_HANDLER; NSIG];
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_PKRU: AtomicU32 = AtomicU32::new(0);
+static DECIDED_PKRU: [AtomicU32; NSIG] = [NO_PKRU; NSIG];
+
+/// Decide, at registration, the rights `handler` for `sig` will run with
+/// (the registrant is the calling code). Called by the `sigaction` and
+/// `signal` hooks for every signal, SIGSEGV included.
+pub fn decide(sig: c_int, handler: usize) {
+    let Some(rt) = runtime::active() else { return };
+    let i = sig as usize;
+    if i >= NSIG || handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+        return;
+    }
+    let pkru = crate::deputy::entry_pkru(rt, handler, pku::read_pkru());
+    DECIDED_FOR[i].store(0, Ordering::Release);
+    DECIDED_PKRU[i].store(pkru, Ordering::Relaxed);
+    DECIDED_FOR[i].store(handler, Ordering::Release);
+}
 
 /// Signals whose handlers the trampoline wraps.
 pub fn wraps(sig: c_int) -> bool {
@@ -61,11 +84,16 @@ pub(crate) fn run_in_compartment(
     let saved = pku::read_pkru();
     // SAFETY: the kernel's ucontext for this signal.
     let interrupted = unsafe { crate::fault::interrupted_pkru(ctx as *const libc::ucontext_t) };
-    let own = runtime::get().and_then(|r| {
-        let c = r.census.try_read().ok()?;
-        let comp = c.object_at(h).and_then(|(i, _)| c.compartment_of[i])?;
-        Some(r.pkru_for(comp))
-    });
+    let decided = (sig as usize) < NSIG && DECIDED_FOR[sig as usize].load(Ordering::Acquire) == h;
+    let own = if decided {
+        Some(DECIDED_PKRU[sig as usize].load(Ordering::Relaxed))
+    } else {
+        runtime::get().and_then(|r| {
+            let c = r.census.try_read().ok()?;
+            let comp = c.object_at(h).and_then(|(i, _)| c.compartment_of[i])?;
+            Some(r.pkru_for(comp))
+        })
+    };
     // In sim mode nothing is in the frame; the thread's simulated PKRU is
     // still the interrupted one.
     let interrupted = if pku::backend() == pku::Backend::Sim {
@@ -76,6 +104,8 @@ pub(crate) fn run_in_compartment(
     if let Some(p) = own.or(interrupted) {
         pku::write_pkru(p);
     }
+    // SAFETY: the kernel's ucontext for this signal.
+    let frame = unsafe { crate::sigframe::Snapshot::take(ctx as *const libc::ucontext_t) };
     if flags & libc::SA_SIGINFO != 0 {
         // SAFETY: the program registered an SA_SIGINFO handler.
         let f: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) =
@@ -85,6 +115,16 @@ pub(crate) fn run_in_compartment(
         // SAFETY: the program registered a plain handler.
         let f: extern "C" fn(c_int) = unsafe { core::mem::transmute(h) };
         f(sig);
+    }
+    // sigreturn installs the frame's PKRU: never more than was interrupted.
+    if let Some(f) = frame {
+        // SAFETY: the same ucontext, after the handler returned.
+        if let Some(w) = unsafe { f.enforce(ctx as *mut libc::ucontext_t) } {
+            log::warn!(
+                "signal {sig}: the handler at {h:#x} set PKRU {w:#x} in its signal frame, wider than the interrupted {:#x}; restored",
+                f.pkru()
+            );
+        }
     }
     pku::write_pkru(interrupted.unwrap_or(saved));
 }

@@ -3,6 +3,8 @@
 //! compartments → carveouts → plan → fault handler → apply → gates →
 //! reports → allocator → threads → signal handlers installed earlier and
 //! the main thread's alternate stack. The only module that calls the features'
+//! compartments → carveouts → plan → apply → fault handler → gates →
+//! reports → allocator → threads → syscall filter. The only module that calls the features'
 //! `install`/`start`/`init` functions.
 
 use crate::carveouts;
@@ -131,6 +133,8 @@ pub fn init() {
     crate::threads::init();
     crate::signals::adopt_installed();
     crate::signals::thread_start();
+    crate::keyguard::install(crate::hooks::pkey_set as *const () as usize);
+    crate::syscalls::install(rt);
     set_state(InitState::Ready);
 }
 

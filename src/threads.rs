@@ -71,12 +71,10 @@ fn take(i: usize) -> (StartFn, *mut c_void, u32) {
 }
 
 /// The PKRU a new thread starts with: the compartment that owns its start
-/// routine, else (shared code) the creator's current PKRU.
+/// routine, else (shared code, or another compartment's internal function:
+/// see `crate::deputy`) the creator's current PKRU.
 pub fn child_pkru(rt: &Runtime, start: usize) -> u32 {
-    match rt.compartment_of_addr(start) {
-        Some(c) => rt.pkru_for(c),
-        None => pku::read_pkru(),
-    }
+    crate::deputy::entry_pkru(rt, start, pku::read_pkru())
 }
 
 /// `pthread_create`: run `real` with the trampoline and a start record.

@@ -117,44 +117,6 @@ fn bad_values_abort_before_main_naming_variable_value_and_accepted() {
     }
 }
 
-/// A variable whose feature does not exist yet accepts only its default:
-/// asking for the feature must not silently run without it.
-#[test]
-fn unimplemented_features_refuse_non_default_values() {
-    let non_default: &[(&str, &str)] = &[
-        ("IA2_LIBC_COMPARTMENT", "2"),
-        ("IA2_LIBC_GATES", "union"),
-        ("IA2_SHARE", "0x1000+4096"),
-        ("IA2_TLS_GET_ADDR_GATE", "1"),
-        ("IA2_HEAP", "shared"),
-        ("IA2_SCAN_WRPKRU", "deny"),
-    ];
-    let help = native(&job(&[TRUE], &[("IA2_HELP", "1")])).stdout_lossy();
-    let lines: Vec<&str> = help.lines().collect();
-    for (i, l) in lines.iter().enumerate() {
-        if !l.contains("[not yet implemented]") {
-            continue;
-        }
-        let name = lines[..i]
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("  IA2_"))
-            .unwrap()
-            .trim();
-        let (_, value) = non_default
-            .iter()
-            .find(|(n, _)| *n == name)
-            .unwrap_or_else(|| panic!("add a non-default value for {name} to this test"));
-        let o = native(&job(
-            &["/bin/echo", "program ran"],
-            &[("IA2_PKU", "sim"), (name, value)],
-        ));
-        assert_code(&o, 1);
-        assert_stderr_has(&o, "not yet implemented");
-        assert_stderr_has(&o, name);
-    }
-}
-
 #[test]
 fn log_level_and_file() {
     let dir = fixture_dir().join("logs");

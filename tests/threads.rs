@@ -122,15 +122,13 @@ fn termination_paths() {
     assert_code(&r["pthread-exit-main"], 0);
     assert_stdout_has(&r["pthread-exit-main"], "worker done");
     assert_code(&r["abort-thread"], 128 + 6);
-    for c in CASES {
-        assert_stderr_lacks(
-            &r[c],
-            if *c == "lib2-reads-main" || *c == "leak" {
-                "no such"
-            } else {
-                "SEGV_PKUERR"
-            },
-        );
+    // The two attacks fault on purpose (asserted by their own tests); every
+    // other case runs without a protection-key fault.
+    for c in CASES
+        .iter()
+        .filter(|c| !["lib2-reads-main", "leak"].contains(c))
+    {
+        assert_stderr_lacks(&r[c], "SEGV_PKUERR");
     }
 }
 

@@ -55,8 +55,9 @@ fn newest_mtime(dir: &Path) -> SystemTime {
 }
 
 /// The shim under test: `$IA2SHIM_LIB`, else `target/release/libia2shim.so`,
-/// which must be newer than every source file (the README's test command
-/// builds it first; `cargo test` alone does not rebuild a cdylib).
+/// which must be newer than every source file, or the test fails (the
+/// README's test command builds it first; `cargo test` alone does not
+/// rebuild a cdylib).
 pub fn shim() -> PathBuf {
     if let Some(p) = std::env::var_os("IA2SHIM_LIB") {
         return PathBuf::from(p);
@@ -76,12 +77,12 @@ pub fn shim() -> PathBuf {
             .modified()
             .unwrap(),
     );
-    if built < src {
-        eprintln!(
-            "warning: {} is older than the sources: run `cargo build --release` first",
-            p.display()
-        );
-    }
+    // A stale shim would test old code and pass or fail for the wrong reason.
+    assert!(
+        built >= src,
+        "{} is older than the sources: run `cargo build --release --workspace` first",
+        p.display()
+    );
     p
 }
 

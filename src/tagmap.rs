@@ -1,0 +1,167 @@
+//! Which address ranges carry a compartment's key right now: every
+//! `pku::protect` records here, so the guards on libc's `pkey_mprotect` and
+//! the syscall filter's handler can ask "does this range hold another key?"
+//! without reading `/proc/self/smaps` (which allocates, and cannot run in a
+//! signal handler). Covers the plan, thread TLS, dlopen'ed objects and the
+//! per-compartment heaps alike. A fixed table under a spin lock: writers
+//! (start-up, dlopen, thread start and exit, heap growth) wait; readers in
+//! signal handlers only try, and a busy table answers "tagged" (fail closed).
+
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+const CAP: usize = 2048;
+
+#[derive(Clone, Copy)]
+struct Entry {
+    start: usize,
+    end: usize,
+    key: u32,
+}
+
+struct Table {
+    n: usize,
+    e: [Entry; CAP],
+}
+
+struct Locked {
+    busy: AtomicBool,
+    table: core::cell::UnsafeCell<Table>,
+}
+
+// SAFETY: `table` is only touched while `busy` is held.
+unsafe impl Sync for Locked {}
+
+static TABLE: Locked = Locked {
+    busy: AtomicBool::new(false),
+    table: core::cell::UnsafeCell::new(Table {
+        n: 0,
+        e: [Entry {
+            start: 0,
+            end: 0,
+            key: 0,
+        }; CAP],
+    }),
+};
+/// Ranges that did not fit: while non-zero, every query answers "tagged".
+static OVERFLOW: AtomicUsize = AtomicUsize::new(0);
+
+fn with<R>(wait: bool, f: impl FnOnce(&mut Table) -> R) -> Option<R> {
+    loop {
+        if TABLE
+            .busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            break;
+        }
+        if !wait {
+            return None;
+        }
+        core::hint::spin_loop();
+    }
+    // SAFETY: `busy` is ours until the store below.
+    let r = f(unsafe { &mut *TABLE.table.get() });
+    TABLE.busy.store(false, Ordering::Release);
+    Some(r)
+}
+
+/// Record that `[start, start+len)` now carries `key` (0: no compartment's).
+pub fn record(start: usize, len: usize, key: u32) {
+    let end = start.saturating_add(len);
+    with(true, |t| {
+        // Cut the range out of every entry, splitting where needed.
+        let mut i = 0;
+        while i < t.n {
+            let e = t.e[i];
+            if e.end <= start || end <= e.start {
+                i += 1;
+                continue;
+            }
+            let (left, right) = (e.start < start, end < e.end);
+            match (left, right) {
+                (false, false) => {
+                    t.n -= 1;
+                    t.e[i] = t.e[t.n];
+                    continue;
+                }
+                (true, false) => t.e[i].end = start,
+                (false, true) => t.e[i].start = end,
+                (true, true) => {
+                    t.e[i].end = start;
+                    if t.n < CAP {
+                        t.e[t.n] = Entry { start: end, ..e };
+                        t.n += 1;
+                    } else {
+                        OVERFLOW.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            i += 1;
+        }
+        if key != 0 {
+            if t.n < CAP {
+                t.e[t.n] = Entry { start, end, key };
+                t.n += 1;
+            } else {
+                OVERFLOW.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+}
+
+/// The key of some compartment range overlapping `[start, start+len)`
+/// other than `except` (0: any), or `Some(u32::MAX)` when the table cannot
+/// answer (busy in a signal handler, or overflowed): fail closed.
+pub fn other_key_in(start: usize, len: usize, except: u32, wait: bool) -> Option<u32> {
+    if OVERFLOW.load(Ordering::Relaxed) != 0 {
+        return Some(u32::MAX);
+    }
+    let end = start.saturating_add(len);
+    with(wait, |t| {
+        t.e[..t.n]
+            .iter()
+            .find(|e| e.start < end && start < e.end && e.key != except)
+            .map(|e| e.key)
+    })
+    .unwrap_or(Some(u32::MAX))
+}
+
+/// The keys (bit k = key k) of compartment ranges overlapping
+/// `[start, start+len)`; every bit when the table cannot answer (busy and
+/// `!wait`, or overflowed): fail closed.
+pub fn keys_in(start: usize, len: usize, wait: bool) -> u32 {
+    if OVERFLOW.load(Ordering::Relaxed) != 0 {
+        return u32::MAX;
+    }
+    let end = start.saturating_add(len);
+    with(wait, |t| {
+        t.e[..t.n]
+            .iter()
+            .filter(|e| e.start < end && start < e.end)
+            .fold(0u32, |m, e| m | 1 << (e.key & 31))
+    })
+    .unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_splits_and_answers() {
+        let base = 0x7000_0000_0000usize;
+        record(base, 0x4000, 3);
+        assert_eq!(other_key_in(base + 0x1000, 0x10, 0, true), Some(3));
+        assert_eq!(other_key_in(base + 0x1000, 0x10, 3, true), None);
+        // Back to key 0 in the middle: the ends keep key 3.
+        record(base + 0x1000, 0x2000, 0);
+        assert_eq!(other_key_in(base + 0x1000, 0x2000, 0, true), None);
+        assert_eq!(other_key_in(base, 0x1000, 0, true), Some(3));
+        assert_eq!(other_key_in(base + 0x3000, 0x1000, 0, true), Some(3));
+        assert_eq!(other_key_in(base - 0x1000, 0x1000, 0, true), None);
+        assert_eq!(keys_in(base, 0x4000, true), 1 << 3);
+        record(base, 0x4000, 0);
+        assert_eq!(other_key_in(base, 0x4000, 0, true), None);
+        assert_eq!(keys_in(base, 0x4000, true), 0);
+    }
+}
