@@ -58,6 +58,43 @@ pub struct Reports {
     pub gates: bool,
 }
 
+/// The gate mechanisms `IA2_GATES` turns on: `got` (cross-compartment
+/// `JUMP_SLOT`/`GLOB_DAT` slots point at gates) and `entry` (exported
+/// functions of compartment objects get callee-side entry gates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateMechanisms {
+    pub got: bool,
+    pub entry: bool,
+}
+
+impl GateMechanisms {
+    pub const ALL: GateMechanisms = GateMechanisms {
+        got: true,
+        entry: true,
+    };
+    pub const NONE: GateMechanisms = GateMechanisms {
+        got: false,
+        entry: false,
+    };
+}
+
+fn parse_gates(v: &str) -> Result<GateMechanisms, Problem> {
+    match v {
+        "1" => return Ok(GateMechanisms::ALL),
+        "0" => return Ok(GateMechanisms::NONE),
+        _ => {}
+    }
+    let mut m = GateMechanisms::NONE;
+    for item in v.split(',').map(str::trim) {
+        match item {
+            "got" => m.got = true,
+            "entry" => m.entry = true,
+            _ => return Err(Problem::BadValue),
+        }
+    }
+    Ok(m)
+}
+
 /// `IA2_COMPARTMENTS`: `None` is auto; otherwise a validated spec.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompartmentSpec(&'static str);
@@ -130,7 +167,10 @@ pub struct Config {
     pub share_mutex_elision: bool,
     pub share: ShareList,
     pub tls_get_addr_gate: bool,
+    /// Any gate mechanism on (`IA2_GATES` other than `0`).
     pub gates: bool,
+    /// Which gate mechanisms `IA2_GATES` turns on.
+    pub gate_mechanisms: GateMechanisms,
     /// `None`: not set, so the mode's default applies (see [`Config::heap`]).
     pub heap_explicit: Option<HeapMode>,
     pub on_fault: OnFault,
@@ -164,6 +204,7 @@ impl Default for Config {
             share: ShareList(""),
             tls_get_addr_gate: false,
             gates: true,
+            gate_mechanisms: GateMechanisms::ALL,
             heap_explicit: None,
             on_fault: OnFault::Report,
             reports: Reports::default(),
@@ -657,12 +698,13 @@ pub static VARS: &[VarSpec] = &[
     },
     VarSpec {
         name: "IA2_GATES",
-        values: "1, 0",
+        values: "1, 0, or any of got, entry (comma-separated)",
         default: "1",
-        meaning: "switch PKRU through call gates on cross-compartment calls",
+        meaning: "switch PKRU on cross-compartment calls: 1 = every mechanism; got = gates on cross-compartment GOT slots; entry = entry gates on exported functions of compartment objects",
         implemented: true,
         parse: |c, v| {
-            c.gates = parse_bool(v)?;
+            c.gate_mechanisms = parse_gates(v)?;
+            c.gates = c.gate_mechanisms != GateMechanisms::NONE;
             Ok(())
         },
     },
@@ -959,6 +1001,12 @@ mod tests {
         ])
         .unwrap();
         assert!(!c.share_dtv && !c.share_tcb && c.share_loader_heap && !c.gates);
+        assert_eq!(c.gate_mechanisms, GateMechanisms::NONE);
+        let g = parse(&["IA2_GATES=entry"]).unwrap();
+        assert!(g.gates && g.gate_mechanisms.entry && !g.gate_mechanisms.got);
+        let g = parse(&["IA2_GATES=got, entry"]).unwrap();
+        assert_eq!(g.gate_mechanisms, GateMechanisms::ALL);
+        assert_eq!(err(&["IA2_GATES=got,fault"]).problem, Problem::BadValue);
         assert_eq!(err(&["IA2_SHARE_DTV=2"]).var, "IA2_SHARE_DTV");
     }
 

@@ -96,6 +96,7 @@ use object::elf;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+mod entry;
 mod frames;
 mod patch;
 mod pool;
@@ -105,6 +106,7 @@ mod table;
 mod tests;
 mod unwind;
 
+pub use entry::*;
 pub use frames::*;
 pub use patch::*;
 pub use pool::*;
@@ -123,6 +125,8 @@ pub fn install(rt: &Runtime) {
         }
         st.installed = true;
         st.enabled = rt.config.gates;
+        st.got = rt.config.gate_mechanisms.got;
+        st.entry = rt.config.gate_mechanisms.entry;
     }
     if rt.config.gates {
         thread_start();
@@ -165,5 +169,15 @@ pub fn forget_range(range: objects::Range) {
     let mut st = state();
     for g in st.gates.iter_mut().filter(|g| range.contains(g.target)) {
         g.dead = true;
+    }
+    let gone: Vec<usize> = st
+        .entry_by_function
+        .range(range.start..range.end)
+        .map(|(&f, _)| f)
+        .collect();
+    for f in gone {
+        if let Some(i) = st.entry_by_function.remove(&f) {
+            st.entries[i].dead = true;
+        }
     }
 }

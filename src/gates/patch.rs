@@ -118,6 +118,13 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
         ))
     });
     let gating = st.enabled;
+    // Entry gates first, so that the slot pass knows which targets switch
+    // on their own.
+    if gating && st.entry {
+        for i in which.clone() {
+            gate_exports(&mut st, rt, census, i, variant);
+        }
+    }
     let mut writes: Vec<(usize, usize)> = Vec::new();
     for i in which {
         let Some(own) = census.compartment_of.get(i).copied().flatten() else {
@@ -187,6 +194,20 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
                 elf::STT_NOTYPE => in_text(owner, value),
                 _ => false,
             };
+            // The callee's entry gate switches: leave the slot (and
+            // `&function`) as the loader set it.
+            if let Some(&e) = st.entry_by_function.get(&value) {
+                if is_function && !union && st.entries[e].compartment == theirs {
+                    st.entry_slots.push(EntrySlot {
+                        entry: e,
+                        caller: obj.display_name().to_string(),
+                        caller_compartment: own,
+                        slot: r.slot,
+                        via,
+                    });
+                    continue;
+                }
+            }
             if !is_function {
                 st.data_imports.push(DataImport {
                     importer: obj.display_name().to_string(),
@@ -197,6 +218,9 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
                     address: value,
                     page_compartment: census.plan.lookup(value).and_then(|e| e.compartment),
                 });
+                continue;
+            }
+            if !union && !st.got {
                 continue;
             }
             let g = gate_for(
