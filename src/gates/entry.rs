@@ -81,6 +81,9 @@ pub struct EntryGate {
     pub function: usize,
     /// Its record in an arena (the gate table entry; the check follows).
     pub record: usize,
+    /// The relocated first instructions (then a `jmp` into the function):
+    /// the record's gate target, and the target of `JUMP_SLOT` GOT gates.
+    pub body: usize,
     pub compartment: u8,
     pub symbol: String,
     pub callee: String,
@@ -727,9 +730,12 @@ pub(super) fn gate_exports(
                 continue;
             }
             st.entry_by_function.insert(f, st.entries.len());
+            // SAFETY: the record's first word is its entry's target.
+            let body = unsafe { core::ptr::read(rec as *const usize) };
             st.entries.push(EntryGate {
                 function: f,
                 record: rec,
+                body,
                 compartment: own,
                 symbol: name,
                 callee: obj.display_name().to_string(),

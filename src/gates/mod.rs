@@ -97,6 +97,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 mod entry;
+#[cfg(test)]
+mod entry_tests;
 mod frames;
 mod patch;
 mod pool;
@@ -178,6 +180,10 @@ pub fn forget_range(range: objects::Range) {
     for f in gone {
         if let Some(i) = st.entry_by_function.remove(&f) {
             st.entries[i].dead = true;
+            let body = st.entries[i].body;
+            for g in st.gates.iter_mut().filter(|g| g.target == body) {
+                g.dead = true;
+            }
         }
     }
 }

@@ -194,18 +194,26 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
                 elf::STT_NOTYPE => in_text(owner, value),
                 _ => false,
             };
-            // The callee's entry gate switches: leave the slot (and
-            // `&function`) as the loader set it.
+            // The callee has an entry gate. A `GLOB_DAT` slot (`&function`)
+            // stays as the loader set it, so pointers compare equal, and the
+            // entry gate switches. A `JUMP_SLOT` (a direct call) gets a GOT
+            // gate straight to the relocated body, which skips the entry's
+            // check: one `jmp` more than a GOT gate into the function itself.
+            let mut target = value;
             if let Some(&e) = st.entry_by_function.get(&value) {
                 if is_function && !union && st.entries[e].compartment == theirs {
-                    st.entry_slots.push(EntrySlot {
-                        entry: e,
-                        caller: obj.display_name().to_string(),
-                        caller_compartment: own,
-                        slot: r.slot,
-                        via,
-                    });
-                    continue;
+                    if via == Via::JumpSlot && st.got {
+                        target = st.entries[e].body;
+                    } else {
+                        st.entry_slots.push(EntrySlot {
+                            entry: e,
+                            caller: obj.display_name().to_string(),
+                            caller_compartment: own,
+                            slot: r.slot,
+                            via,
+                        });
+                        continue;
+                    }
                 }
             }
             if !is_function {
@@ -226,7 +234,7 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
             let g = gate_for(
                 &mut st,
                 rt,
-                value,
+                target,
                 theirs,
                 sym.name,
                 owner.display_name(),
