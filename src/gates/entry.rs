@@ -11,7 +11,8 @@
 //! | offset | contents |
 //! |---|---|
 //! | 0 | a gate table [`Entry`]: target = the relocated body below, variant code, callee PKRU |
-//! | 32 | the check: is PKRU the callee's? `jne cross` |
+//! | 32 | the return address of a relocated `call` (the original code after it) |
+//! | 40 | the check: is PKRU the callee's? `jne cross` |
 //! | | the relocated body: the overwritten instructions (iced's block encoder), `jmp F+n` |
 //! | | cross: `lea r11, [record]; jmp [r11 + 8]`, which is what a pool stub does |
 //!
@@ -33,7 +34,10 @@
 //! call, jump or return, a direct branch of the function targets the
 //! overwritten bytes past their first, or the relocated code cannot be
 //! encoded. Calls into a refused function through another compartment's
-//! GOT keep a GOT gate.
+//! GOT keep a GOT gate. Weak definitions (mostly C++ vague linkage, bound
+//! to one object's copy for every object) and the executable's entry point
+//! (`_start`, entered after the shim's constructor without a return
+//! address) are left alone.
 //!
 //! Arena pages are written while read-write and then made read-execute,
 //! and never written again (each batch starts on a fresh page). Text is

@@ -52,6 +52,18 @@
 //! [`fixup_fault`], called first thing by the SIGSEGV handler, allocates
 //! the stack and resumes. This keeps a null check off the hot path.
 //!
+//! # Entry gates
+//!
+//! `entry.rs`: every exported function of a compartment object gets a
+//! `jmp` at its entry to a record holding a gate-table entry, a PKRU check
+//! and its relocated first instructions, so the function switches to its
+//! own compartment however it is reached (function pointers, vtables,
+//! `dlsym`, callbacks from libc or another compartment) and pointers to it
+//! stay equal. GOT patching below then only serves direct calls
+//! (`JUMP_SLOT`: a gate straight to the relocated body, skipping the check)
+//! and functions without an entry gate; `GLOB_DAT` slots into entry-gated
+//! functions are left alone.
+//!
 //! # GOT patching
 //!
 //! At start-up and after each `dlopen`, [`patch_objects`] walks each
