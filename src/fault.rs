@@ -404,7 +404,14 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
     write_sym(&mut b, addr);
     let _ = writeln!(b);
     let _ = write!(b, "ia2shim[{p}]:   instruction ");
-    write_sym(&mut b, rip);
+    // An instruction an entry gate relocated: name the function's copy.
+    match crate::gates::relocated_origin(rip) {
+        Some(from) => {
+            write_sym(&mut b, from);
+            let _ = write!(b, " (entry gate's copy at {rip:#x})");
+        }
+        None => write_sym(&mut b, rip),
+    }
     let _ = write!(b, ": ");
     write_instruction(&mut b, rip);
     let _ = writeln!(b);

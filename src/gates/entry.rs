@@ -94,6 +94,8 @@ pub struct EntryGate {
     pub found: Found,
     pub variant: Variant,
     pub dead: bool,
+    /// (address in the record, address in the function) per relocated instruction.
+    pub origins: Vec<(usize, usize)>,
 }
 
 /// A GOT slot of another compartment that reaches an entry gate (not
@@ -251,6 +253,14 @@ fn check_bytes(backend: Backend, pkru: u32, sim_tpoff: i32) -> Vec<u8> {
     c
 }
 
+/// A record's bytes, and where each relocated instruction came from.
+pub(super) struct Record {
+    pub(super) bytes: Vec<u8>,
+    /// (address in the record, address in the function) per relocated
+    /// instruction, so that a fault report names the function's code.
+    pub(super) origins: Vec<(usize, usize)>,
+}
+
 /// The record for a function at address `rec` (entry, check, relocated
 /// body, cross path), padded to [`RECORD_ALIGN`].
 pub(super) fn build_record(
@@ -261,7 +271,7 @@ pub(super) fn build_record(
     compartment: u8,
     backend: Backend,
     sim_tpoff: i32,
-) -> Result<Vec<u8>, String> {
+) -> Result<Record, String> {
     // The entry, then the return address of a relocated call.
     let mut out = vec![0u8; ENTRY_BYTES];
     let ret_lit = rec + out.len();
@@ -297,9 +307,17 @@ pub(super) fn build_record(
     let enc = BlockEncoder::encode(
         64,
         InstructionBlock::new(&block, body as u64),
-        BlockEncoderOptions::NONE,
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
     )
     .map_err(bad)?;
+    let mut origins = Vec::with_capacity(p.insns.len() + 1);
+    for (k, &off) in enc.new_instruction_offsets.iter().enumerate() {
+        // The last original instruction may have become two (push + jmp).
+        let from = p.insns[k.min(p.insns.len() - 1)].ip() as usize;
+        if off != u32::MAX {
+            origins.push((body + off as usize, from));
+        }
+    }
     out.extend_from_slice(&enc.code_buffer);
     let cross = out.len();
     let rel = (cross - jne_end) as i32;
@@ -324,7 +342,25 @@ pub(super) fn build_record(
     out[8..16].copy_from_slice(&e.code.to_le_bytes());
     out[16..20].copy_from_slice(&e.pkru.to_le_bytes());
     out[20..24].copy_from_slice(&e.compartment.to_le_bytes());
-    Ok(out)
+    Ok(Record {
+        bytes: out,
+        origins,
+    })
+}
+
+/// The function address that the relocated instruction at `addr` (in an
+/// entry gate's record) was copied from, for fault reports. Never blocks
+/// (a signal handler asks).
+pub fn relocated_origin(addr: usize) -> Option<usize> {
+    let st = STATE.try_lock().ok()?;
+    let (_, &i) = st.entry_by_record.range(..=addr).next_back()?;
+    let e = st.entries.get(i)?;
+    e.origins
+        .iter()
+        .rev()
+        .find(|&&(at, _)| at <= addr)
+        .filter(|_| addr < e.body + 64)
+        .map(|&(at, from)| from + (addr - at))
 }
 
 /// The `fs`-relative offset of the simulated PKRU word.
@@ -667,12 +703,14 @@ pub(super) fn gate_exports(
         };
         let (base, start) = (st.arenas[a].base, st.arenas[a].used);
         let mut at = start;
-        let mut made: Vec<(usize, usize, String, usize)> = Vec::new(); // (f, record, name, jmp at)
+        // (function, record, name, jmp at, origins)
+        type Made = (usize, usize, String, usize, Vec<(usize, usize)>);
+        let mut made: Vec<Made> = Vec::new();
         while k < planned.len() {
             let (f, name, p) = &planned[k];
             let rec = base + at;
             match build_record(rec, p, variant.code(), pkru, own, backend, tpoff) {
-                Ok(bytes) => {
+                Ok(Record { bytes, origins }) => {
                     if at + bytes.len() > ARENA_CODE {
                         break;
                     }
@@ -681,7 +719,7 @@ pub(super) fn gate_exports(
                         core::ptr::copy_nonoverlapping(bytes.as_ptr(), rec as *mut u8, bytes.len())
                     };
                     at += bytes.len();
-                    made.push((*f, rec, name.clone(), p.at));
+                    made.push((*f, rec, name.clone(), p.at, origins));
                 }
                 Err(reason) => st.refusals.push(Refusal {
                     symbol: name.clone(),
@@ -715,7 +753,7 @@ pub(super) fn gate_exports(
         } else {
             sealed_end
         };
-        for (f, rec, name, jmp_at) in made {
+        for (f, rec, name, jmp_at, origins) in made {
             let check = rec + ENTRY_BYTES + 8;
             let rel = (check as i64 - (jmp_at + JMP_LEN) as i64) as i32;
             let mut jmp = [0xe9u8, 0, 0, 0, 0];
@@ -734,6 +772,7 @@ pub(super) fn gate_exports(
                 continue;
             }
             st.entry_by_function.insert(f, st.entries.len());
+            st.entry_by_record.insert(rec, st.entries.len());
             // SAFETY: the record's first word is its entry's target.
             let body = unsafe { core::ptr::read(rec as *const usize) };
             st.entries.push(EntryGate {
@@ -746,6 +785,7 @@ pub(super) fn gate_exports(
                 found: Found::Exported,
                 variant,
                 dead: false,
+                origins,
             });
         }
     }

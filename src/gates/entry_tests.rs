@@ -55,7 +55,9 @@ fn install(func: &[u8], pkru: u32) -> (usize, usize) {
     let bytes = unsafe { core::slice::from_raw_parts(f as *const u8, func.len()) };
     let p = analyze(bytes, f).unwrap();
     let tpoff = i32::try_from(sim_pkru_tpoff()).unwrap();
-    let r = build_record(rec, &p, Variant::Sim.code(), pkru, 1, Backend::Sim, tpoff).unwrap();
+    let r = build_record(rec, &p, Variant::Sim.code(), pkru, 1, Backend::Sim, tpoff)
+        .unwrap()
+        .bytes;
     // SAFETY: our mapping; the record, then the jmp to its check.
     unsafe {
         core::ptr::copy_nonoverlapping(r.as_ptr(), rec as *mut u8, r.len());
@@ -137,7 +139,9 @@ fn same_path(backend: Backend) -> (usize, usize) {
     )
     .unwrap();
     let rec = 0x40_1000;
-    let r = build_record(rec, &p, 0, 0x55, 1, backend, -0x60).unwrap();
+    let r = build_record(rec, &p, 0, 0x55, 1, backend, -0x60)
+        .unwrap()
+        .bytes;
     let mut dec = Decoder::with_ip(64, &r[40..], (rec + 40) as u64, DecoderOptions::NONE);
     let (mut n, mut pkru) = (1, 0); // the entry jmp
     loop {

@@ -86,6 +86,8 @@ pub(super) struct State {
     pub(super) entries: Vec<EntryGate>,
     /// Function address → index in `entries`.
     pub(super) entry_by_function: BTreeMap<usize, usize>,
+    /// Record address → index in `entries`.
+    pub(super) entry_by_record: BTreeMap<usize, usize>,
     pub(super) entry_slots: Vec<EntrySlot>,
     pub(super) refusals: Vec<Refusal>,
     pub(super) weak_skipped: usize,
@@ -104,6 +106,7 @@ pub(super) static STATE: Mutex<State> = Mutex::new(State {
     entry: false,
     entries: Vec::new(),
     entry_by_function: BTreeMap::new(),
+    entry_by_record: BTreeMap::new(),
     entry_slots: Vec::new(),
     refusals: Vec::new(),
     weak_skipped: 0,
