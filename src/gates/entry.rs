@@ -146,7 +146,12 @@ pub(super) struct Prologue {
 
 /// Can the function at `f` (of `size` bytes, readable) take a `jmp`, and
 /// which instructions does it overwrite?
-pub(super) fn analyze(bytes: &[u8], f: usize) -> Result<Prologue, String> {
+///
+/// `exact_sites` (audit mode) refuses first instructions that access data
+/// through a register: their copies run from the arena, and audit mode
+/// logs each site by its instruction address. (Fault reports name the
+/// function's code through [`relocated_origin`].)
+pub(super) fn analyze(bytes: &[u8], f: usize, exact_sites: bool) -> Result<Prologue, String> {
     let size = bytes.len();
     if size == 0 {
         return Err("its size is unknown (st_size 0)".into());
@@ -195,6 +200,14 @@ pub(super) fn analyze(bytes: &[u8], f: usize) -> Result<Prologue, String> {
                 ))
             }
         }
+        // The relocated copies run from the arena: in audit mode, a site
+        // there would be logged at an address that is in no object.
+        if exact_sites && touches_data(&i) {
+            return Err(format!(
+                "its first bytes read or write memory through a register ({:?})",
+                i.mnemonic()
+            ));
+        }
         end = next;
         insns.push(i);
     }
@@ -222,6 +235,35 @@ pub(super) fn analyze(bytes: &[u8], f: usize) -> Result<Prologue, String> {
         }
     }
     Ok(Prologue { at, insns, end })
+}
+
+/// Does `i` access memory other than the stack (`rsp`), RIP-relative data
+/// or TLS (`fs`/`gs`)?
+fn touches_data(i: &Instruction) -> bool {
+    use iced_x86::OpKind;
+    if i.mnemonic() == iced_x86::Mnemonic::Lea || i.mnemonic() == iced_x86::Mnemonic::Nop {
+        return false;
+    }
+    (0..i.op_count()).any(|k| match i.op_kind(k) {
+        OpKind::Memory => {
+            let seg = i.memory_segment();
+            let base = i.memory_base();
+            !(seg == Register::FS
+                || seg == Register::GS
+                || base == Register::RSP
+                || base == Register::RIP)
+        }
+        OpKind::MemorySegSI
+        | OpKind::MemorySegESI
+        | OpKind::MemorySegRSI
+        | OpKind::MemorySegDI
+        | OpKind::MemorySegEDI
+        | OpKind::MemorySegRDI
+        | OpKind::MemoryESDI
+        | OpKind::MemoryESEDI
+        | OpKind::MemoryESRDI => true,
+        _ => false,
+    })
 }
 
 // ---------------------------------------------------------------- records
@@ -630,6 +672,7 @@ pub(super) fn gate_exports(
     // constructor, without a return address: never gate it.
     // SAFETY: getauxval has no preconditions.
     let entry_point = unsafe { libc::getauxval(libc::AT_ENTRY) } as usize;
+    let exact_sites = rt.config.on_fault == crate::config::OnFault::Audit;
     let mut planned: Vec<(usize, String, Prologue)> = Vec::new();
     for (f, size, name) in funcs {
         if st.entry_by_function.contains_key(&f) || f == entry_point {
@@ -645,7 +688,7 @@ pub(super) fn gate_exports(
         // SAFETY: [f, f + size) lies in an executable (readable) segment of
         // the loaded object.
         let bytes = unsafe { core::slice::from_raw_parts(f as *const u8, size) };
-        match analyze(bytes, f) {
+        match analyze(bytes, f, exact_sites) {
             Ok(p) => planned.push((f, name, p)),
             Err(reason) => st.refusals.push(Refusal {
                 symbol: name,

@@ -15,21 +15,36 @@ fn analysis_keeps_endbr64_and_refuses_what_it_cannot_patch() {
     // endbr64; push rbx; mov rbx, rdi; lea rax, [rbx+rbx*2]; pop rbx; ret
     let mut ok = ENDBR.to_vec();
     ok.extend_from_slice(&[0x53, 0x48, 0x89, 0xfb, 0x48, 0x8d, 0x04, 0x5b, 0x5b, 0xc3]);
-    let p = analyze(&ok, f).expect("patchable");
+    let p = analyze(&ok, f, false).expect("patchable");
     assert_eq!(p.at, f + 4, "the jmp goes after endbr64");
     assert_eq!(p.end, f + 12, "push rbx, mov rbx, rdi (4 bytes), lea");
     // mov rax, rdi; ret: shorter than the jmp.
-    let e = analyze(&[0x48, 0x89, 0xf8, 0xc3], f).err().unwrap();
+    let e = analyze(&[0x48, 0x89, 0xf8, 0xc3], f, false).err().unwrap();
     assert!(e.contains("too short"), "{e}");
     // push rbx; call rel32 (ends the window: relocated as push + jmp).
     let call = [0x53, 0xe8, 0, 0, 0, 0, 0x5b, 0xc3];
-    assert_eq!(analyze(&call, f).unwrap().end, f + 6);
+    assert_eq!(analyze(&call, f, false).unwrap().end, f + 6);
     // A loop back to the second instruction lands inside the jmp.
     // top: dec edi (2); test edi, edi (2); jne top+2 (2); ret
     let lp = [0xff, 0xcf, 0x85, 0xff, 0x75, 0xfc, 0xc3];
-    let e = analyze(&lp, f).err().unwrap();
+    let e = analyze(&lp, f, false).err().unwrap();
     assert!(e.contains("targets its first bytes"), "{e}");
-    assert!(analyze(&[], f).err().unwrap().contains("size is unknown"));
+    assert!(analyze(&[], f, false)
+        .err()
+        .unwrap()
+        .contains("size is unknown"));
+    // push rbp; mov rbp, rsp; mov eax, [rdi]: in audit mode a data access
+    // would run (and be logged) from the record.
+    let data = [0x55, 0x48, 0x89, 0xe5, 0x8b, 0x07, 0x5d, 0xc3];
+    assert!(analyze(&data, f, false).is_ok());
+    let e = analyze(&data, f, true).err().unwrap();
+    assert!(e.contains("read or write memory"), "{e}");
+    // Stack, RIP-relative and TLS accesses are fine: push rbp; mov rax,
+    // fs:[28h]; mov [rsp+8], rax; ret.
+    let ok = [
+        0x55, 0x64, 0x48, 0x8b, 0x04, 0x25, 0x28, 0, 0, 0, 0x48, 0x89, 0x44, 0x24, 0x08, 0xc3,
+    ];
+    assert!(analyze(&ok, f, true).is_ok());
 }
 
 /// Map `func` and an arena (code region, then counters) next to it, build
@@ -53,7 +68,7 @@ fn install(func: &[u8], pkru: u32) -> (usize, usize) {
     unsafe { core::ptr::copy_nonoverlapping(func.as_ptr(), f as *mut u8, func.len()) };
     // SAFETY: as above.
     let bytes = unsafe { core::slice::from_raw_parts(f as *const u8, func.len()) };
-    let p = analyze(bytes, f).unwrap();
+    let p = analyze(bytes, f, false).unwrap();
     let tpoff = i32::try_from(sim_pkru_tpoff()).unwrap();
     let r = build_record(rec, &p, Variant::Sim.code(), pkru, 1, Backend::Sim, tpoff)
         .unwrap()
@@ -136,6 +151,7 @@ fn same_path(backend: Backend) -> (usize, usize) {
     let p = analyze(
         &[0x53, 0x48, 0x89, 0xfb, 0x48, 0x8d, 0x04, 0x5b, 0x5b, 0xc3],
         0x40_0000,
+        false,
     )
     .unwrap();
     let rec = 0x40_1000;
