@@ -59,22 +59,26 @@ pub struct Reports {
 }
 
 /// The gate mechanisms `IA2_GATES` turns on: `got` (cross-compartment
-/// `JUMP_SLOT`/`GLOB_DAT` slots point at gates) and `entry` (exported
-/// functions of compartment objects get callee-side entry gates).
+/// `JUMP_SLOT`/`GLOB_DAT` slots point at gates), `entry` (exported
+/// functions of compartment objects get callee-side entry gates) and
+/// `fault` (a function entered without a gate gets one on its first fault).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GateMechanisms {
     pub got: bool,
     pub entry: bool,
+    pub fault: bool,
 }
 
 impl GateMechanisms {
     pub const ALL: GateMechanisms = GateMechanisms {
         got: true,
         entry: true,
+        fault: true,
     };
     pub const NONE: GateMechanisms = GateMechanisms {
         got: false,
         entry: false,
+        fault: false,
     };
 }
 
@@ -89,6 +93,7 @@ fn parse_gates(v: &str) -> Result<GateMechanisms, Problem> {
         match item {
             "got" => m.got = true,
             "entry" => m.entry = true,
+            "fault" => m.fault = true,
             _ => return Err(Problem::BadValue),
         }
     }
@@ -698,9 +703,9 @@ pub static VARS: &[VarSpec] = &[
     },
     VarSpec {
         name: "IA2_GATES",
-        values: "1, 0, or any of got, entry (comma-separated)",
+        values: "1, 0, or any of got, entry, fault (comma-separated)",
         default: "1",
-        meaning: "switch PKRU on cross-compartment calls: 1 = every mechanism; got = gates on cross-compartment GOT slots; entry = entry gates on exported functions of compartment objects",
+        meaning: "switch PKRU on cross-compartment calls: 1 = every mechanism; got = gates on cross-compartment GOT slots; entry = entry gates on exported functions of compartment objects; fault = a function entered without a gate (a static callback) gets one on its first protection-key fault",
         implemented: true,
         parse: |c, v| {
             c.gate_mechanisms = parse_gates(v)?;
@@ -1006,7 +1011,13 @@ mod tests {
         assert!(g.gates && g.gate_mechanisms.entry && !g.gate_mechanisms.got);
         let g = parse(&["IA2_GATES=got, entry"]).unwrap();
         assert_eq!(g.gate_mechanisms, GateMechanisms::ALL);
-        assert_eq!(err(&["IA2_GATES=got,fault"]).problem, Problem::BadValue);
+        assert!(
+            parse(&["IA2_GATES=got,fault"])
+                .unwrap()
+                .gate_mechanisms
+                .fault
+        );
+        assert_eq!(err(&["IA2_GATES=got,static"]).problem, Problem::BadValue);
         assert_eq!(err(&["IA2_SHARE_DTV=2"]).var, "IA2_SHARE_DTV");
     }
 

@@ -149,6 +149,13 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let code = unsafe { (*info).si_code };
     if code == SEGV_PKUERR {
+        // Compartment code entered without a gate, on its own data: gate it.
+        // SAFETY: the kernel's arguments, on the faulting thread.
+        let pkru = unsafe { interrupted_pkru(ctx as *const libc::ucontext_t) };
+        // SAFETY: as above.
+        if pkru.is_some_and(|p| unsafe { crate::gates::fault_driven_entry(info, ctx, p) }) {
+            return;
+        }
         let on_fault = runtime::get().map(|r| r.config.on_fault);
         if on_fault == Some(crate::config::OnFault::Audit)
             // SAFETY: valid siginfo and ucontext from the kernel.

@@ -92,6 +92,17 @@ fn enforced() -> &'static HashMap<String, Outcome> {
             "report".to_string(),
             job(&[&f.now, "register"], &[("IA2_REPORT", "plan,gates")]),
         ));
+        // Fault-driven gating: libcb2's static comparator, 100 sorts.
+        cases.push((
+            "static".to_string(),
+            job(&[&f.now, "static"], &[("IA2_REPORT", "gates")]),
+        ));
+        cases.push(("static lazy".to_string(), job(&[&f.lazy, "static"], &[])));
+        cases.push(("static-bad".to_string(), job(&[&f.now, "static-bad"], &[])));
+        cases.push((
+            "static fault off".to_string(),
+            job(&[&f.now, "static"], &[("IA2_GATES", "got,entry")]),
+        ));
         let named: Vec<(&'static str, ia2run::Job)> = cases
             .into_iter()
             .map(|(n, j)| (&*Box::leak(n.into_boxed_str()), j))
@@ -259,4 +270,31 @@ fn the_fixtures_pass_without_the_shim() {
             assert_stdout_has(&o, &format!("{m} ok"));
         }
     }
+}
+
+#[test]
+fn a_static_callback_is_gated_on_its_first_fault_and_never_faults_again() {
+    assert_ok("static", "static");
+    assert_ok("static lazy", "static");
+    let o = &enforced()["static"];
+    let err = o.stderr_lossy();
+    // One fault for the first comparison; an entry gate for every other.
+    assert!(
+        err.lines()
+            .any(|l| l.contains("fault-driven: 1 invocations gated by a fault")),
+        "{err}"
+    );
+    assert!(
+        err.lines().any(|l| l.contains(": libcb2.so+0x")
+            && l.contains("(compartment 2, fault-driven): ")
+            && l.contains(" calls from outside the compartment")),
+        "{err}"
+    );
+    // Its own data first (gated), then the executable's: a violation.
+    assert_faults("static-bad", 1, 2);
+    // Without fault-driven gating it runs with the caller's rights.
+    let o = &enforced()["static fault off"];
+    assert_code(o, SIGSEGV_CODE);
+    assert_stderr_has(o, "running as  compartment 1 ");
+    assert_stderr_has(o, "libcb2.so writable data");
 }

@@ -68,12 +68,16 @@ const RECORD_ALIGN: usize = 32;
 pub enum Found {
     /// An exported function (`.dynsym`).
     Exported,
+    /// A function whose code faulted on its own compartment's data while
+    /// running with another's rights (`fault_gate.rs`).
+    FaultDriven,
 }
 
 impl core::fmt::Display for Found {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Found::Exported => write!(f, "exported entry"),
+            Found::FaultDriven => write!(f, "fault-driven"),
         }
     }
 }
@@ -659,15 +663,34 @@ pub(super) fn gate_exports(
     i: usize,
     variant: Variant,
 ) {
-    let Some(own) = census.compartment_of.get(i).copied().flatten() else {
+    if census.compartment_of.get(i).copied().flatten().is_none() {
         return;
-    };
+    }
     let obj = &census.objects[i];
     if !is_app(obj) || obj.segments.is_empty() {
         return;
     }
     let (funcs, weak) = exported_functions(obj);
     st.weak_skipped += weak;
+    gate_functions(st, rt, census, i, funcs, Found::Exported, variant);
+}
+
+/// Install entry gates on `funcs` (address, size, name) of census object
+/// `i`, a compartment's application object. PKRU allows every key, or the
+/// pages written are key 0 (arenas, text through `/proc/self/mem`).
+pub(super) fn gate_functions(
+    st: &mut State,
+    rt: &Runtime,
+    census: &Census,
+    i: usize,
+    funcs: Vec<(usize, usize, String)>,
+    found: Found,
+    variant: Variant,
+) {
+    let Some(own) = census.compartment_of.get(i).copied().flatten() else {
+        return;
+    };
+    let obj = &census.objects[i];
     // The executable's entry point (`_start`) runs after the shim's
     // constructor, without a return address: never gate it.
     // SAFETY: getauxval has no preconditions.
@@ -825,7 +848,7 @@ pub(super) fn gate_exports(
                 compartment: own,
                 symbol: name,
                 callee: obj.display_name().to_string(),
-                found: Found::Exported,
+                found,
                 variant,
                 dead: false,
                 origins,

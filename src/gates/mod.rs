@@ -111,6 +111,7 @@ use std::sync::Mutex;
 mod entry;
 #[cfg(test)]
 mod entry_tests;
+mod fault_gate;
 mod frames;
 mod patch;
 mod pool;
@@ -121,6 +122,7 @@ mod tests;
 mod unwind;
 
 pub use entry::*;
+pub use fault_gate::{fault_driven_entry, FAULT_GATED};
 pub use frames::*;
 pub use patch::*;
 pub use pool::*;
@@ -141,6 +143,7 @@ pub fn install(rt: &Runtime) {
         st.enabled = rt.config.gates;
         st.got = rt.config.gate_mechanisms.got;
         st.entry = rt.config.gate_mechanisms.entry;
+        fault_gate::ENABLED.store(rt.config.gate_mechanisms.fault, Ordering::Relaxed);
     }
     if rt.config.gates {
         thread_start();

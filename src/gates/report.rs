@@ -254,6 +254,13 @@ pub fn exit_report(rt: &Runtime) -> String {
             );
         }
     }
+    let faults = FAULT_GATED.load(Ordering::Relaxed);
+    if faults > 0 && !json {
+        let _ = writeln!(
+            o,
+            "ia2shim[{p}]:   fault-driven: {faults} invocations gated by a fault"
+        );
+    }
     if !json {
         let _ = writeln!(
             o,
