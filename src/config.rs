@@ -70,10 +70,16 @@ pub struct GateMechanisms {
 }
 
 impl GateMechanisms {
-    pub const ALL: GateMechanisms = GateMechanisms {
+    /// `IA2_GATES=1`, the default: GOT and entry gates. Fault-driven gating
+    /// is opt-in: it lets a compartment's code reach its own data whatever
+    /// rights the thread had (so experiments that run one compartment's
+    /// code with another's rights through `ia2_switch_compartment` see no
+    /// fault), and a function's first invocation runs with its caller's
+    /// rights until that fault.
+    pub const DEFAULT: GateMechanisms = GateMechanisms {
         got: true,
         entry: true,
-        fault: true,
+        fault: false,
     };
     pub const NONE: GateMechanisms = GateMechanisms {
         got: false,
@@ -84,7 +90,7 @@ impl GateMechanisms {
 
 fn parse_gates(v: &str) -> Result<GateMechanisms, Problem> {
     match v {
-        "1" => return Ok(GateMechanisms::ALL),
+        "1" => return Ok(GateMechanisms::DEFAULT),
         "0" => return Ok(GateMechanisms::NONE),
         _ => {}
     }
@@ -209,7 +215,7 @@ impl Default for Config {
             share: ShareList(""),
             tls_get_addr_gate: false,
             gates: true,
-            gate_mechanisms: GateMechanisms::ALL,
+            gate_mechanisms: GateMechanisms::DEFAULT,
             heap_explicit: None,
             on_fault: OnFault::Report,
             reports: Reports::default(),
@@ -705,7 +711,7 @@ pub static VARS: &[VarSpec] = &[
         name: "IA2_GATES",
         values: "1, 0, or any of got, entry, fault (comma-separated)",
         default: "1",
-        meaning: "switch PKRU on cross-compartment calls: 1 = every mechanism; got = gates on cross-compartment GOT slots; entry = entry gates on exported functions of compartment objects; fault = a function entered without a gate (a static callback) gets one on its first protection-key fault",
+        meaning: "switch PKRU on cross-compartment calls: 1 = got,entry; got = gates on cross-compartment GOT slots; entry = entry gates on exported functions of compartment objects; fault (opt-in) = a function entered without a gate (a static callback) gets one on its first protection-key fault",
         implemented: true,
         parse: |c, v| {
             c.gate_mechanisms = parse_gates(v)?;
@@ -1010,7 +1016,7 @@ mod tests {
         let g = parse(&["IA2_GATES=entry"]).unwrap();
         assert!(g.gates && g.gate_mechanisms.entry && !g.gate_mechanisms.got);
         let g = parse(&["IA2_GATES=got, entry"]).unwrap();
-        assert_eq!(g.gate_mechanisms, GateMechanisms::ALL);
+        assert_eq!(g.gate_mechanisms, GateMechanisms::DEFAULT);
         assert!(
             parse(&["IA2_GATES=got,fault"])
                 .unwrap()

@@ -49,7 +49,7 @@ fn analysis_keeps_endbr64_and_refuses_what_it_cannot_patch() {
 
 /// Map `func` and an arena (code region, then counters) next to it, build
 /// the record, patch the function's entry. Returns (function, record).
-fn install(func: &[u8], pkru: u32) -> (usize, usize) {
+fn install(func: &[u8], code_len: usize, pkru: u32) -> (usize, usize) {
     let total = PAGE + 2 * TABLE_BYTES;
     // SAFETY: a fresh private anonymous mapping.
     let m = unsafe {
@@ -67,7 +67,8 @@ fn install(func: &[u8], pkru: u32) -> (usize, usize) {
     // SAFETY: our fresh mapping.
     unsafe { core::ptr::copy_nonoverlapping(func.as_ptr(), f as *mut u8, func.len()) };
     // SAFETY: as above.
-    let bytes = unsafe { core::slice::from_raw_parts(f as *const u8, func.len()) };
+    // Only the code: data after it would decode as stray branches.
+    let bytes = unsafe { core::slice::from_raw_parts(f as *const u8, code_len) };
     let p = analyze(bytes, f, false).unwrap();
     let tpoff = i32::try_from(sim_pkru_tpoff()).unwrap();
     let r = build_record(rec, &p, Variant::Sim.code(), pkru, 1, Backend::Sim, tpoff)
@@ -105,7 +106,7 @@ fn an_entry_gate_switches_only_when_the_pkru_differs() {
     let mut code = ENDBR.to_vec();
     code.extend_from_slice(&[0x53, 0x48, 0x89, 0xfb, 0x48, 0x8d, 0x04, 0x5b, 0x5b, 0xc3]);
     let callee = pku::pkru_allowing(5);
-    let (f, rec) = install(&code, callee);
+    let (f, rec) = install(&code, code.len(), callee);
     // SAFETY: the patched function keeps the signature of the bytes above.
     let func: extern "C" fn(i64) -> i64 = unsafe { core::mem::transmute(f) };
     let top = stack_top();
@@ -133,7 +134,7 @@ fn a_call_in_the_overwritten_bytes_returns_into_the_function() {
     // call: instead push rbx (1); call [rip+8] (6); pop rbx; ret; dq plus_one.
     let mut code = vec![0x53, 0xff, 0x15, 0x02, 0, 0, 0, 0x5b, 0xc3];
     code.extend_from_slice(&(plus_one as *const () as usize).to_le_bytes());
-    let (f, rec) = install(&code, pku::pkru_allowing(5));
+    let (f, rec) = install(&code, 9, pku::pkru_allowing(5));
     // SAFETY: push rbx; call plus_one; pop rbx; ret.
     let func: extern "C" fn(i64) -> i64 = unsafe { core::mem::transmute(f) };
     set_sim_pkru(pku::pkru_allowing(5));

@@ -62,7 +62,9 @@
 //! stay equal. GOT patching below then only serves direct calls
 //! (`JUMP_SLOT`: a gate straight to the relocated body, skipping the check)
 //! and functions without an entry gate; `GLOB_DAT` slots into entry-gated
-//! functions are left alone.
+//! functions are left alone. `fault_gate.rs` (opt-in, `IA2_GATES=…,fault`)
+//! gives functions that no table names (static callbacks) an entry gate on
+//! their first protection-key fault on their own compartment's data.
 //!
 //! # GOT patching
 //!

@@ -18,11 +18,20 @@ pub fn report(rt: &Runtime) -> String {
         let _ = writeln!(
             o,
             "ia2shim[{p}]: ==== gates ({}) ====",
-            match (st.enabled, st.got, st.entry) {
-                (false, _, _) => "off: IA2_GATES=0",
-                (true, true, true) => "IA2_GATES=1",
-                (true, true, false) => "IA2_GATES=got",
-                _ => "IA2_GATES=entry",
+            match (
+                st.enabled,
+                st.got,
+                st.entry,
+                fault_gate::ENABLED.load(Ordering::Relaxed)
+            ) {
+                (false, ..) => "off: IA2_GATES=0",
+                (true, true, true, false) => "IA2_GATES=1",
+                (true, true, true, true) => "IA2_GATES=got,entry,fault",
+                (true, true, false, false) => "IA2_GATES=got",
+                (true, false, true, false) => "IA2_GATES=entry",
+                (true, true, false, true) => "IA2_GATES=got,fault",
+                (true, false, true, true) => "IA2_GATES=entry,fault",
+                _ => "IA2_GATES=fault",
             }
         );
     }
