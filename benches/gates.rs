@@ -12,6 +12,12 @@
 //!    natively when the host has PKU). The VM's WRPKRU flushes the emulated
 //!    TLB, so the ratio is relative to that machine only.
 //!
+//! 3. Entry gates (callgrind, `IA2_PKU=sim`): N calls through a function
+//!    pointer, from the executable into its own exported function (the
+//!    same-compartment path: entry `jmp`, check, `jmp` back) and into
+//!    libcb2.so (compartment 2: the cross path), each against
+//!    `IA2_GATES=0`.
+//!
 //! `IA2_BENCH_CALLS` sets N for the VM part (default 200000).
 
 #[path = "../tests/common/mod.rs"]
@@ -31,6 +37,59 @@ fn fixture() -> String {
     .to_str()
     .unwrap()
     .to_string()
+}
+
+fn callbacks_fixture() -> String {
+    cc_lib("cb2", &["callbacks/cblib.c"], &[]);
+    cc_exe(
+        "callbacks",
+        &["callbacks/cbmain.c"],
+        &["-lcb2", "-ldl", "-lpthread"],
+    )
+    .to_str()
+    .unwrap()
+    .to_string()
+}
+
+/// Callgrind's total instruction count of `argv` under the shim in sim mode.
+fn callgrind(argv: &[&str], gates: &str) -> Option<u64> {
+    let out = std::env::temp_dir().join(format!(
+        "ia2-gates-bench-{}-{}.cg",
+        std::process::id(),
+        argv.join("-").replace('/', "_")
+    ));
+    let o = Command::new("valgrind")
+        .args(["--tool=callgrind", "--quiet"])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .args(argv)
+        .env("LD_PRELOAD", shim())
+        .env("IA2_PKU", "sim")
+        .env("IA2_GATES", gates)
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        eprintln!("valgrind failed: {}", String::from_utf8_lossy(&o.stderr));
+        return None;
+    }
+    let text = std::fs::read_to_string(&out).ok()?;
+    let _ = std::fs::remove_file(&out);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary: ")
+                .or_else(|| l.strip_prefix("totals: "))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Extra instructions per call through an entry gate (`same` or `cross`).
+fn entry_gate_cost(exe: &str, which: &str) -> Option<(f64, f64)> {
+    let (lo, hi) = (1_000u64, 21_000u64);
+    let run = |n: u64, gates: &str| callgrind(&[exe, "loop", which, &n.to_string()], gates);
+    let per = |a: u64, b: u64| (b - a) as f64 / (hi - lo) as f64;
+    let gated = per(run(lo, "1")?, run(hi, "1")?);
+    let direct = per(run(lo, "0")?, run(hi, "0")?);
+    Some((gated - direct, gated / direct))
 }
 
 /// Total instructions (callgrind's Ir) of `exe loop n` under the shim.
@@ -130,6 +189,17 @@ fn main() {
             );
         }
         _ => println!("callgrind: valgrind not available or failed; skipped"),
+    }
+
+    let cb = callbacks_fixture();
+    match (entry_gate_cost(&cb, "same"), entry_gate_cost(&cb, "cross")) {
+        (Some((same, rs)), Some((cross, rc))) => println!(
+            "callgrind, IA2_PKU=sim, calls through a function pointer: entry gate, same compartment: \
+             {same:.1} extra instructions per call (ratio {rs:.2}); another compartment: {cross:.1} extra \
+             (ratio {rc:.2}; the sim variant counts calls and moves the simulated PKRU: 2 more than hardware, \
+             whose check instead takes 11 instructions and an RDPKRU)"
+        ),
+        _ => println!("callgrind: entry-gate part skipped (valgrind not available or failed)"),
     }
 
     let n = std::env::var("IA2_BENCH_CALLS").unwrap_or_else(|_| "200000".into());

@@ -66,6 +66,54 @@ pub struct Reports {
     pub summary: bool,
 }
 
+/// The gate mechanisms `IA2_GATES` turns on: `got` (cross-compartment
+/// `JUMP_SLOT`/`GLOB_DAT` slots point at gates), `entry` (exported
+/// functions of compartment objects get callee-side entry gates) and
+/// `fault` (a function entered without a gate gets one on its first fault).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateMechanisms {
+    pub got: bool,
+    pub entry: bool,
+    pub fault: bool,
+}
+
+impl GateMechanisms {
+    /// `IA2_GATES=1`, the default: GOT and entry gates. Fault-driven gating
+    /// is opt-in: it lets a compartment's code reach its own data whatever
+    /// rights the thread had (so experiments that run one compartment's
+    /// code with another's rights through `ia2_switch_compartment` see no
+    /// fault), and a function's first invocation runs with its caller's
+    /// rights until that fault.
+    pub const DEFAULT: GateMechanisms = GateMechanisms {
+        got: true,
+        entry: true,
+        fault: false,
+    };
+    pub const NONE: GateMechanisms = GateMechanisms {
+        got: false,
+        entry: false,
+        fault: false,
+    };
+}
+
+fn parse_gates(v: &str) -> Result<GateMechanisms, Problem> {
+    match v {
+        "1" => return Ok(GateMechanisms::DEFAULT),
+        "0" => return Ok(GateMechanisms::NONE),
+        _ => {}
+    }
+    let mut m = GateMechanisms::NONE;
+    for item in v.split(',').map(str::trim) {
+        match item {
+            "got" => m.got = true,
+            "entry" => m.entry = true,
+            "fault" => m.fault = true,
+            _ => return Err(Problem::BadValue),
+        }
+    }
+    Ok(m)
+}
+
 /// `IA2_COMPARTMENTS`: `None` is auto; otherwise a validated spec.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompartmentSpec(&'static str);
@@ -186,7 +234,10 @@ pub struct Config {
     pub share_data_imports: bool,
     pub share: ShareList,
     pub tls_get_addr_gate: bool,
+    /// Any gate mechanism on (`IA2_GATES` other than `0`).
     pub gates: bool,
+    /// Which gate mechanisms `IA2_GATES` turns on.
+    pub gate_mechanisms: GateMechanisms,
     /// `None`: not set, so the mode's default applies (see [`Config::heap`]).
     pub heap_explicit: Option<HeapMode>,
     pub on_fault: OnFault,
@@ -228,6 +279,7 @@ impl Default for Config {
             share: ShareList::default(),
             tls_get_addr_gate: false,
             gates: true,
+            gate_mechanisms: GateMechanisms::DEFAULT,
             heap_explicit: None,
             on_fault: OnFault::Report,
             reports: Reports::default(),
@@ -918,12 +970,13 @@ pub static VARS: &[VarSpec] = &[
     },
     VarSpec {
         name: "IA2_GATES",
-        values: "1, 0",
+        values: "1, 0, or any of got, entry, fault (comma-separated)",
         default: "1",
-        meaning: "switch PKRU through call gates on cross-compartment calls",
+        meaning: "switch PKRU on cross-compartment calls: 1 = got,entry; got = gates on cross-compartment GOT slots; entry = entry gates on exported functions of compartment objects; fault (opt-in) = a function entered without a gate (a static callback) gets one on its first protection-key fault",
         implemented: true,
         parse: |c, v| {
-            c.gates = parse_bool(v)?;
+            c.gate_mechanisms = parse_gates(v)?;
+            c.gates = c.gate_mechanisms != GateMechanisms::NONE;
             Ok(())
         },
     },
@@ -1292,6 +1345,18 @@ mod tests {
         ])
         .unwrap();
         assert!(!c.share_dtv && !c.share_tcb && c.share_loader_heap && !c.gates);
+        assert_eq!(c.gate_mechanisms, GateMechanisms::NONE);
+        let g = parse(&["IA2_GATES=entry"]).unwrap();
+        assert!(g.gates && g.gate_mechanisms.entry && !g.gate_mechanisms.got);
+        let g = parse(&["IA2_GATES=got, entry"]).unwrap();
+        assert_eq!(g.gate_mechanisms, GateMechanisms::DEFAULT);
+        assert!(
+            parse(&["IA2_GATES=got,fault"])
+                .unwrap()
+                .gate_mechanisms
+                .fault
+        );
+        assert_eq!(err(&["IA2_GATES=got,static"]).problem, Problem::BadValue);
         assert_eq!(err(&["IA2_SHARE_DTV=2"]).var, "IA2_SHARE_DTV");
     }
 

@@ -184,6 +184,13 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let code = unsafe { (*info).si_code };
     if code == SEGV_PKUERR {
+        // Compartment code entered without a gate, on its own data: gate it.
+        // SAFETY: the kernel's arguments, on the faulting thread.
+        let pkru = unsafe { interrupted_pkru(ctx as *const libc::ucontext_t) };
+        // SAFETY: as above.
+        if pkru.is_some_and(|p| unsafe { crate::gates::fault_driven_entry(info, ctx, p) }) {
+            return;
+        }
         let on_fault = runtime::get().map(|r| r.config.on_fault);
         if on_fault == Some(crate::config::OnFault::Audit)
             // SAFETY: valid siginfo and ucontext from the kernel.
@@ -501,7 +508,14 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
     write_sym(&mut b, addr);
     let _ = writeln!(b);
     let _ = write!(b, "ia2shim[{p}]:   instruction ");
-    write_sym(&mut b, rip);
+    // An instruction an entry gate relocated: name the function's copy.
+    match crate::gates::relocated_origin(rip) {
+        Some(from) => {
+            write_sym(&mut b, from);
+            let _ = write!(b, " (entry gate's copy at {rip:#x})");
+        }
+        None => write_sym(&mut b, rip),
+    }
     let _ = write!(b, ": ");
     write_instruction(&mut b, rip);
     let _ = writeln!(b);

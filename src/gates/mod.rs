@@ -52,6 +52,20 @@
 //! [`fixup_fault`], called first thing by the SIGSEGV handler, allocates
 //! the stack and resumes. This keeps a null check off the hot path.
 //!
+//! # Entry gates
+//!
+//! `entry.rs`: every exported function of a compartment object gets a
+//! `jmp` at its entry to a record holding a gate-table entry, a PKRU check
+//! and its relocated first instructions, so the function switches to its
+//! own compartment however it is reached (function pointers, vtables,
+//! `dlsym`, callbacks from libc or another compartment) and pointers to it
+//! stay equal. GOT patching below then only serves direct calls
+//! (`JUMP_SLOT`: a gate straight to the relocated body, skipping the check)
+//! and functions without an entry gate; `GLOB_DAT` slots into entry-gated
+//! functions are left alone. `fault_gate.rs` (opt-in, `IA2_GATES=…,fault`)
+//! gives functions that no table names (static callbacks) an entry gate on
+//! their first protection-key fault on their own compartment's data.
+//!
 //! # GOT patching
 //!
 //! At start-up and after each `dlopen`, [`patch_objects`] walks each
@@ -96,6 +110,10 @@ use object::elf;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+mod entry;
+#[cfg(test)]
+mod entry_tests;
+mod fault_gate;
 mod frames;
 mod patch;
 mod pool;
@@ -105,6 +123,8 @@ mod table;
 mod tests;
 mod unwind;
 
+pub use entry::*;
+pub use fault_gate::{fault_driven_entry, FAULT_GATED};
 pub use frames::*;
 pub use patch::*;
 pub use pool::*;
@@ -123,6 +143,9 @@ pub fn install(rt: &Runtime) {
         }
         st.installed = true;
         st.enabled = rt.config.gates;
+        st.got = rt.config.gate_mechanisms.got;
+        st.entry = rt.config.gate_mechanisms.entry;
+        fault_gate::ENABLED.store(rt.config.gate_mechanisms.fault, Ordering::Relaxed);
     }
     if rt.config.gates {
         thread_start();
@@ -165,5 +188,19 @@ pub fn forget_range(range: objects::Range) {
     let mut st = state();
     for g in st.gates.iter_mut().filter(|g| range.contains(g.target)) {
         g.dead = true;
+    }
+    let gone: Vec<usize> = st
+        .entry_by_function
+        .range(range.start..range.end)
+        .map(|(&f, _)| f)
+        .collect();
+    for f in gone {
+        if let Some(i) = st.entry_by_function.remove(&f) {
+            st.entries[i].dead = true;
+            let body = st.entries[i].body;
+            for g in st.gates.iter_mut().filter(|g| g.target == body) {
+                g.dead = true;
+            }
+        }
     }
 }

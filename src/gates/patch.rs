@@ -116,6 +116,20 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
     // every page's protection.
     let maps = &census.maps;
     let gating = st.enabled;
+    // Entry gates first, so that the slot pass knows which targets switch
+    // on their own.
+    if gating && st.entry {
+        let t = std::time::Instant::now();
+        let before = st.entries.len();
+        for i in which.clone() {
+            gate_exports(&mut st, rt, census, i, variant);
+        }
+        log::info!(
+            "entry gates: {} installed in {} µs",
+            st.entries.len() - before,
+            t.elapsed().as_micros()
+        );
+    }
     let mut writes: Vec<(usize, usize)> = Vec::new();
     for i in which {
         let Some(own) = census.compartment_of.get(i).copied().flatten() else {
@@ -185,6 +199,28 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
                 elf::STT_NOTYPE => in_text(owner, value),
                 _ => false,
             };
+            // The callee has an entry gate. A `GLOB_DAT` slot (`&function`)
+            // stays as the loader set it, so pointers compare equal, and the
+            // entry gate switches. A `JUMP_SLOT` (a direct call) gets a GOT
+            // gate straight to the relocated body, which skips the entry's
+            // check: one `jmp` more than a GOT gate into the function itself.
+            let mut target = value;
+            if let Some(&e) = st.entry_by_function.get(&value) {
+                if is_function && !union && st.entries[e].compartment == theirs {
+                    if via == Via::JumpSlot && st.got {
+                        target = st.entries[e].body;
+                    } else {
+                        st.entry_slots.push(EntrySlot {
+                            entry: e,
+                            caller: obj.display_name().to_string(),
+                            caller_compartment: own,
+                            slot: r.slot,
+                            via,
+                        });
+                        continue;
+                    }
+                }
+            }
             if !is_function {
                 st.data_imports.push(DataImport {
                     importer: obj.display_name().to_string(),
@@ -197,10 +233,13 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
                 });
                 continue;
             }
+            if !union && !st.got {
+                continue;
+            }
             let g = gate_for(
                 &mut st,
                 rt,
-                value,
+                target,
                 theirs,
                 sym.name,
                 owner.display_name(),

@@ -18,12 +18,86 @@ pub fn report(rt: &Runtime) -> String {
         let _ = writeln!(
             o,
             "ia2shim[{p}]: ==== gates ({}) ====",
-            if st.enabled {
-                "IA2_GATES=1"
-            } else {
-                "off: IA2_GATES=0"
+            match (
+                st.enabled,
+                st.got,
+                st.entry,
+                fault_gate::ENABLED.load(Ordering::Relaxed)
+            ) {
+                (false, ..) => "off: IA2_GATES=0",
+                (true, true, true, false) => "IA2_GATES=1",
+                (true, true, true, true) => "IA2_GATES=got,entry,fault",
+                (true, true, false, false) => "IA2_GATES=got",
+                (true, false, true, false) => "IA2_GATES=entry",
+                (true, true, false, true) => "IA2_GATES=got,fault",
+                (true, false, true, true) => "IA2_GATES=entry,fault",
+                _ => "IA2_GATES=fault",
             }
         );
+    }
+    for (i, e) in st.entries.iter().enumerate() {
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"entry_gate\",\"gate\":\"e{i}\",\"symbol\":{},\"callee\":{},\"callee_compartment\":{},\"address\":\"{:#x}\",\"record\":\"{:#x}\",\"found\":\"{}\"}}",
+                crate::report::json_str(&e.symbol),
+                crate::report::json_str(&e.callee),
+                e.compartment,
+                e.function,
+                e.record,
+                e.found
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   gate e{i}: {} in {} (compartment {}) at {:#x}: {}",
+                e.symbol, e.callee, e.compartment, e.function, e.found
+            );
+        }
+    }
+    for s in &st.entry_slots {
+        let e = &st.entries[s.entry];
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"gate\",\"gate\":\"e{}\",\"caller\":{},\"caller_compartment\":{},\"symbol\":{},\"callee\":{},\"callee_compartment\":{},\"via\":\"{}\",\"slot\":\"{:#x}\",\"target\":\"{:#x}\",\"found\":\"{}\"}}",
+                s.entry,
+                crate::report::json_str(&s.caller),
+                s.caller_compartment,
+                crate::report::json_str(&e.symbol),
+                crate::report::json_str(&e.callee),
+                e.compartment,
+                s.via,
+                s.slot,
+                e.function,
+                e.found
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   gate e{}: {} (compartment {}) -> {} in {} (compartment {}) via {} at {:#x}, left as is: the {} switches",
+                s.entry, s.caller, s.caller_compartment, e.symbol, e.callee, e.compartment, s.via, s.slot, e.found
+            );
+        }
+    }
+    for r in &st.refusals {
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"entry_gate_refused\",\"symbol\":{},\"object\":{},\"compartment\":{},\"address\":\"{:#x}\",\"reason\":{}}}",
+                crate::report::json_str(&r.symbol),
+                crate::report::json_str(&r.object),
+                r.compartment,
+                r.address,
+                crate::report::json_str(&r.reason)
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   no entry gate for {} in {} (compartment {}) at {:#x}: {}",
+                r.symbol, r.object, r.compartment, r.address, r.reason
+            );
+        }
     }
     for pt in &st.patches {
         let g = &st.gates[pt.gate];
@@ -99,9 +173,12 @@ pub fn report(rt: &Runtime) -> String {
     if !json {
         let _ = writeln!(
             o,
-            "ia2shim[{p}]:   {} gates, {} patched slots, {} cross-compartment data imports, {} WRPKRU/XRSTOR sequences",
+            "ia2shim[{p}]:   {} gates, {} patched slots, {} entry gates ({} functions refused, {} weak ones left out), {} cross-compartment data imports, {} WRPKRU/XRSTOR sequences",
             st.gates.len(),
             st.patches.len(),
+            st.entries.len(),
+            st.refusals.len(),
+            st.weak_skipped,
             st.data_imports.len(),
             st.scan_hits.len()
         );
@@ -159,8 +236,47 @@ pub fn exit_report(rt: &Runtime) -> String {
             );
         }
     }
+    for (i, e) in st.entries.iter().enumerate() {
+        let n = entry_calls(e);
+        total += n;
+        if n == 0 {
+            continue;
+        }
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"gate_calls\",\"gate\":\"e{i}\",\"symbol\":{},\"callee\":{},\"compartment\":{},\"calls\":{n},\"found\":\"{}\"}}",
+                crate::report::json_str(&e.symbol),
+                crate::report::json_str(&e.callee),
+                e.compartment,
+                e.found
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   gate e{i}: {} in {} (compartment {}, {}{}): {n} calls from outside the compartment",
+                e.symbol,
+                e.callee,
+                e.compartment,
+                e.found,
+                if e.dead { ", unloaded" } else { "" },
+            );
+        }
+    }
+    let faults = FAULT_GATED.load(Ordering::Relaxed);
+    if faults > 0 && !json {
+        let _ = writeln!(
+            o,
+            "ia2shim[{p}]:   fault-driven: {faults} invocations gated by a fault"
+        );
+    }
     if !json {
-        let _ = writeln!(o, "ia2shim[{p}]:   {} gates, {total} calls", st.gates.len());
+        let _ = writeln!(
+            o,
+            "ia2shim[{p}]:   {} gates, {} entry gates, {total} calls",
+            st.gates.len(),
+            st.entries.len()
+        );
     }
     o
 }

@@ -80,6 +80,18 @@ pub(super) struct State {
     pub(super) patches: Vec<Patch>,
     pub(super) data_imports: Vec<DataImport>,
     pub(super) scan_hits: Vec<ScanHit>,
+    /// The mechanisms `IA2_GATES` turned on.
+    pub(super) got: bool,
+    pub(super) entry: bool,
+    pub(super) entries: Vec<EntryGate>,
+    /// Function address → index in `entries`.
+    pub(super) entry_by_function: BTreeMap<usize, usize>,
+    /// Record address → index in `entries`.
+    pub(super) entry_by_record: BTreeMap<usize, usize>,
+    pub(super) entry_slots: Vec<EntrySlot>,
+    pub(super) refusals: Vec<Refusal>,
+    pub(super) weak_skipped: usize,
+    pub(super) arenas: Vec<Arena>,
 }
 
 pub(super) static STATE: Mutex<State> = Mutex::new(State {
@@ -90,6 +102,15 @@ pub(super) static STATE: Mutex<State> = Mutex::new(State {
     patches: Vec::new(),
     data_imports: Vec::new(),
     scan_hits: Vec::new(),
+    got: false,
+    entry: false,
+    entries: Vec::new(),
+    entry_by_function: BTreeMap::new(),
+    entry_by_record: BTreeMap::new(),
+    entry_slots: Vec::new(),
+    refusals: Vec::new(),
+    weak_skipped: 0,
+    arenas: Vec::new(),
 });
 
 pub(super) fn state() -> std::sync::MutexGuard<'static, State> {

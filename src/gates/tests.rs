@@ -3,7 +3,7 @@ use crate::pku::{set_sim_pkru, sim_pkru};
 use iced_x86::Mnemonic;
 
 /// Sim-mode tests share the process-wide table and backend.
-static LOCK: Mutex<()> = Mutex::new(());
+pub(super) static LOCK: Mutex<()> = Mutex::new(());
 
 fn sim_gate(target: usize, pkru: u32) -> usize {
     pku::set_backend(Backend::Sim);

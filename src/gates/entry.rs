@@ -1,0 +1,858 @@
+//! Entry gates: callee-side gates on the exported functions of compartment
+//! objects, so a function runs with its own compartment's rights however it
+//! is reached (PLT/GOT, function pointer, vtable, `dlsym`, a callback from
+//! libc or another compartment).
+//!
+//! For each exported (`STT_FUNC`, defined, not weak) function `F` of a
+//! compartment object, the first instructions after an optional `endbr64`
+//! are replaced by a `jmp rel32` to a per-function *record* in an arena
+//! mapped within ±2 GiB of the object:
+//!
+//! | offset | contents |
+//! |---|---|
+//! | 0 | a gate table [`Entry`]: target = the relocated body below, variant code, callee PKRU |
+//! | 32 | the return address of a relocated `call` (the original code after it) |
+//! | 40 | the check: is PKRU the callee's? `jne cross` |
+//! | | the relocated body: the overwritten instructions (iced's block encoder), `jmp F+n` |
+//! | | cross: `lea r11, [record]; jmp [r11 + 8]`, which is what a pool stub does |
+//!
+//! Same compartment: the check falls through into the relocated body and
+//! back into `F` (sim: `jmp`, `cmp fs:[pkru], imm32`, `jne`, `jmp` back = 4
+//! extra instructions; hardware: RDPKRU needs `eax`, `ecx`, `edx`, so three
+//! registers are parked in `r10`, `r11` and the red zone and restored: 11).
+//! Another compartment: the record's `Entry` is an ordinary gate whose
+//! target is the relocated body, so the existing variant code runs it: the
+//! caller's return address, PKRU and `rbx` go to the gate-frame stack, PKRU
+//! becomes the callee's, the body runs, and the caller's PKRU comes back on
+//! return; unwinding and the personality routine work as for any gate.
+//! The counting variants find the record's call counter at
+//! `record + TABLE_BYTES`: an arena is a code region of `TABLE_BYTES`
+//! followed by a counter region of the same size.
+//!
+//! A function is refused (and listed in the plan with the reason) when its
+//! size is unknown, it is shorter than the `jmp`, its first bytes hold a
+//! call, jump or return, a direct branch of the function targets the
+//! overwritten bytes past their first, or the relocated code cannot be
+//! encoded. Calls into a refused function through another compartment's
+//! GOT keep a GOT gate. Weak definitions (mostly C++ vague linkage, bound
+//! to one object's copy for every object) and the executable's entry point
+//! (`_start`, entered after the shim's constructor without a return
+//! address) are left alone.
+//!
+//! Arena pages are written while read-write and then made read-execute,
+//! and never written again (each batch starts on a fresh page). Text is
+//! patched through `/proc/self/mem`, which writes through the page's
+//! protection without ever making it writable, so a thread running other
+//! code on the same page never faults; the 5-byte `jmp` is written as one
+//! aligned 8-byte word where it fits in one. Without `/proc/self/mem` the
+//! page is made read-write (not executable) for the write.
+
+use super::*;
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Instruction,
+    InstructionBlock, MemoryOperand, Register,
+};
+
+const JMP_LEN: usize = 5;
+const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+/// The code region of an arena; the counters follow at `+TABLE_BYTES`.
+const ARENA_CODE: usize = TABLE_BYTES;
+const ARENA_BYTES: usize = 2 * TABLE_BYTES;
+/// How far a `rel32` may reach, with a margin.
+const REACH: usize = (1 << 31) - (1 << 20);
+const ENTRY_BYTES: usize = core::mem::size_of::<Entry>();
+const RECORD_ALIGN: usize = 32;
+
+/// How an entry gate was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// An exported function (`.dynsym`).
+    Exported,
+    /// A function whose code faulted on its own compartment's data while
+    /// running with another's rights (`fault_gate.rs`).
+    FaultDriven,
+}
+
+impl core::fmt::Display for Found {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Found::Exported => write!(f, "exported entry"),
+            Found::FaultDriven => write!(f, "fault-driven"),
+        }
+    }
+}
+
+/// One entry gate.
+#[derive(Clone, Debug)]
+pub struct EntryGate {
+    /// The function's address (unchanged: pointers to it stay equal).
+    pub function: usize,
+    /// Its record in an arena (the gate table entry; the check follows).
+    pub record: usize,
+    /// The relocated first instructions (then a `jmp` into the function):
+    /// the record's gate target, and the target of `JUMP_SLOT` GOT gates.
+    pub body: usize,
+    pub compartment: u8,
+    pub symbol: String,
+    pub callee: String,
+    pub found: Found,
+    pub variant: Variant,
+    pub dead: bool,
+    /// (address in the record, address in the function) per relocated instruction.
+    pub origins: Vec<(usize, usize)>,
+}
+
+/// A GOT slot of another compartment that reaches an entry gate (not
+/// patched: the callee switches).
+#[derive(Clone, Debug)]
+pub struct EntrySlot {
+    pub entry: usize,
+    pub caller: String,
+    pub caller_compartment: u8,
+    pub slot: usize,
+    pub via: Via,
+}
+
+/// An exported function that did not get an entry gate, and why.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    pub symbol: String,
+    pub object: String,
+    pub compartment: u8,
+    pub address: usize,
+    pub reason: String,
+}
+
+/// A mapping that holds records (code region, then counters).
+pub(super) struct Arena {
+    base: usize,
+    /// Bytes of the code region handed out (page-rounded after each batch).
+    used: usize,
+}
+
+/// The cross-compartment calls made through an entry gate so far.
+pub fn entry_calls(e: &EntryGate) -> u64 {
+    // SAFETY: the counter word of a record lies in its arena's counter
+    // region (read-write; arenas are never unmapped).
+    unsafe { (*((e.record + TABLE_BYTES) as *const AtomicU64)).load(Ordering::Relaxed) }
+}
+
+// ---------------------------------------------------------------- analysis
+
+/// The overwritten instructions of a function.
+pub(super) struct Prologue {
+    /// Where the `jmp` goes: the entry, or right after `endbr64`.
+    pub(super) at: usize,
+    pub(super) insns: Vec<Instruction>,
+    /// The first byte after them.
+    pub(super) end: usize,
+}
+
+/// Can the function at `f` (of `size` bytes, readable) take a `jmp`, and
+/// which instructions does it overwrite?
+///
+/// `exact_sites` (audit mode) refuses first instructions that access data
+/// through a register: their copies run from the arena, and audit mode
+/// logs each site by its instruction address. (Fault reports name the
+/// function's code through [`relocated_origin`].)
+pub(super) fn analyze(bytes: &[u8], f: usize, exact_sites: bool) -> Result<Prologue, String> {
+    let size = bytes.len();
+    if size == 0 {
+        return Err("its size is unknown (st_size 0)".into());
+    }
+    let skip = if bytes.starts_with(&ENDBR64) { 4 } else { 0 };
+    let at = f + skip;
+    let mut dec = Decoder::with_ip(64, &bytes[skip..], at as u64, DecoderOptions::NONE);
+    let mut insns = Vec::new();
+    let mut end = at;
+    while end < at + JMP_LEN {
+        if !dec.can_decode() {
+            return Err(format!("too short ({size} bytes) for a {JMP_LEN}-byte jmp"));
+        }
+        let i = dec.decode();
+        if i.is_invalid() {
+            return Err("its first bytes do not decode".into());
+        }
+        let next = i.next_ip() as usize;
+        match i.flow_control() {
+            FlowControl::Next | FlowControl::ConditionalBranch => {}
+            // A call, jump or return can end the overwritten bytes: a call
+            // is relocated as `push F+n; jmp target`, so the callee returns
+            // into the original code and unwinds through it.
+            FlowControl::Call
+            | FlowControl::IndirectCall
+            | FlowControl::UnconditionalBranch
+            | FlowControl::IndirectBranch
+            | FlowControl::Return
+                if next >= at + JMP_LEN =>
+            {
+                if matches!(
+                    i.flow_control(),
+                    FlowControl::Call | FlowControl::IndirectCall
+                ) && !matches!(i.code(), Code::Call_rel32_64 | Code::Call_rm64)
+                {
+                    return Err(format!(
+                        "its first bytes hold a {:?} it cannot relocate",
+                        i.code()
+                    ));
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "too short for a {JMP_LEN}-byte jmp before its first {:?}",
+                    i.mnemonic()
+                ))
+            }
+        }
+        // The relocated copies run from the arena: in audit mode, a site
+        // there would be logged at an address that is in no object.
+        if exact_sites && touches_data(&i) {
+            return Err(format!(
+                "its first bytes read or write memory through a register ({:?})",
+                i.mnemonic()
+            ));
+        }
+        end = next;
+        insns.push(i);
+    }
+    // A direct branch into the overwritten bytes, past their first, would
+    // land inside the jmp. (Indirect branches into a prologue are not
+    // something compilers emit.)
+    let mut dec = Decoder::with_ip(64, bytes, f as u64, DecoderOptions::NONE);
+    while dec.can_decode() {
+        let i = dec.decode();
+        if i.is_invalid() {
+            continue;
+        }
+        if matches!(
+            i.flow_control(),
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch | FlowControl::Call
+        ) {
+            let t = i.near_branch_target() as usize;
+            if t > at && t < end {
+                return Err(format!(
+                    "the branch at +{:#x} targets its first bytes (+{:#x})",
+                    i.ip() as usize - f,
+                    t - f
+                ));
+            }
+        }
+    }
+    Ok(Prologue { at, insns, end })
+}
+
+/// Does `i` access memory other than the stack (`rsp`), RIP-relative data
+/// or TLS (`fs`/`gs`)?
+fn touches_data(i: &Instruction) -> bool {
+    use iced_x86::OpKind;
+    if i.mnemonic() == iced_x86::Mnemonic::Lea || i.mnemonic() == iced_x86::Mnemonic::Nop {
+        return false;
+    }
+    (0..i.op_count()).any(|k| match i.op_kind(k) {
+        OpKind::Memory => {
+            let seg = i.memory_segment();
+            let base = i.memory_base();
+            !(seg == Register::FS
+                || seg == Register::GS
+                || base == Register::RSP
+                || base == Register::RIP)
+        }
+        OpKind::MemorySegSI
+        | OpKind::MemorySegESI
+        | OpKind::MemorySegRSI
+        | OpKind::MemorySegDI
+        | OpKind::MemorySegEDI
+        | OpKind::MemorySegRDI
+        | OpKind::MemoryESDI
+        | OpKind::MemoryESEDI
+        | OpKind::MemoryESRDI => true,
+        _ => false,
+    })
+}
+
+// ---------------------------------------------------------------- records
+
+/// The check's bytes for the backend; `jne` is last, its rel32 zero.
+fn check_bytes(backend: Backend, pkru: u32, sim_tpoff: i32) -> Vec<u8> {
+    let mut c = Vec::with_capacity(48);
+    match backend {
+        Backend::Sim => {
+            // cmp dword ptr fs:[tpoff], imm32
+            c.extend_from_slice(&[0x64, 0x81, 0x3c, 0x25]);
+            c.extend_from_slice(&sim_tpoff.to_le_bytes());
+            c.extend_from_slice(&pkru.to_le_bytes());
+        }
+        _ => {
+            c.extend_from_slice(&[0x48, 0x89, 0x44, 0x24, 0xf8]); // mov [rsp-8], rax
+            c.extend_from_slice(&[0x49, 0x89, 0xca]); // mov r10, rcx
+            c.extend_from_slice(&[0x49, 0x89, 0xd3]); // mov r11, rdx
+            c.extend_from_slice(&[0x31, 0xc9]); // xor ecx, ecx
+            c.extend_from_slice(&[0x0f, 0x01, 0xee]); // rdpkru
+            c.push(0x3d); // cmp eax, imm32
+            c.extend_from_slice(&pkru.to_le_bytes());
+            c.extend_from_slice(&[0x48, 0x8b, 0x44, 0x24, 0xf8]); // mov rax, [rsp-8]
+            c.extend_from_slice(&[0x4c, 0x89, 0xd1]); // mov rcx, r10
+            c.extend_from_slice(&[0x4c, 0x89, 0xda]); // mov rdx, r11
+        }
+    }
+    c.extend_from_slice(&[0x0f, 0x85, 0, 0, 0, 0]); // jne cross
+    c
+}
+
+/// A record's bytes, and where each relocated instruction came from.
+pub(super) struct Record {
+    pub(super) bytes: Vec<u8>,
+    /// (address in the record, address in the function) per relocated
+    /// instruction, so that a fault report names the function's code.
+    pub(super) origins: Vec<(usize, usize)>,
+}
+
+/// The record for a function at address `rec` (entry, check, relocated
+/// body, cross path), padded to [`RECORD_ALIGN`].
+pub(super) fn build_record(
+    rec: usize,
+    p: &Prologue,
+    entry_code: usize,
+    pkru: u32,
+    compartment: u8,
+    backend: Backend,
+    sim_tpoff: i32,
+) -> Result<Record, String> {
+    // The entry, then the return address of a relocated call.
+    let mut out = vec![0u8; ENTRY_BYTES];
+    let ret_lit = rec + out.len();
+    out.extend_from_slice(&p.end.to_le_bytes());
+    let check = check_bytes(backend, pkru, sim_tpoff);
+    out.extend_from_slice(&check);
+    let jne_end = out.len();
+    let body = rec + out.len();
+    let mut block = p.insns.clone();
+    let bad = |e: iced_x86::IcedError| format!("its first instructions cannot be relocated: {e}");
+    let last = *block.last().expect("at least one instruction");
+    match last.flow_control() {
+        FlowControl::Call | FlowControl::IndirectCall => {
+            // call X  =>  push qword ptr [ret_lit]; jmp X
+            let mut jmp = last;
+            jmp.set_code(if last.code() == Code::Call_rel32_64 {
+                Code::Jmp_rel32_64
+            } else {
+                Code::Jmp_rm64
+            });
+            let push = Instruction::with1(
+                Code::Push_rm64,
+                MemoryOperand::with_base_displ(Register::RIP, ret_lit as i64),
+            )
+            .map_err(bad)?;
+            let n = block.len();
+            block[n - 1] = push;
+            block.push(jmp);
+        }
+        FlowControl::UnconditionalBranch | FlowControl::IndirectBranch | FlowControl::Return => {}
+        _ => block.push(Instruction::with_branch(Code::Jmp_rel32_64, p.end as u64).map_err(bad)?),
+    }
+    let enc = BlockEncoder::encode(
+        64,
+        InstructionBlock::new(&block, body as u64),
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )
+    .map_err(bad)?;
+    let mut origins = Vec::with_capacity(p.insns.len() + 1);
+    for (k, &off) in enc.new_instruction_offsets.iter().enumerate() {
+        // The last original instruction may have become two (push + jmp).
+        let from = p.insns[k.min(p.insns.len() - 1)].ip() as usize;
+        if off != u32::MAX {
+            origins.push((body + off as usize, from));
+        }
+    }
+    out.extend_from_slice(&enc.code_buffer);
+    let cross = out.len();
+    let rel = (cross - jne_end) as i32;
+    out[jne_end - 4..jne_end].copy_from_slice(&rel.to_le_bytes());
+    // lea r11, [rip + record]; jmp qword ptr [r11 + 8]
+    let lea_end = rec + cross + 7;
+    let back = -((lea_end - rec) as i64) as i32;
+    out.extend_from_slice(&[0x4c, 0x8d, 0x1d]);
+    out.extend_from_slice(&back.to_le_bytes());
+    out.extend_from_slice(&[0x41, 0xff, 0x63, 0x08]);
+    while out.len() % RECORD_ALIGN != 0 {
+        out.push(0xcc);
+    }
+    let e = Entry {
+        target: body,
+        code: entry_code,
+        pkru,
+        compartment: compartment as u32,
+        _reserved: 0,
+    };
+    out[0..8].copy_from_slice(&e.target.to_le_bytes());
+    out[8..16].copy_from_slice(&e.code.to_le_bytes());
+    out[16..20].copy_from_slice(&e.pkru.to_le_bytes());
+    out[20..24].copy_from_slice(&e.compartment.to_le_bytes());
+    Ok(Record {
+        bytes: out,
+        origins,
+    })
+}
+
+/// The function address that the relocated instruction at `addr` (in an
+/// entry gate's record) was copied from, for fault reports. Never blocks
+/// (a signal handler asks).
+pub fn relocated_origin(addr: usize) -> Option<usize> {
+    let st = STATE.try_lock().ok()?;
+    let (_, &i) = st.entry_by_record.range(..=addr).next_back()?;
+    let e = st.entries.get(i)?;
+    e.origins
+        .iter()
+        .rev()
+        .find(|&&(at, _)| at <= addr)
+        .filter(|_| addr < e.body + 64)
+        .map(|&(at, from)| from + (addr - at))
+}
+
+/// The `fs`-relative offset of the simulated PKRU word.
+pub(super) fn sim_pkru_tpoff() -> i64 {
+    let t: i64;
+    // SAFETY: reads the shim's own GOT entry for its initial-exec TLS block.
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+            t = out(reg) t,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    t + 8
+}
+
+// ---------------------------------------------------------------- arenas
+
+fn within(a: usize, b: usize) -> bool {
+    a.abs_diff(b) < REACH
+}
+
+/// An arena reachable from all of `[lo, hi)` with `need` free bytes.
+fn arena_for(
+    st: &mut State,
+    lo: usize,
+    hi: usize,
+    need: usize,
+    exe: objects::Range,
+) -> Option<usize> {
+    if let Some(i) = st.arenas.iter().position(|a| {
+        within(a.base, lo)
+            && within(a.base + ARENA_CODE, hi)
+            && within(a.base + ARENA_CODE, lo)
+            && within(a.base, hi)
+            && ARENA_CODE - a.used >= need
+    }) {
+        return Some(i);
+    }
+    let maps = crate::maps::read_self_maps().ok()?;
+    let mut ranges: Vec<(usize, usize, &str)> = maps
+        .iter()
+        .map(|m| (m.start, m.end, m.path.as_str()))
+        .collect();
+    ranges.sort_unstable();
+    // Candidates: the top of each gap (just below a mapping that is not a
+    // stack) and its bottom (just above a mapping, unless brk may grow
+    // there: above the heap or the executable).
+    let mut cands: Vec<usize> = Vec::new();
+    for w in ranges.windows(2) {
+        let (g0, g1) = (w[0].1, w[1].0);
+        if g1 < g0 + ARENA_BYTES + 2 * PAGE {
+            continue;
+        }
+        if w[1].2 != "[stack]" {
+            cands.push(g1 - ARENA_BYTES - PAGE);
+        }
+        // (The executable's anonymous .bss tail overlaps its last segment.)
+        let after_exe = w[0].0 < exe.end && w[0].1 > exe.start;
+        if w[0].2 != "[heap]" && !after_exe {
+            cands.push(g0 + PAGE);
+        }
+    }
+    cands.retain(|&c| {
+        within(c, lo) && within(c, hi) && within(c + ARENA_CODE, lo) && within(c + ARENA_CODE, hi)
+    });
+    cands.sort_by_key(|&c| c.abs_diff(lo).max(c.abs_diff(hi)));
+    for c in cands {
+        const MAP_FIXED_NOREPLACE: c_int = 0x100000;
+        // SAFETY: a fresh anonymous mapping at an address no mapping uses
+        // (MAP_FIXED_NOREPLACE fails rather than replace one).
+        let p = unsafe {
+            libc::mmap(
+                c as *mut c_void,
+                ARENA_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            continue;
+        }
+        if p as usize != c {
+            // An old kernel that ignores the flag: not where we need it.
+            // SAFETY: our own fresh mapping.
+            unsafe { libc::munmap(p, ARENA_BYTES) };
+            continue;
+        }
+        st.arenas.push(Arena { base: c, used: 0 });
+        return Some(st.arenas.len() - 1);
+    }
+    None
+}
+
+// ---------------------------------------------------------------- text writes
+
+/// Writes to text without making it writable (`/proc/self/mem`), or, if
+/// that is unavailable, by making the page read-write for the moment.
+struct TextWriter {
+    fd: c_int,
+}
+
+impl TextWriter {
+    fn open() -> TextWriter {
+        // SAFETY: a NUL-terminated path.
+        let fd = unsafe { libc::open(c"/proc/self/mem".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        TextWriter { fd }
+    }
+
+    /// Write `bytes` (at most 8) at `addr`, as one aligned word where they fit in one.
+    fn write(&self, addr: usize, bytes: &[u8]) -> bool {
+        let (start, buf, len) = {
+            let a = addr & !7;
+            if addr + bytes.len() <= a + 8 {
+                // SAFETY: an aligned word of mapped, readable text.
+                let mut w = unsafe { core::ptr::read_volatile(a as *const [u8; 8]) };
+                w[addr - a..addr - a + bytes.len()].copy_from_slice(bytes);
+                (a, w, 8)
+            } else {
+                let mut w = [0u8; 8];
+                w[..bytes.len()].copy_from_slice(bytes);
+                (addr, w, bytes.len())
+            }
+        };
+        if self.fd >= 0 {
+            // SAFETY: writing our own process's memory at a text address.
+            let n = unsafe { libc::pwrite(self.fd, buf.as_ptr().cast(), len, start as i64) };
+            if n == len as isize {
+                return true;
+            }
+        }
+        self.write_mprotect(start, &buf[..len])
+    }
+
+    fn write_mprotect(&self, addr: usize, bytes: &[u8]) -> bool {
+        let first = page_down(addr);
+        let last = page_down(addr + bytes.len() - 1);
+        let len = last + PAGE - first;
+        // SAFETY: the pages of a loaded object's text: read-write (not
+        // executable) for the copy, then read-execute again.
+        unsafe {
+            if libc::mprotect(
+                first as *mut c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+            ) != 0
+            {
+                return false;
+            }
+            core::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len());
+            libc::mprotect(first as *mut c_void, len, libc::PROT_READ | libc::PROT_EXEC) == 0
+        }
+    }
+}
+
+impl Drop for TextWriter {
+    fn drop(&mut self) {
+        if self.fd >= 0 {
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(self.fd) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------- dynsym
+
+/// Number of dynamic symbols, from DT_HASH or DT_GNU_HASH.
+fn dynsym_count(d: &objects::DynamicInfo) -> usize {
+    if d.hash != 0 {
+        // SAFETY: DT_HASH starts with nbucket, nchain; nchain = symbol count.
+        return unsafe { *((d.hash + 4) as *const u32) } as usize;
+    }
+    if d.gnu_hash == 0 {
+        return 0;
+    }
+    // SAFETY: the GNU hash table layout: nbuckets, symoffset, bloom_size,
+    // bloom_shift, bloom[bloom_size] (u64), buckets[nbuckets], chains[].
+    unsafe {
+        let h = d.gnu_hash as *const u32;
+        let (nbuckets, symoffset, bloom) = (*h as usize, *h.add(1) as usize, *h.add(2) as usize);
+        let buckets = h.add(4 + bloom * 2);
+        let chains = buckets.add(nbuckets);
+        let mut last = 0usize;
+        for b in 0..nbuckets {
+            last = last.max(*buckets.add(b) as usize);
+        }
+        if last < symoffset {
+            return symoffset;
+        }
+        while *chains.add(last - symoffset) & 1 == 0 {
+            last += 1;
+        }
+        last + 1
+    }
+}
+
+/// The exported functions of `obj`: (address, size, name), deduplicated by
+/// address; and how many weak ones were left out.
+fn exported_functions(obj: &LoadedObject) -> (Vec<(usize, usize, String)>, usize) {
+    let Some(d) = obj.dynamic_info() else {
+        return (Vec::new(), 0);
+    };
+    if d.symtab == 0 || d.strtab == 0 {
+        return (Vec::new(), 0);
+    }
+    let mut seen: BTreeMap<usize, (usize, String)> = BTreeMap::new();
+    let mut weak = 0;
+    for i in 1..dynsym_count(&d) {
+        // SAFETY: i is below the symbol count of this object's hash table.
+        let s = unsafe { &*(d.symtab as *const elf::Sym64<object::LittleEndian>).add(i) };
+        let le = object::LittleEndian;
+        if s.st_info & 0xf != elf::STT_FUNC || s.st_shndx.get(le) == 0 || s.st_value.get(le) == 0 {
+            continue;
+        }
+        // Weak definitions are mostly vague linkage (C++ inline functions
+        // and templates emitted in every object that uses them): the
+        // loader binds every object's calls to one copy, so that copy is
+        // not its object's own API. They keep their caller's rights.
+        if s.st_info >> 4 == elf::STB_WEAK {
+            weak += 1;
+            continue;
+        }
+        let addr = obj.base + s.st_value.get(le) as usize;
+        if !in_text(obj, addr) {
+            continue;
+        }
+        let off = s.st_name.get(le) as usize;
+        if off >= d.strsz {
+            continue;
+        }
+        // SAFETY: st_name indexes the NUL-terminated string table.
+        let name = unsafe { CStr::from_ptr((d.strtab + off) as *const libc::c_char) }
+            .to_string_lossy()
+            .into_owned();
+        seen.entry(addr)
+            .or_insert((s.st_size.get(le) as usize, name));
+    }
+    (
+        seen.into_iter().map(|(a, (s, n))| (a, s, n)).collect(),
+        weak,
+    )
+}
+
+// ---------------------------------------------------------------- installing
+
+/// Install entry gates on the exported functions of census object `i`
+/// (a compartment's application object). PKRU allows every key.
+pub(super) fn gate_exports(
+    st: &mut State,
+    rt: &Runtime,
+    census: &Census,
+    i: usize,
+    variant: Variant,
+) {
+    if census.compartment_of.get(i).copied().flatten().is_none() {
+        return;
+    }
+    let obj = &census.objects[i];
+    if !is_app(obj) || obj.segments.is_empty() {
+        return;
+    }
+    let (funcs, weak) = exported_functions(obj);
+    st.weak_skipped += weak;
+    gate_functions(st, rt, census, i, funcs, Found::Exported, variant);
+}
+
+/// Install entry gates on `funcs` (address, size, name) of census object
+/// `i`, a compartment's application object. PKRU allows every key, or the
+/// pages written are key 0 (arenas, text through `/proc/self/mem`).
+pub(super) fn gate_functions(
+    st: &mut State,
+    rt: &Runtime,
+    census: &Census,
+    i: usize,
+    funcs: Vec<(usize, usize, String)>,
+    found: Found,
+    variant: Variant,
+) {
+    let Some(own) = census.compartment_of.get(i).copied().flatten() else {
+        return;
+    };
+    let obj = &census.objects[i];
+    // The executable's entry point (`_start`) runs after the shim's
+    // constructor, without a return address: never gate it.
+    // SAFETY: getauxval has no preconditions.
+    let entry_point = unsafe { libc::getauxval(libc::AT_ENTRY) } as usize;
+    let exact_sites = rt.config.on_fault == crate::config::OnFault::Audit;
+    let mut planned: Vec<(usize, String, Prologue)> = Vec::new();
+    for (f, size, name) in funcs {
+        if st.entry_by_function.contains_key(&f) || f == entry_point {
+            continue;
+        }
+        // Clamp to the executable segment that holds it.
+        let seg_end = obj
+            .segments
+            .iter()
+            .find(|s| s.executable() && s.range.contains(f))
+            .map_or(f, |s| s.range.end);
+        let size = size.min(seg_end - f);
+        // SAFETY: [f, f + size) lies in an executable (readable) segment of
+        // the loaded object.
+        let bytes = unsafe { core::slice::from_raw_parts(f as *const u8, size) };
+        match analyze(bytes, f, exact_sites) {
+            Ok(p) => planned.push((f, name, p)),
+            Err(reason) => st.refusals.push(Refusal {
+                symbol: name,
+                object: obj.display_name().to_string(),
+                compartment: own,
+                address: f,
+                reason,
+            }),
+        }
+    }
+    if planned.is_empty() {
+        return;
+    }
+    let span = |o: &LoadedObject| {
+        objects::Range::new(
+            o.segments.iter().map(|s| s.range.start).min().unwrap_or(0),
+            o.segments.iter().map(|s| s.range.end).max().unwrap_or(0),
+        )
+    };
+    let exe = census
+        .objects
+        .iter()
+        .find(|o| o.kind == ObjectKind::Main)
+        .map_or(objects::Range::new(0, 0), span);
+    let lo = obj
+        .segments
+        .iter()
+        .map(|s| s.range.start)
+        .min()
+        .unwrap_or(0);
+    let hi = obj.segments.iter().map(|s| s.range.end).max().unwrap_or(0);
+    let backend = pku::backend();
+    let tpoff = sim_pkru_tpoff();
+    let Ok(tpoff) = i32::try_from(tpoff) else {
+        crate::lifecycle::fatal(format_args!(
+            "entry gates: the shim's TLS offset {tpoff:#x} does not fit a 32-bit displacement"
+        ));
+    };
+    let pkru = rt.pkru_for(own);
+    let writer = TextWriter::open();
+    let mut k = 0;
+    while k < planned.len() {
+        // One batch per arena: fill what fits, then seal its pages.
+        let Some(a) = arena_for(st, lo, hi, PAGE, exe) else {
+            for (f, name, _) in &planned[k..] {
+                st.refusals.push(Refusal {
+                    symbol: name.clone(),
+                    object: obj.display_name().to_string(),
+                    compartment: own,
+                    address: *f,
+                    reason: "no free address range within 2 GiB for its record".into(),
+                });
+            }
+            return;
+        };
+        let (base, start) = (st.arenas[a].base, st.arenas[a].used);
+        let mut at = start;
+        // (function, record, name, jmp at, origins)
+        type Made = (usize, usize, String, usize, Vec<(usize, usize)>);
+        let mut made: Vec<Made> = Vec::new();
+        while k < planned.len() {
+            let (f, name, p) = &planned[k];
+            let rec = base + at;
+            match build_record(rec, p, variant.code(), pkru, own, backend, tpoff) {
+                Ok(Record { bytes, origins }) => {
+                    if at + bytes.len() > ARENA_CODE {
+                        break;
+                    }
+                    // SAFETY: unsealed bytes of our arena's code region (read-write).
+                    unsafe {
+                        core::ptr::copy_nonoverlapping(bytes.as_ptr(), rec as *mut u8, bytes.len())
+                    };
+                    at += bytes.len();
+                    made.push((*f, rec, name.clone(), p.at, origins));
+                }
+                Err(reason) => st.refusals.push(Refusal {
+                    symbol: name.clone(),
+                    object: obj.display_name().to_string(),
+                    compartment: own,
+                    address: *f,
+                    reason,
+                }),
+            }
+            k += 1;
+        }
+        let sealed_end = (at + PAGE - 1) & !(PAGE - 1);
+        if at > start {
+            // SAFETY: the batch's pages of our arena: code written, now read-execute.
+            let r = unsafe {
+                libc::mprotect(
+                    (base + start) as *mut c_void,
+                    sealed_end - start,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                )
+            };
+            if r != 0 {
+                crate::lifecycle::fatal(format_args!(
+                    "entry gates: mprotect of records failed (errno {})",
+                    crate::stackfmt::errno()
+                ));
+            }
+        }
+        st.arenas[a].used = if sealed_end > ARENA_CODE {
+            ARENA_CODE
+        } else {
+            sealed_end
+        };
+        for (f, rec, name, jmp_at, origins) in made {
+            let check = rec + ENTRY_BYTES + 8;
+            let rel = (check as i64 - (jmp_at + JMP_LEN) as i64) as i32;
+            let mut jmp = [0xe9u8, 0, 0, 0, 0];
+            jmp[1..].copy_from_slice(&rel.to_le_bytes());
+            if !writer.write(jmp_at, &jmp) {
+                st.refusals.push(Refusal {
+                    symbol: name,
+                    object: obj.display_name().to_string(),
+                    compartment: own,
+                    address: f,
+                    reason: format!(
+                        "writing its text failed (errno {})",
+                        crate::stackfmt::errno()
+                    ),
+                });
+                continue;
+            }
+            st.entry_by_function.insert(f, st.entries.len());
+            st.entry_by_record.insert(rec, st.entries.len());
+            // SAFETY: the record's first word is its entry's target.
+            let body = unsafe { core::ptr::read(rec as *const usize) };
+            st.entries.push(EntryGate {
+                function: f,
+                record: rec,
+                body,
+                compartment: own,
+                symbol: name,
+                callee: obj.display_name().to_string(),
+                found,
+                variant,
+                dead: false,
+                origins,
+            });
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Entry gates: prologue analysis, records built for synthetic functions in
+//! mapped memory and run in sim mode, and the instruction counts.
+
+use super::entry::*;
+use super::tests::LOCK;
+use super::*;
+use crate::pku::{set_sim_pkru, sim_pkru};
+use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+
+const ENDBR: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+
+#[test]
+fn analysis_keeps_endbr64_and_refuses_what_it_cannot_patch() {
+    let f = 0x10_0000;
+    // endbr64; push rbx; mov rbx, rdi; lea rax, [rbx+rbx*2]; pop rbx; ret
+    let mut ok = ENDBR.to_vec();
+    ok.extend_from_slice(&[0x53, 0x48, 0x89, 0xfb, 0x48, 0x8d, 0x04, 0x5b, 0x5b, 0xc3]);
+    let p = analyze(&ok, f, false).expect("patchable");
+    assert_eq!(p.at, f + 4, "the jmp goes after endbr64");
+    assert_eq!(p.end, f + 12, "push rbx, mov rbx, rdi (4 bytes), lea");
+    // mov rax, rdi; ret: shorter than the jmp.
+    let e = analyze(&[0x48, 0x89, 0xf8, 0xc3], f, false).err().unwrap();
+    assert!(e.contains("too short"), "{e}");
+    // push rbx; call rel32 (ends the window: relocated as push + jmp).
+    let call = [0x53, 0xe8, 0, 0, 0, 0, 0x5b, 0xc3];
+    assert_eq!(analyze(&call, f, false).unwrap().end, f + 6);
+    // A loop back to the second instruction lands inside the jmp.
+    // top: dec edi (2); test edi, edi (2); jne top+2 (2); ret
+    let lp = [0xff, 0xcf, 0x85, 0xff, 0x75, 0xfc, 0xc3];
+    let e = analyze(&lp, f, false).err().unwrap();
+    assert!(e.contains("targets its first bytes"), "{e}");
+    assert!(analyze(&[], f, false)
+        .err()
+        .unwrap()
+        .contains("size is unknown"));
+    // push rbp; mov rbp, rsp; mov eax, [rdi]: in audit mode a data access
+    // would run (and be logged) from the record.
+    let data = [0x55, 0x48, 0x89, 0xe5, 0x8b, 0x07, 0x5d, 0xc3];
+    assert!(analyze(&data, f, false).is_ok());
+    let e = analyze(&data, f, true).err().unwrap();
+    assert!(e.contains("read or write memory"), "{e}");
+    // Stack, RIP-relative and TLS accesses are fine: push rbp; mov rax,
+    // fs:[28h]; mov [rsp+8], rax; ret.
+    let ok = [
+        0x55, 0x64, 0x48, 0x8b, 0x04, 0x25, 0x28, 0, 0, 0, 0x48, 0x89, 0x44, 0x24, 0x08, 0xc3,
+    ];
+    assert!(analyze(&ok, f, true).is_ok());
+}
+
+/// Map `func` and an arena (code region, then counters) next to it, build
+/// the record, patch the function's entry. Returns (function, record).
+fn install(func: &[u8], code_len: usize, pkru: u32) -> (usize, usize) {
+    let total = PAGE + 2 * TABLE_BYTES;
+    // SAFETY: a fresh private anonymous mapping.
+    let m = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            total,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    } as usize;
+    assert_ne!(m as *mut c_void, libc::MAP_FAILED);
+    let (f, rec) = (m, m + PAGE);
+    // SAFETY: our fresh mapping.
+    unsafe { core::ptr::copy_nonoverlapping(func.as_ptr(), f as *mut u8, func.len()) };
+    // SAFETY: as above.
+    // Only the code: data after it would decode as stray branches.
+    let bytes = unsafe { core::slice::from_raw_parts(f as *const u8, code_len) };
+    let p = analyze(bytes, f, false).unwrap();
+    let tpoff = i32::try_from(sim_pkru_tpoff()).unwrap();
+    let r = build_record(rec, &p, Variant::Sim.code(), pkru, 1, Backend::Sim, tpoff)
+        .unwrap()
+        .bytes;
+    // SAFETY: our mapping; the record, then the jmp to its check.
+    unsafe {
+        core::ptr::copy_nonoverlapping(r.as_ptr(), rec as *mut u8, r.len());
+        let rel = (rec + 40) as i64 - (p.at + 5) as i64;
+        *(p.at as *mut u8) = 0xe9;
+        core::ptr::write_unaligned((p.at + 1) as *mut i32, rel as i32);
+        assert_eq!(
+            libc::mprotect(
+                m as *mut c_void,
+                PAGE + TABLE_BYTES,
+                libc::PROT_READ | libc::PROT_EXEC
+            ),
+            0
+        );
+    }
+    (f, rec)
+}
+
+fn counter(rec: usize) -> u64 {
+    // SAFETY: the record's counter word in the arena's counter region.
+    unsafe { (*((rec + TABLE_BYTES) as *const AtomicU64)).load(Ordering::Relaxed) }
+}
+
+#[test]
+fn an_entry_gate_switches_only_when_the_pkru_differs() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    pku::set_backend(Backend::Sim);
+    thread_start();
+    // endbr64; push rbx; mov rbx, rdi; lea rax, [rbx+rbx*2]; pop rbx; ret
+    let mut code = ENDBR.to_vec();
+    code.extend_from_slice(&[0x53, 0x48, 0x89, 0xfb, 0x48, 0x8d, 0x04, 0x5b, 0x5b, 0xc3]);
+    let callee = pku::pkru_allowing(5);
+    let (f, rec) = install(&code, code.len(), callee);
+    // SAFETY: the patched function keeps the signature of the bytes above.
+    let func: extern "C" fn(i64) -> i64 = unsafe { core::mem::transmute(f) };
+    let top = stack_top();
+    set_sim_pkru(callee);
+    assert_eq!(func(7), 21, "same compartment: through the relocated body");
+    assert_eq!(counter(rec), 0, "no gate on the same-compartment path");
+    let caller = pku::pkru_allowing(9);
+    set_sim_pkru(caller);
+    assert_eq!(func(8), 24, "another compartment: through the gate");
+    assert_eq!(counter(rec), 1);
+    assert_eq!(sim_pkru(), caller, "the caller's PKRU is back");
+    assert_eq!(stack_top(), top, "the gate frame was popped");
+}
+
+#[test]
+fn a_call_in_the_overwritten_bytes_returns_into_the_function() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    pku::set_backend(Backend::Sim);
+    thread_start();
+    extern "C" fn plus_one(x: i64) -> i64 {
+        x + 1
+    }
+    // The function and its callee are far apart, so build: push rbx;
+    // mov rax, imm64 (plus_one); call rax... that is 12+ bytes before the
+    // call: instead push rbx (1); call [rip+8] (6); pop rbx; ret; dq plus_one.
+    let mut code = vec![0x53, 0xff, 0x15, 0x02, 0, 0, 0, 0x5b, 0xc3];
+    code.extend_from_slice(&(plus_one as *const () as usize).to_le_bytes());
+    let (f, rec) = install(&code, 9, pku::pkru_allowing(5));
+    // SAFETY: push rbx; call plus_one; pop rbx; ret.
+    let func: extern "C" fn(i64) -> i64 = unsafe { core::mem::transmute(f) };
+    set_sim_pkru(pku::pkru_allowing(5));
+    assert_eq!(func(41), 42);
+    set_sim_pkru(pku::pkru_allowing(2));
+    assert_eq!(func(1), 2);
+    assert_eq!(counter(rec), 1);
+}
+
+/// Instructions a call runs through an entry gate beyond the function's
+/// own: the entry `jmp`, the check, and the `jmp` back (same compartment);
+/// the cross path adds the record's `lea`/`jmp` and the variant's round
+/// trip in place of a pool stub's.
+fn same_path(backend: Backend) -> (usize, usize) {
+    let p = analyze(
+        &[0x53, 0x48, 0x89, 0xfb, 0x48, 0x8d, 0x04, 0x5b, 0x5b, 0xc3],
+        0x40_0000,
+        false,
+    )
+    .unwrap();
+    let rec = 0x40_1000;
+    let r = build_record(rec, &p, 0, 0x55, 1, backend, -0x60)
+        .unwrap()
+        .bytes;
+    let mut dec = Decoder::with_ip(64, &r[40..], (rec + 40) as u64, DecoderOptions::NONE);
+    let (mut n, mut pkru) = (1, 0); // the entry jmp
+    loop {
+        let i = dec.decode();
+        match i.mnemonic() {
+            Mnemonic::Rdpkru => pkru += 1,
+            Mnemonic::Jmp => {
+                n += 1;
+                break;
+            }
+            _ => n += 1,
+        }
+    }
+    // Minus the relocated instructions, which the function runs anyway.
+    (n - p.insns.len(), pkru)
+}
+
+#[test]
+fn entry_gate_instruction_counts() {
+    let (sim, sim_pkru_ops) = same_path(Backend::Sim);
+    let (hw, hw_pkru_ops) = same_path(Backend::Hardware);
+    eprintln!("same-compartment call through an entry gate: {sim} extra instructions (sim), {hw} + RDPKRU (hardware)");
+    assert_eq!((sim, sim_pkru_ops), (4, 0));
+    assert_eq!((hw, hw_pkru_ops), (11, 1));
+    assert!(sim <= 8);
+    // Cross path: jmp in, the check (its restores included), then a
+    // gate round trip whose stub lea/jmp is the record's, and the jmp back.
+    let gate = round_trip_instructions(Variant::Hardware).len() - 3;
+    eprintln!(
+        "cross-compartment call through an entry gate (hardware): {} outside RDPKRU/WRPKRU; through a JUMP_SLOT GOT gate to its body: {}",
+        gate + hw,
+        gate + 1
+    );
+}
