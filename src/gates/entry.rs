@@ -19,7 +19,8 @@
 //! Same compartment: the check falls through into the relocated body and
 //! back into `F` (sim: `jmp`, `cmp fs:[pkru], imm32`, `jne`, `jmp` back = 4
 //! extra instructions; hardware: RDPKRU needs `eax`, `ecx`, `edx`, so three
-//! registers are parked in `r10`, `r11` and the red zone and restored: 11).
+//! registers are parked in the red zone and restored, every other register
+//! untouched, because callers in the same object may rely on that: 11).
 //! Another compartment: the record's `Entry` is an ordinary gate whose
 //! target is the relocated body, so the existing variant code runs it: the
 //! caller's return address, PKRU and `rbx` go to the gate-frame stack, PKRU
@@ -283,16 +284,22 @@ fn check_bytes(backend: Backend, pkru: u32, sim_tpoff: i32) -> Vec<u8> {
             c.extend_from_slice(&pkru.to_le_bytes());
         }
         _ => {
+            // Every register survives the check, r10 and r11 included:
+            // with GCC's interprocedural register allocation (-fipa-ra) a
+            // caller in the same object keeps values in registers the ABI
+            // calls clobbered when it knows the callee leaves them alone
+            // (python3's interpreter does). The red zone below the return
+            // address is the callee's to use.
             c.extend_from_slice(&[0x48, 0x89, 0x44, 0x24, 0xf8]); // mov [rsp-8], rax
-            c.extend_from_slice(&[0x49, 0x89, 0xca]); // mov r10, rcx
-            c.extend_from_slice(&[0x49, 0x89, 0xd3]); // mov r11, rdx
+            c.extend_from_slice(&[0x48, 0x89, 0x4c, 0x24, 0xf0]); // mov [rsp-16], rcx
+            c.extend_from_slice(&[0x48, 0x89, 0x54, 0x24, 0xe8]); // mov [rsp-24], rdx
             c.extend_from_slice(&[0x31, 0xc9]); // xor ecx, ecx
             c.extend_from_slice(&[0x0f, 0x01, 0xee]); // rdpkru
             c.push(0x3d); // cmp eax, imm32
             c.extend_from_slice(&pkru.to_le_bytes());
             c.extend_from_slice(&[0x48, 0x8b, 0x44, 0x24, 0xf8]); // mov rax, [rsp-8]
-            c.extend_from_slice(&[0x4c, 0x89, 0xd1]); // mov rcx, r10
-            c.extend_from_slice(&[0x4c, 0x89, 0xda]); // mov rdx, r11
+            c.extend_from_slice(&[0x48, 0x8b, 0x4c, 0x24, 0xf0]); // mov rcx, [rsp-16]
+            c.extend_from_slice(&[0x48, 0x8b, 0x54, 0x24, 0xe8]); // mov rdx, [rsp-24]
         }
     }
     c.extend_from_slice(&[0x0f, 0x85, 0, 0, 0, 0]); // jne cross
@@ -513,9 +520,26 @@ struct TextWriter {
 
 impl TextWriter {
     fn open() -> TextWriter {
-        // SAFETY: a NUL-terminated path.
-        let fd = unsafe { libc::open(c"/proc/self/mem".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        TextWriter { fd }
+        // From the shim's own syscall instruction: the syscall filter
+        // (`crate::syscalls`) refuses opens of `/proc/self/mem` from code
+        // it traps, libc's `open` wrapper included.
+        // SAFETY: openat with a NUL-terminated path; no memory is written.
+        let r = unsafe {
+            crate::syscalls::raw::syscall6(
+                libc::SYS_openat,
+                [
+                    libc::AT_FDCWD as usize,
+                    c"/proc/self/mem".as_ptr() as usize,
+                    (libc::O_RDWR | libc::O_CLOEXEC) as usize,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        };
+        TextWriter {
+            fd: if r < 0 { -1 } else { r as c_int },
+        }
     }
 
     /// Write `bytes` (at most 8) at `addr`, as one aligned word where they fit in one.

@@ -26,7 +26,7 @@
 //! every signal blocked when a thread exits.
 
 mod bpf;
-mod raw;
+pub mod raw;
 
 use crate::config::Syscalls;
 use crate::objects::Range;
