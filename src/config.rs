@@ -19,8 +19,14 @@ pub enum PkuMode {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LibcGates {
+    /// No calls into system code are gated (the old default, for experiments).
     None,
-    Union,
+    /// Every call is gated (`all`; `union` is the old name).
+    All,
+    /// Every call but the hot list (`crate::libc_gates::HOT`) is gated.
+    Hot,
+    /// Every call but the names listed (a comma-separated hot list).
+    Except(&'static str),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +136,7 @@ pub struct Config {
     pub share_mutex_elision: bool,
     pub share: ShareList,
     pub tls_get_addr_gate: bool,
+    pub bind_now: bool,
     pub gates: bool,
     /// `None`: not set, so the mode's default applies (see [`Config::heap`]).
     pub heap_explicit: Option<HeapMode>,
@@ -149,7 +156,7 @@ impl Default for Config {
             pku: PkuMode::Require,
             compartments: None,
             libc_compartment: None,
-            libc_gates: LibcGates::None,
+            libc_gates: LibcGates::Hot,
             share_tcb: true,
             share_rseq: true,
             share_below_tcb: true,
@@ -163,6 +170,7 @@ impl Default for Config {
             share_mutex_elision: true,
             share: ShareList(""),
             tls_get_addr_gate: false,
+            bind_now: true,
             gates: true,
             heap_explicit: None,
             on_fault: OnFault::Report,
@@ -499,15 +507,25 @@ pub static VARS: &[VarSpec] = &[
     },
     VarSpec {
         name: "IA2_LIBC_GATES",
-        values: "none, union",
-        default: "none",
-        meaning: "strict mode: calls into system code run with the caller's rights (none) or the caller's plus N's (union)",
+        values: "hot, all, none, name[,name...]",
+        default: "hot",
+        meaning: "strict mode: which calls from compartments into system code get a union gate (the caller's rights plus N's): all but the hot list printed by IA2_REPORT=plan (hot), every one (all; union is its old name), none (none), or all but the names listed",
         implemented: true,
         parse: |c, v| {
             c.libc_gates = match v {
                 "none" => LibcGates::None,
-                "union" => LibcGates::Union,
-                _ => return Err(Problem::BadValue),
+                "all" | "union" => LibcGates::All,
+                "hot" => LibcGates::Hot,
+                list => {
+                    let ok = list.split(',').all(|n| {
+                        !n.is_empty()
+                            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+                    });
+                    if !ok {
+                        return Err(Problem::BadValue);
+                    }
+                    LibcGates::Except(list)
+                }
             };
             Ok(())
         },
@@ -652,6 +670,17 @@ pub static VARS: &[VarSpec] = &[
         implemented: true,
         parse: |c, v| {
             c.tls_get_addr_gate = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_BIND_NOW",
+        values: "1, 0",
+        default: "1",
+        meaning: "resolve every lazy PLT slot of objects that can run with a compartment's rights at start-up and after dlopen, so ld.so's lazy resolver never runs with a compartment's rights",
+        implemented: true,
+        parse: |c, v| {
+            c.bind_now = parse_bool(v)?;
             Ok(())
         },
     },

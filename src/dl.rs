@@ -283,6 +283,7 @@ fn after_dlopen(rt: &Runtime, caller: usize) {
     c.plan.entries.extend(plan.entries);
     c.plan.entries.sort_by_key(|e| e.range.start);
     let end = c.objects.len();
+    bind_new(rt, &c, start..end);
     crate::gates::patch_objects(rt, &c, start..end);
 }
 
@@ -424,4 +425,189 @@ pub unsafe fn dlsym(handle: *mut c_void, name: *const libc::c_char) -> *mut c_vo
     let real: DlsymFn = unsafe { core::mem::transmute::<usize, DlsymFn>(real_dlsym()) };
     // SAFETY: forwarded contract.
     runtime::with_libc_rights(|| unsafe { real(handle, name) })
+}
+
+type DladdrFn = unsafe extern "C" fn(*const c_void, *mut libc::Dl_info) -> c_int;
+type Dladdr1Fn =
+    unsafe extern "C" fn(*const c_void, *mut libc::Dl_info, *mut *mut c_void, c_int) -> c_int;
+
+static REAL_DLADDR: AtomicUsize = AtomicUsize::new(0);
+static REAL_DLADDR1: AtomicUsize = AtomicUsize::new(0);
+
+fn real_next(slot: &AtomicUsize, name: &core::ffi::CStr) -> usize {
+    let a = slot.load(Ordering::Acquire);
+    if a != 0 {
+        return a;
+    }
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+    let a = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+    if a == 0 {
+        crate::lifecycle::fatal(format_args!(
+            "dlsym(RTLD_NEXT, {name:?}) returned NULL: cannot find the real function"
+        ));
+    }
+    slot.store(a, Ordering::Release);
+    a
+}
+
+/// Resolve the real `dladdr`/`dladdr1` (fault reports call `dladdr` from
+/// the signal handler, which must not run `dlsym`).
+pub fn resolve_dladdr() {
+    real_next(&REAL_DLADDR, c"dladdr");
+    real_next(&REAL_DLADDR1, c"dladdr1");
+}
+
+/// `dladdr` with the loader's rights added (it takes `dl_load_lock` and
+/// reads the link maps).
+///
+/// # Safety
+/// As `dladdr(3)`.
+pub unsafe fn dladdr(addr: *const c_void, info: *mut libc::Dl_info) -> c_int {
+    // SAFETY: the slot holds glibc's dladdr.
+    let real: DladdrFn =
+        unsafe { core::mem::transmute::<usize, DladdrFn>(real_next(&REAL_DLADDR, c"dladdr")) };
+    // SAFETY: forwarded contract.
+    let r = runtime::with_libc_rights(|| unsafe { real(addr, info) });
+    if r != 0 && !info.is_null() {
+        // SAFETY: dladdr filled `info`.
+        unsafe { (*info).dli_fname = shared_name((*info).dli_fname) };
+    }
+    r
+}
+
+/// `dladdr1`, as [`dladdr`].
+///
+/// # Safety
+/// As `dladdr1(3)`.
+pub unsafe fn dladdr1(
+    addr: *const c_void,
+    info: *mut libc::Dl_info,
+    extra: *mut *mut c_void,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: the slot holds glibc's dladdr1.
+    let real: Dladdr1Fn =
+        unsafe { core::mem::transmute::<usize, Dladdr1Fn>(real_next(&REAL_DLADDR1, c"dladdr1")) };
+    // SAFETY: forwarded contract.
+    let r = runtime::with_libc_rights(|| unsafe { real(addr, info, extra, flags) });
+    if r != 0 && !info.is_null() {
+        // SAFETY: dladdr1 filled `info`.
+        unsafe { (*info).dli_fname = shared_name((*info).dli_fname) };
+    }
+    r
+}
+
+/// Bind the lazy slots of the objects `dlopen` just added (census indices
+/// `which`), before their GOTs are patched. PKRU allows every key.
+pub fn bind_new(rt: &Runtime, c: &Census, which: core::ops::Range<usize>) {
+    crate::bindnow::bind_objects(rt, c, which);
+    share_names(rt);
+}
+
+/// Copies of the loader's object names (`l_name`, on the loader heap in
+/// strict mode) on the shared key, by the loader's pointer: `dladdr`'s
+/// `dli_fname` and `dl_iterate_phdr`'s `dlpi_name` hand compartments these
+/// copies, which they can read. Filled at start-up and after each `dlopen`
+/// (never from the hooks, which may run in the fault handler).
+static NAMES: std::sync::RwLock<Vec<(usize, Box<[u8]>)>> = std::sync::RwLock::new(Vec::new());
+
+/// Record a shared copy of every loaded object's name (strict mode).
+pub fn share_names(rt: &Runtime) {
+    if rt.config.libc_compartment.is_none() {
+        return;
+    }
+    unsafe extern "C" fn cb(info: *mut libc::dl_phdr_info, _: usize, data: *mut c_void) -> c_int {
+        // SAFETY: glibc's info and our Vec.
+        let (info, out) = unsafe { (&*info, &mut *(data as *mut Vec<(usize, Box<[u8]>)>)) };
+        if !info.dlpi_name.is_null() {
+            // SAFETY: a NUL-terminated name owned by the loader.
+            let bytes = unsafe { core::ffi::CStr::from_ptr(info.dlpi_name) }.to_bytes_with_nul();
+            out.push((info.dlpi_name as usize, bytes.into()));
+        }
+        0
+    }
+    let mut found: Vec<(usize, Box<[u8]>)> = Vec::new();
+    // SAFETY: the callback only touches `found`.
+    unsafe {
+        crate::callbacks::real_dl_iterate_phdr(
+            cb,
+            (&mut found as *mut Vec<(usize, Box<[u8]>)>).cast(),
+        )
+    };
+    let mut names = NAMES.write().unwrap_or_else(|e| e.into_inner());
+    for (p, b) in found {
+        if !names.iter().any(|(q, c)| *q == p && **c == *b) {
+            names.retain(|(q, _)| *q != p);
+            names.push((p, b));
+        }
+    }
+}
+
+/// The shared copy of the loader's name at `p`, or `p`.
+pub fn shared_name(p: *const libc::c_char) -> *const libc::c_char {
+    if p.is_null() {
+        return p;
+    }
+    let Ok(names) = NAMES.try_read() else {
+        return p;
+    };
+    names
+        .iter()
+        .find(|(q, _)| *q == p as usize)
+        .map_or(p, |(_, b)| b.as_ptr().cast())
+}
+
+/// What `dlsym(RTLD_NEXT)`'s stub (hooks.rs) needs: `gadget`, the address
+/// of a `ret` byte in the caller's object, for the real `dlsym` to return
+/// through (it answers relative to its return address's object), and the
+/// caller's PKRU to restore afterwards. `gadget` 0: no rights to add.
+#[repr(C)]
+pub struct NextEnter {
+    pub gadget: usize,
+    pub saved_pkru: usize,
+}
+
+/// Before the real `dlsym(RTLD_NEXT)` (strict mode): add the loader's
+/// rights (it takes `dl_load_lock`) and find the caller's `ret` byte.
+pub extern "C" fn dlsym_next_enter(caller: usize) -> NextEnter {
+    let none = NextEnter {
+        gadget: 0,
+        saved_pkru: 0,
+    };
+    let Some(rt) = runtime::active() else {
+        return none;
+    };
+    let Some(n) = rt.config.libc_compartment else {
+        return none;
+    };
+    let gadget = {
+        let Ok(c) = rt.census.read() else { return none };
+        let Some((_, o)) = c.object_at(caller) else {
+            return none;
+        };
+        let seg = o
+            .segments
+            .iter()
+            .filter(|s| s.executable())
+            .find(|s| s.range.contains(caller));
+        let Some(seg) = seg else { return none };
+        // SAFETY: the caller's executable segment, mapped and readable.
+        let text =
+            unsafe { core::slice::from_raw_parts(seg.range.start as *const u8, seg.range.len()) };
+        match text.iter().position(|&b| b == 0xc3) {
+            Some(i) => seg.range.start + i,
+            None => return none,
+        }
+    };
+    let saved = pku::read_pkru();
+    pku::write_pkru(saved & !(3 << (2 * rt.key_of(n))));
+    NextEnter {
+        gadget,
+        saved_pkru: saved as usize,
+    }
+}
+
+/// After the real `dlsym(RTLD_NEXT)`: the caller's PKRU again.
+pub extern "C" fn dlsym_next_leave(saved_pkru: usize) {
+    pku::write_pkru(saved_pkru as u32);
 }

@@ -1,6 +1,6 @@
 //! Start-up: the constructor's sequence, top to bottom, as the pipeline it
 //! is: configuration → logging → real functions → PKU probe → census →
-//! compartments → carveouts → plan → apply → fault handler → gates →
+//! compartments → carveouts → plan → apply → fault handler → lazy binding → gates →
 //! reports → allocator → threads. The only module that calls the features'
 //! `install`/`start`/`init` functions.
 
@@ -40,6 +40,9 @@ pub fn init() {
     }
     crate::real::resolve_all();
     crate::dl::real_dlsym();
+    crate::dl::resolve_dladdr();
+    crate::callbacks::resolve();
+    crate::cxx::resolve();
     crate::alloc::prepare();
 
     let support = match config.pku {
@@ -114,8 +117,14 @@ pub fn init() {
     }
     let rt = runtime::get().expect("just set");
     crate::fault::install();
+    {
+        let census = rt.census.read().unwrap_or_else(|e| e.into_inner());
+        crate::bindnow::bind_objects(rt, &census, 0..census.objects.len());
+    }
+    crate::dl::share_names(rt);
     crate::gates::install(rt);
     crate::report::startup(rt);
+    crate::bindnow::report_plan(rt);
     crate::alloc::start(rt);
     crate::threads::init();
     set_state(InitState::Ready);
