@@ -209,17 +209,17 @@ pub unsafe fn dl_iterate_phdr(cb: usize, data: *mut c_void) -> c_int {
     let real: DlIteratePhdr = unsafe {
         core::mem::transmute::<usize, DlIteratePhdr>(real(&DL_ITERATE_PHDR, c"dl_iterate_phdr"))
     };
-    let strict = runtime::active().is_some_and(|rt| rt.config.libc_compartment.is_some());
-    if !strict {
+    let Some(rt) = runtime::active() else {
+        // SAFETY: forwarded.
+        return unsafe { real(core::mem::transmute::<usize, PhdrCb>(cb), data) };
+    };
+    let caller = pku::read_pkru();
+    let pkru = callback_pkru(cb, caller);
+    if rt.config.libc_compartment.is_none() && pkru == caller {
         // SAFETY: forwarded.
         return unsafe { real(core::mem::transmute::<usize, PhdrCb>(cb), data) };
     }
-    let caller = pku::read_pkru();
-    let ctx = PhdrCtx {
-        cb,
-        data,
-        pkru: callback_pkru(cb, caller),
-    };
+    let ctx = PhdrCtx { cb, data, pkru };
     // SAFETY: forwarded, with our trampoline and context.
     runtime::with_libc_rights(|| unsafe { real(phdr_tramp, &ctx as *const PhdrCtx as *mut c_void) })
 }

@@ -41,6 +41,7 @@ fn fixture(now: bool) -> PathBuf {
 const CALLS: &[&str] = &[
     "printf",
     "strlen",
+    "qsort-main",
     "stdio",
     "getenv",
     "localtime",
@@ -62,6 +63,7 @@ const CALLS: &[&str] = &[
 const EXPECTED: &[&str] = &[
     "printf ok 42",
     "strlen ok 6",
+    "callbacks from main ok 0 511 0",
     "stdio ok hello file",
     "getenv ok visible",
     "localtime ok 1971-01-01",
