@@ -90,7 +90,7 @@ const EXIT_LINES: &[&str] = &[
     "cxx static destructor ran as 3: global of compartment 3",
 ];
 
-fn s(p: &PathBuf) -> &'static str {
+fn s(p: &std::path::Path) -> &'static str {
     Box::leak(p.to_str().unwrap().to_string().into_boxed_str())
 }
 
@@ -126,6 +126,23 @@ fn enforced() -> &'static HashMap<&'static str, Outcome> {
             ("exit lib now n4", job(&argv(now, &["exit-lib"]), &[n4])),
             ("exit main default", job(&argv(now, &["exit-main"]), &[])),
             ("exit lib default", job(&argv(lazy, &["exit-lib"]), &[])),
+            // copy_relocs: main's copy of libc's `stdout` is main's data,
+            // which printf reads with the libc compartment's rights: fine
+            // when libc shares main's key, a fault with its own.
+            (
+                "n1 without copy_relocs",
+                job(
+                    &argv(now, &["printf"]),
+                    &[n1, ("IA2_SHARE_COPY_RELOCS", "0")],
+                ),
+            ),
+            (
+                "n4 without copy_relocs",
+                job(
+                    &argv(now, &["printf"]),
+                    &[n4, ("IA2_SHARE_COPY_RELOCS", "0")],
+                ),
+            ),
             // The fixes turned off.
             (
                 "lazy without binding",
@@ -255,4 +272,18 @@ fn without_libc_gates_printf_faults_on_libcs_stdout() {
         assert_stderr_has(o, "running as  compartment 2");
         assert_stderr_has(o, "symbol      _IO_2_1_stdout_+");
     }
+}
+
+/// The `copy_relocs` carveout is still needed with gated libc calls when
+/// libc has a compartment of its own: printf from compartment 2 (through a
+/// union gate: 2 plus 4) reads main's copy of `stdout`. With N = 1 (libc
+/// shares main's key) it is not.
+#[test]
+fn copy_relocs_is_needed_only_with_a_separate_libc_compartment() {
+    let o = &enforced()["n1 without copy_relocs"];
+    assert_code(o, 0);
+    assert_stdout_has(o, "printf ok 42");
+    let o = &enforced()["n4 without copy_relocs"];
+    assert_code(o, SIGSEGV_CODE);
+    assert_stderr_has(o, "symbol      stdout");
 }
