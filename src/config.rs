@@ -134,6 +134,7 @@ pub struct Config {
     pub share_libc_single_threaded: bool,
     pub share_pthread_once: bool,
     pub share_mutex_elision: bool,
+    pub share_libc_data_imports: bool,
     pub share: ShareList,
     pub tls_get_addr_gate: bool,
     pub bind_now: bool,
@@ -168,6 +169,7 @@ impl Default for Config {
             share_libc_single_threaded: true,
             share_pthread_once: true,
             share_mutex_elision: true,
+            share_libc_data_imports: false,
             share: ShareList(""),
             tls_get_addr_gate: false,
             bind_now: true,
@@ -637,6 +639,17 @@ pub static VARS: &[VarSpec] = &[
         implemented: true,
         parse: |c, v| {
             c.share_mutex_elision = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_SHARE_LIBC_DATA_IMPORTS",
+        values: "0, 1",
+        default: "0",
+        meaning: "carveout libc_data_imports (off by default: it shares libc's stdio page): keep the pages of system objects' data that application objects import by address (libc's stdin, environ, optarg, ...) on pkey 0",
+        implemented: true,
+        parse: |c, v| {
+            c.share_libc_data_imports = parse_bool(v)?;
             Ok(())
         },
     },

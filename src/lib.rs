@@ -8,7 +8,7 @@
 //! fails on an upward one):
 //!
 //! 1. pure core: `config`, `objects`, `compartments`, `plan`, `maps`, `stackfmt`, `scan`, `libc_gates`
-//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `tls`, `apply`, `carveouts`
+//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `tls`, `apply`, `carveouts`, `libc_data`
 //! 3. runtime core: `runtime`
 //! 4. features: `alloc`, `bindnow`, `callbacks`, `cxx`, `dl`, `exit`, `fault`, `gates`, `report`, `signals`, `threads`
 //! 5. entry points: `startup`, `hooks`
@@ -65,6 +65,8 @@ pub mod exit;
 pub mod fault;
 /// Call gates (stub pool, gate-frame stacks, unwinding) and GOT patching.
 pub mod gates;
+/// The `libc_data_imports` carveout: system data that application code reads directly.
+pub mod libc_data;
 /// Strict mode's libc-gate policy and hot list (`IA2_LIBC_GATES`).
 pub mod libc_gates;
 /// `/proc/self/maps` and `/proc/self/smaps` parsing.

@@ -154,6 +154,11 @@ fn build_census(config: &Config) -> Census {
         carveouts.push(carveouts::libc_single_threaded(config, &objects));
         carveouts.push(carveouts::pthread_once(config, &objects));
         carveouts.push(carveouts::mutex_elision(config, &objects));
+        carveouts.push(crate::libc_data::data_imports(
+            config,
+            &objects,
+            &assignment.of_object,
+        ));
     }
     // Strict mode tags the loader heap with the libc compartment's key.
     let mut extra = Vec::new();

@@ -143,6 +143,14 @@ fn enforced() -> &'static HashMap<&'static str, Outcome> {
                     &[n4, ("IA2_SHARE_COPY_RELOCS", "0")],
                 ),
             ),
+            ("stdin", job(&argv(now, &["stdin"]), &[n1])),
+            (
+                "stdin with libc_data_imports",
+                job(
+                    &argv(lazy, &["stdin"]),
+                    &[n1, ("IA2_SHARE_LIBC_DATA_IMPORTS", "1"), plan],
+                ),
+            ),
             // The fixes turned off.
             (
                 "lazy without binding",
@@ -286,4 +294,26 @@ fn copy_relocs_is_needed_only_with_a_separate_libc_compartment() {
     let o = &enforced()["n4 without copy_relocs"];
     assert_code(o, SIGSEGV_CODE);
     assert_stderr_has(o, "symbol      stdout");
+}
+
+/// Library code that reads libc's `stdin` itself (jq, libpython do)
+/// faults in strict mode: the variable is in libc's data and the load is
+/// compartment 2's own instruction. The report names the carveout that
+/// shares it, off by default because its page holds libc's stdio state.
+#[test]
+fn a_librarys_read_of_stdin_needs_libc_data_imports() {
+    let o = &enforced()["stdin"];
+    assert_code(o, SIGSEGV_CODE);
+    assert_stderr_has(o, "running as  compartment 2");
+    assert_stderr_has(o, "symbol      stdin");
+    assert_stderr_has(o, "instruction calls_stdin+");
+    assert_stderr_has(o, "IA2_SHARE_LIBC_DATA_IMPORTS=1");
+    let o = &enforced()["stdin with libc_data_imports"];
+    assert_code(o, 0);
+    assert_stdout_has(o, "stdin ok 1");
+    assert_stderr_has(
+        o,
+        "carveout libc_data_imports (IA2_SHARE_LIBC_DATA_IMPORTS=1)",
+    );
+    assert_stderr_has(o, "libc.so.6:stdin");
 }
