@@ -76,6 +76,30 @@ pub const HOT: &[HotEntry] = &[
     },
 ];
 
+/// Functions that are never gated, whatever the policy: they return twice
+/// or never return to their caller, so a gate between them and their
+/// caller breaks them (`setjmp` through a gate saves the gate's stack and
+/// return point; found on perl, which then spins in `longjmp`).
+pub const NEVER: HotEntry = HotEntry {
+    names: &[
+        "setjmp",
+        "_setjmp",
+        "__setjmp",
+        "sigsetjmp",
+        "__sigsetjmp",
+        "longjmp",
+        "_longjmp",
+        "siglongjmp",
+        "__longjmp_chk",
+        "vfork",
+        "getcontext",
+        "setcontext",
+        "swapcontext",
+    ],
+    why: "return twice or never return to their caller: a gate in between breaks them (setjmp through a gate saves the gate's frame)",
+    carveouts: &["tcb"],
+};
+
 /// Is `name` on the built-in hot list?
 pub fn is_hot(name: &str) -> bool {
     HOT.iter().any(|e| e.names.contains(&name))
@@ -87,6 +111,9 @@ pub fn is_hot(name: &str) -> bool {
 pub fn gated(policy: LibcGates, name: &str, tls_gate: bool) -> bool {
     if tls_gate && name == "__tls_get_addr" {
         return true;
+    }
+    if NEVER.names.contains(&name) {
+        return false;
     }
     match policy {
         LibcGates::None => false,
@@ -114,6 +141,15 @@ pub fn plan_text(policy: LibcGates, tls_gate: bool, pid: impl core::fmt::Display
         o,
         "ia2shim[{pid}]: ==== libc gates (IA2_LIBC_GATES={what}) ===="
     );
+    if policy != LibcGates::None {
+        let _ = writeln!(
+            o,
+            "ia2shim[{pid}]:   never gated {}: {}; carveouts: {}",
+            NEVER.names.join(" "),
+            NEVER.why,
+            NEVER.carveouts.join(", ")
+        );
+    }
     if policy != LibcGates::Hot {
         return o;
     }
@@ -189,6 +225,8 @@ mod tests {
         assert!(gated(LibcGates::None, "__tls_get_addr", true));
         assert!(!gated(LibcGates::Except("printf,puts"), "puts", false));
         assert!(gated(LibcGates::Except("printf,puts"), "memcpy", false));
+        assert!(!gated(LibcGates::All, "_setjmp", false));
+        assert!(!gated(LibcGates::Hot, "__longjmp_chk", false));
     }
 
     #[test]

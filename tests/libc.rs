@@ -42,6 +42,7 @@ const CALLS: &[&str] = &[
     "printf",
     "strlen",
     "qsort-main",
+    "setjmp",
     "stdio",
     "getenv",
     "localtime",
@@ -64,6 +65,7 @@ const EXPECTED: &[&str] = &[
     "printf ok 42",
     "strlen ok 6",
     "callbacks from main ok 0 511 0",
+    "setjmp ok 3 3",
     "stdio ok hello file",
     "getenv ok visible",
     "localtime ok 1971-01-01",
@@ -227,6 +229,7 @@ fn the_plan_shows_binding_and_the_hot_list() {
     assert_stderr_has(o, "hot memcpy memmove memset");
     assert_stderr_has(o, "carveouts: libc_tuning");
     assert_stderr_has(o, "hot __tls_get_addr");
+    assert_stderr_has(o, "never gated setjmp _setjmp");
     assert_stderr_has(
         o,
         "-> printf in /lib/x86_64-linux-gnu/libc.so.6 (compartment 1)",
