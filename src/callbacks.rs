@@ -223,3 +223,107 @@ pub unsafe fn dl_iterate_phdr(cb: usize, data: *mut c_void) -> c_int {
     // SAFETY: forwarded, with our trampoline and context.
     runtime::with_libc_rights(|| unsafe { real(phdr_tramp, &ctx as *const PhdrCtx as *mut c_void) })
 }
+
+// ---------------------------------------------------------------- fork handlers
+
+/// How many `pthread_atfork` handlers can be wrapped (three per call at
+/// most); later ones are registered as they are, with a warning.
+pub const ATFORK_SLOTS: usize = 96;
+
+static ATFORK_FUNC: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
+static ATFORK_DSO: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
+#[cfg_attr(test, allow(dead_code))]
+static ATFORK_NEXT: AtomicUsize = AtomicUsize::new(0);
+#[cfg_attr(test, allow(dead_code))]
+static REGISTER_ATFORK: AtomicUsize = AtomicUsize::new(0);
+
+// Handlers take no argument, so each wrapped one gets a stub of its own:
+// stub i puts i in edi and jumps to `atfork_dispatch`.
+#[cfg(not(test))]
+core::arch::global_asm!(
+    ".pushsection .text.ia2shim_atfork_stubs,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl ia2shim_atfork_stubs",
+    ".hidden ia2shim_atfork_stubs",
+    "ia2shim_atfork_stubs:",
+    ".set ia2shim_atfork_i, 0",
+    ".rept {n}",
+    "mov edi, ia2shim_atfork_i",
+    "jmp {dispatch}",
+    ".p2align 4",
+    ".set ia2shim_atfork_i, ia2shim_atfork_i + 1",
+    ".endr",
+    ".popsection",
+    n = const ATFORK_SLOTS,
+    dispatch = sym atfork_dispatch,
+);
+
+#[cfg(not(test))]
+extern "C" {
+    fn ia2shim_atfork_stubs();
+}
+
+#[cfg_attr(test, allow(dead_code))]
+extern "C" fn atfork_dispatch(i: u32) {
+    let i = i as usize;
+    let f = ATFORK_FUNC[i].load(Ordering::Acquire);
+    if f == 0 {
+        return;
+    }
+    let pkru = handler_pkru(f, ATFORK_DSO[i].load(Ordering::Acquire));
+    // SAFETY: the handler the program registered.
+    with_pkru(pkru, || unsafe {
+        core::mem::transmute::<usize, extern "C" fn()>(f)()
+    });
+}
+
+/// A stub that runs `f` (registered by the object of `dso`) in its
+/// compartment, or `f` itself when none is left.
+#[cfg(not(test))]
+fn atfork_stub(f: usize, dso: usize) -> usize {
+    if f == 0 {
+        return 0;
+    }
+    let i = ATFORK_NEXT.fetch_add(1, Ordering::AcqRel);
+    if i >= ATFORK_SLOTS {
+        log::warn!(
+            "pthread_atfork: more than {ATFORK_SLOTS} handlers; {f:#x} runs with fork's rights"
+        );
+        return f;
+    }
+    ATFORK_FUNC[i].store(f, Ordering::Release);
+    ATFORK_DSO[i].store(dso, Ordering::Release);
+    ia2shim_atfork_stubs as *const () as usize + 16 * i
+}
+
+#[cfg_attr(test, allow(dead_code))]
+type RegisterAtfork = unsafe extern "C" fn(usize, usize, usize, *mut c_void) -> c_int;
+
+/// `__register_atfork(prepare, parent, child, dso)` (what
+/// `pthread_atfork` calls): each handler through a stub that runs it in its
+/// compartment (fork runs them with the caller's rights plus libc's).
+///
+/// # Safety
+/// As `pthread_atfork(3)`.
+#[cfg(not(test))]
+pub unsafe fn register_atfork(
+    prepare: usize,
+    parent: usize,
+    child: usize,
+    dso: *mut c_void,
+) -> c_int {
+    // SAFETY: the slot holds glibc's __register_atfork.
+    let real: RegisterAtfork = unsafe {
+        core::mem::transmute::<usize, RegisterAtfork>(real(&REGISTER_ATFORK, c"__register_atfork"))
+    };
+    let d = dso as usize;
+    // SAFETY: forwarded, each handler replaced by its stub.
+    unsafe {
+        real(
+            atfork_stub(prepare, d),
+            atfork_stub(parent, d),
+            atfork_stub(child, d),
+            dso,
+        )
+    }
+}

@@ -317,6 +317,23 @@ pub unsafe extern "C" fn qsort_r(
     unsafe { crate::callbacks::qsort(base, n, size, cmp, Some(arg)) }
 }
 
+/// `__register_atfork` (what `pthread_atfork` calls): fork handlers run in
+/// their compartment.
+///
+/// # Safety
+/// As `pthread_atfork(3)`.
+#[cfg(not(test))]
+#[no_mangle]
+pub unsafe extern "C" fn __register_atfork(
+    prepare: usize,
+    parent: usize,
+    child: usize,
+    dso: *mut c_void,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::callbacks::register_atfork(prepare, parent, child, dso) }
+}
+
 /// `__cxa_atexit` (and so `atexit`, which calls it): the handler runs with
 /// its compartment's rights (see `exit`).
 ///
