@@ -18,33 +18,18 @@
 
 use crate::exit::{handler_pkru, with_pkru};
 use crate::pku;
+use crate::real::RealFn;
 use crate::runtime;
 use core::ffi::{c_int, c_void};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-fn real(slot: &AtomicUsize, name: &core::ffi::CStr) -> usize {
-    let a = slot.load(Ordering::Acquire);
-    if a != 0 {
-        return a;
-    }
-    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
-    let a = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
-    if a == 0 {
-        crate::lifecycle::fatal(format_args!(
-            "dlsym(RTLD_NEXT, {name:?}) returned NULL: cannot find the real function"
-        ));
-    }
-    slot.store(a, Ordering::Release);
-    a
-}
-
-static QSORT_R: AtomicUsize = AtomicUsize::new(0);
-static DL_ITERATE_PHDR: AtomicUsize = AtomicUsize::new(0);
+static QSORT_R: RealFn = RealFn::new(c"qsort_r");
+static DL_ITERATE_PHDR: RealFn = RealFn::new(c"dl_iterate_phdr");
 
 /// Resolve the real functions (the fault path must not call `dlsym`).
 pub fn resolve() {
-    real(&QSORT_R, c"qsort_r");
-    real(&DL_ITERATE_PHDR, c"dl_iterate_phdr");
+    QSORT_R.get();
+    DL_ITERATE_PHDR.get();
 }
 
 /// glibc's `dl_iterate_phdr`, bypassing the hook (the callback sees the
@@ -54,9 +39,8 @@ pub fn resolve() {
 /// As `dl_iterate_phdr(3)`.
 pub unsafe fn real_dl_iterate_phdr(cb: PhdrCb, data: *mut c_void) -> c_int {
     // SAFETY: the slot holds glibc's dl_iterate_phdr.
-    let real: DlIteratePhdr = unsafe {
-        core::mem::transmute::<usize, DlIteratePhdr>(real(&DL_ITERATE_PHDR, c"dl_iterate_phdr"))
-    };
+    let real: DlIteratePhdr =
+        unsafe { core::mem::transmute::<usize, DlIteratePhdr>(DL_ITERATE_PHDR.get()) };
     // SAFETY: forwarded.
     unsafe { real(cb, data) }
 }
@@ -108,7 +92,7 @@ pub unsafe fn qsort(
     arg: Option<*mut c_void>,
 ) {
     // SAFETY: the slot holds glibc's qsort_r.
-    let real: QsortR = unsafe { core::mem::transmute::<usize, QsortR>(real(&QSORT_R, c"qsort_r")) };
+    let real: QsortR = unsafe { core::mem::transmute::<usize, QsortR>(QSORT_R.get()) };
     let caller = pku::read_pkru();
     let strict = runtime::active().is_some_and(|rt| rt.config.libc_compartment.is_some());
     let pkru = if runtime::active().is_some() {
@@ -206,9 +190,8 @@ unsafe extern "C" fn phdr_tramp(
 /// As `dl_iterate_phdr(3)`.
 pub unsafe fn dl_iterate_phdr(cb: usize, data: *mut c_void) -> c_int {
     // SAFETY: the slot holds glibc's dl_iterate_phdr.
-    let real: DlIteratePhdr = unsafe {
-        core::mem::transmute::<usize, DlIteratePhdr>(real(&DL_ITERATE_PHDR, c"dl_iterate_phdr"))
-    };
+    let real: DlIteratePhdr =
+        unsafe { core::mem::transmute::<usize, DlIteratePhdr>(DL_ITERATE_PHDR.get()) };
     let Some(rt) = runtime::active() else {
         // SAFETY: forwarded.
         return unsafe { real(core::mem::transmute::<usize, PhdrCb>(cb), data) };
@@ -235,7 +218,7 @@ static ATFORK_DSO: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) };
 #[cfg_attr(test, allow(dead_code))]
 static ATFORK_NEXT: AtomicUsize = AtomicUsize::new(0);
 #[cfg_attr(test, allow(dead_code))]
-static REGISTER_ATFORK: AtomicUsize = AtomicUsize::new(0);
+static REGISTER_ATFORK: RealFn = RealFn::new(c"__register_atfork");
 
 // Handlers take no argument, so each wrapped one gets a stub of its own:
 // stub i puts i in edi and jumps to `atfork_dispatch`.
@@ -313,9 +296,8 @@ pub unsafe fn register_atfork(
     dso: *mut c_void,
 ) -> c_int {
     // SAFETY: the slot holds glibc's __register_atfork.
-    let real: RegisterAtfork = unsafe {
-        core::mem::transmute::<usize, RegisterAtfork>(real(&REGISTER_ATFORK, c"__register_atfork"))
-    };
+    let real: RegisterAtfork =
+        unsafe { core::mem::transmute::<usize, RegisterAtfork>(REGISTER_ATFORK.get()) };
     let d = dso as usize;
     // SAFETY: forwarded, each handler replaced by its stub.
     unsafe {

@@ -16,32 +16,17 @@
 
 use crate::objects::ObjectKind;
 use crate::pku;
+use crate::real::RealFn;
 use crate::runtime;
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// libgcc's `_Unwind_Resume`, for the stub in hooks.rs.
-pub static REAL_UNWIND_RESUME: AtomicUsize = AtomicUsize::new(0);
-static REAL_BEGIN_CATCH: AtomicUsize = AtomicUsize::new(0);
-
-fn real(slot: &AtomicUsize, name: &core::ffi::CStr) -> usize {
-    let a = slot.load(Ordering::Acquire);
-    if a != 0 {
-        return a;
-    }
-    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
-    let a = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
-    slot.store(a, Ordering::Release);
-    a
-}
+static REAL_UNWIND_RESUME: RealFn = RealFn::new(c"_Unwind_Resume");
+static REAL_BEGIN_CATCH: RealFn = RealFn::new(c"__cxa_begin_catch");
 
 /// Resolve `_Unwind_Resume` (before any exception: the stub needs it).
 pub fn resolve() {
-    if real(&REAL_UNWIND_RESUME, c"_Unwind_Resume") == 0 {
-        crate::lifecycle::fatal(format_args!(
-            "dlsym(RTLD_NEXT, \"_Unwind_Resume\") returned NULL"
-        ));
-    }
+    REAL_UNWIND_RESUME.get();
 }
 
 /// Called by the `_Unwind_Resume` stub: add the libc compartment's key
@@ -52,7 +37,7 @@ pub extern "C" fn unwind_resume_enter() -> usize {
             pku::write_pkru(pku::read_pkru() & !(3 << (2 * rt.key_of(n))));
         }
     }
-    real(&REAL_UNWIND_RESUME, c"_Unwind_Resume")
+    REAL_UNWIND_RESUME.get()
 }
 
 type BeginCatch = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
@@ -63,12 +48,7 @@ type BeginCatch = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
 /// # Safety
 /// As `__cxa_begin_catch`.
 pub unsafe fn begin_catch(exc: *mut c_void, caller: usize) -> *mut c_void {
-    let f = real(&REAL_BEGIN_CATCH, c"__cxa_begin_catch");
-    if f == 0 {
-        crate::lifecycle::fatal(format_args!(
-            "__cxa_begin_catch called but no libstdc++ defines it"
-        ));
-    }
+    let f = REAL_BEGIN_CATCH.get();
     // SAFETY: libstdc++'s __cxa_begin_catch.
     let r = unsafe { core::mem::transmute::<usize, BeginCatch>(f)(exc) };
     if let Some(rt) = runtime::active() {

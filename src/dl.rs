@@ -431,30 +431,14 @@ type DladdrFn = unsafe extern "C" fn(*const c_void, *mut libc::Dl_info) -> c_int
 type Dladdr1Fn =
     unsafe extern "C" fn(*const c_void, *mut libc::Dl_info, *mut *mut c_void, c_int) -> c_int;
 
-static REAL_DLADDR: AtomicUsize = AtomicUsize::new(0);
-static REAL_DLADDR1: AtomicUsize = AtomicUsize::new(0);
-
-fn real_next(slot: &AtomicUsize, name: &core::ffi::CStr) -> usize {
-    let a = slot.load(Ordering::Acquire);
-    if a != 0 {
-        return a;
-    }
-    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
-    let a = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
-    if a == 0 {
-        crate::lifecycle::fatal(format_args!(
-            "dlsym(RTLD_NEXT, {name:?}) returned NULL: cannot find the real function"
-        ));
-    }
-    slot.store(a, Ordering::Release);
-    a
-}
+static REAL_DLADDR: crate::real::RealFn = crate::real::RealFn::new(c"dladdr");
+static REAL_DLADDR1: crate::real::RealFn = crate::real::RealFn::new(c"dladdr1");
 
 /// Resolve the real `dladdr`/`dladdr1` (fault reports call `dladdr` from
 /// the signal handler, which must not run `dlsym`).
 pub fn resolve_dladdr() {
-    real_next(&REAL_DLADDR, c"dladdr");
-    real_next(&REAL_DLADDR1, c"dladdr1");
+    REAL_DLADDR.get();
+    REAL_DLADDR1.get();
 }
 
 /// `dladdr` with the loader's rights added (it takes `dl_load_lock` and
@@ -464,8 +448,7 @@ pub fn resolve_dladdr() {
 /// As `dladdr(3)`.
 pub unsafe fn dladdr(addr: *const c_void, info: *mut libc::Dl_info) -> c_int {
     // SAFETY: the slot holds glibc's dladdr.
-    let real: DladdrFn =
-        unsafe { core::mem::transmute::<usize, DladdrFn>(real_next(&REAL_DLADDR, c"dladdr")) };
+    let real: DladdrFn = unsafe { core::mem::transmute::<usize, DladdrFn>(REAL_DLADDR.get()) };
     // SAFETY: forwarded contract.
     let r = runtime::with_libc_rights(|| unsafe { real(addr, info) });
     if r != 0 && !info.is_null() {
@@ -486,8 +469,7 @@ pub unsafe fn dladdr1(
     flags: c_int,
 ) -> c_int {
     // SAFETY: the slot holds glibc's dladdr1.
-    let real: Dladdr1Fn =
-        unsafe { core::mem::transmute::<usize, Dladdr1Fn>(real_next(&REAL_DLADDR1, c"dladdr1")) };
+    let real: Dladdr1Fn = unsafe { core::mem::transmute::<usize, Dladdr1Fn>(REAL_DLADDR1.get()) };
     // SAFETY: forwarded contract.
     let r = runtime::with_libc_rights(|| unsafe { real(addr, info, extra, flags) });
     if r != 0 && !info.is_null() {

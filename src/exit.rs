@@ -25,9 +25,9 @@
 
 use crate::objects::ObjectKind;
 use crate::pku;
+use crate::real::RealFn;
 use crate::runtime;
 use core::ffi::{c_int, c_void};
-use core::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// One registered handler.
@@ -127,24 +127,8 @@ extern "C" fn run_record(rec: *mut c_void) {
     with_pkru(pkru, || f(r.arg as *mut c_void));
 }
 
-static REAL_CXA_ATEXIT: AtomicUsize = AtomicUsize::new(0);
-static REAL_THREAD_ATEXIT: AtomicUsize = AtomicUsize::new(0);
-
-fn real(slot: &AtomicUsize, name: &core::ffi::CStr) -> usize {
-    let a = slot.load(Ordering::Acquire);
-    if a != 0 {
-        return a;
-    }
-    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
-    let a = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
-    if a == 0 {
-        crate::lifecycle::fatal(format_args!(
-            "dlsym(RTLD_NEXT, {name:?}) returned NULL: cannot find the real function"
-        ));
-    }
-    slot.store(a, Ordering::Release);
-    a
-}
+static REAL_CXA_ATEXIT: RealFn = RealFn::new(c"__cxa_atexit");
+static REAL_THREAD_ATEXIT: RealFn = RealFn::new(c"__cxa_thread_atexit_impl");
 
 type CxaAtexitFn =
     unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, *mut c_void) -> c_int;
@@ -155,7 +139,7 @@ type CxaAtexitFn =
 /// # Safety
 /// As `__cxa_atexit`.
 pub unsafe fn cxa_atexit(func: usize, arg: *mut c_void, dso: *mut c_void) -> c_int {
-    register(&REAL_CXA_ATEXIT, c"__cxa_atexit", func, arg, dso)
+    register(&REAL_CXA_ATEXIT, func, arg, dso)
 }
 
 /// `__cxa_thread_atexit_impl(func, obj, dso_symbol)`: the same for
@@ -164,24 +148,12 @@ pub unsafe fn cxa_atexit(func: usize, arg: *mut c_void, dso: *mut c_void) -> c_i
 /// # Safety
 /// As `__cxa_thread_atexit_impl`.
 pub unsafe fn cxa_thread_atexit(func: usize, arg: *mut c_void, dso: *mut c_void) -> c_int {
-    register(
-        &REAL_THREAD_ATEXIT,
-        c"__cxa_thread_atexit_impl",
-        func,
-        arg,
-        dso,
-    )
+    register(&REAL_THREAD_ATEXIT, func, arg, dso)
 }
 
-fn register(
-    slot: &AtomicUsize,
-    name: &core::ffi::CStr,
-    func: usize,
-    arg: *mut c_void,
-    dso: *mut c_void,
-) -> c_int {
+fn register(slot: &RealFn, func: usize, arg: *mut c_void, dso: *mut c_void) -> c_int {
     // SAFETY: the slot holds glibc's function of this type.
-    let f: CxaAtexitFn = unsafe { core::mem::transmute::<usize, CxaAtexitFn>(real(slot, name)) };
+    let f: CxaAtexitFn = unsafe { core::mem::transmute::<usize, CxaAtexitFn>(slot.get()) };
     // The shim's own handlers (the gate-call report) need no record.
     if is_shim_code(func) {
         // SAFETY: forwarding the program's arguments.
