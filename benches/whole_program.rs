@@ -146,17 +146,38 @@ fn main() {
 
     // Natively, sim mode.
     let sim = ("IA2_PKU", "sim");
+    let n1 = ("IA2_LIBC_COMPARTMENT", "1");
+    let n4 = ("IA2_LIBC_COMPARTMENT", "4");
+    let all = ("IA2_LIBC_GATES", "all");
     let sides = [
         job(&dav1d, &[], false),
         job(&dav1d, &[sim], true),
-        job(&dav1d, &[sim, ("IA2_LIBC_COMPARTMENT", "1")], true),
+        job(&dav1d, &[sim, n1], true),
+        job(&dav1d, &[sim, n4], true),
+        job(&dav1d, &[sim, n1, all], true),
     ];
     let r: Vec<f64> = alternate(Mode::Native, &sides, rounds, fps_of)
         .into_iter()
         .map(median)
         .collect();
     println!(
-        "dav1d 640x360x60 --threads 1, native, IA2_PKU=sim: {:.1} fps without, {:.1} fps with shim (time ratio {:.3}x), {:.1} fps strict (time ratio {:.3}x); median of {rounds}, alternating",
+        "dav1d 640x360x60 --threads 1, native, IA2_PKU=sim: {:.1} fps without, {:.1} fps with shim (time ratio {:.3}x), {:.1} fps strict N=1 (time ratio {:.3}x), {:.1} fps strict N=4, a separate libc compartment (time ratio {:.3}x), {:.1} fps strict with every libc call gated (time ratio {:.3}x); median of {rounds}, alternating",
+        r[0], r[1], r[0] / r[1], r[2], r[0] / r[2], r[3], r[0] / r[3], r[4], r[0] / r[4]
+    );
+    let mut dav1d4 = dav1d.to_vec();
+    dav1d4[8] = "4";
+    dav1d4.extend_from_slice(&["--framedelay", "4"]);
+    let sides = [
+        job(&dav1d4, &[], false),
+        job(&dav1d4, &[sim, n1], true),
+        job(&dav1d4, &[sim, n4], true),
+    ];
+    let r: Vec<f64> = alternate(Mode::Native, &sides, rounds, fps_of)
+        .into_iter()
+        .map(median)
+        .collect();
+    println!(
+        "dav1d 640x360x60 --threads 4 --framedelay 4, native, IA2_PKU=sim: {:.1} fps without, {:.1} fps strict N=1 (time ratio {:.3}x), {:.1} fps strict N=4 (time ratio {:.3}x); median of {rounds}, alternating",
         r[0], r[1], r[0] / r[1], r[2], r[0] / r[2]
     );
     let ns = |o: &ia2run::Outcome| ns_per(&o.stdout);

@@ -19,8 +19,14 @@ pub enum PkuMode {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LibcGates {
+    /// No calls into system code are gated (the old default, for experiments).
     None,
-    Union,
+    /// Every call is gated (`all`; `union` is the old name).
+    All,
+    /// Every call but the hot list (`crate::libc_gates::HOT`) is gated.
+    Hot,
+    /// Every call but the names listed (a comma-separated hot list).
+    Except(&'static str),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,8 +238,10 @@ pub struct Config {
     pub share_pthread_once: bool,
     pub share_mutex_elision: bool,
     pub share_data_imports: bool,
+    pub share_libc_data_imports: bool,
     pub share: ShareList,
     pub tls_get_addr_gate: bool,
+    pub bind_now: bool,
     /// Any gate mechanism on (`IA2_GATES` other than `0`).
     pub gates: bool,
     /// Which gate mechanisms `IA2_GATES` turns on.
@@ -263,7 +271,7 @@ impl Default for Config {
             pku: PkuMode::Require,
             compartments: None,
             libc_compartment: None,
-            libc_gates: LibcGates::None,
+            libc_gates: LibcGates::Hot,
             share_tcb: true,
             share_rseq: true,
             share_below_tcb: true,
@@ -276,8 +284,10 @@ impl Default for Config {
             share_pthread_once: true,
             share_mutex_elision: true,
             share_data_imports: true,
+            share_libc_data_imports: false,
             share: ShareList::default(),
             tls_get_addr_gate: false,
+            bind_now: true,
             gates: true,
             gate_mechanisms: GateMechanisms::DEFAULT,
             heap_explicit: None,
@@ -801,15 +811,25 @@ pub static VARS: &[VarSpec] = &[
     },
     VarSpec {
         name: "IA2_LIBC_GATES",
-        values: "none, union",
-        default: "none",
-        meaning: "strict mode: calls into system code run with the caller's rights (none) or the caller's plus N's (union)",
+        values: "hot, all, none, name[,name...]",
+        default: "hot",
+        meaning: "strict mode: which calls from compartments into system code get a union gate (the caller's rights plus N's): all but the hot list printed by IA2_REPORT=plan (hot), every one (all; union is its old name), none (none), or all but the names listed",
         implemented: true,
         parse: |c, v| {
             c.libc_gates = match v {
                 "none" => LibcGates::None,
-                "union" => LibcGates::Union,
-                _ => return Err(Problem::BadValue),
+                "all" | "union" => LibcGates::All,
+                "hot" => LibcGates::Hot,
+                list => {
+                    let ok = list.split(',').all(|n| {
+                        !n.is_empty()
+                            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+                    });
+                    if !ok {
+                        return Err(Problem::BadValue);
+                    }
+                    LibcGates::Except(list)
+                }
             };
             Ok(())
         },
@@ -936,6 +956,17 @@ pub static VARS: &[VarSpec] = &[
         },
     },
     VarSpec {
+        name: "IA2_SHARE_LIBC_DATA_IMPORTS",
+        values: "0, 1",
+        default: "0",
+        meaning: "carveout libc_data_imports (off by default: it shares libc's stdio page): keep the pages of system objects' data that application objects import by address (libc's stdin, environ, optarg, ...) on pkey 0",
+        implemented: true,
+        parse: |c, v| {
+            c.share_libc_data_imports = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
         name: "IA2_SHARE_LOADER_HEAP",
         values: "0, 1",
         default: "0",
@@ -965,6 +996,17 @@ pub static VARS: &[VarSpec] = &[
         implemented: true,
         parse: |c, v| {
             c.tls_get_addr_gate = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_BIND_NOW",
+        values: "1, 0",
+        default: "1",
+        meaning: "resolve every lazy PLT slot of objects that can run with a compartment's rights at start-up and after dlopen, so ld.so's lazy resolver never runs with a compartment's rights",
+        implemented: true,
+        parse: |c, v| {
+            c.bind_now = parse_bool(v)?;
             Ok(())
         },
     },

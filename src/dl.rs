@@ -527,7 +527,9 @@ fn after_dlopen(rt: &Runtime, caller: usize, handle: *mut c_void) {
     snapshot.maps = maps;
     snapshot.plan.entries.extend(plan.entries);
     snapshot.plan.entries.sort_by_key(|e| e.range.start);
-    // Patching asks ld.so (dladdr, dlsym): on the snapshot, no census lock.
+    // Binding and patching ask ld.so (dladdr, dlsym): on the snapshot, no
+    // census lock.
+    bind_new(rt, &snapshot, start..end);
     crate::gates::patch_objects(rt, &snapshot, start..end);
 }
 
@@ -670,4 +672,171 @@ pub fn real_dlsym() -> usize {
 /// As `dlsym(3)`.
 pub unsafe fn dlsym(handle: *mut c_void, name: *const libc::c_char, caller: usize) -> *mut c_void {
     call_as_caller(real_dlsym(), handle as usize, name as usize, caller) as *mut c_void
+}
+
+type DladdrFn = unsafe extern "C" fn(*const c_void, *mut libc::Dl_info) -> c_int;
+type Dladdr1Fn =
+    unsafe extern "C" fn(*const c_void, *mut libc::Dl_info, *mut *mut c_void, c_int) -> c_int;
+
+static REAL_DLADDR: crate::real::RealFn = crate::real::RealFn::new(c"dladdr");
+static REAL_DLADDR1: crate::real::RealFn = crate::real::RealFn::new(c"dladdr1");
+
+/// Resolve the real `dladdr`/`dladdr1` (fault reports call `dladdr` from
+/// the signal handler, which must not run `dlsym`).
+pub fn resolve_dladdr() {
+    REAL_DLADDR.get();
+    REAL_DLADDR1.get();
+}
+
+/// `dladdr` with the loader's rights added (it takes `dl_load_lock` and
+/// reads the link maps).
+///
+/// # Safety
+/// As `dladdr(3)`.
+pub unsafe fn dladdr(addr: *const c_void, info: *mut libc::Dl_info) -> c_int {
+    // SAFETY: the slot holds glibc's dladdr.
+    let real: DladdrFn = unsafe { core::mem::transmute::<usize, DladdrFn>(REAL_DLADDR.get()) };
+    // SAFETY: forwarded contract.
+    let r = runtime::with_libc_rights(|| unsafe { real(addr, info) });
+    if r != 0 && !info.is_null() {
+        // SAFETY: dladdr filled `info`.
+        unsafe { (*info).dli_fname = shared_name((*info).dli_fname) };
+    }
+    r
+}
+
+/// `dladdr1`, as [`dladdr`].
+///
+/// # Safety
+/// As `dladdr1(3)`.
+pub unsafe fn dladdr1(
+    addr: *const c_void,
+    info: *mut libc::Dl_info,
+    extra: *mut *mut c_void,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: the slot holds glibc's dladdr1.
+    let real: Dladdr1Fn = unsafe { core::mem::transmute::<usize, Dladdr1Fn>(REAL_DLADDR1.get()) };
+    // SAFETY: forwarded contract.
+    let r = runtime::with_libc_rights(|| unsafe { real(addr, info, extra, flags) });
+    if r != 0 && !info.is_null() {
+        // SAFETY: dladdr1 filled `info`.
+        unsafe { (*info).dli_fname = shared_name((*info).dli_fname) };
+    }
+    r
+}
+
+/// Bind the lazy slots of the objects `dlopen` just added (census indices
+/// `which`), before their GOTs are patched. PKRU allows every key.
+pub fn bind_new(rt: &Runtime, c: &Census, which: core::ops::Range<usize>) {
+    crate::bindnow::bind_objects(rt, c, which);
+    share_names(rt);
+}
+
+/// Copies of the loader's object names (`l_name`, on the loader heap in
+/// strict mode) on the shared key, by the loader's pointer: `dladdr`'s
+/// `dli_fname` and `dl_iterate_phdr`'s `dlpi_name` hand compartments these
+/// copies, which they can read. Filled at start-up and after each `dlopen`
+/// (never from the hooks, which may run in the fault handler).
+static NAMES: std::sync::RwLock<Vec<(usize, Box<[u8]>)>> = std::sync::RwLock::new(Vec::new());
+
+/// Record a shared copy of every loaded object's name (strict mode).
+pub fn share_names(rt: &Runtime) {
+    if rt.config.libc_compartment.is_none() {
+        return;
+    }
+    unsafe extern "C" fn cb(info: *mut libc::dl_phdr_info, _: usize, data: *mut c_void) -> c_int {
+        // SAFETY: glibc's info and our Vec.
+        let (info, out) = unsafe { (&*info, &mut *(data as *mut Vec<(usize, Box<[u8]>)>)) };
+        if !info.dlpi_name.is_null() {
+            // SAFETY: a NUL-terminated name owned by the loader.
+            let bytes = unsafe { core::ffi::CStr::from_ptr(info.dlpi_name) }.to_bytes_with_nul();
+            out.push((info.dlpi_name as usize, bytes.into()));
+        }
+        0
+    }
+    let mut found: Vec<(usize, Box<[u8]>)> = Vec::new();
+    // SAFETY: the callback only touches `found`.
+    unsafe {
+        crate::callbacks::real_dl_iterate_phdr(
+            cb,
+            (&mut found as *mut Vec<(usize, Box<[u8]>)>).cast(),
+        )
+    };
+    let mut names = NAMES.write().unwrap_or_else(|e| e.into_inner());
+    for (p, b) in found {
+        if !names.iter().any(|(q, c)| *q == p && **c == *b) {
+            names.retain(|(q, _)| *q != p);
+            names.push((p, b));
+        }
+    }
+}
+
+/// The shared copy of the loader's name at `p`, or `p`.
+pub fn shared_name(p: *const libc::c_char) -> *const libc::c_char {
+    if p.is_null() {
+        return p;
+    }
+    let Ok(names) = NAMES.try_read() else {
+        return p;
+    };
+    names
+        .iter()
+        .find(|(q, _)| *q == p as usize)
+        .map_or(p, |(_, b)| b.as_ptr().cast())
+}
+
+/// What `dlsym(RTLD_NEXT)`'s stub (hooks.rs) needs: `gadget`, the address
+/// of a `ret` byte in the caller's object, for the real `dlsym` to return
+/// through (it answers relative to its return address's object), and the
+/// caller's PKRU to restore afterwards. `gadget` 0: no rights to add.
+#[repr(C)]
+pub struct NextEnter {
+    pub gadget: usize,
+    pub saved_pkru: usize,
+}
+
+/// Before the real `dlsym(RTLD_NEXT)` (strict mode): add the loader's
+/// rights (it takes `dl_load_lock`) and find the caller's `ret` byte.
+pub extern "C" fn dlsym_next_enter(caller: usize) -> NextEnter {
+    let none = NextEnter {
+        gadget: 0,
+        saved_pkru: 0,
+    };
+    let Some(rt) = runtime::active() else {
+        return none;
+    };
+    let Some(n) = rt.config.libc_compartment else {
+        return none;
+    };
+    let gadget = {
+        let Ok(c) = rt.census.read() else { return none };
+        let Some((_, o)) = c.object_at(caller) else {
+            return none;
+        };
+        let seg = o
+            .segments
+            .iter()
+            .filter(|s| s.executable())
+            .find(|s| s.range.contains(caller));
+        let Some(seg) = seg else { return none };
+        // SAFETY: the caller's executable segment, mapped and readable.
+        let text =
+            unsafe { core::slice::from_raw_parts(seg.range.start as *const u8, seg.range.len()) };
+        match text.iter().position(|&b| b == 0xc3) {
+            Some(i) => seg.range.start + i,
+            None => return none,
+        }
+    };
+    let saved = pku::read_pkru();
+    pku::write_pkru(saved & !(3 << (2 * rt.key_of(n))));
+    NextEnter {
+        gadget,
+        saved_pkru: saved as usize,
+    }
+}
+
+/// After the real `dlsym(RTLD_NEXT)`: the caller's PKRU again.
+pub extern "C" fn dlsym_next_leave(saved_pkru: usize) {
+    pku::write_pkru(saved_pkru as u32);
 }

@@ -49,15 +49,16 @@ unsafe extern "C" fn main_in_compartment(
     envp: *mut *mut c_char,
 ) -> c_int {
     // libc calls main through this wrapper as through a gate: main runs as
-    // the main compartment, and returning restores the caller's rights for
-    // the exit path (atexit handlers, destructors).
-    let caller_pkru = runtime::enter_main_compartment();
+    // the main compartment.
+    let _caller_pkru = runtime::enter_main_compartment();
     // SAFETY: PROGRAM_MAIN holds the program's `main`, stored below.
     let main: MainFn =
         unsafe { core::mem::transmute::<usize, MainFn>(PROGRAM_MAIN.load(Ordering::Acquire)) };
     // SAFETY: calling the program's main with the arguments libc gave us.
     let status = unsafe { main(argc, argv, envp) };
-    runtime::leave_main_compartment(caller_pkru);
+    // Not back to the caller's all-keys PKRU: the exit path (atexit
+    // handlers, destructors) continues with main's rights (see `exit`).
+    crate::exit::after_main();
     status
 }
 
@@ -313,12 +314,17 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
     unsafe { crate::dl::dlclose(handle) }
 }
 
-// `dlsym(RTLD_NEXT, …)` answers relative to its caller's object, so it
-// jumps straight to glibc's `dlsym` with the caller's return address in
-// place (so does every call with the shim off). Every other handle goes
-// through `hook_dlsym` with the caller's address in rdx: in strict mode it
-// runs the lookup with the libc compartment's rights added (it walks ld.so's
-// link maps and takes its lock), as called from the caller's object.
+// With the shim off every call jumps straight to glibc's `dlsym`.
+// `dlsym(RTLD_NEXT, …)` answers relative to its caller's object (its
+// return address), so the stub cannot simply call glibc's `dlsym`. In
+// strict mode it adds the loader's rights (`dlsym` takes `dl_load_lock`)
+// and calls the real `dlsym` with a return address inside the caller's
+// object: a `ret` byte there (found by `dl::dlsym_next_enter`), which
+// returns to the stub's pad, which restores the caller's PKRU. Otherwise
+// it jumps straight to glibc's `dlsym`. Every other handle goes through
+// `hook_dlsym` with the caller's address in rdx: in strict mode it runs the
+// lookup with the libc compartment's rights added (it walks ld.so's link
+// maps and takes its lock), as called from the caller's object.
 #[cfg(not(test))]
 core::arch::global_asm!(
     ".pushsection .text.dlsym,\"ax\",@progbits",
@@ -332,6 +338,35 @@ core::arch::global_asm!(
     "jnz 2f",
     "cmp rdi, -1",
     "jne 1f",
+    "push rdi",
+    "push rsi",
+    "sub rsp, 8",
+    "mov rdi, qword ptr [rsp + 24]",
+    "call {enter}",
+    "add rsp, 8",
+    "pop rsi",
+    "pop rdi",
+    "test rax, rax",
+    "jz 3f",
+    // [rsp]: the gadget (dlsym's return address, in the caller's object);
+    // [rsp+8]: the pad (the gadget's ret pops it); [rsp+16]: saved PKRU.
+    "sub rsp, 32",
+    "mov qword ptr [rsp], rax",
+    "lea rax, [rip + 4f]",
+    "mov qword ptr [rsp + 8], rax",
+    "mov qword ptr [rsp + 16], rdx",
+    "mov rax, qword ptr [rip + {real}]",
+    "jmp rax",
+    "4:",
+    "mov qword ptr [rsp + 8], rax",
+    "mov rdi, qword ptr [rsp]",
+    "sub rsp, 8",
+    "call {leave}",
+    "add rsp, 8",
+    "mov rax, qword ptr [rsp + 8]",
+    "add rsp, 16",
+    "ret",
+    "3:",
     "mov rax, qword ptr [rip + {real}]",
     "test rax, rax",
     "jz 1f",
@@ -346,6 +381,8 @@ core::arch::global_asm!(
     hook = sym hook_dlsym,
     real = sym crate::dl::REAL_DLSYM,
     pass = sym crate::dl::PASS_DLSYM,
+    enter = sym crate::dl::dlsym_next_enter,
+    leave = sym crate::dl::dlsym_next_leave,
 );
 
 #[cfg_attr(test, allow(dead_code))]
@@ -356,6 +393,163 @@ unsafe extern "C" fn hook_dlsym(
 ) -> *mut c_void {
     // SAFETY: dlsym's contract, from the caller.
     unsafe { crate::dl::dlsym(handle, name, ra) }
+}
+
+// ---------------------------------------------------------------- the loader's rights, callbacks
+
+/// `dladdr(3)` with the loader's rights added (strict mode).
+///
+/// # Safety
+/// As `dladdr(3)`.
+#[cfg(not(test))]
+#[no_mangle]
+pub unsafe extern "C" fn dladdr(addr: *const c_void, info: *mut libc::Dl_info) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::dl::dladdr(addr, info) }
+}
+
+/// `dladdr1(3)` with the loader's rights added (strict mode).
+///
+/// # Safety
+/// As `dladdr1(3)`.
+#[cfg(not(test))]
+#[no_mangle]
+pub unsafe extern "C" fn dladdr1(
+    addr: *const c_void,
+    info: *mut libc::Dl_info,
+    extra: *mut *mut c_void,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::dl::dladdr1(addr, info, extra, flags) }
+}
+
+/// `dl_iterate_phdr(3)`: the loader's rights for the walk, the callback's
+/// own (or the caller's) for each call.
+///
+/// # Safety
+/// As `dl_iterate_phdr(3)`.
+#[cfg(not(test))]
+#[no_mangle]
+pub unsafe extern "C" fn dl_iterate_phdr(cb: usize, data: *mut c_void) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::callbacks::dl_iterate_phdr(cb, data) }
+}
+
+/// `qsort(3)`: comparator calls with the comparator's compartment's rights.
+///
+/// # Safety
+/// As `qsort(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn qsort(base: *mut c_void, n: usize, size: usize, cmp: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { crate::callbacks::qsort(base, n, size, cmp, None) }
+}
+
+/// `qsort_r(3)`, as `qsort`.
+///
+/// # Safety
+/// As `qsort_r(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn qsort_r(
+    base: *mut c_void,
+    n: usize,
+    size: usize,
+    cmp: usize,
+    arg: *mut c_void,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { crate::callbacks::qsort(base, n, size, cmp, Some(arg)) }
+}
+
+/// `__register_atfork` (what `pthread_atfork` calls): fork handlers run in
+/// their compartment.
+///
+/// # Safety
+/// As `pthread_atfork(3)`.
+#[cfg(not(test))]
+#[no_mangle]
+pub unsafe extern "C" fn __register_atfork(
+    prepare: usize,
+    parent: usize,
+    child: usize,
+    dso: *mut c_void,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::callbacks::register_atfork(prepare, parent, child, dso) }
+}
+
+/// `__cxa_atexit` (and so `atexit`, which calls it): the handler runs with
+/// its compartment's rights (see `exit`).
+///
+/// # Safety
+/// As `__cxa_atexit`.
+#[no_mangle]
+pub unsafe extern "C" fn __cxa_atexit(func: usize, arg: *mut c_void, dso: *mut c_void) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::exit::cxa_atexit(func, arg, dso) }
+}
+
+/// `__cxa_thread_atexit_impl` (`thread_local` destructors), as `__cxa_atexit`.
+///
+/// # Safety
+/// As `__cxa_thread_atexit_impl`.
+#[no_mangle]
+pub unsafe extern "C" fn __cxa_thread_atexit_impl(
+    func: usize,
+    arg: *mut c_void,
+    dso: *mut c_void,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::exit::cxa_thread_atexit(func, arg, dso) }
+}
+
+// ---------------------------------------------------------------- C++ exceptions (see `cxx`)
+
+// `_Unwind_Resume(exc)`: add the libc compartment's key (strict mode), then
+// libgcc's, with the stack and the return address as the caller left them
+// (the unwinder starts from its caller's frame). Never returns.
+#[cfg(not(test))]
+core::arch::global_asm!(
+    ".pushsection .text._Unwind_Resume,\"ax\",@progbits",
+    ".globl _Unwind_Resume",
+    ".type _Unwind_Resume,@function",
+    ".p2align 4",
+    "_Unwind_Resume:",
+    ".cfi_startproc",
+    "push rdi",
+    ".cfi_adjust_cfa_offset 8",
+    "call {enter}",
+    "pop rdi",
+    ".cfi_adjust_cfa_offset -8",
+    "jmp rax",
+    ".cfi_endproc",
+    ".size _Unwind_Resume, .-_Unwind_Resume",
+    ".popsection",
+    enter = sym crate::cxx::unwind_resume_enter,
+);
+
+// `__cxa_begin_catch(exc)` with its caller's return address in rsi.
+#[cfg(not(test))]
+core::arch::global_asm!(
+    ".pushsection .text.__cxa_begin_catch,\"ax\",@progbits",
+    ".globl __cxa_begin_catch",
+    ".type __cxa_begin_catch,@function",
+    ".p2align 4",
+    "__cxa_begin_catch:",
+    ".cfi_startproc",
+    "mov rsi, qword ptr [rsp]",
+    "jmp {hook}",
+    ".cfi_endproc",
+    ".size __cxa_begin_catch, .-__cxa_begin_catch",
+    ".popsection",
+    hook = sym hook_begin_catch,
+);
+
+#[cfg_attr(test, allow(dead_code))]
+unsafe extern "C" fn hook_begin_catch(exc: *mut c_void, ra: usize) -> *mut c_void {
+    // SAFETY: __cxa_begin_catch's contract, from the caller.
+    unsafe { crate::cxx::begin_catch(exc, ra) }
 }
 
 // ---------------------------------------------------------------- threads and fork

@@ -7,10 +7,10 @@
 //! or below (`layering::tests` reads every `crate::` path under `src/` and
 //! fails on an upward one):
 //!
-//! 1. pure core: `config`, `objects`, `compartments`, `plan`, `privacy`, `maps`, `stackfmt`, `scan`
-//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`
+//! 1. pure core: `config`, `objects`, `compartments`, `plan`, `privacy`, `maps`, `stackfmt`, `scan`, `libc_gates`
+//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`, `libc_data`
 //! 3. runtime core: `runtime`
-//! 4. features: `alloc`, `deputy`, `dl`, `fault`, `gates`, `keyguard`, `report`, `signals`, `syscalls`, `threads`
+//! 4. features: `alloc`, `bindnow`, `callbacks`, `cxx`, `deputy`, `dl`, `exit`, `fault`, `gates`, `keyguard`, `report`, `signals`, `syscalls`, `threads`
 //! 5. entry points: `startup`, `hooks`
 //!
 //! The pure core is safe Rust with unit tests and no syscalls beyond reading
@@ -46,20 +46,33 @@ pub mod stackfmt;
 pub mod alloc;
 /// Applying a plan with `pkey_mprotect`, and the registry the fault handler reads.
 pub mod apply;
+/// Binding lazy PLT slots at start-up and after `dlopen` (as `LD_BIND_NOW`).
+pub mod bindnow;
+/// Callbacks that libc and ld.so run for a compartment (`qsort`,
+/// `dl_iterate_phdr`, fork handlers) run with its rights, never libc's.
+pub mod callbacks;
 /// One locator per named carveout (pages kept on the shared key 0).
 pub mod carveouts;
 /// Compartment assignment: which object belongs to which compartment.
 pub mod compartments;
+/// C++ exceptions in strict mode: the unwinder keeps the libc key, the catch drops it.
+pub mod cxx;
 /// Whose rights a start routine or signal handler runs with (confused deputies).
 pub mod deputy;
 /// `dlopen`/`dlclose`: counting, assigning, tagging and patching new objects.
 pub mod dl;
+/// The exit path: `atexit`/`__cxa_atexit` handlers in their compartments.
+pub mod exit;
 /// SIGSEGV handling and fault reports.
 pub mod fault;
 /// Call gates (stub pool, gate-frame stacks, unwinding) and GOT patching.
 pub mod gates;
 /// libc's `pkey_*` API, guarded: no compartment key or tagged page changes hands.
 pub mod keyguard;
+/// The `libc_data_imports` carveout: system data that application code reads directly.
+pub mod libc_data;
+/// Strict mode's libc-gate policy and hot list (`IA2_LIBC_GATES`).
+pub mod libc_gates;
 /// `/proc/self/maps` and `/proc/self/smaps` parsing.
 pub mod maps;
 /// Census of loaded objects (`dl_iterate_phdr` + dynamic sections).

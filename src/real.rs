@@ -12,7 +12,8 @@ pub struct RealFn {
 }
 
 impl RealFn {
-    const fn new(name: &'static CStr) -> Self {
+    /// A slot for `name`, resolved on first use (features declare their own).
+    pub const fn new(name: &'static CStr) -> Self {
         Self {
             name,
             addr: AtomicUsize::new(0),

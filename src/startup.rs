@@ -1,10 +1,9 @@
 //! Start-up: the constructor's sequence, top to bottom, as the pipeline it
 //! is: configuration → logging → real functions → PKU probe → census →
-//! compartments → carveouts → plan → fault handler → apply → gates →
-//! reports → allocator → threads → signal handlers installed earlier and
-//! the main thread's alternate stack. The only module that calls the features'
-//! compartments → carveouts → plan → apply → fault handler → gates →
-//! reports → allocator → threads → syscall filter. The only module that calls the features'
+//! compartments → carveouts → plan → fault handler → apply → lazy binding →
+//! gates → reports → allocator → threads → signal handlers installed
+//! earlier and the main thread's alternate stack → pkey guard → syscall
+//! filter. The only module that calls the features'
 //! `install`/`start`/`init` functions.
 
 use crate::carveouts;
@@ -43,6 +42,9 @@ pub fn init() {
     }
     crate::real::resolve_all();
     crate::dl::real_dlsym();
+    crate::dl::resolve_dladdr();
+    crate::callbacks::resolve();
+    crate::cxx::resolve();
     crate::alloc::prepare();
 
     let support = match config.pku {
@@ -126,9 +128,12 @@ pub fn init() {
                 entry.range, entry.prot, entry.compartment
             ));
         }
+        crate::bindnow::bind_objects(rt, &census, 0..census.objects.len());
     }
+    crate::dl::share_names(rt);
     crate::gates::install(rt);
     crate::report::startup(rt);
+    crate::bindnow::report_plan(rt);
     crate::alloc::start(rt);
     crate::threads::init();
     crate::signals::adopt_installed();
@@ -165,6 +170,11 @@ fn build_census(config: &Config) -> Census {
         carveouts.push(carveouts::libc_single_threaded(config, &objects));
         carveouts.push(carveouts::pthread_once(config, &objects));
         carveouts.push(carveouts::mutex_elision(config, &objects));
+        carveouts.push(crate::libc_data::data_imports(
+            config,
+            &objects,
+            &assignment.of_object,
+        ));
     }
     // Strict mode tags the loader heap with the libc compartment's key.
     let mut extra = Vec::new();

@@ -51,6 +51,17 @@ fn enforced() -> &'static HashMap<&'static str, Outcome> {
                 &[
                     ("IA2_LIBC_COMPARTMENT", "1"),
                     ("IA2_SHARE_LIBC_SINGLE_THREADED", "0"),
+                    ("IA2_LIBC_GATES", "none"),
+                ],
+            ),
+        ));
+        cases.push((
+            "strict fork without libc_single_threaded, gated",
+            job(
+                &[exe, "fork"],
+                &[
+                    ("IA2_LIBC_COMPARTMENT", "1"),
+                    ("IA2_SHARE_LIBC_SINGLE_THREADED", "0"),
                 ],
             ),
         ));
@@ -160,9 +171,15 @@ fn exec_brings_the_shim_up_again_in_the_child() {
 }
 
 /// Found by strict mode on stock glibc: `waitpid` from compartment 2 reads
-/// `__libc_single_threaded` in libc's data; the carveout keeps it shared.
+/// `__libc_single_threaded` in libc's data; the carveout keeps it shared
+/// when libc calls are not gated (`IA2_LIBC_GATES=none`). With the gated
+/// default, `waitpid` runs with the libc compartment's key and the
+/// carveout is unnecessary for it.
 #[test]
 fn without_libc_single_threaded_waitpid_from_compartment_2_faults() {
+    let o = &enforced()["strict fork without libc_single_threaded, gated"];
+    assert_code(o, 0);
+    assert_stderr_lacks(o, "SEGV_PKUERR");
     let o = &enforced()["strict fork without libc_single_threaded"];
     assert_code(o, SIGSEGV_CODE);
     assert_stderr_has(o, "symbol      __libc_single_threaded+0x0");

@@ -182,15 +182,15 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
             let Some(theirs) = census.compartment_of[owner_index] else {
                 continue;
             };
-            // Strict mode's system objects: gated only as union gates, for
-            // `__tls_get_addr` with IA2_TLS_GET_ADDR_GATE=1 or for everything
-            // with IA2_LIBC_GATES=union.
+            // Strict mode's system objects: gated only as union gates, as
+            // `IA2_LIBC_GATES` and `IA2_TLS_GET_ADDR_GATE` say (libc_gates.rs).
             let union = !is_app(owner)
                 && theirs != own
-                && (rt.config.libc_gates == crate::config::LibcGates::Union
-                    || (rt.config.tls_get_addr_gate
-                        && sym.name == "__tls_get_addr"
-                        && owner.kind == ObjectKind::Loader));
+                && crate::libc_gates::gated(
+                    rt.config.libc_gates,
+                    sym.name,
+                    rt.config.tls_get_addr_gate && owner.kind == ObjectKind::Loader,
+                );
             if theirs == own || owner_index == i || (!is_app(owner) && !union) {
                 continue;
             }
@@ -254,10 +254,13 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
                 via,
             });
         }
-        // Strict mode: every object's first destructor calls libc's
-        // `__cxa_finalize`, whose atexit list is libc-compartment data, so
-        // destructors keep the rights of the thread that calls `exit`.
-        if rt.config.libc_compartment.is_none() {
+        // Strict mode without libc gates: every object's first destructor
+        // calls libc's `__cxa_finalize`, whose atexit list is
+        // libc-compartment data, so destructors keep the rights of the
+        // thread that calls `exit`. With libc gates that call is gated.
+        if rt.config.libc_compartment.is_none()
+            || rt.config.libc_gates != crate::config::LibcGates::None
+        {
             patch_fini(&mut st, rt, obj, own, variant, &mut writes);
         }
     }

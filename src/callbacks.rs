@@ -1,0 +1,311 @@
+//! Callbacks that libc and ld.so run on a compartment's behalf run with
+//! their own compartment's rights, never libc's: the shim interposes the
+//! functions that take them, runs the real function with the loader's or
+//! libc's rights added (`with_libc_rights`, strict mode) and hands it a
+//! trampoline that switches to the callback's rights for each call.
+//!
+//! - `qsort`, `qsort_r`: glibc's merge sort keeps `phys_pages` in libc's
+//!   `.bss` (libc-compartment data in strict mode); comparators run with
+//!   the comparator's compartment's rights (application code), else the
+//!   caller's.
+//! - `dl_iterate_phdr`: takes ld.so's `dl_load_write_lock` and walks the
+//!   link maps on the loader heap; the callback runs with the caller's
+//!   rights (or its own compartment's).
+//!
+//! The rights come from `exit::handler_pkru`: a callback that is
+//! application code runs as its compartment, anything else with the
+//! caller's PKRU.
+
+use crate::exit::{handler_pkru, with_pkru};
+use crate::pku;
+use crate::real::RealFn;
+use crate::runtime;
+use core::ffi::{c_int, c_void};
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+static QSORT_R: RealFn = RealFn::new(c"qsort_r");
+static DL_ITERATE_PHDR: RealFn = RealFn::new(c"dl_iterate_phdr");
+
+/// Resolve the real functions (the fault path must not call `dlsym`).
+pub fn resolve() {
+    QSORT_R.get();
+    DL_ITERATE_PHDR.get();
+}
+
+/// glibc's `dl_iterate_phdr`, bypassing the hook (the callback sees the
+/// loader's own names).
+///
+/// # Safety
+/// As `dl_iterate_phdr(3)`.
+pub unsafe fn real_dl_iterate_phdr(cb: PhdrCb, data: *mut c_void) -> c_int {
+    // SAFETY: the slot holds glibc's dl_iterate_phdr.
+    let real: DlIteratePhdr =
+        unsafe { core::mem::transmute::<usize, DlIteratePhdr>(DL_ITERATE_PHDR.get()) };
+    // SAFETY: forwarded.
+    unsafe { real(cb, data) }
+}
+
+/// The rights a callback runs with: its compartment's (application code)
+/// or the caller's.
+fn callback_pkru(cb: usize, caller_pkru: u32) -> u32 {
+    if crate::exit::is_shim_code(cb) {
+        return caller_pkru;
+    }
+    handler_pkru(cb, 0).unwrap_or(caller_pkru)
+}
+
+type Cmp = unsafe extern "C" fn(*const c_void, *const c_void) -> c_int;
+type CmpR = unsafe extern "C" fn(*const c_void, *const c_void, *mut c_void) -> c_int;
+type QsortR = unsafe extern "C" fn(*mut c_void, usize, usize, CmpR, *mut c_void);
+
+#[repr(C)]
+struct SortCtx {
+    cmp: usize,
+    arg: *mut c_void,
+    pkru: u32,
+    with_arg: bool,
+}
+
+unsafe extern "C" fn sort_tramp(a: *const c_void, b: *const c_void, ctx: *mut c_void) -> c_int {
+    // SAFETY: the context `qsort_r` below passes back.
+    let c = unsafe { &*(ctx as *const SortCtx) };
+    with_pkru(Some(c.pkru), || {
+        if c.with_arg {
+            // SAFETY: the program's three-argument comparator.
+            unsafe { core::mem::transmute::<usize, CmpR>(c.cmp)(a, b, c.arg) }
+        } else {
+            // SAFETY: the program's two-argument comparator.
+            unsafe { core::mem::transmute::<usize, Cmp>(c.cmp)(a, b) }
+        }
+    })
+}
+
+/// `qsort` and `qsort_r` (`arg` is `None` for `qsort`).
+///
+/// # Safety
+/// As `qsort(3)`.
+pub unsafe fn qsort(
+    base: *mut c_void,
+    n: usize,
+    size: usize,
+    cmp: usize,
+    arg: Option<*mut c_void>,
+) {
+    // SAFETY: the slot holds glibc's qsort_r.
+    let real: QsortR = unsafe { core::mem::transmute::<usize, QsortR>(QSORT_R.get()) };
+    let caller = pku::read_pkru();
+    let strict = runtime::active().is_some_and(|rt| rt.config.libc_compartment.is_some());
+    let pkru = if runtime::active().is_some() {
+        callback_pkru(cmp, caller)
+    } else {
+        caller
+    };
+    if !strict && pkru == caller {
+        let (f, a) = match arg {
+            // SAFETY: a three-argument comparator, as qsort_r takes.
+            Some(a) => (unsafe { core::mem::transmute::<usize, CmpR>(cmp) }, a),
+            None => {
+                let ctx = SortCtx {
+                    cmp,
+                    arg: core::ptr::null_mut(),
+                    pkru,
+                    with_arg: false,
+                };
+                // SAFETY: forwarded, with our trampoline and context.
+                unsafe {
+                    real(
+                        base,
+                        n,
+                        size,
+                        sort_tramp,
+                        &ctx as *const SortCtx as *mut c_void,
+                    )
+                };
+                return;
+            }
+        };
+        // SAFETY: forwarded.
+        unsafe { real(base, n, size, f, a) };
+        return;
+    }
+    let ctx = SortCtx {
+        cmp,
+        arg: arg.unwrap_or(core::ptr::null_mut()),
+        pkru,
+        with_arg: arg.is_some(),
+    };
+    // SAFETY: forwarded, with our trampoline and context.
+    runtime::with_libc_rights(|| unsafe {
+        real(
+            base,
+            n,
+            size,
+            sort_tramp,
+            &ctx as *const SortCtx as *mut c_void,
+        )
+    });
+}
+
+pub type PhdrCb = unsafe extern "C" fn(*mut libc::dl_phdr_info, usize, *mut c_void) -> c_int;
+type DlIteratePhdr = unsafe extern "C" fn(PhdrCb, *mut c_void) -> c_int;
+
+#[repr(C)]
+struct PhdrCtx {
+    cb: usize,
+    data: *mut c_void,
+    pkru: u32,
+}
+
+unsafe extern "C" fn phdr_tramp(
+    info: *mut libc::dl_phdr_info,
+    size: usize,
+    ctx: *mut c_void,
+) -> c_int {
+    // SAFETY: the context `dl_iterate_phdr` below passes back.
+    let c = unsafe { &*(ctx as *const PhdrCtx) };
+    // The callback gets a copy whose name is the shim's shared copy (the
+    // loader's is libc-compartment data).
+    // SAFETY: glibc's info, `size` bytes of it (at most the struct).
+    let mut copy: libc::dl_phdr_info = unsafe { core::mem::zeroed() };
+    let n = size.min(core::mem::size_of::<libc::dl_phdr_info>());
+    // SAFETY: both hold at least `n` bytes.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            info as *const u8,
+            (&mut copy as *mut libc::dl_phdr_info).cast::<u8>(),
+            n,
+        )
+    };
+    copy.dlpi_name = crate::dl::shared_name(copy.dlpi_name);
+    // SAFETY: the program's callback with glibc's arguments.
+    with_pkru(Some(c.pkru), || unsafe {
+        core::mem::transmute::<usize, PhdrCb>(c.cb)(&mut copy, n, c.data)
+    })
+}
+
+/// `dl_iterate_phdr` with the loader's rights; the callback with the
+/// caller's (or its own compartment's).
+///
+/// # Safety
+/// As `dl_iterate_phdr(3)`.
+pub unsafe fn dl_iterate_phdr(cb: usize, data: *mut c_void) -> c_int {
+    // SAFETY: the slot holds glibc's dl_iterate_phdr.
+    let real: DlIteratePhdr =
+        unsafe { core::mem::transmute::<usize, DlIteratePhdr>(DL_ITERATE_PHDR.get()) };
+    let Some(rt) = runtime::active() else {
+        // SAFETY: forwarded.
+        return unsafe { real(core::mem::transmute::<usize, PhdrCb>(cb), data) };
+    };
+    let caller = pku::read_pkru();
+    let pkru = callback_pkru(cb, caller);
+    if rt.config.libc_compartment.is_none() && pkru == caller {
+        // SAFETY: forwarded.
+        return unsafe { real(core::mem::transmute::<usize, PhdrCb>(cb), data) };
+    }
+    let ctx = PhdrCtx { cb, data, pkru };
+    // SAFETY: forwarded, with our trampoline and context.
+    runtime::with_libc_rights(|| unsafe { real(phdr_tramp, &ctx as *const PhdrCtx as *mut c_void) })
+}
+
+// ---------------------------------------------------------------- fork handlers
+
+/// How many `pthread_atfork` handlers can be wrapped (three per call at
+/// most); later ones are registered as they are, with a warning.
+pub const ATFORK_SLOTS: usize = 96;
+
+static ATFORK_FUNC: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
+static ATFORK_DSO: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
+#[cfg_attr(test, allow(dead_code))]
+static ATFORK_NEXT: AtomicUsize = AtomicUsize::new(0);
+#[cfg_attr(test, allow(dead_code))]
+static REGISTER_ATFORK: RealFn = RealFn::new(c"__register_atfork");
+
+// Handlers take no argument, so each wrapped one gets a stub of its own:
+// stub i puts i in edi and jumps to `atfork_dispatch`.
+#[cfg(not(test))]
+core::arch::global_asm!(
+    ".pushsection .text.ia2shim_atfork_stubs,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl ia2shim_atfork_stubs",
+    ".hidden ia2shim_atfork_stubs",
+    "ia2shim_atfork_stubs:",
+    ".set ia2shim_atfork_i, 0",
+    ".rept {n}",
+    "mov edi, ia2shim_atfork_i",
+    "jmp {dispatch}",
+    ".p2align 4",
+    ".set ia2shim_atfork_i, ia2shim_atfork_i + 1",
+    ".endr",
+    ".popsection",
+    n = const ATFORK_SLOTS,
+    dispatch = sym atfork_dispatch,
+);
+
+#[cfg(not(test))]
+extern "C" {
+    fn ia2shim_atfork_stubs();
+}
+
+#[cfg_attr(test, allow(dead_code))]
+extern "C" fn atfork_dispatch(i: u32) {
+    let i = i as usize;
+    let f = ATFORK_FUNC[i].load(Ordering::Acquire);
+    if f == 0 {
+        return;
+    }
+    let pkru = handler_pkru(f, ATFORK_DSO[i].load(Ordering::Acquire));
+    // SAFETY: the handler the program registered.
+    with_pkru(pkru, || unsafe {
+        core::mem::transmute::<usize, extern "C" fn()>(f)()
+    });
+}
+
+/// A stub that runs `f` (registered by the object of `dso`) in its
+/// compartment, or `f` itself when none is left.
+#[cfg(not(test))]
+fn atfork_stub(f: usize, dso: usize) -> usize {
+    if f == 0 {
+        return 0;
+    }
+    let i = ATFORK_NEXT.fetch_add(1, Ordering::AcqRel);
+    if i >= ATFORK_SLOTS {
+        log::warn!(
+            "pthread_atfork: more than {ATFORK_SLOTS} handlers; {f:#x} runs with fork's rights"
+        );
+        return f;
+    }
+    ATFORK_FUNC[i].store(f, Ordering::Release);
+    ATFORK_DSO[i].store(dso, Ordering::Release);
+    ia2shim_atfork_stubs as *const () as usize + 16 * i
+}
+
+#[cfg_attr(test, allow(dead_code))]
+type RegisterAtfork = unsafe extern "C" fn(usize, usize, usize, *mut c_void) -> c_int;
+
+/// `__register_atfork(prepare, parent, child, dso)` (what
+/// `pthread_atfork` calls): each handler through a stub that runs it in its
+/// compartment (fork runs them with the caller's rights plus libc's).
+///
+/// # Safety
+/// As `pthread_atfork(3)`.
+#[cfg(not(test))]
+pub unsafe fn register_atfork(
+    prepare: usize,
+    parent: usize,
+    child: usize,
+    dso: *mut c_void,
+) -> c_int {
+    // SAFETY: the slot holds glibc's __register_atfork.
+    let real: RegisterAtfork =
+        unsafe { core::mem::transmute::<usize, RegisterAtfork>(REGISTER_ATFORK.get()) };
+    let d = dso as usize;
+    // SAFETY: forwarded, each handler replaced by its stub.
+    unsafe {
+        real(
+            atfork_stub(prepare, d),
+            atfork_stub(parent, d),
+            atfork_stub(child, d),
+            dso,
+        )
+    }
+}
