@@ -33,10 +33,8 @@ static PROGRAM_MASK: AtomicU64 = AtomicU64::new(0);
 /// Where reports go (stderr unless `IA2_REPORT_FILE`).
 pub static REPORT_FD: AtomicI32 = AtomicI32::new(2);
 
-/// Formatters made once at install time, so the handler does not allocate
-/// one: several, so that threads faulting at once each format in full.
-static FORMATTER: OnceLock<[Mutex<SendFormatter>; FORMATTERS]> = OnceLock::new();
-const FORMATTERS: usize = 4;
+/// Formatter made once at start-up, so the handler does not allocate one.
+static FORMATTER: OnceLock<Mutex<SendFormatter>> = OnceLock::new();
 /// Reports being written now: the first thread to finish waits for the
 /// others before the process dies.
 static REPORTS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
@@ -51,9 +49,6 @@ static PKRU_XSAVE_OFFSET: AtomicUsize = AtomicUsize::new(0);
 
 /// Install the shim's SIGSEGV handler (through the real `sigaction`).
 pub fn install() {
-    let _ = FORMATTER.set(core::array::from_fn(|_| {
-        Mutex::new(SendFormatter(iced_x86::IntelFormatter::new()))
-    }));
     // CPUID leaf 0xD returns zeros on CPUs without it: "unknown".
     let leaf = core::arch::x86_64::__cpuid_count(0xd, 9);
     PKRU_XSAVE_OFFSET.store(leaf.ebx as usize, Ordering::Relaxed);
@@ -80,6 +75,13 @@ pub fn install() {
     if audit::configured() {
         audit::install();
     }
+}
+
+/// After the plan is applied (the handler is installed before it): the
+/// instruction formatter, and audit mode's shared rseq page.
+pub fn after_apply() {
+    let _ = FORMATTER.set(Mutex::new(SendFormatter(iced_x86::IntelFormatter::new())));
+    audit::after_apply();
 }
 
 /// Does the shim own this signal's disposition (SIGSEGV always, SIGTRAP in
@@ -355,16 +357,14 @@ fn write_instruction<const N: usize>(out: &mut StackBuf<N>, rip: usize) {
     let bytes = unsafe { core::slice::from_raw_parts(rip as *const u8, 15) };
     let mut dec = iced_x86::Decoder::with_ip(64, bytes, rip as u64, iced_x86::DecoderOptions::NONE);
     let insn = dec.decode();
-    // Other threads may be formatting their own faults: take a free
-    // formatter, waiting up to a second, but never block (a fault inside
-    // the formatter must not deadlock).
+    // Other threads may be formatting their own faults: wait for the
+    // formatter up to a second (sleeping, so the holder runs even on one
+    // CPU), but never block (a fault inside the formatter must not deadlock).
     let mut guard = None;
-    'wait: for _ in 0..1000 {
-        for m in FORMATTER.get().into_iter().flatten() {
-            if let Ok(g) = m.try_lock() {
-                guard = Some(g);
-                break 'wait;
-            }
+    for _ in 0..1000 {
+        guard = FORMATTER.get().and_then(|m| m.try_lock().ok());
+        if guard.is_some() {
+            break;
         }
         let ms = libc::timespec {
             tv_sec: 0,

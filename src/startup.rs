@@ -122,6 +122,7 @@ pub fn init() {
             ));
         }
     }
+    crate::fault::after_apply();
     crate::gates::install(rt);
     crate::report::startup(rt);
     crate::alloc::start(rt);
