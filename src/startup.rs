@@ -2,7 +2,7 @@
 //! is: configuration → logging → real functions → PKU probe → census →
 //! compartments → carveouts → plan → fault handler → apply → gates →
 //! reports → allocator → threads → signal handlers installed earlier and
-//! the main thread's alternate stack. The only module that calls the features'
+//! a tagged alternate signal stack replaced. The only module that calls the features'
 //! `install`/`start`/`init` functions.
 
 use crate::carveouts;
