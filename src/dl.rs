@@ -289,17 +289,19 @@ fn ret_gadget(addr: usize) -> Option<usize> {
 /// `f(a, b)` with `caller` (a return address in the program) as the caller
 /// that `f` sees; a direct call when no object holds `caller`.
 fn call_as_caller(f: usize, a: usize, b: usize, caller: usize) -> usize {
-    match ret_gadget(caller) {
+    // The gadget search walks ld.so's list (dl_iterate_phdr) too: libc
+    // compartment data in strict mode.
+    runtime::with_libc_rights(|| match ret_gadget(caller) {
         // SAFETY: f takes two word arguments (dlopen, dlsym); the gadget is
         // a `ret` byte in mapped text.
-        Some(g) => runtime::with_libc_rights(|| unsafe { ia2shim_call_as(f, a, b, g) }),
+        Some(g) => unsafe { ia2shim_call_as(f, a, b, g) },
         None => {
             // SAFETY: as above, called directly.
             let f: unsafe extern "C" fn(usize, usize) -> usize = unsafe { core::mem::transmute(f) };
             // SAFETY: forwarding the caller's arguments.
-            runtime::with_libc_rights(|| unsafe { f(a, b) })
+            unsafe { f(a, b) }
         }
-    }
+    })
 }
 
 /// Real `dlopen`/`dlsym` addresses the entry points jump to directly when

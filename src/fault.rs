@@ -87,6 +87,13 @@ pub fn install() {
     }
 }
 
+/// After the plan is applied (the handler is installed before it): the
+/// audit mode's shared rseq page.
+pub fn after_apply() {
+    // The formatter is built by the first report (in the arena), not here.
+    audit::after_apply();
+}
+
 /// Does the shim own this signal's disposition (SIGSEGV always, SIGTRAP in
 /// audit mode)? The `sigaction` and `signal` hooks then record the
 /// program's handler with [`intercept_sigaction`] instead of installing it.

@@ -290,6 +290,16 @@ pub fn sigset(sig: c_int, disp: libc::sighandler_t) -> libc::sighandler_t {
     }
 }
 
+/// Is `addr` in the shim itself (audit mode's own handlers)?
+fn own_code(addr: usize) -> bool {
+    runtime::get().is_some_and(|rt| {
+        rt.census.read().is_ok_and(|c| {
+            c.object_at(addr)
+                .is_some_and(|(_, o)| o.kind == crate::objects::ObjectKind::Shim)
+        })
+    })
+}
+
 /// Wrap the handlers installed before the shim's constructor ran (by
 /// library constructors, which run first): read each with `sigaction` and
 /// install it again through the trampoline. Called by the constructor.
@@ -305,7 +315,7 @@ pub fn adopt_installed() {
             continue;
         }
         let h = cur.sa_sigaction;
-        if h == libc::SIG_DFL || h == libc::SIG_IGN || h == trampoline_addr() {
+        if h == libc::SIG_DFL || h == libc::SIG_IGN || h == trampoline_addr() || own_code(h) {
             continue;
         }
         // SAFETY: re-installing what the kernel holds, wrapped.
@@ -317,22 +327,44 @@ pub fn adopt_installed() {
 
 // ---------------------------------------------------------------- alternate signal stacks
 
-/// The shim's per-thread alternate signal stack (key 0, committed lazily).
-/// The shim's SIGSEGV handler runs on it (`SA_ONSTACK`): the kernel writes
-/// the signal frame with the interrupted thread's PKRU, so a frame on a
-/// program's stack in tagged memory cannot be written and the fault would
-/// end the process without a report.
+/// The shim's per-thread alternate signal stack (key 0, committed lazily),
+/// given to the kernel in place of a program's alternate stack that lies in
+/// tagged memory: the kernel writes the signal frame with the interrupted
+/// thread's PKRU, so a frame there cannot be written and the fault would end
+/// the process without a report. Without a program stack none is
+/// registered (handlers run on the thread's own stack, key 0, as without
+/// the shim; registering one broke the kernel's rseq SIGSEGV path).
 const ALT_BYTES: usize = 256 << 10;
 const MINSIGSTKSZ: usize = 2048;
 
 std::thread_local! {
     /// Base of this thread's shim stack (0: none, e.g. a thread that the
-    /// shim did not start).
+    /// shim did not start). Its first two words hold the stack the program
+    /// asked for while the kernel holds the shim's instead (it lies in
+    /// tagged memory): sp (0: none), size. (Kept out of the shim's static
+    /// TLS, whose size shifts every thread's TLS layout.)
     static ALT: Cell<usize> = const { Cell::new(0) };
-    /// The stack the program asked for while the kernel holds the shim's
-    /// instead (it lies in tagged memory): (sp, size).
-    static PROGRAM_ALT: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
 }
+
+/// The program's substituted stack, from the header of this thread's shim stack.
+fn program_alt(base: usize) -> Option<(usize, usize)> {
+    // SAFETY: the header words of this thread's own shim stack.
+    let (sp, size) = unsafe { (*(base as *const usize), *((base + 8) as *const usize)) };
+    (sp != 0).then_some((sp, size))
+}
+
+fn set_program_alt(base: usize, v: Option<(usize, usize)>) {
+    let (sp, size) = v.unwrap_or((0, 0));
+    // SAFETY: as above.
+    unsafe {
+        *(base as *mut usize) = sp;
+        *((base + 8) as *mut usize) = size;
+    }
+}
+
+/// Bytes at the bottom of the shim stack kept for the header (the kernel
+/// is given the rest).
+const ALT_HEADER: usize = 64;
 
 fn sys_sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> c_int {
     // SAFETY: the raw syscall (the libc symbol is the shim's own hook).
@@ -358,12 +390,11 @@ fn tagged(sp: usize, size: usize) -> bool {
         .any(|p| rt.page_compartment(p).is_some())
 }
 
-/// Give the calling thread the shim's alternate stack (thread start, and
-/// the main thread at start-up). A stack the program set before, in
-/// tagged memory, is remembered and replaced.
-pub fn thread_start() {
-    if ALT.get() != 0 {
-        return;
+/// This thread's shim stack, mapped on first need.
+fn ensure_alt() -> Option<usize> {
+    let base = ALT.get();
+    if base != 0 {
+        return Some(base);
     }
     let total = ALT_BYTES + crate::objects::PAGE;
     // SAFETY: a fresh anonymous mapping; the lowest page stays a guard.
@@ -378,7 +409,7 @@ pub fn thread_start() {
         )
     };
     if p == libc::MAP_FAILED {
-        return;
+        return None;
     }
     let base = p as usize + crate::objects::PAGE;
     // SAFETY: the upper part of the mapping just made.
@@ -392,20 +423,34 @@ pub fn thread_start() {
     {
         // SAFETY: unmapping what we mapped.
         unsafe { libc::munmap(p, total) };
-        return;
-    }
-    // SAFETY: zeroed stack_t is valid.
-    let mut cur: libc::stack_t = unsafe { core::mem::zeroed() };
-    sys_sigaltstack(core::ptr::null(), &mut cur);
-    if cur.ss_flags & libc::SS_DISABLE == 0 {
-        if !tagged(cur.ss_sp as usize, cur.ss_size) {
-            ALT.set(base);
-            return; // the program's own stack, usable: keep it
-        }
-        PROGRAM_ALT.set(Some((cur.ss_sp as usize, cur.ss_size)));
+        return None;
     }
     ALT.set(base);
-    sys_sigaltstack(&stack(base, ALT_BYTES, 0), core::ptr::null_mut());
+    Some(base)
+}
+
+/// At thread start (and for the main thread at start-up): a program
+/// alternate stack already set in tagged memory (by a constructor, or
+/// inherited through fork) is replaced by the shim's.
+pub fn thread_start() {
+    // SAFETY: zeroed stack_t is valid.
+    let mut cur: libc::stack_t = unsafe { core::mem::zeroed() };
+    if sys_sigaltstack(core::ptr::null(), &mut cur) != 0
+        || cur.ss_flags & libc::SS_DISABLE != 0
+        || ALT.get() != 0
+        || !tagged(cur.ss_sp as usize, cur.ss_size)
+    {
+        return;
+    }
+    if let Some(base) = ensure_alt() {
+        set_program_alt(base, Some((cur.ss_sp as usize, cur.ss_size)));
+        sys_sigaltstack(&shim_stack(base), core::ptr::null_mut());
+    }
+}
+
+/// The part of the shim stack the kernel gets.
+fn shim_stack(base: usize) -> libc::stack_t {
+    stack(base + ALT_HEADER, ALT_BYTES - ALT_HEADER, 0)
 }
 
 /// Drop the shim's stack at thread exit.
@@ -417,7 +462,7 @@ pub fn thread_exit() {
     // SAFETY: zeroed stack_t is valid.
     let mut cur: libc::stack_t = unsafe { core::mem::zeroed() };
     sys_sigaltstack(core::ptr::null(), &mut cur);
-    if cur.ss_sp as usize == base {
+    if cur.ss_sp as usize == base + ALT_HEADER {
         sys_sigaltstack(&stack(0, 0, libc::SS_DISABLE), core::ptr::null_mut());
     }
     // SAFETY: unmapping this thread's own stack, guard included; no handler runs on it now.
@@ -442,18 +487,20 @@ fn set_errno(e: c_int) -> c_int {
 /// # Safety
 /// As `sigaltstack(2)`.
 pub unsafe fn sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> c_int {
-    let ours = ALT.get();
-    if ours == 0 || runtime::active().is_none() {
+    if runtime::active().is_none() {
         return sys_sigaltstack(ss, old);
     }
+    let ours = ALT.get();
     // SAFETY: zeroed stack_t is valid.
     let mut cur: libc::stack_t = unsafe { core::mem::zeroed() };
     if sys_sigaltstack(core::ptr::null(), &mut cur) != 0 {
         return -1;
     }
-    let on_ours = cur.ss_sp as usize == ours && cur.ss_flags & libc::SS_DISABLE == 0;
+    let on_ours = ours != 0
+        && cur.ss_sp as usize == ours + ALT_HEADER
+        && cur.ss_flags & libc::SS_DISABLE == 0;
     let view = if on_ours {
-        match PROGRAM_ALT.get() {
+        match program_alt(ours) {
             Some((sp, size)) => stack(sp, size, cur.ss_flags & libc::SS_ONSTACK),
             None => stack(0, 0, libc::SS_DISABLE),
         }
@@ -467,20 +514,27 @@ pub unsafe fn sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> 
             return set_errno(libc::EPERM);
         }
         if new.ss_flags & libc::SS_DISABLE != 0 {
-            PROGRAM_ALT.set(None);
-            sys_sigaltstack(&stack(ours, ALT_BYTES, 0), core::ptr::null_mut());
+            if ours != 0 {
+                set_program_alt(ours, None);
+            }
+            sys_sigaltstack(&stack(0, 0, libc::SS_DISABLE), core::ptr::null_mut());
         } else if new.ss_size < MINSIGSTKSZ {
             return set_errno(libc::ENOMEM);
         } else if tagged(new.ss_sp as usize, new.ss_size) {
-            PROGRAM_ALT.set(Some((new.ss_sp as usize, new.ss_size)));
+            let Some(base) = ensure_alt() else {
+                return set_errno(libc::ENOMEM);
+            };
+            set_program_alt(base, Some((new.ss_sp as usize, new.ss_size)));
             if !on_ours {
-                sys_sigaltstack(&stack(ours, ALT_BYTES, 0), core::ptr::null_mut());
+                sys_sigaltstack(&shim_stack(base), core::ptr::null_mut());
             }
         } else {
             if sys_sigaltstack(ss, core::ptr::null_mut()) != 0 {
                 return -1;
             }
-            PROGRAM_ALT.set(None);
+            if ours != 0 {
+                set_program_alt(ours, None);
+            }
         }
     }
     if !old.is_null() {

@@ -131,6 +131,7 @@ pub fn init() {
         crate::bindnow::bind_objects(rt, &census, 0..census.objects.len());
     }
     crate::dl::share_names(rt);
+    crate::fault::after_apply();
     crate::gates::install(rt);
     crate::report::startup(rt);
     crate::bindnow::report_plan(rt);

@@ -156,11 +156,19 @@ pub fn init() {
 
 // ---------------------------------------------------------------- fork
 
-std::thread_local! {
-    /// The census write lock, held by the forking thread from the prepare
-    /// handler to the parent or child handler.
-    static FORK_CENSUS: core::cell::RefCell<Option<std::sync::RwLockWriteGuard<'static, crate::runtime::Census>>> =
-        const { core::cell::RefCell::new(None) };
+/// The census write lock, held by the forking thread from the prepare
+/// handler to the parent or child handler. Only one thread is ever between
+/// the two: the prepare handler takes the `dlopen` lock first.
+static FORK_CENSUS: std::sync::Mutex<Option<ForkGuard>> = std::sync::Mutex::new(None);
+
+struct ForkGuard(std::sync::RwLockWriteGuard<'static, crate::runtime::Census>);
+// SAFETY: the guard is taken and dropped by the same thread (the forking
+// one; in the child, its copy); the static only carries it between the
+// fork handlers, which that thread runs.
+unsafe impl Send for ForkGuard {}
+
+fn fork_census() -> std::sync::MutexGuard<'static, Option<ForkGuard>> {
+    FORK_CENSUS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The forking thread's id in plan entries (0: the main thread).
@@ -175,12 +183,13 @@ extern "C" fn fork_prepare() {
     FORK_THREAD.store(if tid == pid { 0 } else { tid as usize }, Ordering::Relaxed);
     if let Some(rt) = runtime::get() {
         let g = rt.census.write().unwrap_or_else(|e| e.into_inner());
-        FORK_CENSUS.with(|c| *c.borrow_mut() = Some(g));
+        *fork_census() = Some(ForkGuard(g));
     }
 }
 
 fn fork_release() {
-    FORK_CENSUS.with(|c| c.borrow_mut().take());
+    let g = fork_census().take();
+    drop(g);
     crate::dl::fork_release();
 }
 
@@ -193,9 +202,13 @@ extern "C" fn fork_parent() {
 /// initialises with the creator's rights): put them back on key 0.
 extern "C" fn fork_child() {
     let me = FORK_THREAD.load(Ordering::Relaxed);
-    FORK_CENSUS.with(|c| {
-        let mut c = c.borrow_mut();
-        let Some(census) = c.as_mut() else { return };
+    {
+        let mut c = fork_census();
+        let Some(ForkGuard(census)) = c.as_mut() else {
+            drop(c);
+            fork_release();
+            return;
+        };
         let theirs = |e: &PlanEntry| match e.reason {
             plan::Reason::Tls { thread, .. } | plan::Reason::TlsShared { thread, .. } => {
                 thread != me
@@ -211,7 +224,7 @@ extern "C" fn fork_child() {
             let _ = pku::protect(e.range.start, e.range.len(), e.prot, 0);
         }
         census.plan.entries.retain(|e| !theirs(e));
-    });
+    }
     fork_release();
 }
 

@@ -110,6 +110,7 @@ pub fn thread_start() {
 /// Release the calling thread's gate-frame stack (thread exit). No gate
 /// may be active in this thread any more.
 pub fn thread_exit() {
+    free_cancel_table();
     let base = stack_base();
     if base == 0 {
         return;
@@ -193,9 +194,37 @@ const CANCEL_DEPTH: usize = 32;
 /// (buffer, saved SP, saved PC, gate-frame stack top, PKRU).
 type CancelEntry = (usize, usize, usize, usize, u32);
 
+/// This thread's registered buffers and how many.
+struct CancelTable([CancelEntry; CANCEL_DEPTH], usize);
+
 std::thread_local! {
-    static CANCEL: core::cell::RefCell<([CancelEntry; CANCEL_DEPTH], usize)> =
-        const { core::cell::RefCell::new(([(0, 0, 0, 0, 0); CANCEL_DEPTH], 0)) };
+    /// Made on the thread's first registration (a pointer: the table stays
+    /// out of the shim's static TLS, whose size shifts the TLS layout of
+    /// every thread), freed at thread exit.
+    static CANCEL: core::cell::Cell<*mut CancelTable> = const { core::cell::Cell::new(core::ptr::null_mut()) };
+}
+
+/// `f` on this thread's table (made if `create`).
+fn with_cancel<R>(create: bool, f: impl FnOnce(&mut CancelTable) -> R) -> Option<R> {
+    let mut p = CANCEL.get();
+    if p.is_null() {
+        if !create {
+            return None;
+        }
+        p = Box::into_raw(Box::new(CancelTable([(0, 0, 0, 0, 0); CANCEL_DEPTH], 0)));
+        CANCEL.set(p);
+    }
+    // SAFETY: this thread's own table, made above; no other reference.
+    Some(f(unsafe { &mut *p }))
+}
+
+/// Free this thread's table (thread exit).
+fn free_cancel_table() {
+    let p = CANCEL.replace(core::ptr::null_mut());
+    if !p.is_null() {
+        // SAFETY: made by Box::into_raw in with_cancel, freed once.
+        drop(unsafe { Box::from_raw(p) });
+    }
 }
 
 /// glibc's pointer guard (`%fs:0x30`), which mangles saved SP and PC.
@@ -247,14 +276,12 @@ extern "C" {
 /// The landing pad's work: restore what the registration saw, pop the
 /// entry, return the PC to continue at.
 extern "C" fn cancel_landed(sp: usize) -> usize {
-    let found = CANCEL.with(|c| {
-        let mut c = c.borrow_mut();
-        let n = c.1;
-        let i = (0..n).rev().find(|&i| c.0[i].1 == sp)?;
-        let e = c.0[i];
+    let found = with_cancel(false, |c| {
+        let i = (0..c.1).rev().find(|&i| c.0[i].1 == sp)?;
         c.1 = i;
-        Some(e)
-    });
+        Some(c.0[i])
+    })
+    .flatten();
     let Some((_, _, pc, top, pkru)) = found else {
         crate::lifecycle::fatal(format_args!(
             "cancellation landed at sp {sp:#x}, which no registered cleanup buffer saved"
@@ -279,8 +306,7 @@ pub unsafe fn cancel_register(buf: *mut c_void) {
     let (sp, pc) = unsafe { (demangle(*jb.add(JB_RSP)), demangle(*jb.add(JB_PC))) };
     let top = stack_top();
     let pkru = pku::read_pkru();
-    let stored = CANCEL.with(|c| {
-        let mut c = c.borrow_mut();
+    let stored = with_cancel(true, |c| {
         let n = c.1;
         if n == CANCEL_DEPTH {
             return false;
@@ -288,7 +314,7 @@ pub unsafe fn cancel_register(buf: *mut c_void) {
         c.0[n] = (buf as usize, sp, pc, top, pkru);
         c.1 = n + 1;
         true
-    });
+    }) == Some(true);
     if stored {
         // SAFETY: as above; mangled as glibc's longjmp expects.
         unsafe { *jb.add(JB_PC) = mangle(ia2shim_cancel_landing as *const () as usize) };
@@ -301,14 +327,12 @@ pub unsafe fn cancel_register(buf: *mut c_void) {
 /// # Safety
 /// `buf` is the buffer the caller passes to `__pthread_unregister_cancel`.
 pub unsafe fn cancel_unregister(buf: *mut c_void) {
-    let pc = CANCEL.with(|c| {
-        let mut c = c.borrow_mut();
-        let n = c.1;
-        let i = (0..n).rev().find(|&i| c.0[i].0 == buf as usize)?;
-        let pc = c.0[i].2;
+    let pc = with_cancel(false, |c| {
+        let i = (0..c.1).rev().find(|&i| c.0[i].0 == buf as usize)?;
         c.1 = i;
-        Some(pc)
-    });
+        Some(c.0[i].2)
+    })
+    .flatten();
     if let Some(pc) = pc {
         // SAFETY: the buffer's saved PC word.
         unsafe { *(buf as *mut usize).add(JB_PC) = mangle(pc) };

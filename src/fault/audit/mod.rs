@@ -256,9 +256,15 @@ pub(in crate::fault) extern "C" fn at_exit(_: *mut c_void) {
 
 /// Install the SIGTRAP handler, the fatal-signal handlers and the exit
 /// summary. Runs in the constructor, after the SIGSEGV handler.
+/// Once the plan is applied: keep the rseq page shared (see `rseq`).
+pub(in crate::fault) fn after_apply() {
+    if ACTIVE.load(Relaxed) {
+        share_rseq_page();
+    }
+}
+
 pub(in crate::fault) fn install() {
     ACTIVE.store(true, Relaxed);
-    share_rseq_page();
     let install_one = |sig: c_int, handler: usize| -> libc::sigaction {
         // SAFETY: zeroed sigaction structs are valid; we set what we use.
         let mut sa: libc::sigaction = unsafe { core::mem::zeroed() };
