@@ -520,7 +520,7 @@ pub fn loader_heap_carveout(config: &Config, heap: &[Range]) -> Located {
 
 /// A symbol's run-time range in `o`: dynsym through the loader, else the
 /// file's `.symtab`, else a debug file found by build-id.
-fn find_symbol(o: &LoadedObject, sym: &str) -> Option<(Range, &'static str)> {
+pub fn find_symbol(o: &LoadedObject, sym: &str) -> Option<(Range, &'static str)> {
     if let Some(r) = dynsym_range(o, sym) {
         return Some((r, "dynsym"));
     }

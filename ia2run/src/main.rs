@@ -70,9 +70,12 @@ learning something new (for example the kernel kills it for a page that it
 cannot write, which the shim reports), it runs again with what it learned,
 at most 4 times. Then ia2run prints `ia2run: learned: VARS` on stderr,
 VARS being the carveout toggles and IA2_SHARE entries of the minimal
-policy (IA2_SHARE entries that you set are kept), or `ia2run: learned:
-nothing`, and runs the command once more with VARS and IA2_ON_FAULT=report
-to confirm. The exit status is the confirming run's: 0 when it was clean (a
+policy and, with IA2_HEAP=compartment, the IA2_HEAP_SHARED allocation sites
+whose blocks another compartment touched (IA2_SHARE and IA2_HEAP_SHARED
+entries that you set are kept), or `ia2run: learned: nothing`, and runs the
+command once more with VARS and IA2_ON_FAULT=report to confirm (with
+IA2_HEAP=compartment also IA2_REPORT=heap: the shim prints the share of
+each compartment's heap bytes that stayed private). The exit status is the confirming run's: 0 when it was clean (a
 fault that the policy misses kills it with SIGSEGV after a report: 139);
 125 when an audit run left no summary. Each run is a VM boot of its own.
 Addresses in learned entries (0xPAGE+4096, for memory without a symbol)
@@ -489,13 +492,16 @@ fn learn(cmd: &[OsString], mode: Mode, vm: &VmOptions, make_job: &MakeJob) -> Ex
     let report = dir.join(format!(".ia2run-learn-{}.jsonl", std::process::id()));
     // The user's own IA2_SHARE entries stay.
     let plain = make_job(cmd.to_vec(), &[]);
-    let existing = plain
-        .env
-        .iter()
-        .find(|(k, _)| k == "IA2_SHARE")
-        .and_then(|(_, v)| v.to_str());
+    let var = |name: &str| {
+        plain
+            .env
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.to_str())
+    };
+    let (existing, existing_heap) = (var("IA2_SHARE"), var("IA2_HEAP_SHARED"));
     let policy_env = |p: &ia2run::learn::Policy| -> Vec<(OsString, OsString)> {
-        p.env(existing)
+        p.env_with(existing, existing_heap)
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect()
@@ -544,6 +550,14 @@ fn learn(cmd: &[OsString], mode: Mode, vm: &VmOptions, make_job: &MakeJob) -> Ex
     }
     let mut env = policy_env(&policy);
     env.push(("IA2_ON_FAULT".into(), "report".into()));
+    if var("IA2_HEAP") == Some("compartment") {
+        // The shim prints at exit what stayed private in each compartment's heap.
+        let reports = match var("IA2_REPORT") {
+            Some(r) if !r.is_empty() => format!("{r},heap"),
+            _ => "heap".into(),
+        };
+        env.push(("IA2_REPORT".into(), reports.into()));
+    }
     eprintln!("ia2run: learn: confirming run");
     let second = match run_one(mode, vm, &make_job(cmd.to_vec(), &env)) {
         Ok(o) => o,

@@ -150,6 +150,9 @@ pub(in crate::fault) fn share_assignment(fix: &Fix) -> StackBuf<512> {
         Fix::Toggle(_) => {
             let _ = write!(b, "{}", fix.entry());
         }
+        Fix::Heap(_) => {
+            let _ = write!(b, "IA2_HEAP_SHARED={}", fix.entry());
+        }
         _ => {
             let _ = write!(b, "IA2_SHARE={}", fix.entry());
         }
