@@ -1,10 +1,19 @@
-//! Allocator throughput: the malloc family under `IA2_HEAP=compartment`, the
-//! `shared_*` ABI, and the `IA2_HEAP=libc` pass-through, each against glibc's
-//! malloc without the shim, with one and two threads. The sides alternate
-//! (the order rotates every round) and each ratio is glibc's median time
-//! over the shim's: 1.00 = as fast as glibc, higher = faster. Natively, with
-//! `IA2_PKU=sim`. `cargo bench --bench alloc` (build the release shim first;
-//! `IA2_BENCH_ROUNDS`, `IA2_BENCH_STEPS` tune the run).
+//! Allocator throughput: the malloc family under `IA2_HEAP=compartment`
+//! (every block records its allocation site; also with `IA2_REPORT=heap`,
+//! which counts bytes per site and compartment), the `shared_*` ABI, and the
+//! `IA2_HEAP=libc` pass-through, each against glibc's malloc without the
+//! shim, with one and two threads. The sides alternate (the order rotates
+//! every round) and each ratio is glibc's median time over the shim's: 1.00
+//! = as fast as glibc, higher = faster. Natively, with `IA2_PKU=sim`.
+//!
+//! Then dav1d decoding `demo/clips/clip360.ivf` with compartment heaps and
+//! the sites that `tests/dav1d.rs` learns on Debian 12's libdav1d 1.0.0
+//! (`IA2_BENCH_HEAP_SHARED` overrides them), against the decode without the
+//! shim and with the shim's default heap (glibc's), `IA2_PKU=sim`.
+//!
+//! `cargo bench --bench alloc` (build the release shim first;
+//! `IA2_BENCH_ROUNDS`, `IA2_BENCH_STEPS` tune the run, `IA2_BENCH_DAV1D=0`
+//! skips dav1d).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -45,8 +54,15 @@ fn main() {
             let sides: Vec<(&str, ia2run::Job)> = vec![
                 ("glibc malloc (no shim)", job_unshimmed(&args("malloc"))),
                 (
-                    "malloc, IA2_HEAP=compartment",
+                    "malloc, IA2_HEAP=compartment (sites)",
                     job(&args("malloc"), &[sim[0], ("IA2_HEAP", "compartment")]),
+                ),
+                (
+                    "  + IA2_REPORT=heap (byte counts)",
+                    job(
+                        &args("malloc"),
+                        &[sim[0], ("IA2_HEAP", "compartment"), ("IA2_REPORT", "heap")],
+                    ),
                 ),
                 ("shared_malloc/shared_free", job(&args("shared"), &sim)),
                 (
@@ -71,5 +87,75 @@ fn main() {
                 );
             }
         }
+    }
+    if std::env::var("IA2_BENCH_DAV1D").as_deref() != Ok("0") {
+        dav1d(rounds);
+    }
+}
+
+/// What `tests/dav1d.rs` learns on Debian 12's libdav1d.so.6 (1.0.0).
+const DAV1D_SITES: &str = "libdav1d.so.6+0x156b53@gate:dav1d_data_create,\
+     libdav1d.so.6+0x151529@gate:dav1d_send_data,\
+     libdav1d.so.6+0x151529@gate:dav1d_get_picture";
+
+/// dav1d's closing "Decoded N/N frames (100.0%) - X/25.00 fps" line.
+fn fps(o: &ia2run::Outcome) -> f64 {
+    let text = o.stderr_lossy();
+    text.rsplit(['\r', '\n'])
+        .find(|l| l.contains(" fps"))
+        .and_then(|l| l.split(" - ").nth(1))
+        .and_then(|l| l.split('/').next())
+        .and_then(|f| f.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no fps\n{}", out_text(o)))
+}
+
+fn dav1d(rounds: usize) {
+    let clip = root().join("demo/clips/clip360.ivf");
+    let clip = clip.to_str().unwrap();
+    let argv = [
+        "dav1d",
+        "-i",
+        clip,
+        "-o",
+        "/dev/null",
+        "--muxer",
+        "null",
+        "--threads",
+        "1",
+    ];
+    let policy = std::env::var("IA2_BENCH_HEAP_SHARED").unwrap_or_else(|_| DAV1D_SITES.to_string());
+    let sim = ("IA2_PKU", "sim");
+    let sides = [
+        ("without the shim", job_unshimmed(&argv)),
+        ("shim, IA2_HEAP=libc", job(&argv, &[sim])),
+        (
+            "shim, IA2_HEAP=compartment + sites",
+            job(
+                &argv,
+                &[
+                    sim,
+                    ("IA2_HEAP", "compartment"),
+                    ("IA2_HEAP_SHARED", policy.as_str()),
+                ],
+            ),
+        ),
+    ];
+    let mut f: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+    for r in 0..rounds {
+        for i in 0..sides.len() {
+            let s = (i + r) % sides.len();
+            let o = native(&sides[s].1);
+            assert_code(&o, 0);
+            f[s].push(fps(&o));
+        }
+    }
+    let med: Vec<f64> = f.into_iter().map(median).collect();
+    println!("dav1d 640x360x60 --threads 1, IA2_PKU=sim (time ratio = time / time without the shim; median of {rounds}, alternating):");
+    for (i, (name, _)) in sides.iter().enumerate() {
+        println!(
+            "  {name:<38} {:7.1} fps  time ratio {:.3}x",
+            med[i],
+            med[0] / med[i]
+        );
     }
 }
