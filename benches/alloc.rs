@@ -13,7 +13,7 @@
 //!
 //! `cargo bench --bench alloc` (build the release shim first;
 //! `IA2_BENCH_ROUNDS`, `IA2_BENCH_STEPS` tune the run, `IA2_BENCH_DAV1D=0`
-//! skips dav1d).
+//! skips dav1d, `IA2_BENCH_ALLOC=0` the throughput part).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -27,13 +27,19 @@ fn env_num(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn ns_per_step(j: &ia2run::Job) -> f64 {
+/// (wall, CPU) nanoseconds per step.
+fn ns_per_step(j: &ia2run::Job) -> (f64, f64) {
     let o = native(j);
     assert_code(&o, 0);
-    o.stdout_lossy()
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("bad output\n{}", out_text(&o)))
+    let out = o.stdout_lossy();
+    let v: Vec<f64> = out
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match v[..] {
+        [wall, cpu] => (wall, cpu),
+        _ => panic!("bad output\n{}", out_text(&o)),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -46,13 +52,21 @@ fn main() {
     let bench = bench.to_str().unwrap();
     let rounds = env_num("IA2_BENCH_ROUNDS", 7);
     let steps = env_num("IA2_BENCH_STEPS", 3_000_000).to_string();
+    if std::env::var("IA2_BENCH_ALLOC").as_deref() == Ok("0") {
+        dav1d(rounds);
+        return;
+    }
     let sim = [("IA2_PKU", "sim")];
-    println!("allocator throughput vs glibc malloc (ratio = glibc time / shim time; median of {rounds}, sides alternating, IA2_PKU=sim)");
+    println!("allocator throughput vs glibc malloc (ratio = glibc time / shim time, by wall clock and by the process's CPU time; median of {rounds}, sides alternating, IA2_PKU=sim)");
     for workload in ["small", "mixed"] {
         for threads in ["1", "2"] {
             let args = |api: &'static str| vec![bench, api, threads, steps.as_str(), workload];
             let sides: Vec<(&str, ia2run::Job)> = vec![
                 ("glibc malloc (no shim)", job_unshimmed(&args("malloc"))),
+                (
+                    "malloc, IA2_HEAP=shared (no sites)",
+                    job(&args("malloc"), &[sim[0], ("IA2_HEAP", "shared")]),
+                ),
                 (
                     "malloc, IA2_HEAP=compartment (sites)",
                     job(&args("malloc"), &[sim[0], ("IA2_HEAP", "compartment")]),
@@ -70,20 +84,26 @@ fn main() {
                     job(&args("malloc"), &sim),
                 ),
             ];
-            let mut times: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+            let mut wall: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+            let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
             for r in 0..rounds {
                 for i in 0..sides.len() {
                     let s = (i + r) % sides.len();
-                    times[s].push(ns_per_step(&sides[s].1));
+                    let (w, c) = ns_per_step(&sides[s].1);
+                    wall[s].push(w);
+                    cpu[s].push(c);
                 }
             }
-            let med: Vec<f64> = times.into_iter().map(median).collect();
+            let wall: Vec<f64> = wall.into_iter().map(median).collect();
+            let cpu: Vec<f64> = cpu.into_iter().map(median).collect();
             println!("{workload} blocks, {threads} thread(s):");
             for (i, (name, _)) in sides.iter().enumerate() {
                 println!(
-                    "  {name:<38} {:7.2} ns/step  ratio {:.2}x",
-                    med[i],
-                    med[0] / med[i]
+                    "  {name:<38} {:7.2} ns/step  ratio {:.2}x   CPU {:7.2} ns/step  ratio {:.2}x",
+                    wall[i],
+                    wall[0] / wall[i],
+                    cpu[i],
+                    cpu[0] / cpu[i]
                 );
             }
         }
@@ -129,6 +149,14 @@ fn dav1d(rounds: usize) {
         ("without the shim", job_unshimmed(&argv)),
         ("shim, IA2_HEAP=libc", job(&argv, &[sim])),
         (
+            "shim, IA2_HEAP=shared",
+            job(&argv, &[sim, ("IA2_HEAP", "shared")]),
+        ),
+        (
+            "shim, IA2_HEAP=compartment, no policy",
+            job(&argv, &[sim, ("IA2_HEAP", "compartment")]),
+        ),
+        (
             "shim, IA2_HEAP=compartment + sites",
             job(
                 &argv,
@@ -141,21 +169,38 @@ fn dav1d(rounds: usize) {
         ),
     ];
     let mut f: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
     for r in 0..rounds {
         for i in 0..sides.len() {
             let s = (i + r) % sides.len();
+            let before = children_cpu_ms();
             let o = native(&sides[s].1);
+            cpu[s].push(children_cpu_ms() - before);
             assert_code(&o, 0);
             f[s].push(fps(&o));
         }
     }
     let med: Vec<f64> = f.into_iter().map(median).collect();
-    println!("dav1d 640x360x60 --threads 1, IA2_PKU=sim (time ratio = time / time without the shim; median of {rounds}, alternating):");
+    let cpu: Vec<f64> = cpu.into_iter().map(median).collect();
+    println!("dav1d 640x360x60 --threads 1, IA2_PKU=sim; median of {rounds}, alternating. fps: dav1d's own (wall clock, decode only); CPU: the process's user+system time, start-up included. Ratios: time / time without the shim");
     for (i, (name, _)) in sides.iter().enumerate() {
         println!(
-            "  {name:<38} {:7.1} fps  time ratio {:.3}x",
+            "  {name:<38} {:7.1} fps  ratio {:.3}x   CPU {:6.1} ms  ratio {:.3}x",
             med[i],
-            med[0] / med[i]
+            med[0] / med[i],
+            cpu[i],
+            cpu[i] / cpu[0]
         );
     }
+}
+
+/// User + system time of the waited-for children so far, in milliseconds
+/// (a shared machine makes wall-clock time noisy).
+fn children_cpu_ms() -> f64 {
+    // SAFETY: a zeroed rusage is valid for getrusage to fill.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    ms(u.ru_utime) + ms(u.ru_stime)
 }

@@ -541,7 +541,8 @@ pub fn find_symbol(o: &LoadedObject, sym: &str) -> Option<(Range, &'static str)>
     symtab_range(&dbg, o.base, sym).map(|r| (r, "debug file"))
 }
 
-fn dynsym_range(o: &LoadedObject, sym: &str) -> Option<Range> {
+/// A dynamic symbol's run-time range in `o` (no file is read).
+pub fn dynsym_range(o: &LoadedObject, sym: &str) -> Option<Range> {
     let d = o.dynamic_info()?;
     let count = dynsym_count(&d)?;
     for i in 1..count {

@@ -82,9 +82,21 @@ fn hash(ra: usize, gate_ra: usize) -> usize {
 
 /// The site of a call from `ra` inside the gate whose caller returns to
 /// `gate_ra` (0: no gate): its id and the heap that serves it.
-#[inline]
+#[inline(always)]
 pub fn lookup(ra: usize, gate_ra: usize) -> (u16, usize) {
-    let mut i = hash(ra, gate_ra);
+    let i = hash(ra, gate_ra);
+    let s = &TABLE[i];
+    if s.ra.load(Relaxed) == ra
+        && s.gate_ra.load(Relaxed) == gate_ra
+        && s.state.load(Acquire) == READY
+    {
+        return ((i + 1) as u16, s.heap.load(Relaxed) as usize);
+    }
+    probe(i, ra, gate_ra)
+}
+
+#[inline(never)]
+fn probe(mut i: usize, ra: usize, gate_ra: usize) -> (u16, usize) {
     let mut probes = 0;
     while probes < CAP {
         let s = &TABLE[i];
@@ -299,12 +311,14 @@ fn resolve_gate(g: GateRef, objects: &[LoadedObject]) -> Result<usize, String> {
         GateRef::Symbol(sym) => (objects.iter().collect::<Vec<_>>(), sym, sym.to_string()),
         GateRef::ObjectSymbol(glob, sym) => (matching(glob, objects), sym, format!("{glob}:{sym}")),
     };
+    // A gate's target is what a JUMP_SLOT or GLOB_DAT relocation resolved
+    // to: a dynamic symbol (no object file needs reading).
     objs.iter()
-        .find_map(|o| crate::carveouts::find_symbol(o, sym))
-        .map(|(r, _)| r.start)
+        .find_map(|o| crate::carveouts::dynsym_range(o, sym))
+        .map(|r| r.start)
         .ok_or_else(|| {
             format!(
-                "IA2_HEAP_SHARED=gate:{text}: symbol {sym:?} not found in any matching object; loaded objects: {}",
+                "IA2_HEAP_SHARED=gate:{text}: no dynamic symbol {sym:?} in any matching object; loaded objects: {}",
                 loaded(objects)
             )
         })

@@ -47,8 +47,21 @@ pub fn stack_top() -> usize {
 /// any gate. The allocator records it as part of an allocation site.
 #[inline]
 pub fn current_gate_caller() -> usize {
-    let top = stack_top();
-    if top == 0 || top == stack_base() {
+    let (top, base): (usize, usize);
+    // SAFETY: reads this thread's copies of the shim's TLS words at 0 and
+    // 16 (as tls_quad, in one block: this runs on every allocation).
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+            "mov {top}, qword ptr fs:[{t}]",
+            "mov {base}, qword ptr fs:[{t} + 16]",
+            t = out(reg) _,
+            top = out(reg) top,
+            base = out(reg) base,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    if top == base || top == 0 {
         return 0;
     }
     // SAFETY: the newest frame of this thread's gate-frame stack (mapped,
