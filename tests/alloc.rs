@@ -511,3 +511,64 @@ fn real_programs_run_on_the_shim_heaps() {
         assert_stdout_has(&o, "done");
     }
 }
+
+/// `ia2run --learn` with `IA2_HEAP=compartment` (two VM boots without PKU
+/// on the host): the audit run learns the buffers' site and nothing else,
+/// the confirming run is clean and reports what stayed private.
+#[test]
+fn ia2run_learns_the_shared_site_and_confirms() {
+    let ia2run = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+        .join("release/ia2run");
+    assert!(ia2run.exists(), "build ia2run first");
+    let exe = sites_fixtures()[1].clone(); // lazily bound
+    let o = std::process::Command::new(ia2run)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .current_dir(root())
+        .arg("--shim")
+        .arg(shim())
+        .args([
+            "--timeout",
+            "300",
+            "--learn",
+            "--env",
+            "IA2_HEAP=compartment",
+            "--",
+        ])
+        .arg(&exe)
+        .arg("use")
+        .output()
+        .expect("running ia2run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let learned = err
+        .lines()
+        .find_map(|l| l.strip_prefix("ia2run: learned: "))
+        .unwrap_or_else(|| panic!("no learned line\n{err}"));
+    assert_eq!(
+        learned,
+        format!("IA2_HEAP_SHARED='{}'", codec_site("codec_buffer")),
+        "{err}"
+    );
+    assert!(
+        err.contains("ia2run: learn: the confirming run was clean"),
+        "{err}"
+    );
+    assert!(!err.contains("SEGV_PKUERR"), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    // IA2_REPORT=heap in the confirming run: the codec's state and scratch
+    // blocks stayed private, its buffers were shared.
+    let line = err
+        .lines()
+        .find(|l| l.contains("heap: compartment 2: "))
+        .unwrap_or_else(|| panic!("no heap report\n{err}"));
+    assert!(line.contains("1 shared site"), "{line}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout)
+            .matches("sites ok")
+            .count(),
+        2,
+        "both runs finished"
+    );
+}
