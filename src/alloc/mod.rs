@@ -264,7 +264,7 @@ fn write_sites(c: usize, json: bool, fd: c_int) {
                     b,
                     "{{\"type\":\"heap_site\",\"pid\":{},\"compartment\":{c},\"site\":\"{}\",\"bytes\":{bytes},\"blocks\":{blocks},\"heap\":\"{how}\"}}",
                     pid(),
-                    term.as_str().replace_json()
+                    json_safe(term.as_str())
                 );
             } else {
                 let _ = writeln!(
@@ -278,19 +278,13 @@ fn write_sites(c: usize, json: bool, fd: c_int) {
     }
 }
 
-/// Terms hold no quotes or backslashes (object names, symbols, hex); JSON
-/// needs no escaping beyond refusing them.
-trait ReplaceJson {
-    fn replace_json(&self) -> &str;
-}
-
-impl ReplaceJson for str {
-    fn replace_json(&self) -> &str {
-        if self.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-            "?"
-        } else {
-            self
-        }
+/// Terms hold no quotes, backslashes or control characters (object names,
+/// symbols, hex): JSON needs no escaping beyond refusing them.
+fn json_safe(s: &str) -> &str {
+    if s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        "?"
+    } else {
+        s
     }
 }
 
