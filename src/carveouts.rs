@@ -666,7 +666,7 @@ pub fn loader_heap_carveout(config: &Config, heap: &[Range]) -> Located {
 
 /// A symbol's run-time range in `o`: dynsym through the loader, else the
 /// file's `.symtab`, else a debug file found by build-id.
-fn find_symbol(o: &LoadedObject, sym: &str) -> Option<(Range, &'static str)> {
+pub fn find_symbol(o: &LoadedObject, sym: &str) -> Option<(Range, &'static str)> {
     if let Some(r) = dynsym_range(o, sym) {
         return Some((r, "dynsym"));
     }
@@ -687,7 +687,8 @@ fn find_symbol(o: &LoadedObject, sym: &str) -> Option<(Range, &'static str)> {
     symtab_range(&dbg, o.base, sym).map(|r| (r, "debug file"))
 }
 
-fn dynsym_range(o: &LoadedObject, sym: &str) -> Option<Range> {
+/// A dynamic symbol's run-time range in `o` (no file is read).
+pub fn dynsym_range(o: &LoadedObject, sym: &str) -> Option<Range> {
     let d = o.dynamic_info()?;
     let count = dynsym_count(&d)?;
     for i in 1..count {

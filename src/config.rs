@@ -70,6 +70,8 @@ pub struct Reports {
     pub maps: bool,
     pub gates: bool,
     pub summary: bool,
+    /// At exit: each compartment's private and shared heap bytes.
+    pub heap: bool,
 }
 
 /// The gate mechanisms `IA2_GATES` turns on: `got` (cross-compartment
@@ -219,6 +221,108 @@ impl ShareList {
     }
 }
 
+/// `IA2_HEAP_SHARED`: a validated comma-separated list of allocation sites
+/// whose allocations come from the shared heap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapSharedList(&'static str);
+
+/// Where the malloc call is: an object offset, or a symbol plus offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodeRef {
+    /// `object+0xOFF` (object is a basename glob, or `main`).
+    Offset(&'static str, usize),
+    /// `object:symbol+0xOFF`.
+    Symbol(&'static str, &'static str, usize),
+}
+
+/// The gate through which the allocating compartment was entered: its
+/// target function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateRef {
+    /// `gate:symbol`, looked up in every loaded object.
+    Symbol(&'static str),
+    /// `gate:object:symbol`.
+    ObjectSymbol(&'static str, &'static str),
+}
+
+/// One `IA2_HEAP_SHARED` entry: a code site, a gate entry, or both
+/// (`CODE@gate:SYMBOL`: allocations at CODE inside calls through the gate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeapSite {
+    pub code: Option<CodeRef>,
+    pub gate: Option<GateRef>,
+}
+
+impl HeapSharedList {
+    pub fn entries(&self) -> impl Iterator<Item = HeapSite> {
+        self.0
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .filter_map(|e| parse_heap_site(e).ok())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries().next().is_none()
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        self.0
+    }
+}
+
+fn valid_symbol(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'@')
+}
+
+fn parse_code_ref(e: &'static str) -> Result<CodeRef, Problem> {
+    let (head, off) = match e.rsplit_once('+') {
+        Some((h, o)) => (h, parse_number(o).ok_or(Problem::BadShareEntry)?),
+        None => (e, 0),
+    };
+    match head.split_once(':') {
+        Some((obj, sym)) if !obj.is_empty() && valid_symbol(sym) && !sym.contains('@') => {
+            Ok(CodeRef::Symbol(obj, sym, off))
+        }
+        None if !head.is_empty() && e.contains('+') => Ok(CodeRef::Offset(head, off)),
+        _ => Err(Problem::BadShareEntry),
+    }
+}
+
+/// Parse one `IA2_HEAP_SHARED` entry: `obj+0xOFF`, `obj:symbol+0xOFF`,
+/// `gate:symbol`, `gate:obj:symbol`, or `CODE@gate:...`.
+pub fn parse_heap_site(e: &'static str) -> Result<HeapSite, Problem> {
+    let gate = |g: &'static str| -> Result<GateRef, Problem> {
+        match g.split_once(':') {
+            Some((obj, sym)) if !obj.is_empty() && valid_symbol(sym) => {
+                Ok(GateRef::ObjectSymbol(obj, sym))
+            }
+            None if valid_symbol(g) => Ok(GateRef::Symbol(g)),
+            _ => Err(Problem::BadShareEntry),
+        }
+    };
+    let (code, g) = match e.split_once("@gate:") {
+        Some((c, g)) => (Some(c), Some(g)),
+        None => match e.strip_prefix("gate:") {
+            Some(g) => (None, Some(g)),
+            None => (Some(e), None),
+        },
+    };
+    Ok(HeapSite {
+        code: code.map(parse_code_ref).transpose()?,
+        gate: g.map(gate).transpose()?,
+    })
+}
+
+fn parse_heap_shared(v: &'static str) -> Result<HeapSharedList, Problem> {
+    for e in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        parse_heap_site(e)?;
+    }
+    Ok(HeapSharedList(v))
+}
+
 /// The whole configuration. Built once by [`Config::from_environ`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -248,6 +352,7 @@ pub struct Config {
     pub gate_mechanisms: GateMechanisms,
     /// `None`: not set, so the mode's default applies (see [`Config::heap`]).
     pub heap_explicit: Option<HeapMode>,
+    pub heap_shared: HeapSharedList,
     pub on_fault: OnFault,
     pub reports: Reports,
     pub report_format: ReportFormat,
@@ -291,6 +396,7 @@ impl Default for Config {
             gates: true,
             gate_mechanisms: GateMechanisms::DEFAULT,
             heap_explicit: None,
+            heap_shared: HeapSharedList(""),
             on_fault: OnFault::Report,
             reports: Reports::default(),
             report_format: ReportFormat::Text,
@@ -739,6 +845,7 @@ fn parse_reports(v: &str) -> Result<Reports, Problem> {
             "maps" => r.maps = true,
             "gates" => r.gates = true,
             "summary" => r.summary = true,
+            "heap" => r.heap = true,
             _ => return Err(Problem::BadValue),
         }
     }
@@ -1039,6 +1146,17 @@ pub static VARS: &[VarSpec] = &[
         },
     },
     VarSpec {
+        name: "IA2_HEAP_SHARED",
+        values: "empty, site[,site...]: obj+0xOFF / obj:symbol+0xOFF (the malloc caller), gate:symbol (the gate entered), or CODE@gate:symbol",
+        default: "",
+        meaning: "with IA2_HEAP=compartment: allocations from these sites come from the shared heap (pkey 0); the rest stay private",
+        implemented: true,
+        parse: |c, v| {
+            c.heap_shared = parse_heap_shared(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
         name: "IA2_ON_FAULT",
         values: "report, audit, silent",
         default: "report",
@@ -1056,9 +1174,9 @@ pub static VARS: &[VarSpec] = &[
     },
     VarSpec {
         name: "IA2_REPORT",
-        values: "empty, any of plan, maps, gates, summary (comma-separated)",
+        values: "empty, any of plan, maps, gates, summary, heap (comma-separated)",
         default: "",
-        meaning: "what to print at start-up (plan, maps, summary: private vs shared bytes per compartment) and exit (gates)",
+        meaning: "what to print at start-up (plan, maps, summary: private vs shared bytes of static data and TLS per compartment) and exit (gates; heap: each compartment's private and shared heap bytes)",
         implemented: true,
         parse: |c, v| {
             c.reports = parse_reports(v)?;
@@ -1420,7 +1538,8 @@ mod tests {
                 plan: true,
                 maps: true,
                 gates: false,
-                summary: false
+                summary: false,
+                heap: false
             }
         );
         assert_eq!(c.report_format, ReportFormat::Json);
@@ -1536,6 +1655,56 @@ mod tests {
         let mut help = String::new();
         write_help(&mut help).unwrap();
         assert!(!help.contains("[not yet implemented]"), "{help}");
+    }
+
+    #[test]
+    fn heap_shared_sites() {
+        assert_eq!(
+            parse_heap_site("libfoo.so+0x1a2b"),
+            Ok(HeapSite {
+                code: Some(CodeRef::Offset("libfoo.so", 0x1a2b)),
+                gate: None
+            })
+        );
+        assert_eq!(
+            parse_heap_site("libfoo.so:foo_new+0x1f@gate:foo_create"),
+            Ok(HeapSite {
+                code: Some(CodeRef::Symbol("libfoo.so", "foo_new", 0x1f)),
+                gate: Some(GateRef::Symbol("foo_create"))
+            })
+        );
+        assert_eq!(
+            parse_heap_site("gate:libfoo.so:foo_create"),
+            Ok(HeapSite {
+                code: None,
+                gate: Some(GateRef::ObjectSymbol("libfoo.so", "foo_create"))
+            })
+        );
+        assert_eq!(
+            parse_heap_site("main:helper"),
+            Ok(HeapSite {
+                code: Some(CodeRef::Symbol("main", "helper", 0)),
+                gate: None
+            })
+        );
+        for bad in [
+            "libfoo.so",
+            "libfoo.so+zz",
+            "gate:",
+            "gate:a b",
+            "x+0x1@gate:",
+            ":f+1",
+            "@gate:f",
+        ] {
+            assert_eq!(parse_heap_site(bad), Err(Problem::BadShareEntry), "{bad}");
+        }
+        let c = parse(&["IA2_HEAP_SHARED=libfoo.so+0x10, gate:foo"]).unwrap();
+        assert_eq!(c.heap_shared.entries().count(), 2);
+        assert_eq!(
+            err(&["IA2_HEAP_SHARED=libfoo.so"]).problem,
+            Problem::BadShareEntry
+        );
+        assert!(parse(&["IA2_REPORT=heap"]).unwrap().reports.heap);
     }
 
     #[test]

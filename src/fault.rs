@@ -445,6 +445,7 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
     }
 
     let census = rt.and_then(|r| r.census.try_read().ok());
+    let heap_fault = crate::alloc::heap_fault(addr);
     let _ = write!(b, "ia2shim[{p}]:   owner       ");
     let mut disabled_cover: Option<&[crate::carveouts::Located]> = None;
     match census.as_deref() {
@@ -478,14 +479,9 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
                 Some(Reason::Carveout { name, .. }) => {
                     let _ = write!(b, "carveout {name} (should be shared)");
                 }
-                None => match crate::alloc::heap::heap_of(addr) {
-                    Some(h) if h > 0 => {
-                        let _ = write!(
-                                b,
-                                "compartment {h}'s heap (IA2_HEAP=compartment): memory it allocated, handed to another compartment; allocate shared data with shared_malloc"
-                            );
-                    }
-                    _ => {
+                None => match &heap_fault {
+                    Some(h) => h.write_owner(&mut b, Some(&c.objects)),
+                    None => {
                         let _ = write!(b, "not in the shim's plan");
                     }
                 },
@@ -539,6 +535,20 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
                 let _ = write!(b, "{sep}{}=1", l.carveout.toggle);
             }
             let _ = writeln!(b);
+        }
+        None if heap_fault.is_some() => {
+            let objects = census.as_deref().map(|c| c.objects.as_slice());
+            match heap_fault.as_ref().and_then(|h| h.term(objects)) {
+                Some(t) => {
+                    let _ = writeln!(b, "IA2_HEAP_SHARED={t}");
+                }
+                None => {
+                    let _ = writeln!(
+                        b,
+                        "shared_malloc in the source (no allocation site recorded)"
+                    );
+                }
+            }
         }
         None => {
             // Run-independent terms only: `object:symbol` when a symbol

@@ -155,16 +155,198 @@ fn strict_dav1d_without_mutex_elision_faults_in_pthread_mutex_lock() {
     assert_stderr_has(o, "to share    IA2_SHARE_MUTEX_ELISION=1");
 }
 
-/// Per-compartment heaps on dav1d: the CLI (compartment 1) copies the file
-/// into a buffer that `dav1d_data_create` allocated in libdav1d (2), so the
-/// CLI faults on compartment 2's heap. This is dav1d's design (IA2's port
-/// allocates such buffers with `shared_malloc` in the source); the report
-/// names the heap and says what to do.
+/// Per-compartment heaps on dav1d without a policy: the CLI (compartment 1)
+/// copies the file into a buffer that `dav1d_data_create` allocated in
+/// libdav1d (2), so the CLI faults on compartment 2's heap (IA2's port
+/// allocates such buffers with `shared_malloc` in the source). The report
+/// names the block, its allocation site inside the gate `dav1d_data_create`,
+/// and the `IA2_HEAP_SHARED` term that shares that site.
 #[test]
 fn dav1d_with_compartment_heaps_faults_on_a_buffer_handed_across() {
     let o = &enforced()["compartment heap"];
     assert_code(o, SIGSEGV_CODE);
     assert_stderr_has(o, "running as  compartment 1");
-    assert_stderr_has(o, "owner       compartment 2's heap (IA2_HEAP=compartment)");
-    assert_stderr_has(o, "allocate shared data with shared_malloc");
+    assert_stderr_has(
+        o,
+        "owner       compartment 2's heap (IA2_HEAP=compartment): block 0x",
+    );
+    assert_stderr_has(o, "allocated at libdav1d.so.6+0x");
+    assert_stderr_has(o, "inside gate:dav1d_data_create (called from main+0x");
+    assert_stderr_has(o, "to share    IA2_HEAP_SHARED=libdav1d.so.6+0x");
+    assert_stderr_has(o, "@gate:dav1d_data_create\n");
+}
+
+// ---------------------------------------------------------------- compartment heaps with learned sites
+
+const HEAP: (&str, &str) = ("IA2_HEAP", "compartment");
+
+/// The four decodes: default and strict mode, one and four threads.
+const CONFIGS: [(&str, bool, &[&str]); 4] = [
+    ("default 1", false, ONE),
+    ("default 4", false, FOUR),
+    ("strict 1", true, ONE),
+    ("strict 4", true, FOUR),
+];
+
+fn heap_job(threads: &[&str], strict: bool, vars: &[(&str, &str)]) -> ia2run::Job {
+    let mut v = vec![HEAP];
+    if strict {
+        v.push(STRICT);
+    }
+    v.extend_from_slice(vars);
+    dav1d_job(threads, &v)
+}
+
+/// Audit mode on each decode (one VM boot): the `IA2_HEAP_SHARED` sites
+/// that each summary learned, in the order first seen, without repeats.
+fn learned_sites() -> &'static Vec<String> {
+    static R: OnceLock<Vec<String>> = OnceLock::new();
+    R.get_or_init(|| {
+        let audit = [("IA2_ON_FAULT", "audit"), ("IA2_REPORT_FORMAT", "json")];
+        let cases = CONFIGS
+            .iter()
+            .map(|&(name, strict, threads)| (name, heap_job(threads, strict, &audit)))
+            .collect();
+        let want = expected_md5();
+        let mut sites: Vec<String> = Vec::new();
+        let runs = enforced_batch(cases);
+        for (name, ..) in CONFIGS {
+            let o = &runs[name];
+            assert_code(o, 0);
+            assert_eq!(
+                o.stdout_lossy().trim(),
+                want,
+                "audit {name}\n{}",
+                out_text(o)
+            );
+            let p = ia2run::learn::Policy::from_report(&o.stderr_lossy()).unwrap();
+            assert_eq!(p.summaries, 1, "audit {name}\n{}", out_text(o));
+            assert!(
+                p.toggles.is_empty() && p.share.is_empty(),
+                "audit {name}: {p}"
+            );
+            assert!(!p.heap_shared.is_empty(), "audit {name}\n{}", out_text(o));
+            eprintln!("dav1d {name}, audit: learned {p}");
+            for s in p.heap_shared {
+                if !sites.contains(&s) {
+                    sites.push(s);
+                }
+            }
+        }
+        sites
+    })
+}
+
+/// Each decode with the learned policy, and with the policy broken.
+fn heap_runs() -> &'static HashMap<String, Outcome> {
+    static R: OnceLock<HashMap<String, Outcome>> = OnceLock::new();
+    R.get_or_init(|| {
+        let sites = learned_sites();
+        let policy = sites.join(",");
+        let data_only: Vec<&String> = sites
+            .iter()
+            .filter(|s| s.ends_with("@gate:dav1d_data_create"))
+            .collect();
+        assert_eq!(data_only.len(), 1, "{sites:?}");
+        let mut cases: Vec<(String, ia2run::Job)> = CONFIGS
+            .iter()
+            .map(|&(name, strict, threads)| {
+                (
+                    format!("{name} policy"),
+                    heap_job(
+                        threads,
+                        strict,
+                        &[("IA2_HEAP_SHARED", &policy), ("IA2_REPORT", "heap")],
+                    ),
+                )
+            })
+            .collect();
+        // Broken: the data buffers shared, every other learned site dropped.
+        cases.push((
+            "default 1 data only".into(),
+            heap_job(ONE, false, &[("IA2_HEAP_SHARED", data_only[0])]),
+        ));
+        cases.push((
+            "strict 4 data only".into(),
+            heap_job(FOUR, true, &[("IA2_HEAP_SHARED", data_only[0])]),
+        ));
+        // Removed: no policy at all, strict mode.
+        cases.push(("strict 4 no policy".into(), heap_job(FOUR, true, &[])));
+        let names: Vec<String> = cases.iter().map(|(n, _)| n.clone()).collect();
+        let leaked: Vec<(&'static str, ia2run::Job)> = cases
+            .into_iter()
+            .map(|(n, j)| (&*Box::leak(n.into_boxed_str()), j))
+            .collect();
+        let out = enforced_batch(leaked);
+        names
+            .into_iter()
+            .map(|n| {
+                let o = out[n.as_str()].clone();
+                (n, o)
+            })
+            .collect()
+    })
+}
+
+/// The case: dav1d with per-compartment heaps and the sites audit
+/// mode learned, in default and strict mode, with one and four threads,
+/// decodes to the md5 of the decode without the shim. The exit report
+/// gives the share of libdav1d's heap bytes that stayed private.
+#[test]
+fn dav1d_with_compartment_heaps_and_learned_sites_decodes_identically() {
+    let want = expected_md5();
+    let runs = heap_runs();
+    for (name, ..) in CONFIGS {
+        let o = &runs[&format!("{name} policy")];
+        assert_code(o, 0);
+        assert_eq!(o.stdout_lossy().trim(), want, "{name}\n{}", out_text(o));
+        assert_stderr_lacks(o, "SEGV_PKUERR");
+        let line = o
+            .stderr_lossy()
+            .lines()
+            .find(|l| l.contains("heap: compartment 2: "))
+            .unwrap_or_else(|| panic!("{name}: no heap report\n{}", out_text(o)))
+            .to_string();
+        // Most of libdav1d's state (the decoder context from dav1d_open, its
+        // tile and frame state) stays private.
+        assert!(
+            line.contains("% of its heap bytes stayed private"),
+            "{line}"
+        );
+        let private: f64 = line
+            .split("compartment 2: ")
+            .nth(1)
+            .and_then(|r| r.split('%').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        assert!(private > 25.0, "{name}: {line}");
+        eprintln!("dav1d {name} with learned sites: {line}");
+        assert!(
+            o.stderr_lossy()
+                .lines()
+                .any(|l| l.contains("private ") && l.ends_with("@gate:dav1d_open")),
+            "{name}: the decoder context is private\n{}",
+            out_text(o)
+        );
+    }
+}
+
+/// The policy is needed and each learned site matters: with only the data
+/// buffers' site shared, or with none, the CLI faults on libdav1d's heap.
+#[test]
+fn dav1d_with_compartment_heaps_faults_without_the_learned_sites() {
+    let runs = heap_runs();
+    for name in [
+        "default 1 data only",
+        "strict 4 data only",
+        "strict 4 no policy",
+    ] {
+        let o = &runs[name];
+        assert_code(o, SIGSEGV_CODE);
+        assert_stderr_has(
+            o,
+            "owner       compartment 2's heap (IA2_HEAP=compartment): block 0x",
+        );
+        assert_stderr_has(o, "to share    IA2_HEAP_SHARED=libdav1d.so.6+0x");
+    }
 }

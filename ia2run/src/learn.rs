@@ -1,6 +1,7 @@
 //! `ia2run --learn`: read the shim's audit summary (JSON lines, one
 //! `audit_summary` object per process) and turn it into the environment
-//! that makes the next run clean. Also a small JSON reader, enough for the
+//! that makes the next run clean: carveout toggles, `IA2_SHARE` pages and,
+//! with `IA2_HEAP=compartment`, the `IA2_HEAP_SHARED` allocation sites. Also a small JSON reader, enough for the
 //! shim's reports (tests use it to check that every line parses).
 
 use std::fmt;
@@ -227,6 +228,8 @@ pub struct Policy {
     pub toggles: Vec<String>,
     /// `IA2_SHARE` entries (`obj:symbol` or `0xPAGE+4096`).
     pub share: Vec<String>,
+    /// `IA2_HEAP_SHARED` allocation sites (`obj+0xOFF@gate:symbol`, ...).
+    pub heap_shared: Vec<String>,
     /// How many `audit_summary` lines were read (one per process).
     pub summaries: usize,
     /// Protection-key faults over all of them.
@@ -279,6 +282,14 @@ impl Policy {
             for s in strings("share")? {
                 if !p.share.contains(&s) {
                     p.share.push(s);
+                }
+            }
+            // Older shims print no heap_shared array.
+            if v.get("heap_shared").is_some() {
+                for s in strings("heap_shared")? {
+                    if !p.heap_shared.contains(&s) {
+                        p.heap_shared.push(s);
+                    }
                 }
             }
         }
@@ -340,12 +351,18 @@ impl Policy {
         for e in &self.share {
             out.push_str(&format!("IA2_SHARE={e}{}\n", why(e)));
         }
+        if !self.heap_shared.is_empty() {
+            out.push_str(&format!(
+                "# allocation sites whose blocks another compartment touched\nIA2_HEAP_SHARED={}\n",
+                self.heap_shared.join(",")
+            ));
+        }
         out
     }
 
     /// Adds `other`'s toggles and entries; returns whether any was new.
     pub fn merge(&mut self, other: &Policy) -> bool {
-        let before = (self.toggles.len(), self.share.len());
+        let before = (self.toggles.len(), self.share.len(), self.heap_shared.len());
         for t in &other.toggles {
             if !self.toggles.contains(t) {
                 self.toggles.push(t.clone());
@@ -361,19 +378,56 @@ impl Policy {
                 self.reasons.push(r.clone());
             }
         }
+        for s in &other.heap_shared {
+            if !self.heap_shared.contains(s) {
+                self.heap_shared.push(s.clone());
+            }
+        }
         self.summaries += other.summaries;
         self.faults += other.faults;
         self.stopped |= other.stopped;
-        before != (self.toggles.len(), self.share.len())
+        before != (self.toggles.len(), self.share.len(), self.heap_shared.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.toggles.is_empty() && self.share.is_empty()
+        self.toggles.is_empty()
+            && self.share.is_empty()
+            && self.heap_shared.is_empty()
+            && self.heap_shared.is_empty()
     }
 
     /// The variables to set: each toggle, and `IA2_SHARE` with `existing`
     /// entries (the user's own) first.
     pub fn env(&self, existing_share: Option<&str>) -> Vec<(String, String)> {
+        self.env_with(existing_share, None)
+    }
+
+    /// [`Policy::env`], and `IA2_HEAP_SHARED` with the user's own sites
+    /// (`existing_heap`) first.
+    pub fn env_with(
+        &self,
+        existing_share: Option<&str>,
+        existing_heap: Option<&str>,
+    ) -> Vec<(String, String)> {
+        let mut env = self.share_env(existing_share);
+        let mut sites: Vec<&str> = existing_heap
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .collect();
+        for s in &self.heap_shared {
+            if !sites.contains(&s.as_str()) {
+                sites.push(s);
+            }
+        }
+        if !sites.is_empty() {
+            env.push(("IA2_HEAP_SHARED".into(), sites.join(",")));
+        }
+        env
+    }
+
+    fn share_env(&self, existing_share: Option<&str>) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = self
             .toggles
             .iter()
@@ -450,7 +504,66 @@ impl fmt::Display for Policy {
         if !self.share.is_empty() {
             words.push(format!("IA2_SHARE='{}'", self.share.join(",")));
         }
+        if !self.heap_shared.is_empty() {
+            words.push(format!("IA2_HEAP_SHARED='{}'", self.heap_shared.join(",")));
+        }
         f.write_str(&words.join(" "))
+    }
+}
+
+/// One compartment's heap bytes from an `IA2_REPORT=heap` run (JSON
+/// `heap_usage` lines): what stayed private.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeapUsage {
+    pub compartment: u64,
+    pub private_total: u64,
+    pub shared_total: u64,
+    pub private_peak: u64,
+    pub shared_peak: u64,
+}
+
+impl HeapUsage {
+    /// Every `heap_usage` line of a report.
+    pub fn from_report(text: &str) -> Vec<HeapUsage> {
+        text.lines()
+            .filter(|l| l.trim_start().starts_with('{'))
+            .filter_map(|l| Json::parse(l).ok())
+            .filter(|v| v.get("type").and_then(Json::as_str) == Some("heap_usage"))
+            .map(|v| {
+                let n = |k: &str| v.get(k).and_then(Json::as_u64).unwrap_or(0);
+                HeapUsage {
+                    compartment: n("compartment"),
+                    private_total: n("private_total"),
+                    shared_total: n("shared_total"),
+                    private_peak: n("private_peak"),
+                    shared_peak: n("shared_peak"),
+                }
+            })
+            .collect()
+    }
+}
+
+fn pct(a: u64, b: u64) -> f64 {
+    if a + b == 0 {
+        100.0
+    } else {
+        100.0 * a as f64 / (a + b) as f64
+    }
+}
+
+impl fmt::Display for HeapUsage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "compartment {}: {:.1}% of heap bytes private ({} of {} allocated), {:.1}% at peak ({} private, {} shared bytes live)",
+            self.compartment,
+            pct(self.private_total, self.shared_total),
+            self.private_total,
+            self.private_total + self.shared_total,
+            pct(self.private_peak, self.shared_peak),
+            self.private_peak,
+            self.shared_peak
+        )
     }
 }
 
@@ -527,6 +640,23 @@ not json
         assert!(!q.merge(&p));
         assert_eq!(q.toggles, ["IA2_SHARE_TCB=1", "IA2_SHARE_DTV=1"]);
         assert!(Policy::from_report("{\"type\":\"audit_summary\"").is_err());
+        let h = Policy::from_report(
+            "{\"type\":\"audit_summary\",\"reason\":\"exit\",\"faults\":2,\"toggles\":[],\"share\":[],\"heap_shared\":[\"libx.so+0x10@gate:x_new\"]}",
+        )
+        .unwrap();
+        assert_eq!(h.heap_shared, ["libx.so+0x10@gate:x_new"]);
+        assert_eq!(h.to_string(), "IA2_HEAP_SHARED='libx.so+0x10@gate:x_new'");
+        assert_eq!(
+            h.env_with(None, Some("gate:y")),
+            [(
+                "IA2_HEAP_SHARED".to_string(),
+                "gate:y,libx.so+0x10@gate:x_new".to_string()
+            )]
+        );
+        assert!(q.merge(&h));
+        let u = HeapUsage::from_report("x\n{\"type\":\"heap_usage\",\"compartment\":2,\"private_total\":300,\"shared_total\":100,\"private_peak\":90,\"shared_peak\":10}");
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].to_string(), "compartment 2: 75.0% of heap bytes private (300 of 400 allocated), 90.0% at peak (90 private, 10 shared bytes live)");
         assert!(Policy::from_report("").unwrap().is_empty());
     }
 }

@@ -96,7 +96,11 @@ was clean (a fault that the policy misses kills it with SIGSEGV after a
 report: 139); 125 when an audit run left no summary. Each run is a VM boot
 of its own. Learned entries name memory relative to objects
 (object:symbol, object+0xOFFSET+4096), so they hold in a new run with a new
-address layout; heap pages have no such name and are never learned.
+address layout; heap pages have no such name and are never learned. With
+IA2_HEAP=compartment it also learns the IA2_HEAP_SHARED allocation sites
+whose blocks another compartment touched, and the confirming run reports
+the share of each compartment's heap bytes that stayed private
+(IA2_REPORT=heap).
 
 Batch files: one command per line. Empty lines and lines starting with #
 are skipped. Words are split as by a POSIX shell without expansions:
@@ -669,13 +673,16 @@ fn learn(
     let report = dir.join(format!(".ia2run-learn-{}.jsonl", std::process::id()));
     // The user's own IA2_SHARE entries stay.
     let plain = make_job(cmd.to_vec(), &[]);
-    let existing = plain
-        .env
-        .iter()
-        .find(|(k, _)| k == "IA2_SHARE")
-        .and_then(|(_, v)| v.to_str());
+    let var = |name: &str| {
+        plain
+            .env
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.to_str())
+    };
+    let (existing, existing_heap) = (var("IA2_SHARE"), var("IA2_HEAP_SHARED"));
     let policy_env = |p: &ia2run::learn::Policy| -> Vec<(OsString, OsString)> {
-        p.env(existing)
+        p.env_with(existing, existing_heap)
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect()
@@ -737,17 +744,28 @@ fn learn(
         let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         env = vec![("IA2_POLICY".into(), abs.into())];
     }
-    // The confirming run also reports how much stayed private.
+    // The confirming run also reports how much stayed private: static data
+    // and TLS through a JSON report file read back here; with compartment
+    // heaps, the heap report (IA2_REPORT=heap) on stderr instead.
+    let heap = var("IA2_HEAP") == Some("compartment");
     let summary = dir.join(format!(
         ".ia2run-learn-{}-summary.jsonl",
         std::process::id()
     ));
-    env.extend([
-        ("IA2_ON_FAULT".into(), "report".into()),
-        ("IA2_REPORT".into(), "summary".into()),
-        ("IA2_REPORT_FORMAT".into(), "json".into()),
-        ("IA2_REPORT_FILE".into(), summary.clone().into()),
-    ]);
+    env.push(("IA2_ON_FAULT".into(), "report".into()));
+    if heap {
+        let reports = match var("IA2_REPORT") {
+            Some(r) if !r.is_empty() => format!("{r},heap"),
+            _ => "heap".into(),
+        };
+        env.push(("IA2_REPORT".into(), reports.into()));
+    } else {
+        env.extend([
+            ("IA2_REPORT".into(), "summary".into()),
+            ("IA2_REPORT_FORMAT".into(), "json".into()),
+            ("IA2_REPORT_FILE".into(), summary.clone().into()),
+        ]);
+    }
     eprintln!("ia2run: learn: confirming run");
     let second = match run_one(mode, vm, &make_job(cmd.to_vec(), &env)) {
         Ok(o) => o,

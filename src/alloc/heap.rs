@@ -7,8 +7,9 @@
 //! is found by arithmetic: `(p - base) >> slot_shift`.
 //!
 //! Every allocation is preceded by a 16-byte header: talc's layout size
-//! (talc frees by size) and a tag with a magic number and the offset from
-//! talc's chunk to the payload (16 for ordinary allocations, more for
+//! (talc frees by size) with the block's allocation site id in its top 16
+//! bits ([`super::sites`]), and a tag with a magic number and the offset
+//! from talc's chunk to the payload (16 for ordinary allocations, more for
 //! over-aligned ones). The magic lets `free` refuse pointers that were
 //! never handed out, and catches most double frees.
 //!
@@ -56,7 +57,15 @@ const FREED: usize = 0x1a2a_f7ee << 32;
 /// The tag of a block that sits in a thread cache.
 const CACHED: usize = 0x1a2a_cac4 << 32;
 const MAGIC_MASK: usize = 0xffff_ffff << 32;
-const OFFSET_MASK: usize = 0xffff_ffff;
+const OFFSET_MASK: usize = 0x7fff_ffff;
+/// Tag bit: audit mode put some of the block's pages on key 0 (see
+/// [`share_page_for_audit`]); `free` puts them back on the heap's key.
+const PROMOTED: usize = 1 << 31;
+const _: () = assert!(MAX_ALIGN <= OFFSET_MASK);
+/// The size word keeps the site id above bit 48 (sizes stay below a slot).
+const SITE_SHIFT: u32 = 48;
+const SIZE_MASK: usize = (1 << SITE_SHIFT) - 1;
+const _: () = assert!(MAX_SLOT_SHIFT < SITE_SHIFT);
 
 /// Arena growth: at least `MIN_GROW`, then half of what the arena already
 /// has (capped at `MAX_GROW`), in `GROW_UNIT`s. Committing only reserves;
@@ -437,8 +446,14 @@ fn cache() -> *mut Cache {
 #[cold]
 fn new_cache() -> *mut Cache {
     let mut hint = NEXT_HINT.fetch_add(1, Ordering::Relaxed) % ARENAS;
-    let c =
-        alloc_locked(0, core::mem::size_of::<Cache>(), MIN_ALIGN, true, &mut hint) as *mut Cache;
+    let c = alloc_locked(
+        0,
+        core::mem::size_of::<Cache>(),
+        MIN_ALIGN,
+        true,
+        &mut hint,
+        0,
+    ) as *mut Cache;
     if c.is_null() {
         return c;
     }
@@ -509,7 +524,7 @@ fn create_cache_key() {
 unsafe fn header(p: usize, slot_start: usize) -> Option<(usize, usize)> {
     let h = (p - HDR) as *const usize;
     // SAFETY: the caller vouches that the header words are readable.
-    let (size, tag) = unsafe { (h.read(), h.add(1).read()) };
+    let (size, tag) = unsafe { (h.read() & SIZE_MASK, h.add(1).read()) };
     let off = tag & OFFSET_MASK;
     let ok = tag & MAGIC_MASK == MAGIC
         && off >= HDR
@@ -521,11 +536,11 @@ unsafe fn header(p: usize, slot_start: usize) -> Option<(usize, usize)> {
 
 /// # Safety
 /// `p - HDR .. p` is writable, inside the chunk that talc just handed out.
-unsafe fn write_header(p: usize, size: usize, off: usize) {
+unsafe fn write_header(p: usize, size: usize, off: usize, site: u16) {
     let h = (p - HDR) as *mut usize;
     // SAFETY: as the contract says.
     unsafe {
-        h.write(size);
+        h.write(size | (site as usize) << SITE_SHIFT);
         h.add(1).write(MAGIC | off);
     }
 }
@@ -563,20 +578,20 @@ fn layout(total: usize) -> Option<Layout> {
 /// Allocate `size` bytes aligned to `align` (a power of two) from heap
 /// `heap`, zeroed if `zero`. Null when out of memory or address space.
 #[inline]
-pub fn alloc(heap: usize, size: usize, align: usize, zero: bool) -> *mut u8 {
+pub fn alloc(heap: usize, size: usize, align: usize, zero: bool, site: u16) -> *mut u8 {
     if heap >= HEAPS {
         return core::ptr::null_mut();
     }
     let c = cache();
     if c.is_null() {
         let mut hint = 0;
-        return alloc_locked(heap, size, align, zero, &mut hint);
+        return alloc_locked(heap, size, align, zero, &mut hint, site);
     }
     if align <= MIN_ALIGN && size <= CACHE_MAX {
         let k = class_of_request(size);
         let _rights = Rights::for_heap(heap);
         // SAFETY: the cache is this thread's; Rights gives access to the heap.
-        let p = unsafe { pop(&mut (*c).bins[heap], k, heap) };
+        let p = unsafe { pop(&mut (*c).bins[heap], k, heap, site) };
         if p != 0 {
             if zero {
                 // SAFETY: the block has class k's k * 16 >= size bytes.
@@ -586,12 +601,18 @@ pub fn alloc(heap: usize, size: usize, align: usize, zero: bool) -> *mut u8 {
         }
         // Allocate the whole class, so that the block fits it when freed.
         // SAFETY: the cache is this thread's.
-        return alloc_locked(heap, k * MIN_ALIGN, MIN_ALIGN, zero, unsafe {
-            &mut (*c).hint
-        });
+        return alloc_locked(
+            heap,
+            k * MIN_ALIGN,
+            MIN_ALIGN,
+            zero,
+            // SAFETY: the cache is this thread's.
+            unsafe { &mut (*c).hint },
+            site,
+        );
     }
     // SAFETY: the cache is this thread's.
-    alloc_locked(heap, size, align, zero, unsafe { &mut (*c).hint })
+    alloc_locked(heap, size, align, zero, unsafe { &mut (*c).hint }, site)
 }
 
 /// Take a block of class `k` from `bins`, checking what the list gives.
@@ -599,7 +620,7 @@ pub fn alloc(heap: usize, size: usize, align: usize, zero: bool) -> *mut u8 {
 /// # Safety
 /// `bins` is the calling thread's for `heap`, whose memory it can access.
 #[inline]
-unsafe fn pop(bins: &mut Bins, k: usize, heap: usize) -> usize {
+unsafe fn pop(bins: &mut Bins, k: usize, heap: usize, site: u16) -> usize {
     let p = bins.head[k - 1];
     if p == 0 {
         return 0;
@@ -611,10 +632,13 @@ unsafe fn pop(bins: &mut Bins, k: usize, heap: usize) -> usize {
     if heap_of(p) != Some(heap) || unsafe { tag.read() } != CACHED | HDR {
         corrupt_cache(p);
     }
-    // SAFETY: as above; the first word holds the next link.
+    // SAFETY: as above; the first word holds the next link. The block
+    // takes its new owner's site.
     unsafe {
         bins.head[k - 1] = *(p as *const usize);
         tag.write(MAGIC | HDR);
+        let sw = (p - HDR) as *mut usize;
+        sw.write(sw.read() & SIZE_MASK | (site as usize) << SITE_SHIFT);
     }
     bins.count[k - 1] -= 1;
     p
@@ -629,7 +653,14 @@ fn corrupt_cache(p: usize) -> ! {
 }
 
 /// [`alloc`] without the thread cache: from an arena, under its lock.
-fn alloc_locked(heap: usize, size: usize, align: usize, zero: bool, hint: &mut usize) -> *mut u8 {
+fn alloc_locked(
+    heap: usize,
+    size: usize,
+    align: usize,
+    zero: bool,
+    hint: &mut usize,
+    site: u16,
+) -> *mut u8 {
     if heap >= HEAPS || !align.is_power_of_two() || align > MAX_ALIGN {
         return core::ptr::null_mut();
     }
@@ -663,7 +694,7 @@ fn alloc_locked(heap: usize, size: usize, align: usize, zero: bool, hint: &mut u
     let p = (base + HDR + align - 1) & !(align - 1);
     // SAFETY: base..base+total is ours; p - HDR >= base and p + size <= base + total.
     unsafe {
-        write_header(p, total, p - base);
+        write_header(p, total, p - base, site);
         if zero {
             core::ptr::write_bytes(p as *mut u8, 0, size);
         }
@@ -683,6 +714,10 @@ pub unsafe fn free(p: usize) -> Result<(), Bad> {
     let _rights = Rights::for_heap(heap);
     // SAFETY: locate() checked that the header is committed; Rights gives access.
     let (size, off) = unsafe { header(p, start) }.ok_or(Bad::NotLive)?;
+    // SAFETY: the header was just validated.
+    if unsafe { ((p - HDR + 8) as *const usize).read() } & PROMOTED != 0 {
+        unpromote(p, size - off, key_of(heap));
+    }
     let k = (size - off) / MIN_ALIGN;
     if off == HDR && (1..=CLASSES).contains(&k) {
         let c = CACHE.with(Cell::get);
@@ -737,6 +772,116 @@ unsafe fn free_locked(p: usize) -> Result<(), Bad> {
     Ok(())
 }
 
+/// The site id in the header of payload `p`.
+///
+/// # Safety
+/// `p`'s header is committed, readable and valid.
+unsafe fn site_word(p: usize) -> u16 {
+    // SAFETY: as the contract says.
+    (unsafe { ((p - HDR) as *const usize).read() } >> SITE_SHIFT) as u16
+}
+
+/// The usable size and the allocation site of live payload `p`.
+pub fn usable_size_and_site(p: usize) -> Result<(usize, u16), Bad> {
+    let (slot, start) = locate(p)?;
+    let _rights = Rights::for_heap(slot / ARENAS);
+    // SAFETY: locate() checked that the header is committed; Rights gives access.
+    let (size, off) = unsafe { header(p, start) }.ok_or(Bad::NotLive)?;
+    // SAFETY: validated above.
+    Ok((size - off, unsafe { site_word(p) }))
+}
+
+/// A block of the shim's heaps, as found for a fault report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    /// The payload's first byte and usable size.
+    pub start: usize,
+    pub size: usize,
+    pub site: u16,
+    /// In a thread cache: freed, so the access was a use after free.
+    pub cached: bool,
+}
+
+/// The block whose header or payload holds `addr`: scans back from `addr`
+/// for the nearest block header (16-byte aligned, magic tag) within the
+/// committed part of its slot, and checks that the block reaches `addr`.
+/// For fault reports: the caller must be able to read every heap (the
+/// fault handler runs with all keys). `None` for free space and talc's
+/// own metadata; a payload that happens to hold a header pattern can
+/// mislead it.
+pub fn block_at(addr: usize) -> Option<Block> {
+    let (base, shift) = region()?;
+    if !owns(addr) {
+        return None;
+    }
+    let slot = (addr - base) >> shift;
+    let start = base + (slot << shift);
+    let committed = COMMITTED[slot].load(Ordering::Acquire);
+    if addr >= committed {
+        return None;
+    }
+    let mut h = addr & !(MIN_ALIGN - 1);
+    loop {
+        if h < start || h + HDR > committed {
+            return None;
+        }
+        // SAFETY: [h, h + 16) is committed memory of this slot, and the
+        // caller can read it.
+        let (word, tag) = unsafe {
+            (
+                (h as *const usize).read(),
+                (h as *const usize).add(1).read(),
+            )
+        };
+        let live = tag & MAGIC_MASK == MAGIC;
+        if live || tag == CACHED | HDR {
+            let p = h + HDR;
+            let size = word & SIZE_MASK;
+            let off = tag & OFFSET_MASK;
+            if off >= HDR && size >= off && off <= p - start && p + (size - off) <= committed {
+                let usable = size - off;
+                return (addr < p + usable).then_some(Block {
+                    start: p,
+                    size: usable,
+                    site: (word >> SITE_SHIFT) as u16,
+                    cached: !live,
+                });
+            }
+        }
+        h = h.checked_sub(MIN_ALIGN)?;
+    }
+}
+
+/// Audit mode: put the page at `page`, which lies wholly inside live
+/// block `b`'s payload, on key 0 so that the other compartment's accesses
+/// stop faulting, and mark the block so that `free` gives the page back to
+/// its heap's key (its memory must not stay shared for the next block).
+/// Call with every key allowed (the fault handler).
+pub fn share_page_for_audit(b: &Block, page: usize) -> bool {
+    if page < b.start || page + PAGE > b.start + b.size || b.cached {
+        return false;
+    }
+    let tag = (b.start - HDR + 8) as *mut usize;
+    // SAFETY: the block's header (found by block_at), readable and
+    // writable with every key.
+    unsafe { tag.write(tag.read() | PROMOTED) };
+    crate::pku::protect(page, PAGE, libc::PROT_READ | libc::PROT_WRITE, 0).is_ok()
+}
+
+#[cold]
+fn unpromote(p: usize, usable: usize, key: u32) {
+    let a = (p + PAGE - 1) & !(PAGE - 1);
+    let b = (p + usable) & !(PAGE - 1);
+    if key != 0 && a < b {
+        let _ = crate::pku::protect(a, b - a, libc::PROT_READ | libc::PROT_WRITE, key);
+    }
+    // SAFETY: the caller validated p's header.
+    unsafe {
+        let tag = (p - HDR + 8) as *mut usize;
+        tag.write(tag.read() & !PROMOTED);
+    }
+}
+
 /// The usable size of payload `p`.
 pub fn usable_size(p: usize) -> Result<usize, Bad> {
     let (slot, start) = locate(p)?;
@@ -757,11 +902,18 @@ pub unsafe fn realloc(p: usize, size: usize) -> Result<*mut u8, Bad> {
     let heap = slot / ARENAS;
     let _rights = Rights::for_heap(heap);
     let old_usable;
+    let site;
     {
         let held = lock(slot);
         // SAFETY: locate() checked that the header is committed; Rights gives access.
         let (total, off) = unsafe { header(p, start) }.ok_or(Bad::NotLive)?;
         old_usable = total - off;
+        // SAFETY: the header was just validated.
+        site = unsafe { site_word(p) };
+        // SAFETY: as above.
+        if unsafe { ((p - HDR + 8) as *const usize).read() } & PROMOTED != 0 {
+            unpromote(p, old_usable, key_of(heap));
+        }
         if off == HDR {
             if let Some(new_total) = size.checked_add(HDR).filter(|&t| layout(t).is_some()) {
                 let base = (p - HDR) as *mut u8;
@@ -774,7 +926,7 @@ pub unsafe fn realloc(p: usize, size: usize) -> Result<*mut u8, Bad> {
                     )
                 } {
                     // SAFETY: the header is ours.
-                    unsafe { write_header(p, new_total, HDR) };
+                    unsafe { write_header(p, new_total, HDR, site) };
                     return Ok(p as *mut u8);
                 }
             }
@@ -783,7 +935,8 @@ pub unsafe fn realloc(p: usize, size: usize) -> Result<*mut u8, Bad> {
             return Ok(p as *mut u8);
         }
     }
-    let new = alloc(heap, size, MIN_ALIGN, false);
+    // The block keeps its heap and its site.
+    let new = alloc(heap, size, MIN_ALIGN, false, site);
     if new.is_null() {
         return Ok(new);
     }

@@ -9,6 +9,9 @@
 //!   compartment's heap, tagged with its key; calls from ld.so, libc and the
 //!   other shared objects (and from the shim) from the shared heap. The
 //!   caller is the hook's return address, looked up in [`route`].
+//!   Each block records its allocation site ([`sites`]: the caller and the
+//!   gate the thread entered last); sites that `IA2_HEAP_SHARED` names are
+//!   served from the shared heap. `realloc` keeps a block's heap and site.
 //!
 //! Before the constructor switches, every hook forwards to glibc. `free`,
 //! `realloc` and `malloc_usable_size` find the owner of any pointer by
@@ -28,6 +31,7 @@
 pub mod heap;
 mod lock;
 pub mod route;
+pub mod sites;
 
 use crate::config::HeapMode;
 use crate::objects::PAGE;
@@ -75,7 +79,21 @@ pub fn start(rt: &Runtime) {
     if mode == HeapMode::Compartment {
         if let Ok(census) = rt.census.read() {
             refresh_routes(&census);
+            match sites::Policy::resolve(&rt.config.heap_shared, &census.objects) {
+                Ok(p) => sites::install(p),
+                Err(e) => crate::lifecycle::fatal(format_args!("{e}")),
+            }
         }
+        let audit = rt.config.on_fault == crate::config::OnFault::Audit;
+        if rt.config.reports.heap || audit {
+            sites::ACCOUNT.store(true, Ordering::Relaxed);
+        }
+        if rt.config.reports.heap {
+            // SAFETY: a plain function with no argument and no owning DSO.
+            unsafe { __cxa_atexit(usage_at_exit, core::ptr::null_mut(), core::ptr::null_mut()) };
+        }
+    } else if !rt.config.heap_shared.is_empty() {
+        log::warn!("IA2_HEAP_SHARED has no effect without IA2_HEAP=compartment");
     }
     let serve = match mode {
         HeapMode::Libc => LIBC,
@@ -103,12 +121,170 @@ pub fn refresh_routes(census: &Census) {
     ));
 }
 
+/// The heap and site for an allocation called from `ra`.
 #[inline]
-fn heap_for(mode: u8, ra: usize) -> usize {
+fn place(mode: u8, ra: usize) -> (usize, u16) {
     if mode == COMPARTMENT {
-        route::heap_for(ra)
+        let (site, heap) = sites::lookup(ra, crate::gates::current_gate_caller());
+        (heap, site)
     } else {
-        0
+        (0, 0)
+    }
+}
+
+/// The end of every allocation from our heaps: count it, set errno on failure.
+#[inline]
+fn done(p: *mut u8, heap: usize, site: u16) -> *mut c_void {
+    if !p.is_null() && sites::ACCOUNT.load(Ordering::Relaxed) {
+        count(p as usize, heap, site, true);
+    }
+    or_enomem(p)
+}
+
+#[cold]
+fn count(p: usize, heap: usize, site: u16, alloc: bool) {
+    if let Ok((size, _)) = heap::usable_size_and_site(p) {
+        sites::account(site, heap, size, alloc);
+    }
+}
+
+/// Before `p` (ours) is freed or moved: uncount it.
+#[inline]
+fn uncount(p: usize) {
+    if sites::ACCOUNT.load(Ordering::Relaxed) {
+        if let (Ok((size, site)), Some(heap)) = (heap::usable_size_and_site(p), heap::heap_of(p)) {
+            sites::account(site, heap, size, false);
+        }
+    }
+}
+
+extern "C" {
+    fn __cxa_atexit(f: extern "C" fn(*mut c_void), arg: *mut c_void, dso: *mut c_void) -> c_int;
+}
+
+extern "C" fn usage_at_exit(_: *mut c_void) {
+    let json = crate::runtime::get()
+        .is_some_and(|r| r.config.report_format == crate::config::ReportFormat::Json);
+    // Symbolising reads ld.so's state, which strict mode tags: the shim is
+    // trusted, so allow every key meanwhile.
+    let hw = crate::pku::backend() == crate::pku::Backend::Hardware;
+    let before = crate::pku::read_pkru();
+    if hw {
+        crate::pku::write_pkru(0);
+    }
+    write_usage(json, crate::fault::REPORT_FD.load(Ordering::Relaxed));
+    if hw {
+        crate::pku::write_pkru(before);
+    }
+}
+
+/// `IA2_REPORT=heap`: each compartment's heap bytes that stayed private
+/// (allocated in total, and the most live at once), and its shared sites.
+pub fn write_usage(json: bool, fd: c_int) {
+    let p = pid();
+    for c in 1..16 {
+        let (pt, st, pp, sp) = sites::usage(c);
+        if pt + st == 0 {
+            continue;
+        }
+        let pct = |a: u64, b: u64| {
+            if a + b == 0 {
+                100.0
+            } else {
+                100.0 * a as f64 / (a + b) as f64
+            }
+        };
+        let nshared = sites::all()
+            .filter(|(_, s)| {
+                s.compartment.load(Ordering::Relaxed) as usize == c
+                    && s.flags.load(Ordering::Relaxed) != 0
+            })
+            .count();
+        let mut b = StackBuf::<512>::new();
+        if json {
+            let _ = writeln!(
+                b,
+                "{{\"type\":\"heap_usage\",\"pid\":{p},\"compartment\":{c},\"private_total\":{pt},\"shared_total\":{st},\"private_peak\":{pp},\"shared_peak\":{sp},\"shared_sites\":{nshared}}}"
+            );
+        } else {
+            let _ = writeln!(
+                b,
+                "ia2shim[{p}]: heap: compartment {c}: {:.1}% of its heap bytes stayed private ({pt} of {} allocated); at peak {pp} private and {sp} shared bytes live ({:.1}% private); {nshared} shared site{}",
+                pct(pt, st),
+                pt + st,
+                pct(pp, sp),
+                if nshared == 1 { "" } else { "s" }
+            );
+        }
+        b.write_to_fd(fd);
+        write_sites(c, json, fd);
+    }
+}
+
+/// `IA2_REPORT=heap`: compartment `c`'s allocation sites, the biggest first.
+fn write_sites(c: usize, json: bool, fd: c_int) {
+    let census = crate::runtime::get().and_then(|r| r.census.try_read().ok());
+    let objects = census.as_deref().map(|c| c.objects.as_slice());
+    let mut printed = 0u64;
+    let mut last = u64::MAX;
+    // Descending by bytes without sorting (nothing here may allocate).
+    loop {
+        let next = sites::all()
+            .filter(|(_, s)| s.compartment.load(Ordering::Relaxed) as usize == c)
+            .map(|(_, s)| s.bytes.load(Ordering::Relaxed))
+            .filter(|&b| b < last && b > 0)
+            .max();
+        let Some(bytes) = next else { break };
+        last = bytes;
+        for (_, s) in sites::all().filter(|(_, s)| {
+            s.compartment.load(Ordering::Relaxed) as usize == c
+                && s.bytes.load(Ordering::Relaxed) == bytes
+        }) {
+            printed += 1;
+            if printed > 64 {
+                return;
+            }
+            let t = sites::Term {
+                ra: s.ra.load(Ordering::Relaxed),
+                gate: s.gate.load(Ordering::Relaxed),
+                objects,
+            };
+            let flags = s.flags.load(Ordering::Relaxed);
+            let how = match (flags & sites::POLICY != 0, flags & sites::LEARNED != 0) {
+                (true, _) => "shared (IA2_HEAP_SHARED)",
+                (false, true) => "shared (learned)",
+                _ => "private",
+            };
+            let blocks = s.blocks.load(Ordering::Relaxed);
+            let mut b = StackBuf::<1024>::new();
+            if json {
+                let mut term = StackBuf::<512>::new();
+                let _ = write!(term, "{t}");
+                let _ = writeln!(
+                    b,
+                    "{{\"type\":\"heap_site\",\"pid\":{},\"compartment\":{c},\"site\":\"{}\",\"bytes\":{bytes},\"blocks\":{blocks},\"heap\":\"{how}\"}}",
+                    pid(),
+                    json_safe(term.as_str())
+                );
+            } else {
+                let _ = writeln!(
+                    b,
+                    "ia2shim[{}]:   {how:<26} {bytes:>12} bytes in {blocks:>8} blocks at {t}",
+                    pid()
+                );
+            }
+            b.write_to_fd(fd);
+        }
+    }
+}
+
+/// Terms hold no quotes, backslashes or control characters (object names,
+/// symbols, hex): JSON needs no escaping beyond refusing them.
+fn json_safe(s: &str) -> &str {
+    if s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        "?"
+    } else {
+        s
     }
 }
 
@@ -127,17 +303,21 @@ fn or_enomem(p: *mut u8) -> *mut c_void {
 
 /// Allocate from our heaps with memalign's rules (alignment rounded up to a
 /// power of two).
-fn aligned(heap: usize, align: usize, size: usize) -> *mut c_void {
+fn aligned(heap: usize, site: u16, align: usize, size: usize) -> *mut c_void {
     if align > MAX_ALIGN {
         set_errno(libc::EINVAL);
         return core::ptr::null_mut();
     }
-    or_enomem(heap::alloc(
-        heap,
-        size,
-        align.max(1).next_power_of_two(),
-        false,
-    ))
+    let p = heap::alloc(heap, size, align.max(1).next_power_of_two(), false, site);
+    done(p, heap, site)
+}
+
+/// Count live block `p` again (after a `realloc`).
+#[cold]
+fn recount(p: usize) {
+    if let (Ok((size, site)), Some(heap)) = (heap::usable_size_and_site(p), heap::heap_of(p)) {
+        sites::account(site, heap, size, true);
+    }
 }
 
 // ---------------------------------------------------------------- reports
@@ -206,7 +386,8 @@ pub unsafe fn malloc(size: usize, ra: usize) -> *mut c_void {
         // SAFETY: forwarding to glibc.
         return unsafe { real::__libc_malloc(size) };
     }
-    or_enomem(heap::alloc(heap_for(mode, ra), size, MIN_ALIGN, false))
+    let (h, site) = place(mode, ra);
+    done(heap::alloc(h, size, MIN_ALIGN, false, site), h, site)
 }
 
 /// # Safety
@@ -217,6 +398,7 @@ pub unsafe fn free(p: *mut c_void, ra: usize) {
         return;
     }
     if heap::owns(p as usize) {
+        uncount(p as usize);
         // SAFETY: the caller gives up p.
         if let Err(e) = unsafe { heap::free(p as usize) } {
             bad_pointer("free", p as usize, ra, e);
@@ -237,7 +419,10 @@ pub unsafe fn calloc(n: usize, size: usize, ra: usize) -> *mut c_void {
         return unsafe { real::__libc_calloc(n, size) };
     }
     match n.checked_mul(size) {
-        Some(total) => or_enomem(heap::alloc(heap_for(mode, ra), total, MIN_ALIGN, true)),
+        Some(total) => {
+            let (h, site) = place(mode, ra);
+            done(heap::alloc(h, total, MIN_ALIGN, true, site), h, site)
+        }
         None => or_enomem(core::ptr::null_mut()),
     }
 }
@@ -255,9 +440,22 @@ pub unsafe fn realloc(p: *mut c_void, size: usize, ra: usize) -> *mut c_void {
             unsafe { free(p, ra) };
             return core::ptr::null_mut();
         }
+        uncount(p as usize);
         // SAFETY: the caller gives up p if it moves.
         return match unsafe { heap::realloc(p as usize, size) } {
-            Ok(q) => or_enomem(q),
+            Ok(q) if q.is_null() => {
+                // p stays as it was.
+                if sites::ACCOUNT.load(Ordering::Relaxed) {
+                    recount(p as usize);
+                }
+                or_enomem(q)
+            }
+            Ok(q) => {
+                if sites::ACCOUNT.load(Ordering::Relaxed) {
+                    recount(q as usize);
+                }
+                q.cast()
+            }
             Err(e) => bad_pointer("realloc", p as usize, ra, e),
         };
     }
@@ -272,7 +470,8 @@ pub unsafe fn realloc(p: *mut c_void, size: usize, ra: usize) -> *mut c_void {
         return core::ptr::null_mut();
     }
     // A glibc block from before the switch: move it into our heaps.
-    let q = heap::alloc(heap_for(mode, ra), size, MIN_ALIGN, false);
+    let (h, site) = place(mode, ra);
+    let q = done(heap::alloc(h, size, MIN_ALIGN, false, site), h, site) as *mut u8;
     if q.is_null() {
         return or_enomem(q);
     }
@@ -293,7 +492,8 @@ pub unsafe fn memalign(align: usize, size: usize, ra: usize) -> *mut c_void {
         // SAFETY: forwarding to glibc.
         return unsafe { real::__libc_memalign(align, size) };
     }
-    aligned(heap_for(mode, ra), align, size)
+    let (h, site) = place(mode, ra);
+    aligned(h, site, align, size)
 }
 
 /// # Safety
@@ -308,7 +508,8 @@ pub unsafe fn aligned_alloc(align: usize, size: usize, ra: usize) -> *mut c_void
         set_errno(libc::EINVAL);
         return core::ptr::null_mut();
     }
-    aligned(heap_for(mode, ra), align, size)
+    let (h, site) = place(mode, ra);
+    aligned(h, site, align, size)
 }
 
 /// # Safety
@@ -320,13 +521,16 @@ pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize, r
         return unsafe { real::posix_memalign(out, align, size) };
     }
     // SAFETY: the caller's out pointer.
-    unsafe { posix_memalign_in(heap_for(mode, ra), out, align, size) }
+    let (h, site) = place(mode, ra);
+    // SAFETY: the caller's out pointer.
+    unsafe { posix_memalign_in(h, site, out, align, size) }
 }
 
 /// # Safety
 /// `out` is writable.
 unsafe fn posix_memalign_in(
     heap: usize,
+    site: u16,
     out: *mut *mut c_void,
     align: usize,
     size: usize,
@@ -334,9 +538,12 @@ unsafe fn posix_memalign_in(
     if !align.is_power_of_two() || align % core::mem::size_of::<usize>() != 0 || align > MAX_ALIGN {
         return libc::EINVAL;
     }
-    let p = heap::alloc(heap, size, align, false);
+    let p = heap::alloc(heap, size, align, false, site);
     if p.is_null() {
         return libc::ENOMEM;
+    }
+    if sites::ACCOUNT.load(Ordering::Relaxed) {
+        count(p as usize, heap, site, true);
     }
     // SAFETY: the caller's out pointer.
     unsafe { *out = p.cast() };
@@ -351,7 +558,8 @@ pub unsafe fn valloc(size: usize, ra: usize) -> *mut c_void {
         // SAFETY: forwarding to glibc.
         return unsafe { real::__libc_valloc(size) };
     }
-    aligned(heap_for(mode, ra), PAGE, size)
+    let (h, site) = place(mode, ra);
+    aligned(h, site, PAGE, size)
 }
 
 /// # Safety
@@ -363,7 +571,10 @@ pub unsafe fn pvalloc(size: usize, ra: usize) -> *mut c_void {
         return unsafe { real::__libc_pvalloc(size) };
     }
     match size.max(1).checked_add(PAGE - 1) {
-        Some(s) => aligned(heap_for(mode, ra), PAGE, s & !(PAGE - 1)),
+        Some(s) => {
+            let (h, site) = place(mode, ra);
+            aligned(h, site, PAGE, s & !(PAGE - 1))
+        }
         None => or_enomem(core::ptr::null_mut()),
     }
 }
@@ -384,7 +595,7 @@ pub unsafe fn malloc_usable_size(p: *mut c_void) -> usize {
 // ---------------------------------------------------------------- IA2's shared allocator ABI
 
 pub fn shared_malloc(size: usize) -> *mut c_void {
-    or_enomem(heap::alloc(0, size, MIN_ALIGN, false))
+    or_enomem(heap::alloc(0, size, MIN_ALIGN, false, 0))
 }
 
 /// # Safety
@@ -396,6 +607,7 @@ pub unsafe fn shared_free(p: *mut c_void, ra: usize) {
     if heap::heap_of(p as usize) != Some(0) {
         bad_pointer("shared_free", p as usize, ra, Bad::NotOurs);
     }
+    uncount(p as usize);
     // SAFETY: the caller gives up p.
     if let Err(e) = unsafe { heap::free(p as usize) } {
         bad_pointer("shared_free", p as usize, ra, e);
@@ -425,20 +637,20 @@ pub unsafe fn shared_realloc(p: *mut c_void, size: usize, ra: usize) -> *mut c_v
 
 pub fn shared_calloc(n: usize, size: usize) -> *mut c_void {
     match n.checked_mul(size) {
-        Some(total) => or_enomem(heap::alloc(0, total, MIN_ALIGN, true)),
+        Some(total) => or_enomem(heap::alloc(0, total, MIN_ALIGN, true, 0)),
         None => or_enomem(core::ptr::null_mut()),
     }
 }
 
 pub fn shared_memalign(align: usize, size: usize) -> *mut c_void {
-    aligned(0, align, size)
+    aligned(0, 0, align, size)
 }
 
 /// # Safety
 /// `out` is writable.
 pub unsafe fn shared_posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
     // SAFETY: the caller's out pointer.
-    unsafe { posix_memalign_in(0, out, align, size) }
+    unsafe { posix_memalign_in(0, 0, out, align, size) }
 }
 
 /// # Safety
@@ -450,7 +662,7 @@ pub unsafe fn shared_strdup(s: *const c_char) -> *mut c_char {
     }
     // SAFETY: the caller's string.
     let n = unsafe { libc::strlen(s) } + 1;
-    let p = heap::alloc(0, n, MIN_ALIGN, false);
+    let p = heap::alloc(0, n, MIN_ALIGN, false, 0);
     if !p.is_null() {
         // SAFETY: p has n bytes; s has n bytes including the NUL.
         unsafe { core::ptr::copy_nonoverlapping(s.cast::<u8>(), p, n) };
@@ -460,3 +672,89 @@ pub unsafe fn shared_strdup(s: *const c_char) -> *mut c_char {
 
 #[cfg(test)]
 mod tests;
+
+// ---------------------------------------------------------------- fault reports
+
+/// What a faulting address in a compartment's heap is: the block, its
+/// allocation site and gate, and the `IA2_HEAP_SHARED` term that would have
+/// put that site's blocks on the shared heap.
+pub struct HeapFault {
+    /// The heap = the owning compartment.
+    pub heap: usize,
+    pub block: Option<heap::Block>,
+    pub site: Option<&'static sites::Site>,
+}
+
+/// `Some` for an address in a compartment heap (heap 1-15). Reads heap
+/// memory: call with every key allowed (the fault handler does).
+pub fn heap_fault(addr: usize) -> Option<HeapFault> {
+    let h = heap::heap_of(addr).filter(|&h| h > 0)?;
+    let block = heap::block_at(addr);
+    Some(HeapFault {
+        heap: h,
+        block,
+        site: block.and_then(|b| sites::get(b.site)),
+    })
+}
+
+impl HeapFault {
+    /// The site as a policy term.
+    pub fn term<'a>(
+        &self,
+        objects: Option<&'a [crate::objects::LoadedObject]>,
+    ) -> Option<sites::Term<'a>> {
+        let s = self.site?;
+        Some(sites::Term {
+            ra: s.ra.load(Ordering::Relaxed),
+            gate: s.gate.load(Ordering::Relaxed),
+            objects,
+        })
+    }
+
+    /// The owner line of a report.
+    pub fn write_owner<W: Write>(
+        &self,
+        w: &mut W,
+        objects: Option<&[crate::objects::LoadedObject]>,
+    ) {
+        let _ = write!(
+            w,
+            "compartment {}'s heap (IA2_HEAP=compartment): ",
+            self.heap
+        );
+        let Some(b) = self.block else {
+            let _ = write!(
+                w,
+                "not inside a live block (freed memory or allocator metadata)"
+            );
+            return;
+        };
+        let _ = write!(w, "block {:#x}, {} bytes", b.start, b.size);
+        if b.cached {
+            let _ = write!(w, " (freed: use after free)");
+        }
+        let Some(s) = self.site else {
+            let _ = write!(w, ", allocation site not recorded");
+            return;
+        };
+        let _ = write!(w, ", allocated at ");
+        let ra = s.ra.load(Ordering::Relaxed);
+        let _ = sites::write_code(w, ra, true, objects);
+        let (gate, gate_ra) = (
+            s.gate.load(Ordering::Relaxed),
+            s.gate_ra.load(Ordering::Relaxed),
+        );
+        if gate != 0 {
+            let _ = write!(w, " inside ");
+            let _ = sites::write_gate(w, gate, objects);
+            let _ = write!(w, " (called from ");
+            let _ = sites::write_code(w, gate_ra, true, objects);
+            let _ = write!(w, ")");
+        } else if gate_ra != 0 {
+            let _ = write!(w, " inside a gate called from ");
+            let _ = sites::write_code(w, gate_ra, true, objects);
+        } else {
+            let _ = write!(w, " outside any gate");
+        }
+    }
+}

@@ -176,8 +176,8 @@ fn bad_pointers_are_refused() {
 
 #[test]
 fn compartment_heaps_are_separate() {
-    let a = heap::alloc(3, 64, 16, false) as usize;
-    let b = heap::alloc(5, 64, 16, false) as usize;
+    let a = heap::alloc(3, 64, 16, false, 0) as usize;
+    let b = heap::alloc(5, 64, 16, false, 0) as usize;
     assert_eq!(heap::heap_of(a), Some(3));
     assert_eq!(heap::heap_of(b), Some(5));
     // SAFETY: live blocks.

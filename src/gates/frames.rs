@@ -42,6 +42,45 @@ pub fn stack_top() -> usize {
     tls_quad::<0>()
 }
 
+/// The return address saved by the gate that the calling thread entered
+/// last and has not returned from (its caller's call site), or 0 outside
+/// any gate. The allocator records it as part of an allocation site.
+#[inline]
+pub fn current_gate_caller() -> usize {
+    let (top, base): (usize, usize);
+    // SAFETY: reads this thread's copies of the shim's TLS words at 0 and
+    // 16 (as tls_quad, in one block: this runs on every allocation).
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+            "mov {top}, qword ptr fs:[{t}]",
+            "mov {base}, qword ptr fs:[{t} + 16]",
+            t = out(reg) _,
+            top = out(reg) top,
+            base = out(reg) base,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    if top == base || top == 0 {
+        return 0;
+    }
+    // SAFETY: the newest frame of this thread's gate-frame stack (mapped,
+    // key 0); its first word is written before the gate switches PKRU.
+    unsafe { ((top - FRAME) as *const usize).read() }
+}
+
+/// The target of the gate whose stub is at `stub` (a GOT slot's value),
+/// or `None` when `stub` is not a handed-out stub.
+pub fn stub_target(stub: usize) -> Option<usize> {
+    let pool = pool_range();
+    if !pool.contains(stub) || (stub - pool.start) % 16 != 0 {
+        return None;
+    }
+    // SAFETY: an index below MAX_GATES; handed-out entries are not rewritten.
+    let t = unsafe { (*GATE_MEM.table.get())[(stub - pool.start) / 16].target };
+    (t != 0).then_some(t)
+}
+
 pub(super) fn set_stack_top(top: usize) {
     set_tls_quad::<0>(top)
 }

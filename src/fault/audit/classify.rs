@@ -17,6 +17,12 @@ pub(in crate::fault) enum Class {
     },
     /// Inside an object, but not tagged by the plan.
     Object(usize),
+    /// A block of a compartment's heap (`IA2_HEAP=compartment`) and its
+    /// allocation site id.
+    Heap {
+        heap: usize,
+        site: u16,
+    },
     /// No object: heap, `mmap`, a stack, the loader heap.
     Anonymous,
     /// The shim's state was busy.
@@ -42,9 +48,28 @@ pub(in crate::fault) fn classify(c: Option<&Census>, addr: usize) -> Class {
         },
         _ => match c.object_at(addr) {
             Some((i, _)) => Class::Object(i),
-            None => Class::Anonymous,
+            None => match crate::alloc::heap_fault(addr) {
+                Some(h) => Class::Heap {
+                    heap: h.heap,
+                    site: h.block.map_or(0, |b| b.site),
+                },
+                None => Class::Anonymous,
+            },
         },
     }
+}
+
+/// A recorded site's class: as [`classify`], except that compartment-heap
+/// memory is classified by the block seen at its first fault.
+pub(in crate::fault) fn classify_site(c: Option<&Census>, s: &Site) -> Class {
+    let hs = s.heap_site.load(Relaxed);
+    if hs != 0 {
+        return Class::Heap {
+            heap: (hs >> 16) as usize,
+            site: hs as u16,
+        };
+    }
+    classify(c, s.addr.load(Relaxed))
 }
 
 impl Class {
@@ -54,6 +79,7 @@ impl Class {
             Class::Data(_) => "data",
             Class::Tls { .. } => "tls",
             Class::Object(_) => "object",
+            Class::Heap { .. } => "heap",
             Class::Anonymous => "anonymous",
             Class::Unknown => "unknown",
         }
@@ -67,6 +93,7 @@ impl Class {
             Class::Object(_) => 4,
             Class::Anonymous => 5,
             Class::Unknown => 6,
+            Class::Heap { .. } => 7,
         }
     }
 
@@ -100,6 +127,7 @@ impl Class {
                 (name(object), Section::Tls { modid, thread })
             }
             Class::Object(o) => (name(o), Section::Untagged),
+            Class::Heap { heap, .. } => ("", Section::Heap(heap)),
             Class::Anonymous => ("", Section::Anonymous),
             Class::Unknown => ("", Section::Unknown),
         }
@@ -112,6 +140,7 @@ pub(in crate::fault) enum Section {
     Data,
     Tls { modid: usize, thread: usize },
     Untagged,
+    Heap(usize),
     Anonymous,
     Unknown,
 }
@@ -123,6 +152,7 @@ impl fmt::Display for Section {
             Section::Data => f.write_str(".data/.bss"),
             Section::Tls { modid, thread } => write!(f, "TLS of module {modid} in thread {thread}"),
             Section::Untagged => f.write_str("not tagged by the plan"),
+            Section::Heap(h) => write!(f, "compartment {h}'s heap (IA2_HEAP=compartment)"),
             Section::Anonymous => {
                 f.write_str("anonymous memory (heap, mmap, stack or loader heap)")
             }
@@ -199,6 +229,8 @@ pub(in crate::fault) enum Fix {
     /// A page outside every object (heap, mmap, stack): no term survives a
     /// new run, so it is listed but never put in a policy.
     Page(usize),
+    /// An allocation site (its id) to put on the shared heap.
+    Heap(u16),
 }
 
 impl Fix {
@@ -206,6 +238,11 @@ impl Fix {
         if let Class::Carveout(i) = class {
             if let Some(l) = c.and_then(|c| c.carveouts.get(i)) {
                 return Fix::Toggle(l.carveout.toggle);
+            }
+        }
+        if let Class::Heap { site, .. } = class {
+            if crate::alloc::sites::get(site).is_some() {
+                return Fix::Heap(site);
             }
         }
         match (sym_info(addr), crate::fault::object_page(addr)) {
@@ -222,13 +259,14 @@ impl Fix {
             Fix::Symbol(s) => (1, s.addr),
             Fix::Offset(o) => (2, o.page),
             Fix::Page(p) => (2, *p),
+            Fix::Heap(s) => (3, *s as usize),
         }
     }
 
     /// The pages it shares (carveouts: empty; see `covers`).
     pub(in crate::fault) fn pages(&self) -> Range {
         match self {
-            Fix::Toggle(_) => Range::new(0, 0),
+            Fix::Toggle(_) | Fix::Heap(_) => Range::new(0, 0),
             Fix::Symbol(s) => symbol_pages(s),
             Fix::Offset(o) => Range::new(o.page, o.page + PAGE),
             Fix::Page(p) => Range::new(*p, *p + PAGE),
@@ -250,6 +288,21 @@ impl fmt::Display for Entry<'_> {
             Fix::Symbol(s) => write!(f, "{}:{}", s.object_base(), s.name),
             Fix::Offset(o) => write!(f, "{o}"),
             Fix::Page(p) => write!(f, "{p:#x}+{PAGE}"),
+            Fix::Heap(id) => write_heap_term(f, *id),
         }
     }
+}
+
+/// Allocation site `id` as an `IA2_HEAP_SHARED` term.
+pub(in crate::fault) fn write_heap_term<W: Write>(f: &mut W, id: u16) -> fmt::Result {
+    let Some(s) = crate::alloc::sites::get(id) else {
+        return write!(f, "?");
+    };
+    let census = runtime::get().and_then(|r| r.census.try_read().ok());
+    let t = crate::alloc::sites::Term {
+        ra: s.ra.load(Relaxed),
+        gate: s.gate.load(Relaxed),
+        objects: census.as_deref().map(|c| c.objects.as_slice()),
+    };
+    write!(f, "{t}")
 }

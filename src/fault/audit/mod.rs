@@ -115,14 +115,31 @@ pub(in crate::fault) unsafe fn on_pku_fault(
     if looping || allow == pkru {
         return false; // allowed and still faulting: not a key problem we can step over
     }
+    // Compartment-heap memory: the block's allocation site is learned
+    // (its later allocations come from the shared heap, as the learned
+    // IA2_HEAP_SHARED will make them).
+    let heap = crate::alloc::heap_fault(addr).and_then(|h| Some((h.heap, h.block?)));
+    if let Some((_, b)) = heap {
+        crate::alloc::sites::learn_shared(b.site);
+    }
     let hits = match record(page_key, rip, addr, pkru, write) {
         Some((n, true, _)) => {
+            if let (Some((h, b)), Some(s)) = (heap, site_by_order(n)) {
+                s.heap_site.store(b.site as u32 | (h as u32) << 16, Relaxed);
+            }
             log_site(n, addr, pkey, pkru, rip, write);
             1
         }
         Some((_, false, hits)) => hits,
         None => 0,
     };
+    // A page wholly inside the block goes on key 0 at once (until the block
+    // is freed): a buffer handed across is read and written many times.
+    if let Some((_, b)) = heap {
+        if crate::alloc::heap::share_page_for_audit(&b, page_down(addr)) {
+            return true;
+        }
+    }
     // Sample the page's total every 32nd fault (hot pages are sampled often).
     if hits > 0
         && FAULTS.fetch_add(1, Relaxed) % 32 == 0

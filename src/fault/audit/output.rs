@@ -157,6 +157,9 @@ pub(in crate::fault) fn share_assignment(fix: &Fix) -> StackBuf<512> {
                 fix.entry()
             );
         }
+        Fix::Heap(_) => {
+            let _ = write!(b, "IA2_HEAP_SHARED={}", fix.entry());
+        }
         _ => {
             let _ = write!(b, "IA2_SHARE={}", fix.entry());
         }

@@ -22,6 +22,10 @@ pub(in crate::fault) struct Site {
     pub(in crate::fault) pkru: AtomicU32,
     pub(in crate::fault) write: AtomicBool,
     pub(in crate::fault) hits: AtomicU64,
+    /// The compartment-heap block's allocation site at the first fault:
+    /// `site id | heap << 16` (0: not heap memory). Kept because the block
+    /// may be gone by the time the summary is printed.
+    pub(in crate::fault) heap_site: AtomicU32,
     // Summary scratch: group key, the page range of this site's fix, and
     // whether it leads a group whose fix is emitted.
     pub(in crate::fault) gkey: [AtomicUsize; 3],
@@ -38,6 +42,7 @@ pub(in crate::fault) const NEW_SITE: Site = Site {
     pkru: AtomicU32::new(0),
     write: AtomicBool::new(false),
     hits: AtomicU64::new(0),
+    heap_site: AtomicU32::new(0),
     gkey: [
         AtomicUsize::new(0),
         AtomicUsize::new(0),
@@ -116,6 +121,12 @@ pub(in crate::fault) fn record(
     }
     DROPPED.fetch_add(1, Relaxed);
     None
+}
+
+/// The site first seen `n`-th (1-based), as [`record`] numbers them.
+pub(in crate::fault) fn site_by_order(n: usize) -> Option<&'static Site> {
+    let slot = ORDER.get(n.checked_sub(1)?)?.load(Acquire);
+    SITES.get((slot as usize).checked_sub(1)?)
 }
 
 /// The recorded sites in first-seen order.

@@ -84,7 +84,7 @@ pub(in crate::fault) fn print_summary(sig: Option<c_int>) {
     // Pass 1: classify each site and compute its group key and fix pages.
     for s in sites() {
         let addr = s.addr.load(Relaxed);
-        let class = classify(c, addr);
+        let class = classify_site(c, s);
         let fix = Fix::for_site(c, class, addr);
         let (fk, fid) = fix.id();
         let arg = match class {
@@ -139,9 +139,13 @@ pub(in crate::fault) fn print_summary(sig: Option<c_int>) {
         lead.emitted.store(!covered, Relaxed);
         let addr = lead.addr.load(Relaxed);
         let pkey = (lead.page_key.load(Relaxed) & (PAGE - 1)) as u32;
-        let class = classify(c, addr);
+        let class = classify_site(c, lead);
         let (object, section) = class.describe(c);
-        let sym = sym_info(addr);
+        let sym = if matches!(class, Class::Heap { .. }) {
+            None
+        } else {
+            sym_info(addr)
+        };
         let fix = Fix::for_site(c, class, addr);
         let rip = lead.rip.load(Relaxed);
         let rip_sym = sym_text(rip);
@@ -169,6 +173,9 @@ pub(in crate::fault) fn print_summary(sig: Option<c_int>) {
             let _ = write!(b, "{section}");
             if let Some(s) = &sym {
                 let _ = write!(b, ", symbol {}", s.name);
+            } else if let Class::Heap { site, .. } = class {
+                let _ = write!(b, ", allocated at ");
+                let _ = write_heap_term(&mut b, site);
             } else if !matches!(class, Class::Carveout(_)) {
                 let _ = write!(b, ", page {:#x}", page_down(addr));
             }
@@ -208,10 +215,12 @@ pub(in crate::fault) fn print_summary(sig: Option<c_int>) {
     let mut list = StackBuf::<4096>::new();
     for s in sites().filter(|s| s.emitted.load(Relaxed)) {
         let addr = s.addr.load(Relaxed);
-        let fix = Fix::for_site(c, classify(c, addr), addr);
+        let fix = Fix::for_site(c, classify_site(c, s), addr);
         let (buf, sep): (&mut dyn Write, &str) = match fix {
             // No run-independent term for heap or anonymous pages.
             Fix::Page(_) => continue,
+            // Heap sites come from the allocator's learned set, below.
+            Fix::Heap(_) => continue,
             Fix::Toggle(_) if toggles.as_bytes().is_empty() => (&mut toggles, ""),
             Fix::Toggle(_) => (&mut toggles, " "),
             _ if list.as_bytes().is_empty() => (&mut list, ""),
@@ -219,15 +228,37 @@ pub(in crate::fault) fn print_summary(sig: Option<c_int>) {
         };
         let _ = write!(buf, "{sep}{}", fix.entry());
     }
-    let (toggles, list) = (toggles.as_str(), list.as_str());
-    let mut env = StackBuf::<4608>::new();
+    // Every allocation site whose blocks another compartment touched
+    // (learned by the allocator, which also counts faults on pages that were
+    // shared early), each term once.
+    let mut heap_list = StackBuf::<4096>::new();
+    for (id, _) in crate::alloc::sites::all()
+        .filter(|(_, s)| s.flags.load(Relaxed) & crate::alloc::sites::LEARNED != 0)
+    {
+        let mut t = StackBuf::<512>::new();
+        let _ = write_heap_term(&mut t, id);
+        if !heap_list.as_str().split(',').any(|e| e == t.as_str()) {
+            let sep = if heap_list.as_bytes().is_empty() {
+                ""
+            } else {
+                ","
+            };
+            let _ = write!(heap_list, "{sep}{}", t.as_str());
+        }
+    }
+    let (toggles, list, heap_list) = (toggles.as_str(), list.as_str(), heap_list.as_str());
+    let mut env = StackBuf::<8704>::new();
     let _ = write!(env, "{toggles}");
     if !list.is_empty() {
         let sep = if toggles.is_empty() { "" } else { " " };
         let _ = write!(env, "{sep}IA2_SHARE='{list}'");
     }
+    if !heap_list.is_empty() {
+        let sep = if env.as_bytes().is_empty() { "" } else { " " };
+        let _ = write!(env, "{sep}IA2_HEAP_SHARED='{heap_list}'");
+    }
     let clean = faults == 0 && dropped == 0;
-    let mut b = StackBuf::<10240>::new();
+    let mut b = StackBuf::<16384>::new();
     if json {
         let _ = write!(
             b,
@@ -238,6 +269,10 @@ pub(in crate::fault) fn print_summary(sig: Option<c_int>) {
         }
         let _ = write!(b, "],\"share\":[");
         for (i, e) in list.split(',').filter(|e| !e.is_empty()).enumerate() {
+            let _ = write!(b, "{}{}", if i > 0 { "," } else { "" }, J(e));
+        }
+        let _ = write!(b, "],\"heap_shared\":[");
+        for (i, e) in heap_list.split(',').filter(|e| !e.is_empty()).enumerate() {
             let _ = write!(b, "{}{}", if i > 0 { "," } else { "" }, J(e));
         }
         let _ = writeln!(b, "],\"env\":{}}}", J(env.as_str()));
