@@ -397,7 +397,7 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             }
         } else {
-            match ia2run::run_batch_vm(&vm, std::slice::from_ref(&job)) {
+            match ia2run::run_batch_vm(&vm, &[ia2run::tlslayout::arranged(&job)]) {
                 Ok(mut outs) => {
                     let o = outs.remove(0);
                     let _ = std::io::stdout().write_all(&o.stdout);
