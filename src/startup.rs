@@ -38,6 +38,13 @@ pub fn init() {
             config.log_file.unwrap_or("")
         ));
     }
+    if let Some(original) = config.tls_preload {
+        if !crate::tls::restore_preload(original) {
+            log::warn!(
+                "IA2_TLS_PRELOAD={original:?}: LD_PRELOAD not restored (missing or shorter)"
+            );
+        }
+    }
     crate::real::resolve_all();
     crate::dl::real_dlsym();
     crate::alloc::prepare();
@@ -124,6 +131,7 @@ pub fn init() {
 /// Census, assignment, carveouts and plan for the objects loaded now.
 fn build_census(config: &Config) -> Census {
     let objects = objects::census();
+    crate::tls::note_layout(objects.iter().any(|o| plan::is_tls_pad(&o.basename)));
     let assignment =
         compartments::assign(&objects, config).unwrap_or_else(|e| fatal(format_args!("{e}")));
     for w in &assignment.warnings {
@@ -162,9 +170,9 @@ fn build_census(config: &Config) -> Census {
         Ok(None) => {}
         Err(e) => fatal(format_args!("{e}")),
     }
-    let main_thread = ThreadTls {
-        thread: 0,
-        blocks: objects
+    let main_thread = ThreadTls::new(
+        0,
+        objects
             .iter()
             .enumerate()
             .filter_map(|(i, o)| {
@@ -172,7 +180,8 @@ fn build_census(config: &Config) -> Census {
                 (t.block != 0).then(|| (i, objects::Range::new(t.block, t.block + t.memsz)))
             })
             .collect(),
-    };
+        |i| plan::is_tls_pad(&objects[i].basename),
+    );
     let enabled = carveouts::enabled(&carveouts);
     let governed = carveouts::governed(&carveouts);
     let plan = plan::build(&plan::PlanInput {

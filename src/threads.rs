@@ -202,7 +202,7 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
         .unwrap_or(Range::new(0, 0));
     let governed = vec![
         crate::tls::tcb_page(tp),
-        crate::tls::below_tcb_page(tp),
+        crate::tls::below_tcb_shared(tp),
         dtv.pages_out(),
         rseq,
     ];
@@ -217,7 +217,7 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
             cfg.share_below_tcb,
             "below_tcb",
             "IA2_SHARE_BELOW_TCB",
-            crate::tls::below_tcb_page(tp),
+            crate::tls::below_tcb_shared(tp),
         ),
         (cfg.share_dtv, "dtv", "IA2_SHARE_DTV", dtv.pages_out()),
         (
@@ -235,11 +235,16 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
             });
         }
     }
-    let compartment_of = {
+    let (compartment_of, pads) = {
         let Ok(c) = rt.census.read() else {
             return Vec::new();
         };
-        c.compartment_of.clone()
+        let pads: Vec<bool> = c
+            .objects
+            .iter()
+            .map(|o| plan::is_tls_pad(&o.basename))
+            .collect();
+        (c.compartment_of.clone(), pads)
     };
     // Thread stacks (and so their static TLS) are private read-write
     // mappings; describe them instead of reading /proc/self/maps per thread.
@@ -254,13 +259,11 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
         path: String::new(),
         pkey: None,
     }];
+    let tls = ThreadTls::new(tid, blocks, |i| pads.get(i).copied().unwrap_or(false));
     let p = plan::build(&plan::PlanInput {
         objects: &[],
         compartment_of: &compartment_of,
-        threads: &[ThreadTls {
-            thread: tid,
-            blocks,
-        }],
+        threads: std::slice::from_ref(&tls),
         extra: &[],
         carveouts: &carveouts,
         governed: &governed,
@@ -276,6 +279,8 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
         ));
     }
     let entries: Vec<PlanEntry> = p.tagged().cloned().collect();
+    let comp = |i: usize| compartment_of.get(i).copied().flatten();
+    crate::report::thread_tls(rt, tid, &entries, &plan::tls_bytes(&p, &tls, &comp));
     if let Ok(mut c) = rt.census.write() {
         c.plan.entries.extend(entries.iter().cloned());
         c.plan.entries.sort_by_key(|e| e.range.start);
