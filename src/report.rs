@@ -341,7 +341,7 @@ pub fn thread_tls(
     if !rt.config.reports.plan {
         return;
     }
-    let Ok(c) = rt.census.try_read() else { return };
+    let Ok(c) = rt.census.read() else { return };
     let p = std::process::id();
     let json = rt.config.report_format == ReportFormat::Json;
     let mut o = String::new();
