@@ -221,9 +221,30 @@ pub struct FileInfo {
     pub interp: Option<PathBuf>,
 }
 
+fn read_prefix(path: &Path, len: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut v = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(len).read_to_end(&mut v))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(v)
+}
+
 /// Reads the program headers of an x86-64 ELF file.
 pub fn read_file_info(path: &Path) -> Result<FileInfo, String> {
-    let data = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // The headers, program headers and interpreter path lie at the start of
+    // the file; libraries are megabytes, so read only what is needed.
+    let data = read_prefix(path, 64 * 1024)?;
+    let data = match elf::FileHeader64::<object::Endianness>::parse(&*data) {
+        Ok(h)
+            if h.e_phoff.get(object::Endianness::Little) as usize
+                + h.e_phnum.get(object::Endianness::Little) as usize * 56
+                > data.len() =>
+        {
+            fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        _ => data,
+    };
     let hdr = elf::FileHeader64::<object::Endianness>::parse(&*data)
         .map_err(|e| format!("{}: not a 64-bit ELF file ({e})", path.display()))?;
     let endian = hdr
