@@ -574,7 +574,11 @@ fn pad_file(dir: &Path, seg: TlsSeg, k: usize) -> Result<PathBuf, String> {
     let p = dir.join(format!("{PAD_PREFIX}{}-{}-{k}.so", seg.size, seg.align));
     if !p.is_file() {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let tmp = dir.join(format!(".{}.{}", std::process::id(), k));
+        // A name of its own per writer: concurrent runs (threads of a test
+        // harness, other processes) each rename a complete file into place.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{}.{n}.tmp", std::process::id()));
         fs::write(&tmp, pad_object(seg)).map_err(|e| format!("{}: {e}", tmp.display()))?;
         fs::rename(&tmp, &p).map_err(|e| format!("{}: {e}", p.display()))?;
     }
