@@ -698,18 +698,16 @@ pub fn arrange_job(job: &Job) -> Result<Option<Arranged>, String> {
         .join(OsStr::new(":"));
     // The arranged link map must be the old one with the pads inserted.
     let again = list(&ldso, &exe, job, &joined)?;
+    let is_ldso = |l: &Listed| {
+        l.path
+            .as_ref()
+            .is_some_and(|p| fs::canonicalize(p).unwrap_or(p.clone()) == ldso_canon)
+    };
     let without_pads: Vec<&Listed> = again
         .iter()
         .filter(|l| !l.name.contains(PAD_PREFIX))
         .collect();
-    let same = without_pads.len() == listed.len()
-        && without_pads
-            .iter()
-            .zip(&listed)
-            .all(|(a, b)| a.path == b.path || (a.path.is_none() && b.path.is_none()));
-    if !same {
-        return Err("preloading the link map in order changed its order".into());
-    }
+    check_order(&listed, &without_pads, &is_ldso)?;
     let mut job = job.clone();
     job.preload = None;
     job = job
@@ -720,6 +718,71 @@ pub fn arrange_job(job: &Job) -> Result<Option<Arranged>, String> {
         pads,
         pad_bytes: layout.pad_bytes,
     }))
+}
+
+/// Checks that `after` (the arranged link map, pads removed) is `before`
+/// in the same order, except that ld.so itself may come later: ld.so's link
+/// map is put where a `DT_NEEDED` first names it, and with everything
+/// preloaded that is after the preloads. Its place in the lookup scope
+/// then matters only for a symbol that ld.so and an object moved ahead of
+/// it both define, which is checked in their dynamic symbol tables.
+fn check_order(
+    before: &[Listed],
+    after: &[&Listed],
+    is_ldso: &dyn Fn(&Listed) -> bool,
+) -> Result<(), String> {
+    let same = |a: &Listed, b: &Listed| a.path == b.path;
+    let strip = |v: Vec<&Listed>| -> Vec<Listed> {
+        v.into_iter().filter(|l| !is_ldso(l)).cloned().collect()
+    };
+    let (b, a) = (strip(before.iter().collect()), strip(after.to_vec()));
+    if b.len() != a.len() || !b.iter().zip(&a).all(|(x, y)| same(x, y)) {
+        return Err("preloading the link map in order changed its order".into());
+    }
+    let pos = |v: &[&Listed]| v.iter().position(|l| is_ldso(l));
+    let old = pos(&before.iter().collect::<Vec<_>>());
+    let new = pos(after);
+    let (Some(old), Some(new)) = (old, new) else {
+        return Ok(());
+    };
+    if old == new {
+        return Ok(());
+    }
+    // Objects that ld.so now follows but used to precede.
+    let moved: Vec<&Listed> = before[old + 1..]
+        .iter()
+        .filter(|l| after[..new].iter().any(|x| same(x, l)))
+        .collect();
+    let ldso = before[old].path.as_ref().expect("ld.so has a path");
+    let ld_syms = defined_dynamic_symbols(ldso)?;
+    for m in moved {
+        let Some(p) = &m.path else { continue };
+        let clash: Vec<String> = defined_dynamic_symbols(p)?
+            .intersection(&ld_syms)
+            .cloned()
+            .collect();
+        if !clash.is_empty() {
+            return Err(format!(
+                "ld.so would move behind {}, which also defines {}",
+                p.display(),
+                clash.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The names of the symbols an object defines in its dynamic symbol table.
+fn defined_dynamic_symbols(path: &Path) -> Result<std::collections::BTreeSet<String>, String> {
+    use object::read::elf::ElfFile64;
+    use object::{Object, ObjectSymbol};
+    let data = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let f = ElfFile64::<object::Endianness>::parse(&*data)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(f.dynamic_symbols()
+        .filter(|s| s.is_definition())
+        .filter_map(|s| s.name().ok().map(str::to_string))
+        .collect())
 }
 
 /// [`arrange_job`] for running: the arranged job, or (with a warning on
@@ -837,6 +900,36 @@ mod tests {
         assert_eq!(l[1].path.as_deref(), Some(Path::new("/a/libia2shim.so")));
         assert_eq!(l[2].name, "libc.so.6");
         assert!(parse_list("\tlibx.so => not found\n").is_err());
+    }
+
+    #[test]
+    fn ldso_may_move_behind_objects_that_define_none_of_its_symbols() {
+        let l = |p: &str| Listed {
+            name: p.into(),
+            path: Some(PathBuf::from(p)),
+        };
+        let ld = "/lib64/ld-linux-x86-64.so.2";
+        let is_ld = |x: &Listed| x.path.as_deref() == Some(Path::new(ld));
+        let libc = "/lib/x86_64-linux-gnu/libc.so.6";
+        let libm = "/lib/x86_64-linux-gnu/libm.so.6";
+        let before = vec![l(libc), l(ld), l(libm)];
+        let same: Vec<Listed> = before.clone();
+        assert!(check_order(&before, &same.iter().collect::<Vec<_>>(), &is_ld).is_ok());
+        let moved = [l(libc), l(libm), l(ld)];
+        assert!(check_order(&before, &moved.iter().collect::<Vec<_>>(), &is_ld).is_ok());
+        let swapped = [l(libm), l(libc), l(ld)];
+        assert!(check_order(&before, &swapped.iter().collect::<Vec<_>>(), &is_ld).is_err());
+        // An object that defines one of ld.so's symbols (here: a second
+        // copy of ld.so under another name) may not move ahead of it.
+        let is_first_ld = |x: &Listed| x.name == ld;
+        let twin = Listed {
+            name: "twin".into(),
+            path: Some(PathBuf::from(ld)),
+        };
+        let before = vec![l(ld), twin.clone()];
+        let after = [twin, l(ld)];
+        let e = check_order(&before, &after.iter().collect::<Vec<_>>(), &is_first_ld);
+        assert!(e.is_err_and(|e| e.contains("also defines")));
     }
 
     #[test]
