@@ -241,6 +241,25 @@ pub unsafe extern "C" fn pthread_create(
     unsafe { crate::threads::create(real, thread, attr, start, arg) }
 }
 
+/// C++ `thread_local` destructors (registered by libstdc++'s
+/// `__cxa_thread_atexit`) run in the compartment of their code (see
+/// `threads::thread_atexit`).
+///
+/// # Safety
+/// As glibc's `__cxa_thread_atexit_impl`.
+#[no_mangle]
+pub unsafe extern "C" fn __cxa_thread_atexit_impl(
+    dtor: crate::threads::DtorFn,
+    obj: *mut c_void,
+    dso: *mut c_void,
+) -> c_int {
+    // SAFETY: the slot holds glibc's __cxa_thread_atexit_impl.
+    let real: crate::threads::ThreadAtexitFn =
+        unsafe { real::as_fn(&real::CXA_THREAD_ATEXIT_IMPL) };
+    // SAFETY: forwarded contract.
+    unsafe { crate::threads::thread_atexit(real, dtor, obj, dso) }
+}
+
 /// `fork` keeps tags and PKRU; in strict mode glibc's fork runs with the
 /// libc compartment's rights added (its locks and lists are libc data).
 #[no_mangle]

@@ -52,6 +52,7 @@ pub static DLOPEN: RealFn = RealFn::new(c"dlopen");
 pub static DLCLOSE: RealFn = RealFn::new(c"dlclose");
 pub static PTHREAD_CREATE: RealFn = RealFn::new(c"pthread_create");
 pub static FORK: RealFn = RealFn::new(c"fork");
+pub static CXA_THREAD_ATEXIT_IMPL: RealFn = RealFn::new(c"__cxa_thread_atexit_impl");
 
 // The malloc family (see `crate::alloc`). glibc exports its allocator under
 // internal names too; the hooks call those directly, because `dlsym` itself
@@ -114,6 +115,7 @@ pub static ALL: &[&RealFn] = &[
     &DLCLOSE,
     &PTHREAD_CREATE,
     &FORK,
+    &CXA_THREAD_ATEXIT_IMPL,
     &POSIX_MEMALIGN,
     &ALIGNED_ALLOC,
     &MALLOC_USABLE_SIZE,

@@ -15,12 +15,13 @@ use std::sync::OnceLock;
 
 /// Build variants: (name, extra flags for every object, bind now?, source
 /// suffix). `cxx` compiles the same sources as C++, where each secret is a
-/// `thread_local` object with a constructor (run on first use in a thread).
+/// `thread_local` object with a constructor (run on first use in a thread)
+/// and a destructor (run by libc at thread exit).
 const VARIANTS: [(&str, &[&str], bool, &str); 4] = [
     ("now", &[], true, "c"),
     ("lazy", &[], false, "c"),
     ("gnu2", &["-mtls-dialect=gnu2"], true, "c"),
-    ("cxx", &[], true, "cpp"),
+    ("cxx", &["-lstdc++"], true, "cpp"),
 ];
 
 /// The fixture of one variant: `tls-V` linked against `libtlsa_V.so` and
