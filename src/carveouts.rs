@@ -50,9 +50,13 @@ pub fn thread_carveouts(config: &Config) -> Vec<Located> {
             carveout: Carveout {
                 name: "below_tcb",
                 toggle: "IA2_SHARE_BELOW_TCB",
-                ranges: vec![tls::below_tcb_page(tp)],
+                ranges: vec![tls::below_tcb_shared(tp)].into_iter().filter(|r| !r.is_empty()).collect(),
             },
-            how: format!("page below the TCB page of {tp:#x}"),
+            how: if tls::layout() {
+                format!("none: under the TLS layout (IA2_TLS_LAYOUT) the page below the TCB page of {tp:#x} holds the first TLS module's block alone, and the plan decides its key")
+            } else {
+                format!("page below the TCB page of {tp:#x}")
+            },
             enabled: config.share_below_tcb,
         },
         Located {

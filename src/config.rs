@@ -346,6 +346,13 @@ pub struct Config {
     pub share: ShareList,
     pub tls_get_addr_gate: bool,
     pub bind_now: bool,
+    /// `IA2_TLS_LAYOUT`: whether `ia2run` arranges pad objects (auto) or
+    /// leaves the loader's packing (off). Read by `ia2run` from the
+    /// command's environment; the shim accepts it and reports it.
+    pub tls_layout: bool,
+    /// `IA2_TLS_PRELOAD`: set by `ia2run`'s TLS layout to the `LD_PRELOAD`
+    /// it replaced, which the shim puts back for the programs this one runs.
+    pub tls_preload: Option<&'static str>,
     /// Any gate mechanism on (`IA2_GATES` other than `0`).
     pub gates: bool,
     /// Which gate mechanisms `IA2_GATES` turns on.
@@ -393,6 +400,8 @@ impl Default for Config {
             share: ShareList::default(),
             tls_get_addr_gate: false,
             bind_now: true,
+            tls_layout: true,
+            tls_preload: None,
             gates: true,
             gate_mechanisms: GateMechanisms::DEFAULT,
             heap_explicit: None,
@@ -1103,6 +1112,32 @@ pub static VARS: &[VarSpec] = &[
         implemented: true,
         parse: |c, v| {
             c.tls_get_addr_gate = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_TLS_LAYOUT",
+        values: "auto, off",
+        default: "auto",
+        meaning: "static TLS layout: ia2run preloads pad objects so that each compartment's TLS blocks get pages of their own (auto), or leaves the loader's packing, where small blocks share pages (off)",
+        implemented: true,
+        parse: |c, v| {
+            c.tls_layout = match v {
+                "auto" => true,
+                "off" => false,
+                _ => return Err(Problem::BadValue),
+            };
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_TLS_PRELOAD",
+        values: "unset, an LD_PRELOAD value",
+        default: "",
+        meaning: "set by ia2run's TLS layout: the LD_PRELOAD it extended with the link map and pads; the shim puts it back so that programs this one executes do not inherit them",
+        implemented: true,
+        parse: |c, v| {
+            c.tls_preload = (!v.is_empty()).then_some(v);
             Ok(())
         },
     },

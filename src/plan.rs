@@ -60,6 +60,78 @@ pub struct ThreadTls {
     pub thread: usize,
     /// (object index, block range) for every module with a block in this thread.
     pub blocks: Vec<(usize, Range)>,
+    /// Blocks of the TLS layout's pad objects: filler that no code touches,
+    /// so a page covered by one compartment's blocks and pads is private.
+    pub pads: Vec<Range>,
+}
+
+/// Basename prefix of the TLS layout's pad objects (`ia2run`'s
+/// `tlslayout`): shared objects whose only content is a `PT_TLS`.
+pub const TLS_PAD_PREFIX: &str = "libia2shim-tlspad-";
+
+/// Whether `basename` is a TLS layout pad object.
+pub fn is_tls_pad(basename: &str) -> bool {
+    basename.starts_with(TLS_PAD_PREFIX)
+}
+
+impl ThreadTls {
+    /// A thread's blocks, with those of pad objects (`is_pad(object)`)
+    /// moved to `pads`.
+    pub fn new(
+        thread: usize,
+        blocks: Vec<(usize, Range)>,
+        is_pad: impl Fn(usize) -> bool,
+    ) -> ThreadTls {
+        let (pads, blocks): (Vec<_>, Vec<_>) = blocks.into_iter().partition(|&(o, _)| is_pad(o));
+        ThreadTls {
+            thread,
+            blocks,
+            pads: pads.into_iter().map(|(_, r)| r).collect(),
+        }
+    }
+}
+
+/// How a thread's static TLS bytes are protected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsBytes {
+    /// Bytes of compartment modules' blocks on pages with their key.
+    pub private: usize,
+    /// Bytes of compartment modules' blocks left on key 0 (a page shared
+    /// with another owner's block or the TCB, or a carveout).
+    pub compartment_shared: usize,
+    /// Bytes of shared modules' blocks (libc, the shim): key 0 by design.
+    pub shared_modules: usize,
+    /// Pad bytes of the TLS layout.
+    pub pads: usize,
+}
+
+/// Count `t`'s TLS bytes by the key the plan gives their pages.
+pub fn tls_bytes(
+    plan: &Plan,
+    t: &ThreadTls,
+    compartment_of: &dyn Fn(usize) -> Option<u8>,
+) -> TlsBytes {
+    let mut out = TlsBytes {
+        pads: t.pads.iter().map(Range::len).sum(),
+        ..TlsBytes::default()
+    };
+    for &(obj, block) in &t.blocks {
+        let Some(c) = compartment_of(obj) else {
+            out.shared_modules += block.len();
+            continue;
+        };
+        let mut page = page_down(block.start);
+        while page < block.end {
+            let n = block.intersect(&Range::new(page, page + PAGE)).len();
+            if plan.lookup(page).is_some_and(|e| e.compartment == Some(c)) {
+                out.private += n;
+            } else {
+                out.compartment_shared += n;
+            }
+            page += PAGE;
+        }
+    }
+    out
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -147,6 +219,12 @@ fn tls_pages(
                         covered = subtract(&covered, &inter);
                     } else {
                         foreign = true;
+                    }
+                }
+                for pad in &t.pads {
+                    let inter = pad.intersect(&p);
+                    if !inter.is_empty() {
+                        covered = subtract(&covered, &inter);
                     }
                 }
                 covered.retain(|r| !r.is_empty());
@@ -493,6 +571,7 @@ mod tests {
         let threads = vec![ThreadTls {
             thread: 0,
             blocks: vec![(0, main_block), (1, lib2_block)],
+            pads: vec![],
         }];
         let maps = vec![mapping(0x8_0000, 0xa_0000, RW)];
         let p = build(&input(&objs, &[Some(1), Some(2)], &threads, &[], &maps));
@@ -521,6 +600,91 @@ mod tests {
         assert_eq!(why.len(), 4);
     }
 
+    /// ia2run's layout step names pads and classifies objects as the shim does.
+    #[test]
+    fn ia2run_agrees_on_pads_and_object_classes() {
+        use crate::objects::{classify, ObjectKind};
+        use ia2run::tlslayout::{self as tl, Kind};
+        assert_eq!(tl::PAD_PREFIX, TLS_PAD_PREFIX);
+        for name in [
+            "libc.so.6",
+            "libm.so.6",
+            "ld-linux-x86-64.so.2",
+            "linux-vdso.so.1",
+            "libia2shim.so",
+            "libia2shim-tlspad-4092-4096-0.so",
+            "libstdc++.so.6",
+            "libgcc_s.so.1",
+            "libdav1d.so.6",
+            "libnss_files.so.2",
+            "libfoo.so",
+            "libpthread.so.0",
+        ] {
+            let (a, b) = (tl::classify(name, false), classify(name, false));
+            let same = matches!(
+                (a, b),
+                (Kind::Loader, ObjectKind::Loader)
+                    | (Kind::Vdso, ObjectKind::Vdso)
+                    | (Kind::System, ObjectKind::System)
+                    | (Kind::Shim, ObjectKind::Shim)
+                    | (Kind::Application, ObjectKind::Application)
+            );
+            assert!(same, "{name}: ia2run {a:?}, shim {b:?}");
+        }
+    }
+
+    #[test]
+    fn pads_fill_a_compartments_page() {
+        // tp page-aligned; main's 4-byte block at the top of the page below,
+        // a pad below it to the page boundary; lib2's block on the next
+        // page down with its own pad; the shim's block on a third page.
+        let tp = 0x9_0000;
+        let objs = vec![obj("main", true), obj("lib2.so", false), obj("shim", false)];
+        let blocks = vec![
+            (0, Range::new(tp - 4, tp)),
+            (3, Range::new(tp - 0x1000, tp - 4)),
+            (1, Range::new(tp - 0x1004, tp - 0x1000)),
+            (4, Range::new(tp - 0x2000, tp - 0x1004)),
+            (2, Range::new(tp - 0x2100, tp - 0x2000)),
+        ];
+        let t = ThreadTls::new(0, blocks, |i| i >= 3);
+        assert_eq!(t.pads.len(), 2);
+        let maps = vec![mapping(0x8_0000, 0xa_0000, RW)];
+        let threads = [t];
+        let p = build(&input(
+            &objs,
+            &[Some(1), Some(2), None],
+            &threads,
+            &[],
+            &maps,
+        ));
+        let tagged: Vec<_> = p.tagged().map(|e| (e.range, e.compartment)).collect();
+        assert_eq!(
+            tagged,
+            vec![
+                (Range::new(0x8_e000, 0x8_f000), Some(2)),
+                (Range::new(0x8_f000, 0x9_0000), Some(1))
+            ]
+        );
+        let comp = |i: usize| [Some(1), Some(2), None].get(i).copied().flatten();
+        let b = tls_bytes(&p, &threads[0], &comp);
+        assert_eq!(
+            (b.private, b.compartment_shared, b.shared_modules),
+            (8, 0, 0x100)
+        );
+        assert_eq!(b.pads, 0x1ffc - 4);
+        // Without the pads counted as filler, the pages are not covered.
+        let bare = ThreadTls::new(0, threads[0].blocks.clone(), |_| false);
+        let p = build(&input(
+            &objs,
+            &[Some(1), Some(2), None],
+            &[bare],
+            &[],
+            &maps,
+        ));
+        assert_eq!(p.tagged().count(), 0);
+    }
+
     #[test]
     fn pages_outside_mappings_are_dropped() {
         let objs = vec![lib("main", true, 0x10000)];
@@ -543,6 +707,7 @@ mod tests {
                 (0, Range::new(0x8_1f00, tp)),
                 (1, Range::new(0x8_1e00, 0x8_1f00)),
             ],
+            pads: vec![],
         }];
         let heap = vec![ExtraRange {
             range: Range::new(0x8_0000, 0x8_4000),

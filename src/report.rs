@@ -167,6 +167,24 @@ pub fn plan_report(rt: &Runtime, c: &Census) -> String {
             );
         }
     }
+    let main_tls = crate::plan::ThreadTls::new(
+        0,
+        c.objects
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| {
+                let t = o.tls.filter(|t| t.block != 0)?;
+                Some((i, Range::new(t.block, t.block + t.memsz)))
+            })
+            .collect(),
+        |i| crate::plan::is_tls_pad(&c.objects[i].basename),
+    );
+    let comp = |i: usize| c.compartment_of.get(i).copied().flatten();
+    o.push_str(&tls_bytes_line(
+        rt,
+        0,
+        &crate::plan::tls_bytes(&c.plan, &main_tls, &comp),
+    ));
     for l in &c.carveouts {
         let ranges: Vec<String> = l.carveout.ranges.iter().map(|r| r.to_string()).collect();
         if json {
@@ -350,6 +368,69 @@ pub fn privacy_report(rt: &Runtime, c: &Census) -> String {
 }
 
 /// Open the report destination and print what `IA2_REPORT` asks for at start-up.
+/// One thread's TLS bytes by protection (`IA2_REPORT=plan`).
+fn tls_bytes_line(rt: &Runtime, thread: usize, b: &crate::plan::TlsBytes) -> String {
+    let p = std::process::id();
+    let layout = if crate::tls::layout() {
+        "on"
+    } else if rt.config.tls_layout {
+        "not arranged (run under ia2run)"
+    } else {
+        "off (IA2_TLS_LAYOUT=off)"
+    };
+    if rt.config.report_format == ReportFormat::Json {
+        format!(
+            "{{\"type\":\"tls_bytes\",\"thread\":{thread},\"private\":{},\"compartment_shared\":{},\"shared_modules\":{},\"pads\":{},\"layout\":{}}}\n",
+            b.private, b.compartment_shared, b.shared_modules, b.pads, json_str(layout)
+        )
+    } else {
+        format!(
+            "ia2shim[{p}]:   TLS of thread {thread}: {} bytes of compartment modules private (on pages with their key); {} bytes of compartment modules shared (on a page with another owner's block, the TCB or a carveout); {} bytes of shared modules (pkey 0 by design); {} pad bytes; TLS layout {layout}\n",
+            b.private, b.compartment_shared, b.shared_modules, b.pads
+        )
+    }
+}
+
+/// A new thread's tagged TLS pages and byte counts (`IA2_REPORT=plan`).
+pub fn thread_tls(
+    rt: &Runtime,
+    thread: usize,
+    entries: &[crate::plan::PlanEntry],
+    bytes: &crate::plan::TlsBytes,
+) {
+    if !rt.config.reports.plan {
+        return;
+    }
+    let Ok(c) = rt.census.read() else { return };
+    let p = std::process::id();
+    let json = rt.config.report_format == ReportFormat::Json;
+    let mut o = String::new();
+    for e in entries {
+        let key = e.compartment.map(|c| rt.key_of(c)).unwrap_or(0);
+        if json {
+            let _ = writeln!(
+                o,
+                "{{\"type\":\"range\",\"start\":\"{:#x}\",\"end\":\"{:#x}\",\"prot\":\"{}\",\"compartment\":{},\"pkey\":{key},\"reason\":{}}}",
+                e.range.start,
+                e.range.end,
+                prot_str(e.prot),
+                e.compartment.map(|c| c.to_string()).unwrap_or("null".into()),
+                json_str(&reason_str(&c, &e.reason))
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "ia2shim[{p}]:   {} {} pkey {key:<2} {}",
+                e.range,
+                prot_str(e.prot),
+                reason_str(&c, &e.reason)
+            );
+        }
+    }
+    o.push_str(&tls_bytes_line(rt, thread, bytes));
+    emit(&o);
+}
+
 pub fn startup(rt: &Runtime) {
     if let Some(path) = rt.config.report_file {
         match crate::logging::open_output_file(path) {

@@ -40,6 +40,13 @@ pub fn init() {
             config.log_file.unwrap_or("")
         ));
     }
+    if let Some(original) = config.tls_preload {
+        if !crate::tls::restore_preload(original) {
+            log::warn!(
+                "IA2_TLS_PRELOAD={original:?}: LD_PRELOAD not restored (missing or shorter)"
+            );
+        }
+    }
     crate::real::resolve_all();
     crate::dl::real_dlsym();
     crate::dl::resolve_dladdr();
@@ -147,6 +154,7 @@ pub fn init() {
 /// Census, assignment, carveouts and plan for the objects loaded now.
 fn build_census(config: &Config) -> Census {
     let objects = objects::census();
+    crate::tls::note_layout(objects.iter().any(|o| plan::is_tls_pad(&o.basename)));
     let needed: Vec<Vec<String>> = objects.iter().map(|o| o.needed()).collect();
     let assignment = compartments::assign_with_deps(&objects, config, &needed)
         .unwrap_or_else(|e| fatal(format_args!("{e}")));
@@ -193,9 +201,9 @@ fn build_census(config: &Config) -> Census {
         Ok(None) => {}
         Err(e) => fatal(format_args!("{e}")),
     }
-    let main_thread = ThreadTls {
-        thread: 0,
-        blocks: objects
+    let main_thread = ThreadTls::new(
+        0,
+        objects
             .iter()
             .enumerate()
             .filter_map(|(i, o)| {
@@ -203,7 +211,8 @@ fn build_census(config: &Config) -> Census {
                 (t.block != 0).then(|| (i, objects::Range::new(t.block, t.block + t.memsz)))
             })
             .collect(),
-    };
+        |i| plan::is_tls_pad(&objects[i].basename),
+    );
     let enabled = carveouts::enabled(&carveouts);
     let governed = carveouts::governed(&carveouts);
     let plan = plan::build(&plan::PlanInput {

@@ -280,7 +280,7 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
         .unwrap_or(Range::new(0, 0));
     let governed = vec![
         crate::tls::tcb_page(tp),
-        crate::tls::below_tcb_page(tp),
+        crate::tls::below_tcb_shared(tp),
         dtv.pages_out(),
         rseq,
     ];
@@ -295,7 +295,7 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
             cfg.share_below_tcb,
             "below_tcb",
             "IA2_SHARE_BELOW_TCB",
-            crate::tls::below_tcb_page(tp),
+            crate::tls::below_tcb_shared(tp),
         ),
         (cfg.share_dtv, "dtv", "IA2_SHARE_DTV", dtv.pages_out()),
         (
@@ -313,11 +313,16 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
             });
         }
     }
-    let compartment_of = {
+    let (compartment_of, pads) = {
         let Ok(c) = rt.census.read() else {
             return Vec::new();
         };
-        c.compartment_of.clone()
+        let pads: Vec<bool> = c
+            .objects
+            .iter()
+            .map(|o| plan::is_tls_pad(&o.basename))
+            .collect();
+        (c.compartment_of.clone(), pads)
     };
     // Thread stacks (and so their static TLS) are private read-write
     // mappings; describe them instead of reading /proc/self/maps per thread.
@@ -332,13 +337,11 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
         path: String::new(),
         pkey: None,
     }];
+    let tls = ThreadTls::new(tid, blocks, |i| pads.get(i).copied().unwrap_or(false));
     let p = plan::build(&plan::PlanInput {
         objects: &[],
         compartment_of: &compartment_of,
-        threads: &[ThreadTls {
-            thread: tid,
-            blocks,
-        }],
+        threads: std::slice::from_ref(&tls),
         extra: &[],
         carveouts: &carveouts,
         governed: &governed,
@@ -348,6 +351,8 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
         return Vec::new();
     }
     let entries: Vec<PlanEntry> = p.tagged().cloned().collect();
+    let comp = |i: usize| compartment_of.get(i).copied().flatten();
+    crate::report::thread_tls(rt, tid, &entries, &plan::tls_bytes(&p, &tls, &comp));
     // Tag and record under the census lock, so that a fork (whose prepare
     // handler takes it) never sees tagged pages that the plan lacks.
     let mut c = rt.census.write().unwrap_or_else(|e| e.into_inner());
@@ -405,6 +410,68 @@ unsafe extern "C" fn thread_teardown(state: *mut c_void) {
     }
     crate::signals::thread_exit();
     crate::gates::thread_exit();
+}
+
+pub type DtorFn = unsafe extern "C" fn(*mut c_void);
+pub type ThreadAtexitFn = unsafe extern "C" fn(DtorFn, *mut c_void, *mut c_void) -> c_int;
+
+/// A `thread_local` destructor to run in its compartment.
+struct Dtor {
+    dtor: DtorFn,
+    obj: usize,
+    pkru: u32,
+}
+
+/// `__cxa_thread_atexit_impl`: glibc runs the destructors of C++
+/// `thread_local` objects at thread exit from libc, with whatever rights
+/// the exiting thread has; once the TLS layout gives a compartment's TLS
+/// its own key, a destructor of compartment 2's object in a thread that
+/// runs as compartment 1 would fault on its own object. The destructor is
+/// therefore registered through a trampoline that runs it with the PKRU of
+/// the compartment of `dso` (the registering object's `__dso_handle`, so
+/// the object whose `thread_local` this is), as signal handlers run. Not the
+/// compartment of the destructor's code, which may be another object's
+/// copy of an inline destructor (vague linkage binds to the first copy in
+/// the lookup scope), reached through a gate.
+///
+/// # Safety
+/// As glibc's `__cxa_thread_atexit_impl`; `real` is glibc's.
+pub unsafe fn thread_atexit(
+    real: ThreadAtexitFn,
+    dtor: DtorFn,
+    obj: *mut c_void,
+    dso: *mut c_void,
+) -> c_int {
+    let owner = |rt: &Runtime| {
+        let by = if dso.is_null() {
+            dtor as usize
+        } else {
+            dso as usize
+        };
+        rt.compartment_of_addr(by).map(|c| rt.pkru_for(c))
+    };
+    let Some(pkru) = runtime::active().and_then(owner) else {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real(dtor, obj, dso) };
+    };
+    let rec = Box::into_raw(Box::new(Dtor {
+        dtor,
+        obj: obj as usize,
+        pkru,
+    }));
+    // SAFETY: the trampoline takes ownership of `rec` when glibc calls it;
+    // `dso` keeps the owning object loaded, as for the real destructor.
+    unsafe { real(dtor_trampoline, rec.cast(), dso) }
+}
+
+unsafe extern "C" fn dtor_trampoline(rec: *mut c_void) {
+    // SAFETY: the record boxed by thread_atexit, called once by glibc.
+    let rec = unsafe { Box::from_raw(rec as *mut Dtor) };
+    let saved = pku::read_pkru();
+    pku::write_pkru(rec.pkru);
+    // SAFETY: the destructor and object registered by the program.
+    unsafe { (rec.dtor)(rec.obj as *mut c_void) };
+    pku::write_pkru(saved);
 }
 
 #[cfg(test)]

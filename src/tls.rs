@@ -3,6 +3,7 @@
 //! below the thread pointer.
 
 use crate::objects::{page_down, Range, PAGE};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 /// Size of one DTV entry (`dtv_t`: a pointer pair).
 const DTV_ENTRY: usize = 16;
@@ -63,6 +64,66 @@ pub fn tcb_page(tp: usize) -> Range {
 /// The single page right below the TCB page.
 pub fn below_tcb_page(tp: usize) -> Range {
     Range::new(page_down(tp) - PAGE, page_down(tp))
+}
+
+/// Whether the TLS layout is in effect: `ia2run` preloaded pad objects, and
+/// the loader aligned the thread pointer to a page (a 4096-aligned pad).
+static LAYOUT: AtomicBool = AtomicBool::new(false);
+
+/// Record, once the census is taken, whether pad objects are loaded.
+pub fn note_layout(pads_loaded: bool) {
+    let aligned = thread_pointer() % PAGE == 0;
+    LAYOUT.store(pads_loaded && aligned, Ordering::Relaxed);
+}
+
+pub fn layout() -> bool {
+    LAYOUT.load(Ordering::Relaxed)
+}
+
+/// The page the `below_tcb` carveout keeps shared: the page below the TCB
+/// page, or nothing under the TLS layout, where the TCB's page holds no
+/// block and the page below it holds the first TLS module's block alone
+/// (padded to the page), so the plan's TLS rules decide its key.
+pub fn below_tcb_shared(tp: usize) -> Range {
+    if layout() {
+        Range::new(page_down(tp), page_down(tp))
+    } else {
+        below_tcb_page(tp)
+    }
+}
+
+/// Put `LD_PRELOAD` back to `original` (`IA2_TLS_PRELOAD`) in this
+/// process's environment, in place: the loader has used the layout's list,
+/// and programs this one executes must not inherit it (they have their own
+/// link maps). Returns false when there is nothing to restore or the
+/// original is longer than the current value.
+pub fn restore_preload(original: &str) -> bool {
+    extern "C" {
+        static environ: *const *mut libc::c_char;
+    }
+    const KEY: &[u8] = b"LD_PRELOAD=";
+    // SAFETY: the constructor runs before any thread exists; `environ` is a
+    // NULL-terminated array of NUL-terminated strings that the process owns.
+    unsafe {
+        let mut p = environ;
+        while !p.is_null() && !(*p).is_null() {
+            let entry = *p;
+            let len = libc::strlen(entry);
+            let bytes = core::slice::from_raw_parts(entry as *const u8, len);
+            if bytes.starts_with(KEY) {
+                let value_len = len - KEY.len();
+                if original.len() > value_len {
+                    return false;
+                }
+                let dst = entry.add(KEY.len()) as *mut u8;
+                core::ptr::copy_nonoverlapping(original.as_ptr(), dst, original.len());
+                *dst.add(original.len()) = 0;
+                return true;
+            }
+            p = p.add(1);
+        }
+    }
+    false
 }
 
 #[cfg(test)]

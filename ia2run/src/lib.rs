@@ -25,6 +25,7 @@ mod cpio;
 mod exec;
 pub mod learn;
 pub mod map;
+pub mod tlslayout;
 mod vm;
 mod wire;
 
@@ -465,6 +466,7 @@ fn to_status(s: wire::WireStatus) -> Status {
 /// `/dev/null`. A command that cannot be started gives status 127 (not
 /// found) or 126, with a message on its stderr, as in a shell.
 pub fn run_native(job: &Job) -> Result<Outcome, Error> {
+    let job = &tlslayout::arranged(job);
     // Files rather than pipes: no reader threads, and a forked grandchild
     // that keeps stdout open cannot make us wait.
     let (out, out_path) = temp_file("out")?;
@@ -523,6 +525,7 @@ pub fn run_native(job: &Job) -> Result<Outcome, Error> {
 /// (so output streams, and a terminal stays a terminal). Returns the status
 /// and whether the timeout killed it.
 pub fn run_native_inherit(job: &Job) -> Result<(Status, bool), Error> {
+    let job = &tlslayout::arranged(job);
     let stdios = exec::Stdios {
         stdin: Stdio::inherit(),
         stdout: Stdio::inherit(),
@@ -550,7 +553,10 @@ pub fn run_native_inherit(job: &Job) -> Result<(Status, bool), Error> {
 /// (`opts` only matters for the VM).
 pub fn run_batch(mode: Mode, opts: &VmOptions, jobs: &[Job]) -> Result<Vec<Outcome>, Error> {
     match mode.resolve() {
-        Mode::Vm => run_batch_vm(opts, jobs),
+        Mode::Vm => {
+            let jobs: Vec<Job> = jobs.iter().map(tlslayout::arranged).collect();
+            run_batch_vm(opts, &jobs)
+        }
         _ => jobs.iter().map(run_native).collect(),
     }
 }

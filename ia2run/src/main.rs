@@ -482,7 +482,7 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             }
         } else {
-            match ia2run::run_vm_stream(&vm, &job) {
+            match ia2run::run_vm_stream(&vm, &ia2run::tlslayout::arranged(&job)) {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             }
