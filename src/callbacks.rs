@@ -264,8 +264,22 @@ extern "C" fn atfork_dispatch(i: u32) {
 /// compartment, or `f` itself when none is left.
 #[cfg(not(test))]
 fn atfork_stub(f: usize, dso: usize) -> usize {
-    if f == 0 {
-        return 0;
+    // The shim's own handlers (which take its locks for the fork) run as
+    // registered: a stub would ask the census for their rights while the
+    // shim's prepare handler holds its lock.
+    let own = atfork_stub as *const () as usize;
+    // SAFETY: zeroed Dl_info is valid for dladdr to fill.
+    let mut a: libc::Dl_info = unsafe { core::mem::zeroed() };
+    // SAFETY: zeroed Dl_info is valid for dladdr to fill.
+    let mut b: libc::Dl_info = unsafe { core::mem::zeroed() };
+    // SAFETY: dladdr only reads loader data.
+    let same = unsafe {
+        libc::dladdr(f as *const c_void, &mut a) != 0
+            && libc::dladdr(own as *const c_void, &mut b) != 0
+            && a.dli_fbase == b.dli_fbase
+    };
+    if f == 0 || same {
+        return f;
     }
     let i = ATFORK_NEXT.fetch_add(1, Ordering::AcqRel);
     if i >= ATFORK_SLOTS {
