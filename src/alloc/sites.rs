@@ -194,7 +194,11 @@ fn gate_target(gate_ra: usize) -> usize {
         // SAFETY: a GOT slot inside the caller's object (checked mapped by
         // the decode), readable with every key.
         .map(|slot| unsafe { (slot as *const usize).read() })
-        .and_then(crate::gates::stub_target)
+        // A pool stub (GOT gate), or an entry-gated function that the slot
+        // reaches directly (`-fno-plt` calls, GLOB_DAT slots).
+        .and_then(|v| {
+            crate::gates::stub_target(v).or_else(|| crate::gates::entry_gated(v).then_some(v))
+        })
         .unwrap_or(0);
     if hw {
         crate::pku::write_pkru(before);

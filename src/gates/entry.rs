@@ -416,6 +416,24 @@ pub fn relocated_origin(addr: usize) -> Option<usize> {
         .map(|&(at, from)| from + (addr - at))
 }
 
+/// The function whose relocated body starts at `body` (a gate's target for
+/// `JUMP_SLOT` calls into entry-gated functions), for naming the gate.
+/// Never blocks.
+pub fn function_of_body(body: usize) -> Option<usize> {
+    let st = STATE.try_lock().ok()?;
+    let (_, &i) = st.entry_by_record.range(..=body).next_back()?;
+    let e = st.entries.get(i)?;
+    (e.body == body).then_some(e.function)
+}
+
+/// Does `function` have an entry gate? (A caller's GOT slot that points at
+/// it directly reaches the gate through its entry.) Never blocks.
+pub fn entry_gated(function: usize) -> bool {
+    STATE
+        .try_lock()
+        .is_ok_and(|st| st.entries.iter().any(|e| e.function == function && !e.dead))
+}
+
 /// The `fs`-relative offset of the simulated PKRU word.
 pub(super) fn sim_pkru_tpoff() -> i64 {
     let t: i64;

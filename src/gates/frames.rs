@@ -78,7 +78,9 @@ pub fn stub_target(stub: usize) -> Option<usize> {
     }
     // SAFETY: an index below MAX_GATES; handed-out entries are not rewritten.
     let t = unsafe { (*GATE_MEM.table.get())[(stub - pool.start) / 16].target };
-    (t != 0).then_some(t)
+    // A GOT gate into an entry-gated function targets its relocated body:
+    // name the function.
+    (t != 0).then(|| super::entry::function_of_body(t).unwrap_or(t))
 }
 
 pub(super) fn set_stack_top(top: usize) {
