@@ -21,7 +21,7 @@ use crate::pku;
 use crate::real::RealFn;
 use crate::runtime;
 use core::ffi::{c_int, c_void};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 static QSORT_R: RealFn = RealFn::new(c"qsort_r");
 static DL_ITERATE_PHDR: RealFn = RealFn::new(c"dl_iterate_phdr");
@@ -215,6 +215,11 @@ pub const ATFORK_SLOTS: usize = 96;
 
 static ATFORK_FUNC: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
 static ATFORK_DSO: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
+/// Each handler's PKRU, decided at registration (`NO_PKRU`: keep fork's
+/// rights): during a fork the shim's own prepare handler holds the census
+/// lock, so the handlers must not ask the census then.
+static ATFORK_PKRU: [AtomicU64; ATFORK_SLOTS] = [const { AtomicU64::new(NO_PKRU) }; ATFORK_SLOTS];
+const NO_PKRU: u64 = u64::MAX;
 #[cfg_attr(test, allow(dead_code))]
 static ATFORK_NEXT: AtomicUsize = AtomicUsize::new(0);
 #[cfg_attr(test, allow(dead_code))]
@@ -253,7 +258,10 @@ extern "C" fn atfork_dispatch(i: u32) {
     if f == 0 {
         return;
     }
-    let pkru = handler_pkru(f, ATFORK_DSO[i].load(Ordering::Acquire));
+    let pkru = match ATFORK_PKRU[i].load(Ordering::Acquire) {
+        NO_PKRU => None,
+        p => Some(p as u32),
+    };
     // SAFETY: the handler the program registered.
     with_pkru(pkru, || unsafe {
         core::mem::transmute::<usize, extern "C" fn()>(f)()
@@ -288,8 +296,12 @@ fn atfork_stub(f: usize, dso: usize) -> usize {
         );
         return f;
     }
-    ATFORK_FUNC[i].store(f, Ordering::Release);
+    ATFORK_PKRU[i].store(
+        handler_pkru(f, dso).map_or(NO_PKRU, u64::from),
+        Ordering::Release,
+    );
     ATFORK_DSO[i].store(dso, Ordering::Release);
+    ATFORK_FUNC[i].store(f, Ordering::Release);
     ia2shim_atfork_stubs as *const () as usize + 16 * i
 }
 

@@ -210,6 +210,14 @@ pub fn data_imports(
                 continue;
             };
             let owner = &objects[k];
+            // System objects' data (libc's `stdin` in strict mode) is the
+            // libc_data_imports carveout's decision, off by default.
+            if !matches!(
+                owner.kind,
+                crate::objects::ObjectKind::Main | crate::objects::ObjectKind::Application
+            ) {
+                continue;
+            }
             let theirs = comp(k);
             let executable = owner
                 .segments
