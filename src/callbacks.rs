@@ -214,7 +214,6 @@ pub unsafe fn dl_iterate_phdr(cb: usize, data: *mut c_void) -> c_int {
 pub const ATFORK_SLOTS: usize = 96;
 
 static ATFORK_FUNC: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
-static ATFORK_DSO: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
 /// Each handler's PKRU, decided at registration (`NO_PKRU`: keep fork's
 /// rights): during a fork the shim's own prepare handler holds the census
 /// lock, so the handlers must not ask the census then.
@@ -300,7 +299,6 @@ fn atfork_stub(f: usize, dso: usize) -> usize {
         handler_pkru(f, dso).map_or(NO_PKRU, u64::from),
         Ordering::Release,
     );
-    ATFORK_DSO[i].store(dso, Ordering::Release);
     ATFORK_FUNC[i].store(f, Ordering::Release);
     ia2shim_atfork_stubs as *const () as usize + 16 * i
 }
