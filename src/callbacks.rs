@@ -219,6 +219,23 @@ static ATFORK_FUNC: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }
 /// lock, so the handlers must not ask the census then.
 static ATFORK_PKRU: [AtomicU64; ATFORK_SLOTS] = [const { AtomicU64::new(NO_PKRU) }; ATFORK_SLOTS];
 const NO_PKRU: u64 = u64::MAX;
+/// Registered before the shim was ready (a library constructor): decided
+/// by [`decide_pending`] at the end of start-up.
+const UNDECIDED: u64 = u64::MAX - 1;
+/// The registrants of the UNDECIDED handlers.
+static ATFORK_DSO: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
+
+/// Decide the rights of the fork handlers registered before the shim was
+/// ready (start-up, once the census exists).
+pub fn decide_pending() {
+    for i in 0..ATFORK_SLOTS.min(ATFORK_NEXT.load(Ordering::Acquire)) {
+        if ATFORK_PKRU[i].load(Ordering::Acquire) == UNDECIDED {
+            let f = ATFORK_FUNC[i].load(Ordering::Acquire);
+            let p = handler_pkru(f, ATFORK_DSO[i].load(Ordering::Acquire));
+            ATFORK_PKRU[i].store(p.map_or(NO_PKRU, u64::from), Ordering::Release);
+        }
+    }
+}
 #[cfg_attr(test, allow(dead_code))]
 static ATFORK_NEXT: AtomicUsize = AtomicUsize::new(0);
 #[cfg_attr(test, allow(dead_code))]
@@ -258,7 +275,7 @@ extern "C" fn atfork_dispatch(i: u32) {
         return;
     }
     let pkru = match ATFORK_PKRU[i].load(Ordering::Acquire) {
-        NO_PKRU => None,
+        NO_PKRU | UNDECIDED => None,
         p => Some(p as u32),
     };
     // SAFETY: the handler the program registered.
@@ -295,10 +312,13 @@ fn atfork_stub(f: usize, dso: usize) -> usize {
         );
         return f;
     }
-    ATFORK_PKRU[i].store(
-        handler_pkru(f, dso).map_or(NO_PKRU, u64::from),
-        Ordering::Release,
-    );
+    ATFORK_DSO[i].store(dso, Ordering::Release);
+    let pkru = if runtime::active().is_some() {
+        handler_pkru(f, dso).map_or(NO_PKRU, u64::from)
+    } else {
+        UNDECIDED
+    };
+    ATFORK_PKRU[i].store(pkru, Ordering::Release);
     ATFORK_FUNC[i].store(f, Ordering::Release);
     ia2shim_atfork_stubs as *const () as usize + 16 * i
 }

@@ -149,6 +149,8 @@ pub fn init() {
     crate::keyguard::install(crate::hooks::pkey_set as *const () as usize);
     crate::syscalls::install(rt);
     set_state(InitState::Ready);
+    // Fork handlers that library constructors registered before now.
+    crate::callbacks::decide_pending();
 }
 
 /// Census, assignment, carveouts and plan for the objects loaded now.
