@@ -1,8 +1,8 @@
+#include <dlfcn.h>
 #include <ia2shim.h>
 #include <stdio.h>
 #include <string.h>
 
-extern char app_secret[4096];
 static int calls; /* the plugin's own data: compartment 2 */
 
 int plugin_process(int x) {
@@ -10,4 +10,10 @@ int plugin_process(int x) {
     return x + (++calls) * 2;
 }
 
-int plugin_peek(void) { return (int)strlen(app_secret); }
+/* The "bug": the plugin finds the app's secret by name at run time. (Had it
+ * linked against `extern char app_secret[]`, the import would be a
+ * declared interface, which the shim shares: IA2_SHARE_DATA_IMPORTS.) */
+int plugin_peek(void) {
+    const char *secret = dlsym(RTLD_DEFAULT, "app_secret");
+    return secret ? (int)strlen(secret) : -1;
+}
