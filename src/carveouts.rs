@@ -513,7 +513,7 @@ fn exported_among(o: &LoadedObject, candidates: &[usize]) -> Vec<usize> {
     }
     let (lo, hi) = (sorted[0], sorted[sorted.len() - 1]);
     if let Some(d) = o.dynamic_info().filter(|d| d.symtab != 0) {
-        for i in 1..dynsym_count(&d).unwrap_or(0) {
+        for i in 1..d.symbol_count().unwrap_or(0) {
             // SAFETY: i < the symbol count derived from the hash table, and
             // DT_SYMTAB is the object's mapped dynamic symbol table. Names
             // are not read: only where each symbol is.
@@ -702,7 +702,7 @@ pub fn find_symbol(o: &LoadedObject, sym: &str) -> Option<(Range, &'static str)>
 /// A dynamic symbol's run-time range in `o` (no file is read).
 pub fn dynsym_range(o: &LoadedObject, sym: &str) -> Option<Range> {
     let d = o.dynamic_info()?;
-    let count = dynsym_count(&d)?;
+    let count = d.symbol_count()?;
     for i in 1..count {
         // SAFETY: i < the symbol count derived from the hash table.
         let s = unsafe { d.symbol(i as u32) }?;
@@ -712,36 +712,6 @@ pub fn dynsym_range(o: &LoadedObject, sym: &str) -> Option<Range> {
         }
     }
     None
-}
-
-/// Number of dynamic symbols, from DT_HASH or DT_GNU_HASH.
-fn dynsym_count(d: &crate::objects::DynamicInfo) -> Option<usize> {
-    if d.hash != 0 {
-        // SAFETY: DT_HASH starts with nbucket, nchain; nchain = symbol count.
-        return Some(unsafe { *((d.hash + 4) as *const u32) } as usize);
-    }
-    if d.gnu_hash == 0 {
-        return None;
-    }
-    // SAFETY: the GNU hash table layout: nbuckets, symoffset, bloom_size,
-    // bloom_shift, bloom[bloom_size] (u64), buckets[nbuckets], chains[].
-    unsafe {
-        let h = d.gnu_hash as *const u32;
-        let (nbuckets, symoffset, bloom) = (*h as usize, *h.add(1) as usize, *h.add(2) as usize);
-        let buckets = h.add(4 + bloom * 2);
-        let chains = buckets.add(nbuckets);
-        let mut last = 0usize;
-        for b in 0..nbuckets {
-            last = last.max(*buckets.add(b) as usize);
-        }
-        if last < symoffset {
-            return Some(symoffset);
-        }
-        while *chains.add(last - symoffset) & 1 == 0 {
-            last += 1;
-        }
-        Some(last + 1)
-    }
 }
 
 fn symtab_range(file: &[u8], base: usize, sym: &str) -> Option<Range> {

@@ -503,6 +503,38 @@ impl DynamicInfo {
         d
     }
 
+    /// Number of dynamic symbols, from DT_HASH or DT_GNU_HASH (the
+    /// highest index any GNU hash chain reaches, plus one).
+    pub fn symbol_count(&self) -> Option<usize> {
+        if self.hash != 0 {
+            // SAFETY: DT_HASH starts with nbucket, nchain; nchain = symbol count.
+            return Some(unsafe { *((self.hash + 4) as *const u32) } as usize);
+        }
+        if self.gnu_hash == 0 {
+            return None;
+        }
+        // SAFETY: the GNU hash table layout: nbuckets, symoffset, bloom_size,
+        // bloom_shift, bloom[bloom_size] (u64), buckets[nbuckets], chains[].
+        unsafe {
+            let h = self.gnu_hash as *const u32;
+            let (nbuckets, symoffset, bloom) =
+                (*h as usize, *h.add(1) as usize, *h.add(2) as usize);
+            let buckets = h.add(4 + bloom * 2);
+            let chains = buckets.add(nbuckets);
+            let mut last = 0usize;
+            for b in 0..nbuckets {
+                last = last.max(*buckets.add(b) as usize);
+            }
+            if last < symoffset {
+                return Some(symoffset);
+            }
+            while *chains.add(last - symoffset) & 1 == 0 {
+                last += 1;
+            }
+            Some(last + 1)
+        }
+    }
+
     /// Lazy binding is off (`BIND_NOW` or `DF_1_NOW`): every slot is final.
     pub fn bind_now(&self) -> bool {
         self.flags & elf::DF_BIND_NOW as u64 != 0 || self.flags_1 & elf::DF_1_NOW as u64 != 0

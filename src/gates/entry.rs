@@ -617,36 +617,6 @@ impl Drop for TextWriter {
 
 // ---------------------------------------------------------------- dynsym
 
-/// Number of dynamic symbols, from DT_HASH or DT_GNU_HASH.
-fn dynsym_count(d: &objects::DynamicInfo) -> usize {
-    if d.hash != 0 {
-        // SAFETY: DT_HASH starts with nbucket, nchain; nchain = symbol count.
-        return unsafe { *((d.hash + 4) as *const u32) } as usize;
-    }
-    if d.gnu_hash == 0 {
-        return 0;
-    }
-    // SAFETY: the GNU hash table layout: nbuckets, symoffset, bloom_size,
-    // bloom_shift, bloom[bloom_size] (u64), buckets[nbuckets], chains[].
-    unsafe {
-        let h = d.gnu_hash as *const u32;
-        let (nbuckets, symoffset, bloom) = (*h as usize, *h.add(1) as usize, *h.add(2) as usize);
-        let buckets = h.add(4 + bloom * 2);
-        let chains = buckets.add(nbuckets);
-        let mut last = 0usize;
-        for b in 0..nbuckets {
-            last = last.max(*buckets.add(b) as usize);
-        }
-        if last < symoffset {
-            return symoffset;
-        }
-        while *chains.add(last - symoffset) & 1 == 0 {
-            last += 1;
-        }
-        last + 1
-    }
-}
-
 /// The exported functions of `obj`: (address, size, name), deduplicated by
 /// address; and how many weak ones were left out.
 fn exported_functions(obj: &LoadedObject) -> (Vec<(usize, usize, String)>, usize) {
@@ -658,7 +628,7 @@ fn exported_functions(obj: &LoadedObject) -> (Vec<(usize, usize, String)>, usize
     }
     let mut seen: BTreeMap<usize, (usize, String)> = BTreeMap::new();
     let mut weak = 0;
-    for i in 1..dynsym_count(&d) {
+    for i in 1..d.symbol_count().unwrap_or(0) {
         // SAFETY: i is below the symbol count of this object's hash table.
         let s = unsafe { &*(d.symtab as *const elf::Sym64<object::LittleEndian>).add(i) };
         let le = object::LittleEndian;
