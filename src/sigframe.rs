@@ -35,6 +35,47 @@ fn pkru_offset() -> usize {
     }
 }
 
+/// The PKRU slot in the signal frame's XSAVE area, if the frame has one
+/// that the kernel will restore on `sigreturn`.
+///
+/// # Safety
+/// `uc` must be the ucontext passed to a signal handler.
+pub unsafe fn pkru_slot(uc: *mut libc::ucontext_t) -> Option<(*mut u32, *mut u64)> {
+    let off = pkru_offset();
+    // SAFETY: the kernel passes a valid ucontext.
+    let fp = unsafe { (*uc).uc_mcontext.fpregs } as *mut u8;
+    if off == 0 || fp.is_null() {
+        return None;
+    }
+    // SAFETY: the legacy FXSAVE area is 512 bytes; its software-reserved
+    // bytes 464.. hold `struct _fpx_sw_bytes` (magic1, extended_size,
+    // xfeatures, xstate_size).
+    let (magic, xfeatures, size) = unsafe {
+        (
+            core::ptr::read_unaligned(fp.add(SW_BYTES) as *const u32),
+            core::ptr::read_unaligned(fp.add(SW_BYTES + 8) as *const u64),
+            core::ptr::read_unaligned(fp.add(SW_BYTES + 16) as *const u32) as usize,
+        )
+    };
+    if magic != MAGIC1 || xfeatures & XFEATURE_PKRU == 0 || size < off + 4 {
+        return None;
+    }
+    // SAFETY: the XSAVE header follows the legacy area, and the PKRU
+    // component lies inside the frame's xstate_size (checked above).
+    Some(unsafe { (fp.add(off) as *mut u32, fp.add(HEADER) as *mut u64) })
+}
+
+/// # Safety
+/// `slot` must come from [`pkru_slot`] for a live signal frame.
+pub unsafe fn set_frame_pkru(slot: (*mut u32, *mut u64), pkru: u32) {
+    // SAFETY: both pointers lie in the frame (see `pkru_slot`).
+    unsafe {
+        core::ptr::write_unaligned(slot.0, pkru);
+        let bv = core::ptr::read_unaligned(slot.1);
+        core::ptr::write_unaligned(slot.1, bv | XFEATURE_PKRU);
+    }
+}
+
 /// What the kernel wrote into a signal frame, taken before the program's
 /// handler runs.
 pub struct Snapshot {

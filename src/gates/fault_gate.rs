@@ -147,34 +147,6 @@ fn function_of(pc: usize) -> Option<(usize, usize)> {
     Some((begin, range as usize))
 }
 
-/// The PKRU slot of the signal frame's XSAVE area (and XSTATE_BV).
-///
-/// # Safety
-/// `uc` is the ucontext of a signal handler.
-unsafe fn pkru_slot(uc: *mut libc::ucontext_t) -> Option<(*mut u32, *mut u64)> {
-    // CPUID.(EAX=0DH, ECX=9): the PKRU component's offset.
-    let off = core::arch::x86_64::__cpuid_count(0xd, 9).ebx as usize;
-    // SAFETY: the kernel's ucontext.
-    let fp = unsafe { (*uc).uc_mcontext.fpregs } as *mut u8;
-    if off == 0 || fp.is_null() {
-        return None;
-    }
-    // SAFETY: struct _fpx_sw_bytes at 464 of the legacy area: magic1,
-    // extended_size, xfeatures (u64), xstate_size.
-    let (magic, xfeatures, size) = unsafe {
-        (
-            core::ptr::read_unaligned(fp.add(464) as *const u32),
-            core::ptr::read_unaligned(fp.add(472) as *const u64),
-            core::ptr::read_unaligned(fp.add(480) as *const u32) as usize,
-        )
-    };
-    if magic != 0x4650_5853 || xfeatures & (1 << 9) == 0 || size < off + 4 {
-        return None;
-    }
-    // SAFETY: inside the frame's XSAVE area (checked above).
-    Some(unsafe { (fp.add(off) as *mut u32, fp.add(512) as *mut u64) })
-}
-
 /// Called by the SIGSEGV handler for a `SEGV_PKUERR`, before reporting it.
 /// Returns `true` when the fault was compartment code entered without a
 /// gate, now running with its own rights (the handler returns and the
@@ -240,7 +212,7 @@ pub unsafe fn fault_driven_entry(
         return false;
     }
     // SAFETY: the kernel's ucontext.
-    let Some(slot) = (unsafe { pkru_slot(uc) }) else {
+    let Some(slot) = (unsafe { crate::sigframe::pkru_slot(uc) }) else {
         return false;
     };
     if stack_top() == 0 {
@@ -267,9 +239,7 @@ pub unsafe fn fault_driven_entry(
         set_stack_top(top + FRAME);
         core::ptr::write(ret_slot, addr_of_fault_ret());
         // The instruction runs again with the function's own rights.
-        core::ptr::write_unaligned(slot.0, theirs);
-        let bv = core::ptr::read_unaligned(slot.1);
-        core::ptr::write_unaligned(slot.1, bv | (1 << 9));
+        crate::sigframe::set_frame_pkru(slot, theirs);
     }
     FAULT_GATED.fetch_add(1, Ordering::Relaxed);
     for p in &PENDING {

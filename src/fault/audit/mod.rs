@@ -31,7 +31,7 @@
 //!   touches a denied page faults and traps once: counted as hits of the
 //!   same site.
 
-use super::{interrupted_pkru, write_instruction, PKRU_XSAVE_OFFSET, REPORT_FD, SI_PKEY_OFFSET};
+use super::{interrupted_pkru, write_instruction, REPORT_FD, SI_PKEY_OFFSET};
 use crate::config::{OnFault, ReportFormat};
 use crate::objects::{page_down, Range, PAGE};
 use crate::plan::Reason;
@@ -65,10 +65,6 @@ pub(in crate::fault) const TF: i64 = 0x100;
 pub(in crate::fault) const TRAP_TRACE: i32 = 2;
 /// Page-fault error code bit: the access was a write.
 pub(in crate::fault) const PF_WRITE: i64 = 2;
-/// `FP_XSTATE_MAGIC1`: the frame's FP state is in XSAVE format.
-pub(in crate::fault) const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
-/// XSAVE feature bit of PKRU.
-pub(in crate::fault) const XFEATURE_PKRU: u64 = 1 << 9;
 
 // ---------------------------------------------------------------- the fault
 
