@@ -127,26 +127,7 @@ pub fn plan_report(rt: &Runtime, c: &Census) -> String {
         let _ = writeln!(o, "ia2shim[{p}]: ==== plan ====");
     }
     for e in &c.plan.entries {
-        let key = e.compartment.map(|c| rt.key_of(c)).unwrap_or(0);
-        if json {
-            let _ = writeln!(
-                o,
-                "{{\"type\":\"range\",\"start\":\"{:#x}\",\"end\":\"{:#x}\",\"prot\":\"{}\",\"compartment\":{},\"pkey\":{key},\"reason\":{}}}",
-                e.range.start,
-                e.range.end,
-                prot_str(e.prot),
-                e.compartment.map(|c| c.to_string()).unwrap_or("null".into()),
-                json_str(&reason_str(c, &e.reason))
-            );
-        } else {
-            let _ = writeln!(
-                o,
-                "ia2shim[{p}]:   {} {} pkey {key:<2} {}",
-                e.range,
-                prot_str(e.prot),
-                reason_str(c, &e.reason)
-            );
-        }
+        range_line(&mut o, rt, c, e, json);
     }
     for u in &c.plan.untagged_tls {
         let name = c.objects[u.object].display_name();
@@ -392,6 +373,31 @@ fn tls_bytes_line(rt: &Runtime, thread: usize, b: &crate::plan::TlsBytes) -> Str
 }
 
 /// A new thread's tagged TLS pages and byte counts (`IA2_REPORT=plan`).
+/// One plan entry: its range, protection, key and reason.
+fn range_line(o: &mut String, rt: &Runtime, c: &Census, e: &crate::plan::PlanEntry, json: bool) {
+    let key = e.compartment.map(|c| rt.key_of(c)).unwrap_or(0);
+    if json {
+        let _ = writeln!(
+            o,
+            "{{\"type\":\"range\",\"start\":\"{:#x}\",\"end\":\"{:#x}\",\"prot\":\"{}\",\"compartment\":{},\"pkey\":{key},\"reason\":{}}}",
+            e.range.start,
+            e.range.end,
+            prot_str(e.prot),
+            e.compartment.map(|c| c.to_string()).unwrap_or("null".into()),
+            json_str(&reason_str(c, &e.reason))
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "ia2shim[{}]:   {} {} pkey {key:<2} {}",
+            crate::stackfmt::pid(),
+            e.range,
+            prot_str(e.prot),
+            reason_str(c, &e.reason)
+        );
+    }
+}
+
 pub fn thread_tls(
     rt: &Runtime,
     thread: usize,
@@ -402,30 +408,10 @@ pub fn thread_tls(
         return;
     }
     let Ok(c) = rt.census.read() else { return };
-    let p = std::process::id();
     let json = rt.config.report_format == ReportFormat::Json;
     let mut o = String::new();
     for e in entries {
-        let key = e.compartment.map(|c| rt.key_of(c)).unwrap_or(0);
-        if json {
-            let _ = writeln!(
-                o,
-                "{{\"type\":\"range\",\"start\":\"{:#x}\",\"end\":\"{:#x}\",\"prot\":\"{}\",\"compartment\":{},\"pkey\":{key},\"reason\":{}}}",
-                e.range.start,
-                e.range.end,
-                prot_str(e.prot),
-                e.compartment.map(|c| c.to_string()).unwrap_or("null".into()),
-                json_str(&reason_str(&c, &e.reason))
-            );
-        } else {
-            let _ = writeln!(
-                o,
-                "ia2shim[{p}]:   {} {} pkey {key:<2} {}",
-                e.range,
-                prot_str(e.prot),
-                reason_str(&c, &e.reason)
-            );
-        }
+        range_line(&mut o, rt, &c, e, json);
     }
     o.push_str(&tls_bytes_line(rt, thread, bytes));
     emit(&o);
