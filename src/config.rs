@@ -616,7 +616,11 @@ pub fn apply_policy(
             let one = parse_share(value).map_err(|problem| ConfigError {
                 var: "IA2_SHARE",
                 value,
-                accepted: "obj:symbol / symbol / obj+0xOFFSET[+LEN] / 0xADDR+LEN, comma-separated",
+                // The accepted forms, as the table states them.
+                accepted: VARS
+                    .iter()
+                    .find(|v| v.name == "IA2_SHARE")
+                    .map_or("", |v| v.values),
                 problem,
                 at,
             })?;
