@@ -246,6 +246,11 @@ pub fn classify(basename: &str, is_first: bool) -> ObjectKind {
         "libgomp.so",
         "libatomic.so",
         "libquadmath.so",
+        // libtool's dlopen wrapper: it loads modules for whoever calls it
+        // (ImageMagick's coders). Shared, it runs with its caller's rights,
+        // so the modules join the caller's compartment (src/dl.rs), whose
+        // code then calls them through plain function pointers.
+        "libltdl.so",
     ];
     if is_first {
         ObjectKind::Main
@@ -624,6 +629,7 @@ mod tests {
         assert_eq!(classify("linux-vdso.so.1", false), ObjectKind::Vdso);
         assert_eq!(classify("libstdc++.so.6", false), ObjectKind::System);
         assert_eq!(classify("libdav1d.so.6", false), ObjectKind::Application);
+        assert_eq!(classify("libltdl.so.7", false), ObjectKind::System);
         assert_eq!(classify("libia2shim.so", false), ObjectKind::Shim);
     }
 
