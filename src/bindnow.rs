@@ -21,9 +21,15 @@
 //! (symbol versions, scopes, IFUNC resolvers, `LD_AUDIT`-free fast path).
 //!
 //! A slot whose symbol is undefined, not weak, and found neither in the
-//! global scope nor in the object's own scope would make `_dl_fixup` end
-//! the process with "symbol lookup error", which lazy binding would only do
-//! if the program called it: such slots stay lazy and are counted.
+//! global scope nor in the scope of the `dlopen` that loaded the object
+//! would make `_dl_fixup` end the process with "symbol lookup error", which
+//! lazy binding would only do if the program called it: such slots stay
+//! lazy and are counted. The lookups ask for the version the reference
+//! needs (`dlvsym`): a reference to a compat-only symbol such as libm's
+//! `__atan2_finite@GLIBC_2.15` resolves, where plain `dlsym` finds no
+//! default version. The object's own `link_map` is not a usable handle: a
+//! dependency that was never opened itself has an empty search list, on
+//! which glibc's lookup loop reads past the end.
 
 use crate::objects::{LoadedObject, ObjectKind};
 use crate::runtime::{Census, Runtime};
@@ -76,7 +82,14 @@ fn candidate(rt: &Runtime, census: &Census, i: usize, obj: &LoadedObject) -> boo
 
 /// Bind every lazy slot of census objects `which`. PKRU must allow every
 /// compartment key (start-up, or the dlopen hook's all-keys section).
-pub fn bind_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usize>) -> Bound {
+/// `scope`: the handle of the `dlopen` that loaded them (its local scope is
+/// searched after the global one), or null at start-up.
+pub fn bind_objects(
+    rt: &Runtime,
+    census: &Census,
+    which: core::ops::Range<usize>,
+    scope: *mut c_void,
+) -> Bound {
     let mut b = Bound::default();
     if !enabled(rt) {
         return b;
@@ -86,7 +99,7 @@ pub fn bind_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usize
         if !candidate(rt, census, i, obj) {
             continue;
         }
-        bind_object(obj, &mut b);
+        bind_object(obj, scope, &mut b);
     }
     for (t, v) in TOTAL
         .iter()
@@ -99,7 +112,7 @@ pub fn bind_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usize
 
 type FixupFn = unsafe extern "C" fn(*mut c_void, u64) -> usize;
 
-fn bind_object(obj: &LoadedObject, b: &mut Bound) {
+fn bind_object(obj: &LoadedObject, scope: *mut c_void, b: &mut Bound) {
     let Some(d) = obj.dynamic_info() else { return };
     if d.bind_now() || d.jmprel == 0 || d.pltrelsz == 0 {
         return;
@@ -143,7 +156,7 @@ fn bind_object(obj: &LoadedObject, b: &mut Bound) {
         if !obj.contains(value) {
             continue; // bound already (by an earlier run or a call)
         }
-        if !resolvable(&d, map, sym) {
+        if !resolvable(&d, scope, sym) {
             b.unresolvable += 1;
             continue;
         }
@@ -175,9 +188,10 @@ fn pltgot(obj: &LoadedObject) -> Option<usize> {
 
 /// Would ld.so find symbol `index` for this object? Defined and weak
 /// symbols always "resolve" (a weak undefined one to 0, as with
-/// `LD_BIND_NOW`); an undefined strong one is looked up in the global scope
-/// and then in the object's own scope (`link_map` as a `dlsym` handle).
-fn resolvable(d: &crate::objects::DynamicInfo, map: usize, index: u32) -> bool {
+/// `LD_BIND_NOW`); an undefined strong one is looked up, with the version
+/// it requires, in the global scope and then in `scope` (a `dlopen`
+/// handle, or null).
+fn resolvable(d: &crate::objects::DynamicInfo, scope: *mut c_void, index: u32) -> bool {
     if d.symtab == 0 {
         return false;
     }
@@ -194,17 +208,27 @@ fn resolvable(d: &crate::objects::DynamicInfo, map: usize, index: u32) -> bool {
     let Ok(name) = std::ffi::CString::new(sym.name) else {
         return false;
     };
-    // SAFETY: dlsym with a valid handle and a NUL-terminated name. The
-    // shim's dlsym hook is bypassed (REAL_DLSYM): PKRU allows every key here.
-    let real = crate::dl::real_dlsym();
+    // SAFETY: as above.
+    let version = unsafe { d.symbol_version(index) };
     type DlsymFn = unsafe extern "C" fn(*mut c_void, *const libc::c_char) -> *mut c_void;
-    // SAFETY: REAL_DLSYM holds glibc's dlsym.
-    let dlsym: DlsymFn = unsafe { core::mem::transmute::<usize, DlsymFn>(real) };
-    // SAFETY: as above; a link_map is a valid dlsym handle in glibc.
-    unsafe {
-        !dlsym(libc::RTLD_DEFAULT, name.as_ptr()).is_null()
-            || !dlsym(map as *mut c_void, name.as_ptr()).is_null()
+    extern "C" {
+        fn dlvsym(
+            handle: *mut c_void,
+            name: *const libc::c_char,
+            version: *const libc::c_char,
+        ) -> *mut c_void;
     }
+    // The shim's dlsym hook is bypassed (REAL_DLSYM): PKRU allows every key here.
+    // SAFETY: REAL_DLSYM holds glibc's dlsym.
+    let dlsym: DlsymFn = unsafe { core::mem::transmute::<usize, DlsymFn>(crate::dl::real_dlsym()) };
+    let found = |handle: *mut c_void| match version {
+        // SAFETY: a valid handle (RTLD_DEFAULT or one dlopen returned) and
+        // NUL-terminated strings.
+        Some(v) => unsafe { !dlvsym(handle, name.as_ptr(), v.as_ptr()).is_null() },
+        // SAFETY: as above.
+        None => unsafe { !dlsym(handle, name.as_ptr()).is_null() },
+    };
+    found(libc::RTLD_DEFAULT) || (!scope.is_null() && found(scope))
 }
 
 static FIXUP: AtomicUsize = AtomicUsize::new(0);

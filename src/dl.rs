@@ -531,7 +531,7 @@ fn after_dlopen(rt: &Runtime, caller: usize, handle: *mut c_void) {
     snapshot.plan.entries.sort_by_key(|e| e.range.start);
     // Binding and patching ask ld.so (dladdr, dlsym): on the snapshot, no
     // census lock.
-    bind_new(rt, &snapshot, start..end);
+    bind_new(rt, &snapshot, start..end, handle);
     crate::gates::patch_objects(rt, &snapshot, start..end);
 }
 
@@ -729,9 +729,10 @@ pub unsafe fn dladdr1(
 }
 
 /// Bind the lazy slots of the objects `dlopen` just added (census indices
-/// `which`), before their GOTs are patched. PKRU allows every key.
-pub fn bind_new(rt: &Runtime, c: &Census, which: core::ops::Range<usize>) {
-    crate::bindnow::bind_objects(rt, c, which);
+/// `which`), before their GOTs are patched, looking symbols up in the
+/// scope of `handle` too. PKRU allows every key.
+pub fn bind_new(rt: &Runtime, c: &Census, which: core::ops::Range<usize>, handle: *mut c_void) {
+    crate::bindnow::bind_objects(rt, c, which, handle);
     share_names(rt);
 }
 

@@ -436,6 +436,9 @@ pub struct DynamicInfo {
     pub flags_1: u64,
     pub gnu_hash: usize,
     pub hash: usize,
+    pub versym: usize,
+    pub verneed: usize,
+    pub verneednum: usize,
 }
 
 /// One `Elf64_Rela`, with the run-time address of the slot it patches.
@@ -500,6 +503,9 @@ impl DynamicInfo {
                 elf::DT_FLAGS_1 => d.flags_1 = val,
                 elf::DT_GNU_HASH => d.gnu_hash = abs(val),
                 elf::DT_HASH => d.hash = abs(val),
+                elf::DT_VERSYM => d.versym = abs(val),
+                elf::DT_VERNEED => d.verneed = abs(val),
+                elf::DT_VERNEEDNUM => d.verneednum = val as usize,
                 _ => {}
             }
             // SAFETY: not past DT_NULL yet.
@@ -580,6 +586,43 @@ impl DynamicInfo {
             })
     }
 
+    /// The version that symbol `index` (an undefined reference) requires,
+    /// from `DT_VERSYM` and `DT_VERNEED` (`GLIBC_2.15` for
+    /// `__atan2_finite@GLIBC_2.15`); `None` for an unversioned reference.
+    ///
+    /// # Safety
+    /// As [`DynamicInfo::symbol`].
+    pub unsafe fn symbol_version(&self, index: u32) -> Option<&'static CStr> {
+        if self.versym == 0 || self.verneed == 0 || self.strtab == 0 {
+            return None;
+        }
+        // SAFETY: DT_VERSYM has one u16 per dynamic symbol; `index` is valid.
+        let want = unsafe { *(self.versym as *const u16).add(index as usize) } & 0x7fff;
+        if want < 2 {
+            return None; // local or global: no version required
+        }
+        let mut need = self.verneed;
+        for _ in 0..self.verneednum {
+            // SAFETY: DT_VERNEED is a chain of DT_VERNEEDNUM Elf64_Verneed,
+            // each with vn_cnt Elf64_Vernaux, in mapped read-only memory.
+            unsafe {
+                let vn = &*(need as *const elf::Verneed<LE>);
+                let mut aux = need + vn.vn_aux.get(LE) as usize;
+                for _ in 0..vn.vn_cnt.get(LE) {
+                    let a = &*(aux as *const elf::Vernaux<LE>);
+                    if a.vna_other.get(LE) & 0x7fff == want {
+                        let off = a.vna_name.get(LE) as usize;
+                        return (off < self.strsz)
+                            .then(|| CStr::from_ptr((self.strtab + off) as *const c_char));
+                    }
+                    aux += a.vna_next.get(LE) as usize;
+                }
+                need += vn.vn_next.get(LE) as usize;
+            }
+        }
+        None
+    }
+
     /// Dynamic symbol number `index`.
     ///
     /// # Safety
@@ -655,5 +698,31 @@ mod tests {
             n += 1;
         }
         assert!(n > 10);
+    }
+
+    #[test]
+    fn versions_of_undefined_references() {
+        // The test binary's references into libc and libgcc_s name GLIBC_*
+        // and GCC_* versions (what the lazy binder asks dlvsym for).
+        let main = &census()[0];
+        let d = main.dynamic_info().unwrap();
+        let mut versioned = 0;
+        for r in d.relocations(main.base).filter(|r| r.sym != 0) {
+            // SAFETY: the symbol index comes from the object's relocation.
+            let (sym, ver) = unsafe { (d.symbol(r.sym).unwrap(), d.symbol_version(r.sym)) };
+            if sym.shndx != elf::SHN_UNDEF {
+                continue;
+            }
+            if let Some(v) = ver {
+                let v = v.to_str().unwrap();
+                assert!(
+                    v.starts_with("GLIBC_") || v.starts_with("GCC_"),
+                    "{} {v}",
+                    sym.name
+                );
+                versioned += 1;
+            }
+        }
+        assert!(versioned > 5, "{versioned}");
     }
 }

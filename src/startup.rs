@@ -135,7 +135,7 @@ pub fn init() {
                 entry.range, entry.prot, entry.compartment
             ));
         }
-        crate::bindnow::bind_objects(rt, &census, 0..census.objects.len());
+        crate::bindnow::bind_objects(rt, &census, 0..census.objects.len(), core::ptr::null_mut());
     }
     crate::dl::share_names(rt);
     crate::fault::after_apply();

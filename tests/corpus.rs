@@ -22,7 +22,9 @@ use std::process::Command;
 enum Expect {
     /// Matches the native run (with its policy file if it has one).
     Match,
-    /// Does not match yet, for the reason given.
+    /// Does not match yet, for the reason given (no case today; kept so a
+    /// new case that fails can be listed honestly).
+    #[allow(dead_code)]
     Known(&'static str),
 }
 
@@ -137,7 +139,7 @@ fn cases(d: &Path) -> Vec<Case> {
         c("qpdf", "C++ library (libqpdf): vtables, exceptions", &["qpdf", "--check", &p("doc.pdf")], Expect::Match),
         c("exiv2", "C++ library (libexiv2)", &["exiv2", "-pS", &p("image.jpg")], Expect::Match),
         c("imagemagick", "30+ libraries, lazily bound, modules", &["convert-im6.q16", &p("image.png"), "-resize", "4x4", "-depth", "8", "ppm:-"], Expect::Match),
-        c("ffmpeg-lavfi", "200+ libraries (grouped), threads", &["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=32x32:r=5:d=1", "-f", "md5", "-"], Expect::Known("215 libraries, 15 keys: the learning run timed out in the VM")),
+        c("ffmpeg-lavfi", "200+ libraries (grouped), threads", &["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=32x32:r=5:d=1", "-f", "md5", "-"], Expect::Match),
         c("tclsh", "interpreter (libtcl)", &["tclsh", &p("script.tcl")], Expect::Match),
         c("gawk-ext", "extension loaded with dlopen, libmpfr/libgmp", &["sh", "-c", &format!("cd {} && gawk -f prog.awk text.txt", d.display())], Expect::Match),
         c("bc", "libreadline, stripped PIE", &["bc", "-lq", &p("calc.bc")], Expect::Match),
