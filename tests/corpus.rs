@@ -5,6 +5,12 @@
 //! file `tests/corpus/NAME.policy` (made by `ia2run --learn -o`), whose
 //! confirming run here is a second, fresh process with a new ASLR layout.
 //!
+//! Every case also runs with `IA2_REPORT=summary` (JSON, one file per
+//! process): the table's "kept private" column is the private fraction of
+//! writable static data and TLS over every compartment of every process of
+//! the run, and a case that matches without any summary fails (the shim did
+//! not run in it).
+//!
 //! Each case states what it is expected to do; the test fails when a case
 //! that should match does not, and also when a case listed as a known
 //! failure starts to match (so the table in the README stays true). The
@@ -160,6 +166,50 @@ fn md5(b: &[u8]) -> String {
     String::from_utf8_lossy(&o.stdout)[..32].to_string()
 }
 
+/// Where each case's processes write their `IA2_REPORT=summary` (JSON,
+/// one file per process: `NAME.PID.jsonl`).
+fn summaries(d: &Path) -> PathBuf {
+    d.join("summaries")
+}
+
+/// The private fraction of a case's run, from its summaries: private bytes
+/// of writable static data and TLS over all of them, summed over every
+/// compartment of every process, and the least private compartment.
+fn private_fraction(d: &Path, name: &str) -> String {
+    let prefix = format!("{name}.");
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(summaries(d))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            all.extend(ia2run::learn::privacy_from_report(&text));
+        }
+    }
+    let Some(least) = all
+        .iter()
+        .min_by(|a, b| a.private_percent.total_cmp(&b.private_percent))
+    else {
+        return "no summary".into();
+    };
+    let private: u64 = all.iter().map(|p| p.private_bytes).sum();
+    let total: u64 = all.iter().map(|p| p.private_bytes + p.shared_bytes).sum();
+    let who = match least.objects.as_slice() {
+        [] => "?".to_string(),
+        [one] => one.clone(),
+        [first, rest @ ..] => format!("{first} +{}", rest.len()),
+    };
+    // Rounded down, so that a run sharing anything never shows 100.0%.
+    let down = |x: f64| (x * 10.0).floor() / 10.0;
+    format!(
+        "{:.1}% (least: {who} {:.1}%)",
+        down(100.0 * private as f64 / total.max(1) as f64),
+        down(least.private_percent)
+    )
+}
+
 fn policy_of(name: &str) -> Option<PathBuf> {
     let p = root().join("tests/corpus").join(format!("{name}.policy"));
     p.exists().then_some(p)
@@ -185,10 +235,17 @@ fn corpus_matches_the_native_runs() {
             out_text(n)
         );
     }
+    let _ = std::fs::remove_dir_all(summaries(&d));
+    std::fs::create_dir_all(summaries(&d)).unwrap();
     let jobs: Vec<(&'static str, ia2run::Job)> = cases
         .iter()
         .map(|c| {
-            let mut vars: Vec<(&str, String)> = Vec::new();
+            let file = summaries(&d).join(format!("{}.%p.jsonl", c.name));
+            let mut vars: Vec<(&str, String)> = vec![
+                ("IA2_REPORT", "summary".into()),
+                ("IA2_REPORT_FORMAT", "json".into()),
+                ("IA2_REPORT_FILE", file.to_str().unwrap().to_string()),
+            ];
             if let Some(p) = policy_of(c.name) {
                 vars.push(("IA2_POLICY", p.to_str().unwrap().to_string()));
             }
@@ -215,7 +272,8 @@ fn corpus_matches_the_native_runs() {
         &shimmed["xsltproc without data imports"],
         "protection-key fault",
     );
-    let mut table = String::from("| case | covers | policy | result |\n|---|---|---|---|\n");
+    let mut table =
+        String::from("| case | covers | policy | kept private | result |\n|---|---|---|---|---|\n");
     let mut wrong = Vec::new();
     for (c, n) in cases.iter().zip(&natives) {
         let s = &shimmed[c.name];
@@ -237,9 +295,18 @@ fn corpus_matches_the_native_runs() {
         } else {
             "none"
         };
+        // A summary proves the shim ran with compartments in that process
+        // (a match without one would say nothing about the shim).
+        let private = private_fraction(&d, c.name);
+        if same && private == "no summary" {
+            wrong.push(format!(
+                "{}: matches, but no process wrote a summary: did the shim run?",
+                c.name
+            ));
+        }
         let _ = writeln!(
             table,
-            "| {} | {} | {policy} | {} |",
+            "| {} | {} | {policy} | {private} | {} |",
             c.name,
             c.covers,
             match c.expect {
