@@ -392,3 +392,23 @@ fn the_wrpkru_scanner_finds_planted_sequences() {
         "{line}"
     );
 }
+
+#[test]
+fn binding_at_start_up_gets_past_versioned_and_missing_references() {
+    // A lazily bound compartment library referencing a compat-only
+    // versioned symbol (__atan2_finite@GLIBC_2.15, as libraries ffmpeg
+    // loads do) and a function nothing defines: the first is bound, the
+    // second stays lazy, and the program runs (it died in glibc's lookup
+    // before main when the binder used the library's link_map as a dlsym
+    // handle).
+    cc_lib("gtlazyref", &["gates/lazyref.c"], &["-Wl,-z,lazy", "-lm"]);
+    let exe = cc_exe(
+        "gates_lazyref",
+        &["gates/lazyref_main.c"],
+        &["-lgtlazyref", "-Wl,--allow-shlib-undefined"],
+    );
+    let o = sim(&[exe.to_str().unwrap()], &[("IA2_REPORT", "plan")]);
+    assert_code(&o, 0);
+    assert_stdout_has(&o, "0.785398");
+    assert_stderr_has(&o, "(1 unresolvable left lazy");
+}
