@@ -111,6 +111,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 mod entry;
+mod entry_cache;
 #[cfg(test)]
 mod entry_tests;
 mod fault_gate;
