@@ -681,13 +681,16 @@ fn within(a: usize, b: usize) -> bool {
     a.abs_diff(b) < REACH
 }
 
-/// An arena reachable from all of `[lo, hi)` with `need` free bytes.
+/// An arena reachable from all of `[lo, hi)` with `need` free bytes:
+/// placed by the census's reading of `/proc/self/maps` (`snapshot`), and
+/// only when none of its gaps is still free, by a fresh one.
 fn arena_for(
     st: &mut State,
     lo: usize,
     hi: usize,
     need: usize,
     exe: objects::Range,
+    snapshot: &[crate::maps::Mapping],
 ) -> Option<usize> {
     if let Some(i) = st.arenas.iter().position(|a| {
         within(a.base, lo)
@@ -698,10 +701,26 @@ fn arena_for(
     }) {
         return Some(i);
     }
+    // Arenas mapped since the snapshot are in it as well (MAP_FIXED_NOREPLACE
+    // refuses any other newer mapping, and a fresh read follows).
+    if let Some(i) = new_arena(st, lo, hi, exe, snapshot) {
+        return Some(i);
+    }
     let maps = crate::maps::read_self_maps().ok()?;
+    new_arena(st, lo, hi, exe, &maps)
+}
+
+fn new_arena(
+    st: &mut State,
+    lo: usize,
+    hi: usize,
+    exe: objects::Range,
+    maps: &[crate::maps::Mapping],
+) -> Option<usize> {
     let mut ranges: Vec<(usize, usize, &str)> = maps
         .iter()
         .map(|m| (m.start, m.end, m.path.as_str()))
+        .chain(st.arenas.iter().map(|a| (a.base, a.base + ARENA_BYTES, "")))
         .collect();
     ranges.sort_unstable();
     // Candidates: the top of each gap (just below a mapping that is not a
@@ -1152,7 +1171,7 @@ pub(super) fn gate_functions(
     let mut k = 0;
     while k < planned.len() {
         // One batch per arena: fill what fits, then seal its pages.
-        let Some(a) = arena_for(st, lo, hi, PAGE, exe) else {
+        let Some(a) = arena_for(st, lo, hi, PAGE, exe, &census.maps) else {
             for (f, name, _) in &planned[k..] {
                 st.refusals.push(Refusal {
                     symbol: name.clone(),
