@@ -115,6 +115,21 @@ fn report(case: &Case, iters: usize, ((b, w), (bc, wc)): ((f64, f64), (f64, f64)
     );
 }
 
+/// Why one shimmed run of `case` fails, if it does.
+fn fails(shim: &Path, case: &Case) -> Option<String> {
+    let mut c = Command::new(&case.argv[0]);
+    c.args(&case.argv[1..])
+        .env_clear()
+        .env("LD_PRELOAD", shim)
+        .env("IA2_PKU", "sim")
+        .env("HOME", home());
+    for (k, v) in &case.env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("spawn");
+    (!out.status.success()).then(|| out.status.to_string())
+}
+
 /// Entry gates installed in one run of `case` (the shim's info lines).
 fn entry_gates(shim: &Path, case: &Case) -> usize {
     let mut c = Command::new(&case.argv[0]);
@@ -253,6 +268,13 @@ fn main() {
                 env,
                 target: (label.is_empty()).then_some(1.3),
             };
+            if let Some(why) = fails(&shim, &case) {
+                println!(
+                    "startup {}: skipped, the shimmed run fails ({why})",
+                    case.label
+                );
+                continue;
+            }
             report(&case, big_iters, measure(&shim, &case, big_iters));
         }
     } else {

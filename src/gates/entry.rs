@@ -41,12 +41,21 @@
 //! address) are left alone.
 //!
 //! Arena pages are written while read-write and then made read-execute,
-//! and never written again (each batch starts on a fresh page). Text is
-//! patched through `/proc/self/mem`, which writes through the page's
-//! protection without ever making it writable, so a thread running other
-//! code on the same page never faults; the 5-byte `jmp` is written as one
-//! aligned 8-byte word where it fits in one. Without `/proc/self/mem` the
-//! page is made read-write (not executable) for the write.
+//! and never written again (each batch starts on a fresh page). While the
+//! process has never created a thread (start-up, and `dlopen` in a
+//! single-threaded program) a batch's text pages are made read-write (not
+//! executable) for its writes, with signals blocked, since no code can run
+//! from them meanwhile ([`TextWindow`]). Otherwise text is patched through
+//! `/proc/self/mem`, which writes through the page's protection without
+//! ever making it writable, so a thread running other code on the same
+//! page never faults; the 5-byte `jmp` is written as one aligned 8-byte
+//! word where it fits in one. Without `/proc/self/mem` the page is made
+//! read-write (not executable) for the write.
+//!
+//! Installing needs no iced tables on a warm run: the analysis of each
+//! function is kept by build-id (`entry_cache.rs`), and prologues whose
+//! instructions are plain, RIP-relative or direct branches are copied
+//! into the record by hand ([`build_copied_record`]).
 
 use super::*;
 use iced_x86::{
