@@ -1176,7 +1176,8 @@ pub(super) fn gate_functions(
         ));
     };
     let pkru = rt.pkru_for(own);
-    let writer = TextWriter::open();
+    // Opened on first use: a window usually does the writes.
+    let mut writer: Option<TextWriter> = None;
     let mut k = 0;
     while k < planned.len() {
         // One batch per arena: fill what fits, then seal its pages.
@@ -1276,7 +1277,9 @@ pub(super) fn gate_functions(
             jmp[1..].copy_from_slice(&rel.to_le_bytes());
             let written = match &window {
                 Some(w) => w.write(jmp_at, &jmp),
-                None => writer.write(jmp_at, &jmp),
+                None => writer
+                    .get_or_insert_with(TextWriter::open)
+                    .write(jmp_at, &jmp),
             };
             if !written {
                 st.refusals.push(Refusal {

@@ -414,7 +414,15 @@ pub(super) fn scan_object(st: &mut State, rt: &Runtime, obj: &LoadedObject) {
 /// all of the object's text (libdav1d: 1.5 MB, 1.1 M instructions and
 /// the page faults, at every start).
 fn scan_cache_path(rt: &Runtime, obj: &LoadedObject) -> Option<(String, String)> {
-    if rt.config.scan_wrpkru != ScanWrpkru::Warn {
+    // Below this much text, scanning costs less than reading a file.
+    const WORTH: usize = 256 << 10;
+    let text: usize = obj
+        .segments
+        .iter()
+        .filter(|s| s.executable())
+        .map(|s| s.range.len())
+        .sum();
+    if rt.config.scan_wrpkru != ScanWrpkru::Warn || text < WORTH {
         return None;
     }
     let (dir, id) = (rt.config.cache_dir()?, obj.build_id()?);
