@@ -65,6 +65,8 @@
 //! functions are left alone. `fault_gate.rs` (opt-in, `IA2_GATES=…,fault`)
 //! gives functions that no table names (static callbacks) an entry gate on
 //! their first protection-key fault on their own compartment's data.
+//! `entry_cache.rs` keeps each function's analysis across runs under its
+//! object's build-id, so a warm start-up decodes none.
 //!
 //! # GOT patching
 //!
