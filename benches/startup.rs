@@ -6,7 +6,10 @@
 //!    (`IA2_LIBC_COMPARTMENT=1`); targets 1.5× and 1.7×.
 //! 2. `ffmpeg -version` (Debian's, 215 shared objects), with libavcodec,
 //!    libavformat and libavutil in compartments 2-4; target 1.3×.
-//! 3. Added time against the number of loaded objects: a fixture executable
+//! 3. Entry gates: `curl --version`, `curl file://…` and `python3 -c
+//!    pass` with their libraries in compartments (`IA2_COMPARTMENTS=auto`),
+//!    warm and with `IA2_CACHE_DIR=off`, and the added CPU time per gate.
+//! 4. Added time against the number of loaded objects: a fixture executable
 //!    linked against N tiny libraries (each with data and a function the
 //!    executable calls), all in compartment 2, for N from 0 to 200, with a
 //!    least-squares line through the added times.
@@ -110,6 +113,42 @@ fn report(case: &Case, iters: usize, ((b, w), (bc, wc)): ((f64, f64), (f64, f64)
         verdict(cpu_ratio),
         wc - bc
     );
+}
+
+/// Why one shimmed run of `case` fails, if it does.
+fn fails(shim: &Path, case: &Case) -> Option<String> {
+    let mut c = Command::new(&case.argv[0]);
+    c.args(&case.argv[1..])
+        .env_clear()
+        .env("LD_PRELOAD", shim)
+        .env("IA2_PKU", "sim")
+        .env("HOME", home());
+    for (k, v) in &case.env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("spawn");
+    (!out.status.success()).then(|| out.status.to_string())
+}
+
+/// Entry gates installed in one run of `case` (the shim's info lines).
+fn entry_gates(shim: &Path, case: &Case) -> usize {
+    let mut c = Command::new(&case.argv[0]);
+    c.args(&case.argv[1..])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("LD_PRELOAD", shim)
+        .env("IA2_PKU", "sim")
+        .env("IA2_LOG", "info")
+        .env("HOME", home());
+    for (k, v) in &case.env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("spawn");
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| l.split("entry gates: ").nth(1))
+        .filter_map(|r| r.split(' ').next()?.parse::<usize>().ok())
+        .sum()
 }
 
 /// The N-library fixture: `libmanyK.so` for K < n (an initialised global and
@@ -229,10 +268,54 @@ fn main() {
                 env,
                 target: (label.is_empty()).then_some(1.3),
             };
+            if let Some(why) = fails(&shim, &case) {
+                println!(
+                    "startup {}: skipped, the shimmed run fails ({why})",
+                    case.label
+                );
+                continue;
+            }
             report(&case, big_iters, measure(&shim, &case, big_iters));
         }
     } else {
         println!("startup ffmpeg: skipped (apt-get install ffmpeg)");
+    }
+
+    // Entry gates: programs with many exported functions in compartments
+    // (IA2_COMPARTMENTS=auto), the added CPU time per gate installed; warm
+    // (the analyses cached under HOME) and without the cache.
+    println!("entry-gate install cost (default mode, median of {big_iters} pairs):");
+    for argv in [
+        s(&["/usr/bin/curl", "--version"]),
+        s(&["/usr/bin/curl", "-s", "file:///etc/hostname"]),
+        s(&["/usr/bin/python3", "-c", "pass"]),
+    ] {
+        if !Path::new(&argv[0]).exists() {
+            println!("startup {}: skipped (not installed)", argv[0]);
+            continue;
+        }
+        for (label, env) in [
+            ("", vec![]),
+            (
+                " (IA2_CACHE_DIR=off)",
+                vec![("IA2_CACHE_DIR", "off".to_string())],
+            ),
+        ] {
+            let case = Case {
+                label: format!("{}{label}", argv.join(" ")),
+                argv: argv.clone(),
+                env,
+                target: None,
+            };
+            let gates = entry_gates(&shim, &case);
+            let m = measure(&shim, &case, big_iters);
+            report(&case, big_iters, m);
+            let (bc, wc) = m.1;
+            println!(
+                "  {gates} entry gates: {:.2} us of added cpu per gate (all of the added time)",
+                (wc - bc) * 1e3 / gates.max(1) as f64
+            );
+        }
     }
 
     // Added time against the number of loaded objects.

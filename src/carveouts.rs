@@ -6,7 +6,7 @@ use crate::objects::{LoadedObject, Range};
 use crate::plan::Carveout;
 use crate::tls;
 
-mod cache;
+pub mod cache;
 
 /// What a locator found, for the plan and for the report.
 #[derive(Clone, Debug, PartialEq, Eq)]

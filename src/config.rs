@@ -367,8 +367,9 @@ pub struct Config {
     pub scan_wrpkru: ScanWrpkru,
     pub log_level: log::LevelFilter,
     pub log_file: Option<&'static str>,
-    /// `IA2_CACHE_DIR`: where strict mode's decoded locator results are
-    /// kept across runs (`None`: `off`, no cache; `Some("")`: the default,
+    /// `IA2_CACHE_DIR`: where decoded results (strict mode's locators,
+    /// entry-gate analyses, `IA2_SCAN_WRPKRU=warn`'s hits) are kept across
+    /// runs (`None`: `off`, no cache; `Some("")`: the default,
     /// `$XDG_CACHE_HOME/ia2shim`, else `$HOME/.cache/ia2shim`).
     pub cache_dir: Option<&'static str>,
     /// `IA2_DEBUG_API=1`: `ia2_switch_compartment` may change PKRU.
@@ -1305,7 +1306,7 @@ pub static VARS: &[VarSpec] = &[
         name: "IA2_CACHE_DIR",
         values: "default ($XDG_CACHE_HOME/ia2shim, else $HOME/.cache/ia2shim), a directory, off",
         default: "default",
-        meaning: "strict mode's decoded libc/ld.so locator results, kept by build-id across runs",
+        meaning: "decoded results kept by build-id across runs: strict mode's libc/ld.so locators, entry-gate analyses of compartment objects' exported functions, IA2_SCAN_WRPKRU=warn's hits",
         implemented: true,
         parse: |c, v| {
             c.cache_dir = match v {

@@ -52,16 +52,11 @@ struct SendFormatter(iced_x86::IntelFormatter);
 // resolver, default options provider), which hold no thread-affine state;
 // the Mutex serialises all use.
 unsafe impl Send for SendFormatter {}
-/// Offset of PKRU in the XSAVE area (CPUID.(0xD,9).EBX), 0 if unknown.
-static PKRU_XSAVE_OFFSET: AtomicUsize = AtomicUsize::new(0);
 
 /// Install the shim's SIGSEGV handler (through the real `sigaction`).
 pub fn install() {
     // Address space for the first report's decoder tables and formatter.
     arena::reserve();
-    // CPUID leaf 0xD returns zeros on CPUs without it: "unknown".
-    let leaf = core::arch::x86_64::__cpuid_count(0xd, 9);
-    PKRU_XSAVE_OFFSET.store(leaf.ebx as usize, Ordering::Relaxed);
     // SAFETY: a zeroed sigaction is a valid starting point; we set every
     // field we rely on.
     let mut sa: libc::sigaction = unsafe { core::mem::zeroed() };
@@ -159,7 +154,9 @@ fn set_mask_word(set: &mut libc::sigset_t, word: u64) {
 /// # Safety
 /// `uc` must be the ucontext passed to a signal handler.
 pub(crate) unsafe fn interrupted_pkru(uc: *const libc::ucontext_t) -> Option<u32> {
-    let off = PKRU_XSAVE_OFFSET.load(Ordering::Relaxed);
+    // CPUID on first use (it traps to the hypervisor in a virtual
+    // machine: microseconds that start-up need not pay).
+    let off = crate::sigframe::pkru_offset();
     // SAFETY: the kernel passes a valid ucontext.
     let fp = unsafe { (*uc).uc_mcontext.fpregs } as *const u8;
     if off == 0 || fp.is_null() {

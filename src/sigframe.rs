@@ -24,7 +24,9 @@ const HEADER: usize = 512;
 /// Offset of PKRU in the XSAVE area (CPUID.(0xD,9).EBX); 0: unknown yet.
 static PKRU_OFFSET: AtomicUsize = AtomicUsize::new(0);
 
-fn pkru_offset() -> usize {
+/// The offset of PKRU in a signal frame's XSAVE area (CPUID.(0xD,9).EBX,
+/// asked once; 0 on CPUs without it). Never allocates.
+pub fn pkru_offset() -> usize {
     match PKRU_OFFSET.load(Ordering::Relaxed) {
         0 => {
             let off = core::arch::x86_64::__cpuid_count(0xd, 9).ebx as usize;

@@ -24,7 +24,8 @@ pub fn forget() {
     LOADED.lock().unwrap().clear();
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex, as build-ids name cache files.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -101,7 +102,8 @@ pub fn operands(
     result
 }
 
-fn append(dir: &str, path: &str, line: &str) -> std::io::Result<()> {
+/// Append `line` (whole lines) to `path` in `dir`, creating both (0700, 0600).
+pub fn append(dir: &str, path: &str, line: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new()

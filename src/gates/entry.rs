@@ -41,12 +41,21 @@
 //! address) are left alone.
 //!
 //! Arena pages are written while read-write and then made read-execute,
-//! and never written again (each batch starts on a fresh page). Text is
-//! patched through `/proc/self/mem`, which writes through the page's
-//! protection without ever making it writable, so a thread running other
-//! code on the same page never faults; the 5-byte `jmp` is written as one
-//! aligned 8-byte word where it fits in one. Without `/proc/self/mem` the
-//! page is made read-write (not executable) for the write.
+//! and never written again (each batch starts on a fresh page). While the
+//! process has never created a thread (start-up, and `dlopen` in a
+//! single-threaded program) a batch's text pages are made read-write (not
+//! executable) for its writes, with signals blocked, since no code can run
+//! from them meanwhile ([`TextWindow`]). Otherwise text is patched through
+//! `/proc/self/mem`, which writes through the page's protection without
+//! ever making it writable, so a thread running other code on the same
+//! page never faults; the 5-byte `jmp` is written as one aligned 8-byte
+//! word where it fits in one. Without `/proc/self/mem` the page is made
+//! read-write (not executable) for the write.
+//!
+//! Installing needs no iced tables on a warm run: the analysis of each
+//! function is kept by build-id (`entry_cache.rs`), and prologues whose
+//! instructions are plain, RIP-relative or direct branches are copied
+//! into the record by hand ([`build_copied_record`]).
 
 use super::*;
 use iced_x86::{
@@ -147,6 +156,10 @@ pub(super) struct Prologue {
     pub(super) insns: Vec<Instruction>,
     /// The first byte after them.
     pub(super) end: usize,
+    /// When no overwritten instruction branches: (length, offset of its
+    /// RIP-relative disp32 or 0) of each, so the record can hold a copy
+    /// with only displacements adjusted, without iced's encoder.
+    pub(super) copy: Option<Vec<(u8, u8)>>,
 }
 
 /// Can the function at `f` (of `size` bytes, readable) take a `jmp`, and
@@ -165,6 +178,7 @@ pub(super) fn analyze(bytes: &[u8], f: usize, exact_sites: bool) -> Result<Prolo
     let at = f + skip;
     let mut dec = Decoder::with_ip(64, &bytes[skip..], at as u64, DecoderOptions::NONE);
     let mut insns = Vec::new();
+    let mut copy = Some(Vec::new());
     let mut end = at;
     while end < at + JMP_LEN {
         if !dec.can_decode() {
@@ -213,6 +227,12 @@ pub(super) fn analyze(bytes: &[u8], f: usize, exact_sites: bool) -> Result<Prolo
                 i.mnemonic()
             ));
         }
+        if let Some(c) = copy.as_mut() {
+            match copyable(&dec, &i) {
+                Some(disp) => c.push((i.len() as u8, disp)),
+                None => copy = None,
+            }
+        }
         end = next;
         insns.push(i);
     }
@@ -239,7 +259,59 @@ pub(super) fn analyze(bytes: &[u8], f: usize, exact_sites: bool) -> Result<Prolo
             }
         }
     }
-    Ok(Prologue { at, insns, end })
+    Ok(Prologue {
+        at,
+        insns,
+        end,
+        copy,
+    })
+}
+
+/// How an overwritten instruction moves into a record without iced's
+/// encoder ([`Prologue::copy`]'s second number): [`COPY_AS_IS`], `1..=15`
+/// (a RIP-relative disp32 at that offset in the instruction, adjusted),
+/// [`COPY_REL32`], [`COPY_REL8`] or [`COPY_ENDS`].
+pub(super) const COPY_AS_IS: u8 = 0;
+/// `jmp`/`jcc`/`call rel32` (no prefix): the rel32 adjusted; a `call`
+/// becomes `push [return literal]; jmp`, as the encoder path does.
+pub(super) const COPY_REL32: u8 = 0x80;
+/// `jmp`/`jcc rel8` (no prefix): widened to rel32.
+pub(super) const COPY_REL8: u8 = 0x81;
+/// A return or an indirect jump that is not IP-relative: copied, and no
+/// `jmp` back follows it.
+pub(super) const COPY_ENDS: u8 = 0x82;
+
+/// Can `i` run from a copy of its bytes elsewhere, and how (the `COPY_*`
+/// kinds)? `None`: another IP-dependent form, for iced's encoder.
+fn copyable(dec: &Decoder<'_>, i: &Instruction) -> Option<u8> {
+    let len = i.len();
+    match i.flow_control() {
+        FlowControl::Next if !i.is_ip_rel_memory_operand() => Some(COPY_AS_IS),
+        FlowControl::Next => {
+            let co = dec.get_constant_offsets(i);
+            (i.memory_base() == Register::RIP
+                && co.has_displacement()
+                && co.displacement_size() == 4)
+                .then_some(co.displacement_offset() as u8)
+                .filter(|&k| (1..=15).contains(&k))
+        }
+        FlowControl::Return | FlowControl::IndirectBranch if !i.is_ip_rel_memory_operand() => {
+            Some(COPY_ENDS)
+        }
+        FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch | FlowControl::Call => {
+            let c = i.code();
+            if (c == Code::Jmp_rel32_64 || c == Code::Call_rel32_64) && len == 5
+                || c.is_jcc_near() && len == 6
+            {
+                Some(COPY_REL32)
+            } else if c == Code::Jmp_rel8_64 || c.is_jcc_short() && len == 2 {
+                (len == 2).then_some(COPY_REL8)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
 }
 
 /// Does `i` access memory other than the stack (`rsp`), RIP-relative data
@@ -325,80 +397,244 @@ pub(super) fn build_record(
     backend: Backend,
     sim_tpoff: i32,
 ) -> Result<Record, String> {
-    // The entry, then the return address of a relocated call.
-    let mut out = vec![0u8; ENTRY_BYTES];
-    let ret_lit = rec + out.len();
-    out.extend_from_slice(&p.end.to_le_bytes());
-    let check = check_bytes(backend, pkru, sim_tpoff);
-    out.extend_from_slice(&check);
-    let jne_end = out.len();
-    let body = rec + out.len();
-    let mut block = p.insns.clone();
-    let bad = |e: iced_x86::IcedError| format!("its first instructions cannot be relocated: {e}");
-    let last = *block.last().expect("at least one instruction");
-    match last.flow_control() {
-        FlowControl::Call | FlowControl::IndirectCall => {
-            // call X  =>  push qword ptr [ret_lit]; jmp X
-            let mut jmp = last;
-            jmp.set_code(if last.code() == Code::Call_rel32_64 {
-                Code::Jmp_rel32_64
-            } else {
-                Code::Jmp_rm64
-            });
-            let push = Instruction::with1(
-                Code::Push_rm64,
-                MemoryOperand::with_base_displ(Register::RIP, ret_lit as i64),
-            )
-            .map_err(bad)?;
-            let n = block.len();
-            block[n - 1] = push;
-            block.push(jmp);
-        }
-        FlowControl::UnconditionalBranch | FlowControl::IndirectBranch | FlowControl::Return => {}
-        _ => block.push(Instruction::with_branch(Code::Jmp_rel32_64, p.end as u64).map_err(bad)?),
-    }
-    let enc = BlockEncoder::encode(
-        64,
-        InstructionBlock::new(&block, body as u64),
-        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
-    )
-    .map_err(bad)?;
-    let mut origins = Vec::with_capacity(p.insns.len() + 1);
-    for (k, &off) in enc.new_instruction_offsets.iter().enumerate() {
-        // The last original instruction may have become two (push + jmp).
-        let from = p.insns[k.min(p.insns.len() - 1)].ip() as usize;
-        if off != u32::MAX {
-            origins.push((body + off as usize, from));
-        }
-    }
-    out.extend_from_slice(&enc.code_buffer);
-    let cross = out.len();
-    let rel = (cross - jne_end) as i32;
-    out[jne_end - 4..jne_end].copy_from_slice(&rel.to_le_bytes());
-    // lea r11, [rip + record]; jmp qword ptr [r11 + 8]
-    let lea_end = rec + cross + 7;
-    let back = -((lea_end - rec) as i64) as i32;
-    out.extend_from_slice(&[0x4c, 0x8d, 0x1d]);
-    out.extend_from_slice(&back.to_le_bytes());
-    out.extend_from_slice(&[0x41, 0xff, 0x63, 0x08]);
-    while out.len() % RECORD_ALIGN != 0 {
-        out.push(0xcc);
-    }
-    let e = Entry {
-        target: body,
-        code: entry_code,
+    let head = RecordHead {
+        rec,
+        end: p.end,
+        entry_code,
         pkru,
-        compartment: compartment as u32,
-        _reserved: 0,
+        compartment,
+        backend,
+        sim_tpoff,
     };
-    out[0..8].copy_from_slice(&e.target.to_le_bytes());
-    out[8..16].copy_from_slice(&e.code.to_le_bytes());
-    out[16..20].copy_from_slice(&e.pkru.to_le_bytes());
-    out[20..24].copy_from_slice(&e.compartment.to_le_bytes());
-    Ok(Record {
-        bytes: out,
-        origins,
+    head.assemble(|body, ret_lit| {
+        let mut block = p.insns.clone();
+        let bad =
+            |e: iced_x86::IcedError| format!("its first instructions cannot be relocated: {e}");
+        let last = *block.last().expect("at least one instruction");
+        let back = match last.flow_control() {
+            FlowControl::Call | FlowControl::IndirectCall => {
+                // call X  =>  push qword ptr [ret_lit]; jmp X
+                let mut jmp = last;
+                jmp.set_code(if last.code() == Code::Call_rel32_64 {
+                    Code::Jmp_rel32_64
+                } else {
+                    Code::Jmp_rm64
+                });
+                let push = Instruction::with1(
+                    Code::Push_rm64,
+                    MemoryOperand::with_base_displ(Register::RIP, ret_lit as i64),
+                )
+                .map_err(bad)?;
+                let n = block.len();
+                block[n - 1] = push;
+                block.push(jmp);
+                false
+            }
+            FlowControl::UnconditionalBranch
+            | FlowControl::IndirectBranch
+            | FlowControl::Return => false,
+            _ => true,
+        };
+        let enc = BlockEncoder::encode(
+            64,
+            InstructionBlock::new(&block, body as u64),
+            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .map_err(bad)?;
+        let mut origins = Vec::with_capacity(p.insns.len() + 1);
+        for (k, &off) in enc.new_instruction_offsets.iter().enumerate() {
+            // The last original instruction may have become two (push + jmp).
+            let from = p.insns[k.min(p.insns.len() - 1)].ip() as usize;
+            if off != u32::MAX {
+                origins.push((body + off as usize, from));
+            }
+        }
+        let mut code = enc.code_buffer;
+        if back {
+            // `jmp F+n`, encoded here: iced's `Instruction::with_branch`
+            // builds a 2.7 M-instruction table on first use. Named, as
+            // before, by the last relocated instruction.
+            origins.push((body + code.len(), p.insns[p.insns.len() - 1].ip() as usize));
+            push_jmp(&mut code, body, p.end);
+        }
+        Ok((code, origins))
     })
+}
+
+/// The record for a function whose overwritten instructions are copied
+/// ([`Prologue::copy`]: `shape`, `original` their bytes from `at`), each
+/// RIP-relative displacement and branch adjusted by the distance moved,
+/// then `jmp F+n` unless the last one ends the flow. What iced's encoder
+/// does for these forms, without its tables (2.7 M instructions).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn build_copied_record(
+    rec: usize,
+    at: usize,
+    original: &[u8],
+    shape: &[(u8, u8)],
+    entry_code: usize,
+    pkru: u32,
+    compartment: u8,
+    backend: Backend,
+    sim_tpoff: i32,
+) -> Result<Record, String> {
+    let end = at + original.len();
+    let head = RecordHead {
+        rec,
+        end,
+        entry_code,
+        pkru,
+        compartment,
+        backend,
+        sim_tpoff,
+    };
+    let far = || "its first instructions cannot be relocated: a target out of reach".to_string();
+    let rel32 =
+        |target: usize, next: usize| i32::try_from(target as i64 - next as i64).map_err(|_| far());
+    head.assemble(|body, ret_lit| {
+        let mut code = Vec::with_capacity(original.len() + 16);
+        let mut origins = Vec::with_capacity(shape.len() + 1);
+        let (mut from, mut back) = (0usize, true);
+        for &(len, kind) in shape {
+            let len = len as usize;
+            let insn = original.get(from..from + len).ok_or_else(|| {
+                "its first instructions cannot be relocated: lengths disagree".to_string()
+            })?;
+            let (old_ip, new_ip) = (at + from, body + code.len());
+            origins.push((new_ip, old_ip));
+            match kind {
+                COPY_AS_IS => code.extend_from_slice(insn),
+                COPY_ENDS => {
+                    code.extend_from_slice(insn);
+                    back = false;
+                }
+                COPY_REL32 | COPY_REL8 => {
+                    let rel = if kind == COPY_REL32 {
+                        i32::from_le_bytes(insn[len - 4..].try_into().expect("4 bytes")) as i64
+                    } else {
+                        insn[1] as i8 as i64
+                    };
+                    let target = (old_ip + len).wrapping_add_signed(rel as isize);
+                    let op = insn[0];
+                    if op == 0xe8 {
+                        // call X  =>  push qword ptr [ret_lit]; jmp X
+                        let disp = rel32(ret_lit, new_ip + 6)?;
+                        code.extend_from_slice(&[0xff, 0x35]);
+                        code.extend_from_slice(&disp.to_le_bytes());
+                        origins.push((body + code.len(), old_ip));
+                        let r = rel32(target, body + code.len() + 5)?;
+                        code.push(0xe9);
+                        code.extend_from_slice(&r.to_le_bytes());
+                        back = false;
+                    } else if op == 0xe9 || op == 0xeb {
+                        let r = rel32(target, new_ip + 5)?;
+                        code.push(0xe9);
+                        code.extend_from_slice(&r.to_le_bytes());
+                        back = false;
+                    } else {
+                        // jcc: 0f 8x rel32 (from 7x rel8 or 0f 8x rel32)
+                        let cc = if op == 0x0f {
+                            insn[1] & 0x0f
+                        } else {
+                            op & 0x0f
+                        };
+                        let r = rel32(target, new_ip + 6)?;
+                        code.extend_from_slice(&[0x0f, 0x80 | cc]);
+                        code.extend_from_slice(&r.to_le_bytes());
+                    }
+                }
+                d => {
+                    let d = d as usize;
+                    let mut copy = insn.to_vec();
+                    let old = i32::from_le_bytes(copy[d..d + 4].try_into().expect("4 bytes"));
+                    // Same length, so the target moves by the distance moved.
+                    let new = i32::try_from(i64::from(old) + old_ip as i64 - new_ip as i64)
+                        .map_err(|_| far())?;
+                    copy[d..d + 4].copy_from_slice(&new.to_le_bytes());
+                    code.extend_from_slice(&copy);
+                }
+            }
+            from += len;
+        }
+        if from != original.len() {
+            return Err("its first instructions cannot be relocated: lengths disagree".into());
+        }
+        if back {
+            // Named, as in the encoder path, by the last relocated instruction.
+            let last = origins.last().map_or(at, |o| o.1);
+            origins.push((body + code.len(), last));
+            push_jmp(&mut code, body, end);
+        }
+        Ok((code, origins))
+    })
+}
+
+/// Append `jmp rel32` to `target`, for code placed at `code_at`.
+fn push_jmp(code: &mut Vec<u8>, code_at: usize, target: usize) {
+    let next = code_at + code.len() + JMP_LEN;
+    let rel = (target as i64 - next as i64) as i32;
+    code.push(0xe9);
+    code.extend_from_slice(&rel.to_le_bytes());
+}
+
+/// What a record holds besides its relocated body.
+struct RecordHead {
+    rec: usize,
+    /// The first byte after the overwritten instructions.
+    end: usize,
+    entry_code: usize,
+    pkru: u32,
+    compartment: u8,
+    backend: Backend,
+    sim_tpoff: i32,
+}
+
+impl RecordHead {
+    /// The record, with `body(body address, return-literal address)`'s
+    /// code and origins as its relocated body.
+    fn assemble(
+        &self,
+        body: impl FnOnce(usize, usize) -> Result<(Vec<u8>, Vec<(usize, usize)>), String>,
+    ) -> Result<Record, String> {
+        let rec = self.rec;
+        // The entry, then the return address of a relocated call.
+        let mut out = vec![0u8; ENTRY_BYTES];
+        let ret_lit = rec + out.len();
+        out.extend_from_slice(&self.end.to_le_bytes());
+        let check = check_bytes(self.backend, self.pkru, self.sim_tpoff);
+        out.extend_from_slice(&check);
+        let jne_end = out.len();
+        let body_at = rec + out.len();
+        let (code, origins) = body(body_at, ret_lit)?;
+        out.extend_from_slice(&code);
+        let cross = out.len();
+        let rel = (cross - jne_end) as i32;
+        out[jne_end - 4..jne_end].copy_from_slice(&rel.to_le_bytes());
+        // lea r11, [rip + record]; jmp qword ptr [r11 + 8]
+        let lea_end = rec + cross + 7;
+        let back = -((lea_end - rec) as i64) as i32;
+        out.extend_from_slice(&[0x4c, 0x8d, 0x1d]);
+        out.extend_from_slice(&back.to_le_bytes());
+        out.extend_from_slice(&[0x41, 0xff, 0x63, 0x08]);
+        while out.len() % RECORD_ALIGN != 0 {
+            out.push(0xcc);
+        }
+        let e = Entry {
+            target: body_at,
+            code: self.entry_code,
+            pkru: self.pkru,
+            compartment: self.compartment as u32,
+            _reserved: 0,
+        };
+        out[0..8].copy_from_slice(&e.target.to_le_bytes());
+        out[8..16].copy_from_slice(&e.code.to_le_bytes());
+        out[16..20].copy_from_slice(&e.pkru.to_le_bytes());
+        out[20..24].copy_from_slice(&e.compartment.to_le_bytes());
+        Ok(Record {
+            bytes: out,
+            origins,
+        })
+    }
 }
 
 /// The function address that the relocated instruction at `addr` (in an
@@ -454,13 +690,16 @@ fn within(a: usize, b: usize) -> bool {
     a.abs_diff(b) < REACH
 }
 
-/// An arena reachable from all of `[lo, hi)` with `need` free bytes.
+/// An arena reachable from all of `[lo, hi)` with `need` free bytes:
+/// placed by the census's reading of `/proc/self/maps` (`snapshot`), and
+/// only when none of its gaps is still free, by a fresh one.
 fn arena_for(
     st: &mut State,
     lo: usize,
     hi: usize,
     need: usize,
     exe: objects::Range,
+    snapshot: &[crate::maps::Mapping],
 ) -> Option<usize> {
     if let Some(i) = st.arenas.iter().position(|a| {
         within(a.base, lo)
@@ -471,10 +710,26 @@ fn arena_for(
     }) {
         return Some(i);
     }
+    // Arenas mapped since the snapshot are in it as well (MAP_FIXED_NOREPLACE
+    // refuses any other newer mapping, and a fresh read follows).
+    if let Some(i) = new_arena(st, lo, hi, exe, snapshot) {
+        return Some(i);
+    }
     let maps = crate::maps::read_self_maps().ok()?;
+    new_arena(st, lo, hi, exe, &maps)
+}
+
+fn new_arena(
+    st: &mut State,
+    lo: usize,
+    hi: usize,
+    exe: objects::Range,
+    maps: &[crate::maps::Mapping],
+) -> Option<usize> {
     let mut ranges: Vec<(usize, usize, &str)> = maps
         .iter()
         .map(|m| (m.start, m.end, m.path.as_str()))
+        .chain(st.arenas.iter().map(|a| (a.base, a.base + ARENA_BYTES, "")))
         .collect();
     ranges.sort_unstable();
     // Candidates: the top of each gap (just below a mapping that is not a
@@ -606,6 +861,111 @@ impl TextWriter {
     }
 }
 
+/// A write window over a range of an object's text: while only this
+/// thread exists (`__libc_single_threaded`: no thread was ever created),
+/// the pages are made read-write, not executable, with every asynchronous
+/// signal blocked, so no code runs from them until they are read-execute
+/// again; the `jmp`s are then plain stores, one copy-on-write fault per
+/// page instead of one `/proc/self/mem` write per function (curl with
+/// OpenSSL: 13,600 writes, 44 ms). With other threads, which may be
+/// running that code, the writer's `/proc/self/mem` path is used instead.
+struct TextWindow {
+    first: usize,
+    len: usize,
+    mask: libc::sigset_t,
+}
+
+extern "C" {
+    /// glibc ≥ 2.32: non-zero until the process creates a thread.
+    static __libc_single_threaded: core::ffi::c_char;
+}
+
+impl TextWindow {
+    /// A window over the pages of `[lo, hi)`, or `None` (other threads,
+    /// or `mprotect` refused).
+    fn open(lo: usize, hi: usize) -> Option<TextWindow> {
+        // SAFETY: a byte that libc exports for exactly this question.
+        if unsafe { core::ptr::read_volatile(&raw const __libc_single_threaded) } == 0 {
+            return None;
+        }
+        let first = page_down(lo);
+        let len = page_down(hi - 1) + PAGE - first;
+        // SAFETY: sigset_t is plain data that sigfillset/sigdelset fill.
+        let mut all: libc::sigset_t = unsafe { core::mem::zeroed() };
+        // SAFETY: as above.
+        let mut mask: libc::sigset_t = unsafe { core::mem::zeroed() };
+        // SAFETY: valid sigset pointers; blocking signals in this thread only.
+        unsafe {
+            libc::sigfillset(&mut all);
+            // A seccomp trap while SIGSYS is blocked kills the process, and
+            // so does a fault while its signal is: those stay deliverable
+            // (none comes from the window's code, which nothing runs).
+            for sig in [
+                libc::SIGSYS,
+                libc::SIGSEGV,
+                libc::SIGBUS,
+                libc::SIGILL,
+                libc::SIGFPE,
+                libc::SIGTRAP,
+            ] {
+                libc::sigdelset(&mut all, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut mask);
+        }
+        // SAFETY: text pages of a loaded object: read-write (not
+        // executable) while nothing can run them (above).
+        let r = unsafe {
+            libc::mprotect(
+                first as *mut c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        let w = TextWindow { first, len, mask };
+        if r != 0 {
+            w.unblock();
+            return None;
+        }
+        Some(w)
+    }
+
+    /// Write `bytes` at `addr`, inside the window.
+    fn write(&self, addr: usize, bytes: &[u8]) -> bool {
+        if addr < self.first || addr + bytes.len() > self.first + self.len {
+            return false;
+        }
+        // SAFETY: read-write pages of the window, which no code runs.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        true
+    }
+
+    fn unblock(&self) {
+        // SAFETY: restores this thread's mask as it was.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.mask, core::ptr::null_mut()) };
+    }
+}
+
+impl Drop for TextWindow {
+    fn drop(&mut self) {
+        // SAFETY: back to read-execute, as the loader mapped text.
+        let r = unsafe {
+            libc::mprotect(
+                self.first as *mut c_void,
+                self.len,
+                libc::PROT_READ | libc::PROT_EXEC,
+            )
+        };
+        if r != 0 {
+            crate::lifecycle::fatal(format_args!(
+                "entry gates: mprotect({:#x}, read-execute) after writing text failed (errno {})",
+                self.first,
+                crate::stackfmt::errno()
+            ));
+        }
+        self.unblock();
+    }
+}
+
 impl Drop for TextWriter {
     fn drop(&mut self) {
         if self.fd >= 0 {
@@ -687,6 +1047,48 @@ pub(super) fn gate_exports(
     gate_functions(st, rt, census, i, funcs, Found::Exported, variant);
 }
 
+/// A function that can take an entry gate: where the `jmp` goes, what it
+/// overwrites and how that moves (from the analysis or the cache).
+struct Planned {
+    at: usize,
+    end: usize,
+    copy: Option<Vec<(u8, u8)>>,
+    /// The analysis, when it ran in this process.
+    prologue: Option<Prologue>,
+    /// The function's bytes.
+    bytes: &'static [u8],
+}
+
+impl Planned {
+    /// The overwritten instructions, for iced's block encoder: decoded from
+    /// `[at, end)` for a cached analysis (the whole function's check ran
+    /// when it was made), else analysed again.
+    fn prologue(&self, f: usize, exact_sites: bool) -> Result<Prologue, String> {
+        if let Some(p) = &self.prologue {
+            return Ok(Prologue {
+                at: p.at,
+                insns: p.insns.clone(),
+                end: p.end,
+                copy: p.copy.clone(),
+            });
+        }
+        let window = &self.bytes[self.at - f..self.end - f];
+        let mut dec = Decoder::with_ip(64, window, self.at as u64, DecoderOptions::NONE);
+        let insns: Vec<Instruction> = (&mut dec).into_iter().collect();
+        if insns.iter().any(Instruction::is_invalid)
+            || insns.last().map(|i| i.next_ip() as usize) != Some(self.end)
+        {
+            return analyze(self.bytes, f, exact_sites);
+        }
+        Ok(Prologue {
+            at: self.at,
+            insns,
+            end: self.end,
+            copy: None,
+        })
+    }
+}
+
 /// Install entry gates on `funcs` (address, size, name) of census object
 /// `i`, a compartment's application object. PKRU allows every key, or the
 /// pages written are key 0 (arenas, text through `/proc/self/mem`).
@@ -708,7 +1110,8 @@ pub(super) fn gate_functions(
     // SAFETY: getauxval has no preconditions.
     let entry_point = unsafe { libc::getauxval(libc::AT_ENTRY) } as usize;
     let exact_sites = rt.config.on_fault == crate::config::OnFault::Audit;
-    let mut planned: Vec<(usize, String, Prologue)> = Vec::new();
+    let mut cache = super::entry_cache::EntryCache::open(rt.config.cache_dir(), obj, exact_sites);
+    let mut planned: Vec<(usize, String, Planned)> = Vec::new();
     for (f, size, name) in funcs {
         if st.entry_by_function.contains_key(&f) || f == entry_point {
             continue;
@@ -723,9 +1126,29 @@ pub(super) fn gate_functions(
         // SAFETY: [f, f + size) lies in an executable (readable) segment of
         // the loaded object.
         let bytes = unsafe { core::slice::from_raw_parts(f as *const u8, size) };
-        match analyze(bytes, f, exact_sites) {
-            Ok(p) => planned.push((f, name, p)),
-            Err(reason) => st.refusals.push(Refusal {
+        let off = f - obj.base;
+        let (known, prologue) = match cache.get(off, size) {
+            Some(k) => (k.clone(), None),
+            None => {
+                let r = analyze(bytes, f, exact_sites);
+                let k = super::entry_cache::Known::of(f, &r);
+                cache.put(off, size, k.clone());
+                (k, r.ok())
+            }
+        };
+        match known {
+            super::entry_cache::Known::Shape { skip, end, copy } => planned.push((
+                f,
+                name,
+                Planned {
+                    at: f + skip,
+                    end: f + end,
+                    copy,
+                    prologue,
+                    bytes,
+                },
+            )),
+            super::entry_cache::Known::Refused(reason) => st.refusals.push(Refusal {
                 symbol: name,
                 object: obj.display_name().to_string(),
                 compartment: own,
@@ -734,6 +1157,7 @@ pub(super) fn gate_functions(
             }),
         }
     }
+    cache.flush();
     if planned.is_empty() {
         return;
     }
@@ -763,11 +1187,12 @@ pub(super) fn gate_functions(
         ));
     };
     let pkru = rt.pkru_for(own);
-    let writer = TextWriter::open();
+    // Opened on first use: a window usually does the writes.
+    let mut writer: Option<TextWriter> = None;
     let mut k = 0;
     while k < planned.len() {
         // One batch per arena: fill what fits, then seal its pages.
-        let Some(a) = arena_for(st, lo, hi, PAGE, exe) else {
+        let Some(a) = arena_for(st, lo, hi, PAGE, exe, &census.maps) else {
             for (f, name, _) in &planned[k..] {
                 st.refusals.push(Refusal {
                     symbol: name.clone(),
@@ -787,7 +1212,23 @@ pub(super) fn gate_functions(
         while k < planned.len() {
             let (f, name, p) = &planned[k];
             let rec = base + at;
-            match build_record(rec, p, variant.code(), pkru, own, backend, tpoff) {
+            let record = match &p.copy {
+                Some(shape) => build_copied_record(
+                    rec,
+                    p.at,
+                    &p.bytes[p.at - f..p.end - f],
+                    shape,
+                    variant.code(),
+                    pkru,
+                    own,
+                    backend,
+                    tpoff,
+                ),
+                None => p.prologue(*f, exact_sites).and_then(|pro| {
+                    build_record(rec, &pro, variant.code(), pkru, own, backend, tpoff)
+                }),
+            };
+            match record {
                 Ok(Record { bytes, origins }) => {
                     if at + bytes.len() > ARENA_CODE {
                         break;
@@ -831,12 +1272,27 @@ pub(super) fn gate_functions(
         } else {
             sealed_end
         };
+        // One window over the sites when they lie in one executable segment.
+        let lo_site = made.iter().map(|m| m.3).min().unwrap_or(0);
+        let hi_site = made.iter().map(|m| m.3 + JMP_LEN).max().unwrap_or(0);
+        let window = obj
+            .segments
+            .iter()
+            .find(|s| s.executable() && s.range.contains(lo_site))
+            .filter(|s| made.len() > 1 && hi_site <= s.range.end)
+            .and_then(|_| TextWindow::open(lo_site, hi_site));
         for (f, rec, name, jmp_at, origins) in made {
             let check = rec + ENTRY_BYTES + 8;
             let rel = (check as i64 - (jmp_at + JMP_LEN) as i64) as i32;
             let mut jmp = [0xe9u8, 0, 0, 0, 0];
             jmp[1..].copy_from_slice(&rel.to_le_bytes());
-            if !writer.write(jmp_at, &jmp) {
+            let written = match &window {
+                Some(w) => w.write(jmp_at, &jmp),
+                None => writer
+                    .get_or_insert_with(TextWriter::open)
+                    .write(jmp_at, &jmp),
+            };
+            if !written {
                 st.refusals.push(Refusal {
                     symbol: name,
                     object: obj.display_name().to_string(),

@@ -193,3 +193,84 @@ fn entry_gate_instruction_counts() {
         gate + 1
     );
 }
+
+/// A record whose prologue is copied by hand (`build_copied_record`, the
+/// install's path without iced's encoder) holds the same instructions,
+/// with the same targets, as the one iced's block encoder makes.
+#[test]
+fn copied_records_match_the_encoder() {
+    let f = 0x7f00_0010_0000usize;
+    let rec = f + 0x1000_0000;
+    let cases: &[(&str, &[u8])] = &[
+        // push rbp; mov rbp, rsp; sub rsp, 20h
+        ("plain", &[0x55, 0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x20]),
+        // endbr64; push rbx; mov rax, [rip+1234h]
+        (
+            "rip",
+            &[
+                0xf3, 0x0f, 0x1e, 0xfa, 0x53, 0x48, 0x8b, 0x05, 0x34, 0x12, 0, 0,
+            ],
+        ),
+        // cmp byte ptr [rip+100h], 0 (an immediate after the disp32)
+        ("rip+imm", &[0x80, 0x3d, 0, 1, 0, 0, 0, 0x75, 0x10]),
+        // test edi, edi; jne +10h; push rbx
+        ("jcc rel8", &[0x85, 0xff, 0x75, 0x10, 0x53]),
+        // jmp rel32 (a thunk)
+        ("jmp rel32", &[0xe9, 0x00, 0x10, 0, 0]),
+        // jmp rel8 after a nop
+        ("jmp rel8", &[0x66, 0x90, 0x90, 0x90, 0xeb, 0x20]),
+        // push rbx; call rel32
+        ("call", &[0x53, 0xe8, 0x00, 0x20, 0, 0]),
+        // test edi, edi; je rel32
+        ("jcc rel32", &[0x85, 0xff, 0x0f, 0x84, 0x00, 0x01, 0, 0]),
+        // xor eax, eax; nop; nop; ret
+        ("ret", &[0x31, 0xc0, 0x90, 0x90, 0xc3]),
+        // mov rax, [rdi]; jmp rax
+        ("jmp reg", &[0x48, 0x8b, 0x07, 0x90, 0xff, 0xe0]),
+    ];
+    for &(what, prologue) in cases {
+        let mut bytes = prologue.to_vec();
+        bytes.extend_from_slice(&[0x5b, 0xc3]); // pop rbx; ret
+        bytes.resize(0x300, 0xcc);
+        let p = analyze(&bytes, f, false).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let shape = p
+            .copy
+            .clone()
+            .unwrap_or_else(|| panic!("{what}: not copyable"));
+        let a = build_record(rec, &p, 7, 0x55, 1, Backend::Sim, -0x60).unwrap();
+        let b = build_copied_record(
+            rec,
+            p.at,
+            &bytes[p.at - f..p.end - f],
+            &shape,
+            7,
+            0x55,
+            1,
+            Backend::Sim,
+            -0x60,
+        )
+        .unwrap();
+        let decode = |r: &[u8]| {
+            Decoder::with_ip(64, &r[40..], (rec + 40) as u64, DecoderOptions::NONE)
+                .into_iter()
+                .take_while(|i| i.mnemonic() != Mnemonic::Int3)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(decode(&a.bytes), decode(&b.bytes), "{what}");
+        assert_eq!(a.bytes[..40], b.bytes[..40], "{what}: entry and literal");
+        let from = |r: &Record| r.origins.iter().map(|o| o.1).collect::<Vec<_>>();
+        assert_eq!(from(&a), from(&b), "{what}: origins");
+        // Origins name each instruction's start in both.
+        let starts = |r: &Record| {
+            let d = decode(&r.bytes);
+            r.origins
+                .iter()
+                .all(|o| d.iter().any(|i| i.ip() as usize == o.0))
+        };
+        assert!(starts(&a) && starts(&b), "{what}");
+    }
+    // Forms the copy does not handle go to the encoder: call [rip+x].
+    let mut bytes = vec![0x53, 0xff, 0x15, 0, 1, 0, 0, 0x5b, 0xc3];
+    bytes.resize(0x40, 0xcc);
+    assert!(analyze(&bytes, f, false).unwrap().copy.is_none());
+}

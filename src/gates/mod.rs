@@ -65,6 +65,8 @@
 //! functions are left alone. `fault_gate.rs` (opt-in, `IA2_GATES=…,fault`)
 //! gives functions that no table names (static callbacks) an entry gate on
 //! their first protection-key fault on their own compartment's data.
+//! `entry_cache.rs` keeps each function's analysis across runs under its
+//! object's build-id, so a warm start-up decodes none.
 //!
 //! # GOT patching
 //!
@@ -111,6 +113,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 mod entry;
+mod entry_cache;
 #[cfg(test)]
 mod entry_tests;
 mod fault_gate;

@@ -337,20 +337,47 @@ pub(super) fn scan_object(st: &mut State, rt: &Runtime, obj: &LoadedObject) {
     if rt.config.scan_wrpkru == ScanWrpkru::Off {
         return;
     }
-    let mut hits = Vec::new();
-    for s in obj.segments.iter().filter(|s| s.executable()) {
-        // SAFETY: an executable PT_LOAD segment of a loaded object: mapped
-        // and readable (text is never tagged).
-        let bytes =
-            unsafe { core::slice::from_raw_parts(s.range.start as *const u8, s.range.len()) };
-        for h in crate::scan::scan(bytes) {
-            hits.push(ScanHit {
-                object: obj.display_name().to_string(),
-                offset: s.range.start - obj.base + h.offset,
-                what: h.kind.describe(),
-            });
+    let cache = scan_cache_path(rt, obj);
+    let hits = match cache.as_ref().and_then(|(_, path)| cached_scan(obj, path)) {
+        Some(hits) => hits,
+        None => {
+            let mut hits = Vec::new();
+            for s in obj.segments.iter().filter(|s| s.executable()) {
+                // SAFETY: an executable PT_LOAD segment of a loaded object:
+                // mapped and readable (text is never tagged).
+                let bytes = unsafe {
+                    core::slice::from_raw_parts(s.range.start as *const u8, s.range.len())
+                };
+                for h in crate::scan::scan(bytes) {
+                    hits.push((s.range.start - obj.base + h.offset, h.kind));
+                }
+            }
+            if let Some((dir, path)) = &cache {
+                let mut text = String::new();
+                for (off, kind) in &hits {
+                    let k = match kind {
+                        crate::scan::Kind::Wrpkru => 'w',
+                        crate::scan::Kind::Xrstor { rex: false } => 'x',
+                        crate::scan::Kind::Xrstor { rex: true } => 'r',
+                    };
+                    text += &format!("{off:x} {k}\n");
+                }
+                text += "end\n";
+                if let Err(e) = crate::carveouts::cache::append(dir, path, &text) {
+                    log::debug!("IA2_CACHE_DIR: cannot write {path}: {e}");
+                }
+            }
+            hits
         }
-    }
+    };
+    let hits: Vec<ScanHit> = hits
+        .into_iter()
+        .map(|(offset, kind)| ScanHit {
+            object: obj.display_name().to_string(),
+            offset,
+            what: kind.describe(),
+        })
+        .collect();
     const SHOWN: usize = 16;
     for h in hits.iter().take(SHOWN) {
         log::warn!(
@@ -379,4 +406,52 @@ pub(super) fn scan_object(st: &mut State, rt: &Runtime, obj: &LoadedObject) {
         }
     }
     st.scan_hits.extend(hits);
+}
+
+/// Where `IA2_SCAN_WRPKRU=warn` keeps an object's hits across runs, under
+/// its build-id: (directory, file). `deny` always scans: the decision must
+/// be the bytes', not a file's; `warn` only reports, and the scan reads
+/// all of the object's text (libdav1d: 1.5 MB, 1.1 M instructions and
+/// the page faults, at every start).
+fn scan_cache_path(rt: &Runtime, obj: &LoadedObject) -> Option<(String, String)> {
+    // Below this much text, scanning costs less than reading a file.
+    const WORTH: usize = 256 << 10;
+    let text: usize = obj
+        .segments
+        .iter()
+        .filter(|s| s.executable())
+        .map(|s| s.range.len())
+        .sum();
+    if rt.config.scan_wrpkru != ScanWrpkru::Warn || text < WORTH {
+        return None;
+    }
+    let (dir, id) = (rt.config.cache_dir()?, obj.build_id()?);
+    let path = format!("{dir}/scan-v1-{}", crate::carveouts::cache::hex(id));
+    Some((dir, path))
+}
+
+/// The hits (offset from the base, kind) a complete cache file lists:
+/// lines `OFF w|x|r` up to the first `end`; `None` if there is none, or a
+/// line does not parse or lies outside the object's text.
+fn cached_scan(obj: &LoadedObject, path: &str) -> Option<Vec<(usize, crate::scan::Kind)>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut hits = Vec::new();
+    for line in text.lines() {
+        if line == "end" {
+            return Some(hits);
+        }
+        let (off, k) = line.split_once(' ')?;
+        let off = usize::from_str_radix(off, 16).ok()?;
+        let kind = match k {
+            "w" => crate::scan::Kind::Wrpkru,
+            "x" => crate::scan::Kind::Xrstor { rex: false },
+            "r" => crate::scan::Kind::Xrstor { rex: true },
+            _ => return None,
+        };
+        if !in_text(obj, obj.base.checked_add(off)?) {
+            return None;
+        }
+        hits.push((off, kind));
+    }
+    None
 }
