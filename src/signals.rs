@@ -550,9 +550,14 @@ extern "C" {
 /// handler's frame and would be overwritten by the next signal there),
 /// else right here.
 fn on_handler_stack(flags: c_int, f: &mut dyn FnMut()) {
-    let base = ALT.get();
+    if flags & libc::SA_ONSTACK == 0 {
+        return f();
+    }
+    // The handler entered with key 0 only; the shim's TLS goes through
+    // `__tls_get_addr`, whose DTV is libc compartment data in strict mode.
+    let base = runtime::with_libc_rights(|| ALT.get());
     let here = current_sp();
-    let target = (flags & libc::SA_ONSTACK != 0 && base != 0)
+    let target = (base != 0)
         .then(|| program_alt(base))
         .flatten()
         .filter(|&(sp, size, _)| {
@@ -601,6 +606,17 @@ pub unsafe fn sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> 
     if runtime::active().is_none() {
         return sys_sigaltstack(ss, old);
     }
+    // The shim's TLS (the DTV) and the exit key's value (libc data) carry
+    // the libc compartment's key in strict mode.
+    // SAFETY: forwarded contract.
+    runtime::with_libc_rights(|| unsafe { program_sigaltstack(ss, old) })
+}
+
+/// [`sigaltstack`] once the shim is active.
+///
+/// # Safety
+/// As `sigaltstack(2)`.
+unsafe fn program_sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> c_int {
     let Some(base) = ensure_alt() else {
         return sys_sigaltstack(ss, old);
     };
