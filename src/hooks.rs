@@ -203,8 +203,8 @@ pub extern "C" fn sigset(sig: c_int, disp: libc::sighandler_t) -> libc::sighandl
     signal_via(sig, disp, crate::signals::sigset, &real::SIGSET)
 }
 
-/// `sigaltstack(2)`: the shim keeps its own key-0 stack where the
-/// program's lies in tagged memory (see `signals`).
+/// `sigaltstack(2)`: the kernel keeps the shim's key-0 stack; the
+/// program's is kept for its handlers (see `signals`).
 ///
 /// # Safety
 /// As `sigaltstack(2)`.

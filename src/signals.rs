@@ -101,21 +101,26 @@ pub(crate) fn run_in_compartment(
     } else {
         interrupted
     };
-    if let Some(p) = own.or(interrupted) {
-        pku::write_pkru(p);
-    }
     // SAFETY: the kernel's ucontext for this signal.
     let frame = unsafe { crate::sigframe::Snapshot::take(ctx as *const libc::ucontext_t) };
-    if flags & libc::SA_SIGINFO != 0 {
-        // SAFETY: the program registered an SA_SIGINFO handler.
-        let f: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) =
-            unsafe { core::mem::transmute(h) };
-        f(sig, info, ctx);
-    } else {
-        // SAFETY: the program registered a plain handler.
-        let f: extern "C" fn(c_int) = unsafe { core::mem::transmute(h) };
-        f(sig);
-    }
+    let run = own.or(interrupted);
+    on_handler_stack(flags, &mut || {
+        if let Some(p) = run {
+            pku::write_pkru(p);
+        }
+        if flags & libc::SA_SIGINFO != 0 {
+            // SAFETY: the program registered an SA_SIGINFO handler.
+            let f: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) =
+                unsafe { core::mem::transmute(h) };
+            f(sig, info, ctx);
+        } else {
+            // SAFETY: the program registered a plain handler.
+            let f: extern "C" fn(c_int) = unsafe { core::mem::transmute(h) };
+            f(sig);
+        }
+        // Back to the handler's own rights before leaving the program's stack.
+        pku::write_pkru(saved);
+    });
     // sigreturn installs the frame's PKRU: never more than was interrupted.
     if let Some(f) = frame {
         // SAFETY: the same ucontext, after the handler returned.
@@ -160,6 +165,9 @@ pub unsafe fn sigaction(
         if wrap {
             installed.sa_sigaction = trampoline_addr();
             installed.sa_flags |= libc::SA_SIGINFO;
+            // The kernel's alternate stack is the shim's: the trampoline
+            // moves the handler onto the program's (`on_handler_stack`).
+            installed.sa_flags &= !libc::SA_ONSTACK;
         }
         let before = (
             HANDLERS[i].load(Ordering::Acquire),
@@ -327,38 +335,55 @@ pub fn adopt_installed() {
 
 // ---------------------------------------------------------------- alternate signal stacks
 
-/// The shim's per-thread alternate signal stack (key 0, committed lazily),
-/// given to the kernel in place of a program's alternate stack that lies in
-/// tagged memory: the kernel writes the signal frame with the interrupted
-/// thread's PKRU, so a frame there cannot be written and the fault would end
-/// the process without a report. Without a program stack none is
-/// registered (handlers run on the thread's own stack, key 0, as without
-/// the shim; registering one broke the kernel's rseq SIGSEGV path).
+/// The shim's per-thread alternate signal stack (key 0, committed lazily).
+/// The kernel holds it for every thread the shim knows (the main thread,
+/// threads started through the interposed `pthread_create`, others from
+/// their first gate or `sigaltstack` call), so the shim's SIGSEGV handler
+/// (`SA_ONSTACK`) always runs on key-0 memory: the kernel writes a signal
+/// frame with the interrupted thread's PKRU, and a frame on a stack in
+/// another compartment's memory (a tagged program stack, or the program's
+/// alternate stack there) could not be written, so the fault would end the
+/// process without a report.
+///
+/// The program's own alternate stack is kept in this stack's header and
+/// never given to the kernel. Program handlers are installed without
+/// `SA_ONSTACK` (the kernel runs the trampoline on the interrupted stack),
+/// and the trampoline moves a handler that asked for `SA_ONSTACK` onto the
+/// program's alternate stack when the thread has one and is not on it yet:
+/// where the kernel would have run it.
 const ALT_BYTES: usize = 256 << 10;
 const MINSIGSTKSZ: usize = 2048;
+const SS_AUTODISARM: c_int = 1 << 31;
 
 std::thread_local! {
-    /// Base of this thread's shim stack (0: none, e.g. a thread that the
-    /// shim did not start). Its first two words hold the stack the program
-    /// asked for while the kernel holds the shim's instead (it lies in
-    /// tagged memory): sp (0: none), size. (Kept out of the shim's static
-    /// TLS, whose size shifts every thread's TLS layout.)
+    /// Base of this thread's shim stack (0: none yet). Its first words hold
+    /// the program's alternate stack: sp (0: none), size, flags. (Kept out
+    /// of the shim's static TLS, whose size shifts every thread's TLS
+    /// layout.)
     static ALT: Cell<usize> = const { Cell::new(0) };
 }
 
-/// The program's substituted stack, from the header of this thread's shim stack.
-fn program_alt(base: usize) -> Option<(usize, usize)> {
+/// The program's alternate stack (sp, size, `SS_AUTODISARM` flag), from the
+/// header of this thread's shim stack.
+fn program_alt(base: usize) -> Option<(usize, usize, c_int)> {
     // SAFETY: the header words of this thread's own shim stack.
-    let (sp, size) = unsafe { (*(base as *const usize), *((base + 8) as *const usize)) };
-    (sp != 0).then_some((sp, size))
+    let (sp, size, flags) = unsafe {
+        (
+            *(base as *const usize),
+            *((base + 8) as *const usize),
+            *((base + 16) as *const usize),
+        )
+    };
+    (sp != 0).then_some((sp, size, flags as c_int))
 }
 
-fn set_program_alt(base: usize, v: Option<(usize, usize)>) {
-    let (sp, size) = v.unwrap_or((0, 0));
+fn set_program_alt(base: usize, v: Option<(usize, usize, c_int)>) {
+    let (sp, size, flags) = v.unwrap_or((0, 0, 0));
     // SAFETY: as above.
     unsafe {
         *(base as *mut usize) = sp;
         *((base + 8) as *mut usize) = size;
+        *((base + 16) as *mut usize) = flags as u32 as usize;
     }
 }
 
@@ -379,22 +404,33 @@ fn stack(sp: usize, size: usize, flags: c_int) -> libc::stack_t {
     }
 }
 
-/// Does any page of `[sp, sp + size)` carry a compartment's key?
-fn tagged(sp: usize, size: usize) -> bool {
-    let Some(rt) = runtime::get() else {
-        return false;
+fn current_sp() -> usize {
+    let sp: usize;
+    // SAFETY: reads RSP only.
+    unsafe {
+        core::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags))
     };
-    let first = crate::objects::page_down(sp);
-    (first..sp + size)
-        .step_by(crate::objects::PAGE)
-        .any(|p| rt.page_compartment(p).is_some())
+    sp
 }
 
-/// This thread's shim stack, mapped on first need.
+/// The part of the shim stack the kernel gets.
+fn shim_stack(base: usize) -> libc::stack_t {
+    stack(base + ALT_HEADER, ALT_BYTES - ALT_HEADER, 0)
+}
+
+/// This thread's shim stack, mapped and given to the kernel on first need.
+/// A stack the kernel held before (set by a constructor before the shim's,
+/// or with a raw syscall) becomes the program's. `None`: the thread runs
+/// on it now, or no memory.
 fn ensure_alt() -> Option<usize> {
     let base = ALT.get();
     if base != 0 {
         return Some(base);
+    }
+    // SAFETY: zeroed stack_t is valid.
+    let mut cur: libc::stack_t = unsafe { core::mem::zeroed() };
+    if sys_sigaltstack(core::ptr::null(), &mut cur) != 0 || cur.ss_flags & libc::SS_ONSTACK != 0 {
+        return None;
     }
     let total = ALT_BYTES + crate::objects::PAGE;
     // SAFETY: a fresh anonymous mapping; the lowest page stays a guard.
@@ -413,14 +449,22 @@ fn ensure_alt() -> Option<usize> {
     }
     let base = p as usize + crate::objects::PAGE;
     // SAFETY: the upper part of the mapping just made.
-    if unsafe {
+    let ok = unsafe {
         libc::mprotect(
             base as *mut c_void,
             ALT_BYTES,
             libc::PROT_READ | libc::PROT_WRITE,
         )
-    } != 0
-    {
+    } == 0;
+    let held = (cur.ss_flags & libc::SS_DISABLE == 0).then_some((
+        cur.ss_sp as usize,
+        cur.ss_size,
+        cur.ss_flags & SS_AUTODISARM,
+    ));
+    if ok {
+        set_program_alt(base, held);
+    }
+    if !ok || sys_sigaltstack(&shim_stack(base), core::ptr::null_mut()) != 0 {
         // SAFETY: unmapping what we mapped.
         unsafe { libc::munmap(p, total) };
         return None;
@@ -429,28 +473,19 @@ fn ensure_alt() -> Option<usize> {
     Some(base)
 }
 
-/// At thread start (and for the main thread at start-up): a program
-/// alternate stack already set in tagged memory (by a constructor, or
-/// inherited through fork) is replaced by the shim's.
+/// At thread start (and for the main thread at start-up): give the kernel
+/// the shim's stack.
 pub fn thread_start() {
-    // SAFETY: zeroed stack_t is valid.
-    let mut cur: libc::stack_t = unsafe { core::mem::zeroed() };
-    if sys_sigaltstack(core::ptr::null(), &mut cur) != 0
-        || cur.ss_flags & libc::SS_DISABLE != 0
-        || ALT.get() != 0
-        || !tagged(cur.ss_sp as usize, cur.ss_size)
-    {
-        return;
-    }
-    if let Some(base) = ensure_alt() {
-        set_program_alt(base, Some((cur.ss_sp as usize, cur.ss_size)));
-        sys_sigaltstack(&shim_stack(base), core::ptr::null_mut());
+    if ensure_alt().is_none() {
+        log::debug!("signals: no shim alternate stack for this thread");
     }
 }
 
-/// The part of the shim stack the kernel gets.
-fn shim_stack(base: usize) -> libc::stack_t {
-    stack(base + ALT_HEADER, ALT_BYTES - ALT_HEADER, 0)
+/// A thread the shim did not start, on its first gate (from the SIGSEGV
+/// handler, which then runs on the thread's own stack): give it the shim's
+/// stack too. Async-signal-safe: syscalls and this thread's TLS only.
+pub fn foreign_thread_start() {
+    let _ = ensure_alt();
 }
 
 /// Drop the shim's stack at thread exit.
@@ -474,15 +509,96 @@ pub fn thread_exit() {
     };
 }
 
+// `ia2shim_call_on_stack(f, arg, top)`: call `f(arg)` with the stack pointer
+// at `top` (16-byte aligned down), then return on the caller's stack. The
+// CFI keeps unwinders and backtraces walking through to the caller.
+core::arch::global_asm!(
+    ".pushsection .text.ia2shim_call_on_stack,\"ax\",@progbits",
+    ".globl ia2shim_call_on_stack",
+    ".hidden ia2shim_call_on_stack",
+    ".type ia2shim_call_on_stack,@function",
+    ".p2align 4",
+    "ia2shim_call_on_stack:",
+    ".cfi_startproc",
+    "push rbp",
+    ".cfi_def_cfa_offset 16",
+    ".cfi_offset rbp, -16",
+    "mov rbp, rsp",
+    ".cfi_def_cfa_register rbp",
+    "mov rsp, rdx",
+    "and rsp, -16",
+    "mov rax, rdi",
+    "mov rdi, rsi",
+    "call rax",
+    "mov rsp, rbp",
+    "pop rbp",
+    ".cfi_def_cfa rsp, 8",
+    "ret",
+    ".cfi_endproc",
+    ".size ia2shim_call_on_stack, .-ia2shim_call_on_stack",
+    ".popsection",
+);
+
+extern "C" {
+    fn ia2shim_call_on_stack(f: usize, arg: usize, top: usize);
+}
+
+/// Run `f` where the kernel would have run a handler with `flags`: on the
+/// program's alternate stack for `SA_ONSTACK` when the thread has one and
+/// is on neither it nor the shim's stack (a handler the shim's own SIGSEGV
+/// or SIGSYS handler chains to stays on the shim's stack, which holds that
+/// handler's frame and would be overwritten by the next signal there),
+/// else right here.
+fn on_handler_stack(flags: c_int, f: &mut dyn FnMut()) {
+    if flags & libc::SA_ONSTACK == 0 {
+        return f();
+    }
+    // The handler entered with key 0 only; the shim's TLS goes through
+    // `__tls_get_addr`, whose DTV is libc compartment data in strict mode.
+    let base = runtime::with_libc_rights(|| ALT.get());
+    let here = current_sp();
+    let target = (base != 0)
+        .then(|| program_alt(base))
+        .flatten()
+        .filter(|&(sp, size, _)| {
+            !(sp..sp + size).contains(&here) && !(base..base + ALT_BYTES).contains(&here)
+        });
+    let Some((sp, size, disarm)) = target else {
+        return f();
+    };
+    // SS_AUTODISARM: no alternate stack while the handler runs.
+    if disarm != 0 {
+        set_program_alt(base, None);
+    }
+    extern "C" fn run(arg: usize) {
+        // SAFETY: `arg` is the `&mut dyn FnMut()` below, live for this call.
+        let f = unsafe { &mut *(arg as *mut &mut dyn FnMut()) };
+        f();
+    }
+    let mut r: &mut dyn FnMut() = f;
+    // SAFETY: the program's alternate stack, which it registered for its
+    // handlers; `run` returns before `r` goes out of scope.
+    unsafe {
+        ia2shim_call_on_stack(
+            run as *const () as usize,
+            (&mut r as *mut &mut dyn FnMut()) as usize,
+            sp + size,
+        )
+    };
+    if disarm != 0 {
+        set_program_alt(base, Some((sp, size, disarm)));
+    }
+}
+
 fn set_errno(e: c_int) -> c_int {
     // SAFETY: this thread's errno.
     unsafe { *libc::__errno_location() = e };
     -1
 }
 
-/// `sigaltstack(2)`: a stack in tagged memory is remembered and reported
-/// back, while the kernel keeps the shim's stack (program handlers with
-/// `SA_ONSTACK` then run on the shim's stack); any other stack is installed.
+/// `sigaltstack(2)` on the program's alternate stack, as the shim keeps it
+/// for its handlers (the kernel keeps the shim's stack). Without a shim
+/// stack (none could be made), the kernel's call.
 ///
 /// # Safety
 /// As `sigaltstack(2)`.
@@ -490,51 +606,56 @@ pub unsafe fn sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> 
     if runtime::active().is_none() {
         return sys_sigaltstack(ss, old);
     }
-    let ours = ALT.get();
-    // SAFETY: zeroed stack_t is valid.
-    let mut cur: libc::stack_t = unsafe { core::mem::zeroed() };
-    if sys_sigaltstack(core::ptr::null(), &mut cur) != 0 {
-        return -1;
-    }
-    let on_ours = ours != 0
-        && cur.ss_sp as usize == ours + ALT_HEADER
-        && cur.ss_flags & libc::SS_DISABLE == 0;
-    let view = if on_ours {
-        match program_alt(ours) {
-            Some((sp, size)) => stack(sp, size, cur.ss_flags & libc::SS_ONSTACK),
-            None => stack(0, 0, libc::SS_DISABLE),
-        }
-    } else {
-        cur
+    // The shim's TLS (the DTV) and the exit key's value (libc data) carry
+    // the libc compartment's key in strict mode.
+    // SAFETY: forwarded contract.
+    runtime::with_libc_rights(|| unsafe { program_sigaltstack(ss, old) })
+}
+
+/// [`sigaltstack`] once the shim is active.
+///
+/// # Safety
+/// As `sigaltstack(2)`.
+unsafe fn program_sigaltstack(ss: *const libc::stack_t, old: *mut libc::stack_t) -> c_int {
+    let Some(base) = ensure_alt() else {
+        return sys_sigaltstack(ss, old);
+    };
+    // A thread the shim did not start frees the stack at exit.
+    crate::threads::adopt_foreign();
+    let here = current_sp();
+    let prog = program_alt(base);
+    // On the program's stack, or on the shim's in a handler chained from
+    // the shim's (where the kernel would have put it): SS_ONSTACK.
+    let on_alt = prog.is_some_and(|(sp, size, _)| {
+        (sp..sp + size).contains(&here) || (base..base + ALT_BYTES).contains(&here)
+    });
+    let view = match prog {
+        Some((sp, size, fl)) => stack(sp, size, fl | if on_alt { libc::SS_ONSTACK } else { 0 }),
+        None => stack(0, 0, libc::SS_DISABLE),
     };
     if !ss.is_null() {
         // SAFETY: the caller's valid stack_t.
         let new = unsafe { *ss };
-        if cur.ss_flags & libc::SS_ONSTACK != 0 {
+        let mode = new.ss_flags & !SS_AUTODISARM;
+        if on_alt {
             return set_errno(libc::EPERM);
         }
-        if new.ss_flags & libc::SS_DISABLE != 0 {
-            if ours != 0 {
-                set_program_alt(ours, None);
-            }
-            sys_sigaltstack(&stack(0, 0, libc::SS_DISABLE), core::ptr::null_mut());
+        if mode != 0 && mode != libc::SS_DISABLE && mode != libc::SS_ONSTACK {
+            return set_errno(libc::EINVAL);
+        }
+        if mode == libc::SS_DISABLE {
+            set_program_alt(base, None);
         } else if new.ss_size < MINSIGSTKSZ {
             return set_errno(libc::ENOMEM);
-        } else if tagged(new.ss_sp as usize, new.ss_size) {
-            let Some(base) = ensure_alt() else {
-                return set_errno(libc::ENOMEM);
-            };
-            set_program_alt(base, Some((new.ss_sp as usize, new.ss_size)));
-            if !on_ours {
-                sys_sigaltstack(&shim_stack(base), core::ptr::null_mut());
-            }
         } else {
-            if sys_sigaltstack(ss, core::ptr::null_mut()) != 0 {
-                return -1;
-            }
-            if ours != 0 {
-                set_program_alt(ours, None);
-            }
+            set_program_alt(
+                base,
+                Some((
+                    new.ss_sp as usize,
+                    new.ss_size,
+                    new.ss_flags & SS_AUTODISARM,
+                )),
+            );
         }
     }
     if !old.is_null() {

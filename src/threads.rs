@@ -368,7 +368,7 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
 }
 
 /// The exit key's value for a thread that the shim did not start: no
-/// tagged TLS, only a gate-frame stack to free.
+/// tagged TLS, only a gate-frame stack and an alternate signal stack to free.
 const FOREIGN: usize = 1;
 
 /// Called (from the SIGSEGV handler) when a thread that the shim did not
@@ -393,6 +393,7 @@ unsafe extern "C" fn thread_teardown(state: *mut c_void) {
         return;
     }
     if state as usize == FOREIGN {
+        crate::signals::thread_exit();
         crate::gates::thread_exit();
         return;
     }

@@ -213,8 +213,10 @@ pub unsafe fn fixup_fault(info: *const libc::siginfo_t, ctx: *mut c_void) -> boo
     set_stack_base(base);
     set_stack_top(base + FRAME);
     gregs[libc::REG_R10 as usize] = (base + FRAME) as i64;
-    // A thread the shim did not start: free the stack when it exits.
+    // A thread the shim did not start: free the stack when it exits, and
+    // give it the shim's alternate signal stack from now on.
     crate::threads::adopt_foreign();
+    crate::signals::foreign_thread_start();
     true
 }
 
