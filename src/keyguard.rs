@@ -124,13 +124,23 @@ const JMP_ABS: [u8; 6] = [0xff, 0x25, 0, 0, 0, 0];
 /// `dlsym(RTLD_NEXT, …)`, walking the link maps) still meets the guard.
 /// Its body keeps a WRPKRU that code jumping past the entry can reach: that
 /// is an attacker with arbitrary control flow, outside the threat model.
+/// libc's `madvise` entry likewise jumps to the shim's `madvise_entry`
+/// (`crate::syscalls::madvise`), so that glibc's own calls (thread exit,
+/// malloc trimming) are checked without a trap; a jump past it reaches a
+/// syscall instruction that the filter traps.
 /// Called by the constructor before the syscall filter exists.
-pub fn install(ours: usize) {
+pub fn install(pkey_set_ours: usize, madvise_ours: usize) {
     // Called before the state is Ready: ask the runtime itself.
     if !runtime::get().is_some_and(|r| r.active()) {
         return;
     }
-    let libc_entry = real::PKEY_SET.get();
+    redirect(&real::PKEY_SET, pkey_set_ours, "pkey_set");
+    redirect(&real::MADVISE, madvise_ours, "madvise");
+}
+
+/// Overwrite the first 14 bytes of libc's `real` with a jump to `ours`.
+fn redirect(real: &RealFn, ours: usize, name: &str) {
+    let libc_entry = real.get();
     if libc_entry == ours || libc_entry == 0 {
         return;
     }
@@ -141,13 +151,13 @@ pub fn install(ours: usize) {
         4096
     };
     let rw = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-    // SAFETY: libc's text pages holding pkey_set's first 14 bytes; made
+    // SAFETY: libc's text pages holding the function's first 14 bytes; made
     // writable for the copy, then read-and-execute again. No other thread
     // runs yet (the constructor).
     unsafe {
         if libc::mprotect(page as *mut c_void, len, rw) != 0 {
             log::warn!(
-                "cannot patch libc's pkey_set (mprotect errno {}); it stays reachable by address",
+                "cannot patch libc's {name} (mprotect errno {}); it stays reachable by address",
                 crate::stackfmt::errno()
             );
             return;

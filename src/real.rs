@@ -68,6 +68,8 @@ pub static PKEY_GET: RealFn = RealFn::new(c"pkey_get");
 pub static PKEY_ALLOC: RealFn = RealFn::new(c"pkey_alloc");
 pub static PKEY_FREE: RealFn = RealFn::new(c"pkey_free");
 pub static PKEY_MPROTECT: RealFn = RealFn::new(c"pkey_mprotect");
+/// libc's `madvise` entry, redirected to the shim's check (`crate::keyguard`).
+pub static MADVISE: RealFn = RealFn::new(c"madvise");
 // Signal masks (see `crate::syscalls::unblockable`).
 pub static SIGPROCMASK: RealFn = RealFn::new(c"sigprocmask");
 pub static PTHREAD_SIGMASK: RealFn = RealFn::new(c"pthread_sigmask");
@@ -134,6 +136,7 @@ pub static ALL: &[&RealFn] = &[
     &PTHREAD_CREATE,
     &FORK,
     &PKEY_SET,
+    &MADVISE,
     &PKEY_GET,
     &PKEY_ALLOC,
     &PKEY_FREE,

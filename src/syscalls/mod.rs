@@ -22,8 +22,12 @@
 //!
 //! A trap while SIGSYS is blocked kills the process (the kernel forces the
 //! default action), so the hooks keep SIGSYS out of the masks programs set
-//! ([`unblockable`]), and `madvise` is not watched: glibc calls it with
-//! every signal blocked when a thread exits.
+//! ([`unblockable`]). `madvise` with advice that may discard data
+//! (`MADV_DONTNEED` zeroes private anonymous pages) is trapped too, but glibc
+//! calls it with every signal blocked when a thread exits: so libc's
+//! `madvise` entry jumps to [`madvise`] (`keyguard::install`), which makes
+//! the same check without a trap and issues the call from the shim's
+//! syscall instruction. Raw `madvise` syscalls from watched code trap.
 
 mod bpf;
 pub mod raw;
@@ -237,6 +241,7 @@ fn name(nr: i64) -> &'static str {
         10 => "mprotect",
         11 => "munmap",
         25 => "mremap",
+        28 => "madvise",
         101 => "ptrace",
         257 => "openat",
         310 => "process_vm_readv",
@@ -336,7 +341,7 @@ fn decide(nr: i64, args: [usize; 6], pkru: u32, trusted: bool, rip: usize, ret: 
             329 if shim_key(args[3]) && mine & (1 << args[3]) == 0 => {
                 Some("the key belongs to a compartment the caller is not running as")
             }
-            9 | 10 | 11 | 25 | 329 if foreign(a, len) != 0 => {
+            9 | 10 | 11 | 25 | 28 | 329 if foreign(a, len) != 0 => {
                 Some("the pages carry the key of a compartment the caller is not running as")
             }
             25 if args[3] & libc::MREMAP_FIXED as usize != 0 && foreign(args[4], args[2]) != 0 => {
@@ -378,6 +383,37 @@ fn decide(nr: i64, args: [usize; 6], pkru: u32, trusted: bool, rip: usize, ret: 
         }
         _ => r,
     }
+}
+
+/// `madvise(2)` as libc's entry and the shim's export: advice that may
+/// discard or change the pages' contents is refused (`EPERM`, one warning)
+/// on pages that carry the key of a compartment the caller (its current
+/// PKRU) does not hold. Allocation-free: glibc calls it at thread exit with
+/// every signal blocked. Without the filter (`IA2_SYSCALLS=off`) unchecked.
+pub fn madvise(addr: usize, len: usize, advice: c_int, ret: usize) -> c_int {
+    let args = [addr, len, advice as usize, 0, 0, 0];
+    let r = if INSTALLED.load(Ordering::Acquire)
+        && !bpf::HARMLESS_ADVICE.contains(&(advice as u32))
+        && !in_shim(ret)
+        && crate::tagmap::keys_in(addr, len, true) & !held(pku::read_pkru()) != 0
+    {
+        refuse(
+            28,
+            &args,
+            madvise as *const () as usize,
+            ret,
+            libc::EPERM,
+            "the pages carry the key of a compartment the caller is not running as",
+        )
+    } else {
+        // SAFETY: the caller's own madvise, with its arguments.
+        unsafe { raw::syscall6(28, args) }
+    };
+    if r < 0 {
+        runtime::set_errno(-r as c_int);
+        return -1;
+    }
+    r as c_int
 }
 
 /// Is `fd` a `mem` file of procfs (any process's, any mount)?
