@@ -155,7 +155,8 @@ pub unsafe fn personality(
         return URC_FATAL_PHASE1_ERROR;
     }
     // SAFETY: libstdc++'s / libgcc's personality routine, same arguments.
-    let r = unsafe { core::mem::transmute::<usize, Personality>(f)(version, actions, class, exc, ctx) };
+    let r =
+        unsafe { core::mem::transmute::<usize, Personality>(f)(version, actions, class, exc, ctx) };
     let Some(rt) = runtime::active() else {
         return r;
     };

@@ -341,7 +341,11 @@ fn a_cleanup_pad_unwinding_toward_another_compartments_handler_runs_as_its_own()
     let o = &enforced()["throw-cleanup"];
     ran_and_kept_secret(o, "throw-cleanup");
     stopped_by_a_key_fault(o);
-    assert!(!o.stdout_lossy().contains("main: caught"), "{}", out_text(o));
+    assert!(
+        !o.stdout_lossy().contains("main: caught"),
+        "{}",
+        out_text(o)
+    );
 }
 
 /// `madvise(MADV_DONTNEED)` on compartment 1's page would take its run-time

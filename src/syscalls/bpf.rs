@@ -252,7 +252,11 @@ mod tests {
         assert_eq!(run(&p, x86, MMAP, exe.end + 5, 0x32), RET_ALLOW);
         // madvise: advice that may discard data is trapped, the rest allowed.
         for advice in [4u64, 8, 9, 10, 18, 24, 102, 0xdead] {
-            assert_eq!(run_args(&p, x86, MADVISE, libc.start, advice, 0), trap, "{advice}");
+            assert_eq!(
+                run_args(&p, x86, MADVISE, libc.start, advice, 0),
+                trap,
+                "{advice}"
+            );
             assert_eq!(run_args(&p, x86, MADVISE, exe.end, advice, 0), RET_ALLOW);
             assert_eq!(run_args(&p, x86, MADVISE, stub, advice, 0), RET_ALLOW);
         }
