@@ -635,6 +635,47 @@ pub unsafe extern "C" fn pthread_create(
     unsafe { crate::threads::create(real, thread, attr, start, arg) }
 }
 
+/// `timer_create(2)`: a `SIGEV_THREAD` notification runs through the shim's
+/// thread start (see `threads::wrap_sigevent`).
+///
+/// # Safety
+/// As `timer_create(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn timer_create(
+    clock: libc::clockid_t,
+    sev: *const crate::threads::SigEvent,
+    timer: *mut libc::timer_t,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        libc::clockid_t,
+        *const crate::threads::SigEvent,
+        *mut libc::timer_t,
+    ) -> c_int;
+    // SAFETY: the slot holds glibc's timer_create.
+    let real: F = unsafe { real::as_fn(&real::TIMER_CREATE) };
+    // SAFETY: the caller's sigevent; forwarded contract.
+    match unsafe { crate::threads::wrap_sigevent(sev) } {
+        Some(w) => unsafe { real(clock, &w, timer) },
+        None => unsafe { real(clock, sev, timer) },
+    }
+}
+
+/// `mq_notify(3)`: as `timer_create`.
+///
+/// # Safety
+/// As `mq_notify(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn mq_notify(mq: libc::mqd_t, sev: *const crate::threads::SigEvent) -> c_int {
+    type F = unsafe extern "C" fn(libc::mqd_t, *const crate::threads::SigEvent) -> c_int;
+    // SAFETY: the slot holds glibc's mq_notify.
+    let real: F = unsafe { real::as_fn(&real::MQ_NOTIFY) };
+    // SAFETY: the caller's sigevent; forwarded contract.
+    match unsafe { crate::threads::wrap_sigevent(sev) } {
+        Some(w) => unsafe { real(mq, &w) },
+        None => unsafe { real(mq, sev) },
+    }
+}
+
 /// C11 `thrd_create`: glibc's calls its internal `pthread_create`, past the
 /// hook above, so it goes through the same thread start here (compartment,
 /// TLS tags, gate-frame stack). The `int` start routine is called as

@@ -68,6 +68,9 @@ pub static PKEY_GET: RealFn = RealFn::new(c"pkey_get");
 pub static PKEY_ALLOC: RealFn = RealFn::new(c"pkey_alloc");
 pub static PKEY_FREE: RealFn = RealFn::new(c"pkey_free");
 pub static PKEY_MPROTECT: RealFn = RealFn::new(c"pkey_mprotect");
+// SIGEV_THREAD notifications (see `crate::threads::wrap_sigevent`).
+pub static TIMER_CREATE: RealFn = RealFn::new(c"timer_create");
+pub static MQ_NOTIFY: RealFn = RealFn::new(c"mq_notify");
 /// libc's `madvise` entry, redirected to the shim's check (`crate::keyguard`).
 pub static MADVISE: RealFn = RealFn::new(c"madvise");
 // Signal masks (see `crate::syscalls::unblockable`).
