@@ -772,8 +772,10 @@ pub extern "C" fn pkey_alloc(flags: c_uint, rights: c_uint) -> c_int {
     crate::keyguard::pkey_alloc(flags, rights)
 }
 
-// `madvise(addr, len, advice)` with its caller's return address in rcx (the
-// shim's own calls are not checked). libc's entry jumps here too.
+// `madvise(addr, len, advice)` (exported; libc's entry jumps here too) and
+// libc's `mprotect(addr, len, prot)` and `munmap(addr, len)` entries, with
+// the caller's return address as the next argument (the shim's own calls
+// are not checked). See `syscalls::libc_entry`.
 #[cfg(not(test))]
 core::arch::global_asm!(
     ".pushsection .text.madvise,\"ax\",@progbits",
@@ -783,29 +785,67 @@ core::arch::global_asm!(
     "madvise:",
     ".cfi_startproc",
     "mov rcx, qword ptr [rsp]",
-    "jmp {hook}",
+    "jmp {madvise}",
     ".cfi_endproc",
     ".size madvise, .-madvise",
+    ".p2align 4",
+    ".globl ia2shim_libc_mprotect",
+    ".hidden ia2shim_libc_mprotect",
+    ".type ia2shim_libc_mprotect,@function",
+    "ia2shim_libc_mprotect:",
+    ".cfi_startproc",
+    "mov rcx, qword ptr [rsp]",
+    "jmp {mprotect}",
+    ".cfi_endproc",
+    ".size ia2shim_libc_mprotect, .-ia2shim_libc_mprotect",
+    ".p2align 4",
+    ".globl ia2shim_libc_munmap",
+    ".hidden ia2shim_libc_munmap",
+    ".type ia2shim_libc_munmap,@function",
+    "ia2shim_libc_munmap:",
+    ".cfi_startproc",
+    "mov rdx, qword ptr [rsp]",
+    "jmp {munmap}",
+    ".cfi_endproc",
+    ".size ia2shim_libc_munmap, .-ia2shim_libc_munmap",
     ".popsection",
-    hook = sym hook_madvise,
+    madvise = sym hook_madvise,
+    mprotect = sym hook_mprotect,
+    munmap = sym hook_munmap,
 );
 
 #[cfg_attr(test, allow(dead_code))]
 extern "C" fn hook_madvise(addr: usize, len: usize, advice: c_int, ret: usize) -> c_int {
-    crate::syscalls::madvise(addr, len, advice, ret)
+    crate::syscalls::libc_entry(28, [addr, len, advice as usize, 0, 0, 0], ret) as c_int
 }
 
-/// The address of the `madvise` stub, for libc's redirected entry.
-pub fn madvise_entry() -> usize {
+#[cfg_attr(test, allow(dead_code))]
+extern "C" fn hook_mprotect(addr: usize, len: usize, prot: c_int, ret: usize) -> c_int {
+    crate::syscalls::libc_entry(10, [addr, len, prot as usize, 0, 0, 0], ret) as c_int
+}
+
+#[cfg_attr(test, allow(dead_code))]
+extern "C" fn hook_munmap(addr: usize, len: usize, ret: usize) -> c_int {
+    crate::syscalls::libc_entry(11, [addr, len, 0, 0, 0, 0], ret) as c_int
+}
+
+/// Where libc's `madvise`, `mprotect` and `munmap` entries jump.
+pub fn libc_entries() -> [usize; 3] {
     #[cfg(not(test))]
     {
         extern "C" {
             fn madvise();
+            fn ia2shim_libc_mprotect();
+            fn ia2shim_libc_munmap();
         }
-        madvise as *const () as usize
+        [
+            madvise as *const () as usize,
+            ia2shim_libc_mprotect as *const () as usize,
+            ia2shim_libc_munmap as *const () as usize,
+        ]
     }
     #[cfg(test)]
-    0
+    [0; 3]
 }
 
 /// `pkey_free(2)`, refused for compartment keys.

@@ -124,18 +124,20 @@ const JMP_ABS: [u8; 6] = [0xff, 0x25, 0, 0, 0, 0];
 /// `dlsym(RTLD_NEXT, …)`, walking the link maps) still meets the guard.
 /// Its body keeps a WRPKRU that code jumping past the entry can reach: that
 /// is an attacker with arbitrary control flow, outside the threat model.
-/// libc's `madvise` entry likewise jumps to the shim's `madvise_entry`
-/// (`crate::syscalls::madvise`), so that glibc's own calls (thread exit,
-/// malloc trimming) are checked without a trap; a jump past it reaches a
-/// syscall instruction that the filter traps.
+/// libc's `madvise`, `mprotect` and `munmap` entries likewise jump to the
+/// shim's (`crate::syscalls::libc_entry`), so that glibc's own calls, some
+/// made with every signal blocked, are checked without a trap; a jump
+/// past an entry reaches a syscall instruction that the filter traps.
 /// Called by the constructor before the syscall filter exists.
-pub fn install(pkey_set_ours: usize, madvise_ours: usize) {
+pub fn install(pkey_set_ours: usize, [madvise, mprotect, munmap]: [usize; 3]) {
     // Called before the state is Ready: ask the runtime itself.
     if !runtime::get().is_some_and(|r| r.active()) {
         return;
     }
     redirect(&real::PKEY_SET, pkey_set_ours, "pkey_set");
-    redirect(&real::MADVISE, madvise_ours, "madvise");
+    redirect(&real::MADVISE, madvise, "madvise");
+    redirect(&real::MPROTECT, mprotect, "mprotect");
+    redirect(&real::MUNMAP, munmap, "munmap");
 }
 
 /// Overwrite the first 14 bytes of libc's `real` with a jump to `ours`.

@@ -71,8 +71,11 @@ pub static PKEY_MPROTECT: RealFn = RealFn::new(c"pkey_mprotect");
 // SIGEV_THREAD notifications (see `crate::threads::wrap_sigevent`).
 pub static TIMER_CREATE: RealFn = RealFn::new(c"timer_create");
 pub static MQ_NOTIFY: RealFn = RealFn::new(c"mq_notify");
-/// libc's `madvise` entry, redirected to the shim's check (`crate::keyguard`).
+/// libc's `madvise`, `mprotect` and `munmap` entries, redirected to the
+/// shim's check (`crate::keyguard`).
 pub static MADVISE: RealFn = RealFn::new(c"madvise");
+pub static MPROTECT: RealFn = RealFn::new(c"mprotect");
+pub static MUNMAP: RealFn = RealFn::new(c"munmap");
 // Signal masks (see `crate::syscalls::unblockable`).
 pub static SIGPROCMASK: RealFn = RealFn::new(c"sigprocmask");
 pub static PTHREAD_SIGMASK: RealFn = RealFn::new(c"pthread_sigmask");
@@ -140,6 +143,8 @@ pub static ALL: &[&RealFn] = &[
     &FORK,
     &PKEY_SET,
     &MADVISE,
+    &MPROTECT,
+    &MUNMAP,
     &PKEY_GET,
     &PKEY_ALLOC,
     &PKEY_FREE,

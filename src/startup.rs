@@ -148,7 +148,7 @@ pub fn init() {
     crate::signals::thread_start();
     crate::keyguard::install(
         crate::hooks::pkey_set as *const () as usize,
-        crate::hooks::madvise_entry(),
+        crate::hooks::libc_entries(),
     );
     crate::syscalls::install(rt);
     set_state(InitState::Ready);

@@ -556,16 +556,18 @@ extern "C" fn notify_trampoline(value: usize) {
     // SAFETY: the record wrap_sigevent leaked for this notification.
     let n = unsafe { &*(value as *const Notify) };
     if let Some(rt) = runtime::active() {
-        // glibc starts notification threads with signals blocked; tagging
-        // the TLS below may trap into the syscall filter, and a trap while
-        // SIGSYS is blocked kills the process. The shim keeps SIGSYS
-        // unblocked everywhere else too.
+        // glibc starts notification threads with every signal blocked. A
+        // trap (SIGSYS: tagging the TLS below) or a fault (SIGSEGV: a key
+        // check) while its signal is blocked kills the process without
+        // the shim's handler, so without the fault report: unblock both,
+        // as the shim keeps SIGSYS unblocked everywhere else.
         // SAFETY: a sigset on the stack; rt_sigprocmask changes only this
         // thread's mask.
         unsafe {
             let mut set: libc::sigset_t = core::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGSYS);
+            libc::sigaddset(&mut set, libc::SIGSEGV);
             libc::syscall(
                 libc::SYS_rt_sigprocmask,
                 libc::SIG_UNBLOCK,

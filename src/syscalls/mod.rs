@@ -25,9 +25,11 @@
 //! ([`unblockable`]). `madvise` with advice that may discard data
 //! (`MADV_DONTNEED` zeroes private anonymous pages) is trapped too, but glibc
 //! calls it with every signal blocked when a thread exits: so libc's
-//! `madvise` entry jumps to [`madvise`] (`keyguard::install`), which makes
-//! the same check without a trap and issues the call from the shim's
-//! syscall instruction. Raw `madvise` syscalls from watched code trap.
+//! `madvise` entry jumps to [`libc_entry`] (`keyguard::install`), which
+//! makes the same check without a trap and issues the call from the shim's
+//! syscall instruction; so do libc's `mprotect` and `munmap`, which glibc
+//! also calls with every signal blocked. Raw syscalls from watched code
+//! trap.
 
 mod bpf;
 pub mod raw;
@@ -385,35 +387,26 @@ fn decide(nr: i64, args: [usize; 6], pkru: u32, trusted: bool, rip: usize, ret: 
     }
 }
 
-/// `madvise(2)` as libc's entry and the shim's export: advice that may
-/// discard or change the pages' contents is refused (`EPERM`, one warning)
-/// on pages that carry the key of a compartment the caller (its current
-/// PKRU) does not hold. Allocation-free: glibc calls it at thread exit with
-/// every signal blocked. Without the filter (`IA2_SYSCALLS=off`) unchecked.
-pub fn madvise(addr: usize, len: usize, advice: c_int, ret: usize) -> c_int {
-    let args = [addr, len, advice as usize, 0, 0, 0];
-    let r = if INSTALLED.load(Ordering::Acquire)
-        && !bpf::HARMLESS_ADVICE.contains(&(advice as u32))
-        && !in_shim(ret)
-        && crate::tagmap::keys_in(addr, len, true) & !held(pku::read_pkru()) != 0
-    {
-        refuse(
-            28,
-            &args,
-            madvise as *const () as usize,
-            ret,
-            libc::EPERM,
-            "the pages carry the key of a compartment the caller is not running as",
-        )
-    } else {
-        // SAFETY: the caller's own madvise, with its arguments.
-        unsafe { raw::syscall6(28, args) }
-    };
+/// libc's `mprotect`, `munmap` and `madvise` entries jump here (see
+/// `keyguard::install`; `madvise` is also the shim's export): the check
+/// the SIGSYS handler would make, without a trap, with the caller's
+/// current PKRU, and the call from the shim's syscall instruction. glibc
+/// makes these calls with every signal blocked (a new thread's stack guard
+/// while `timer_create` starts its helper thread, freeing cached stacks
+/// and `madvise(MADV_DONTNEED)` at thread exit), where a trap would kill
+/// the process. `madvise` advice that keeps the pages' contents, calls
+/// from the shim itself (`ret`, the caller's return address) and calls
+/// without the filter (`IA2_SYSCALLS=off`) are not checked.
+/// Allocation-free; returns the libc convention (-1 and `errno`).
+pub fn libc_entry(nr: i64, args: [usize; 6], ret: usize) -> isize {
+    let harmless = nr == 28 && bpf::HARMLESS_ADVICE.contains(&(args[2] as u32));
+    let trusted = !INSTALLED.load(Ordering::Acquire) || harmless || in_shim(ret);
+    let r = decide(nr, args, pku::read_pkru(), trusted, ret, ret);
     if r < 0 {
         runtime::set_errno(-r as c_int);
         return -1;
     }
-    r as c_int
+    r
 }
 
 /// Is `fd` a `mem` file of procfs (any process's, any mount)?
