@@ -143,7 +143,7 @@ pub fn install(pkey_set_ours: usize, [madvise, mprotect, munmap]: [usize; 3]) {
 /// Overwrite the first 14 bytes of libc's `real` with a jump to `ours`.
 fn redirect(real: &RealFn, ours: usize, name: &str) {
     let libc_entry = real.get();
-    if libc_entry == ours || libc_entry == 0 {
+    if libc_entry == ours || libc_entry == 0 || ours == 0 {
         return;
     }
     let page = libc_entry & !4095;
