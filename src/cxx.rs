@@ -16,8 +16,11 @@
 //!   first definition, the shim's). When the search finds a handler, PKRU
 //!   goes back to the unwind rights before phase 2 starts. When phase 2
 //!   lands in a cleanup or catch pad, PKRU becomes the rights of the pad's
-//!   compartment (application code), or the unwind rights plus the libc
-//!   compartment's key (shared code such as libstdc++).
+//!   compartment (application code), or the unwind rights (shared code such
+//!   as libstdc++), plus in strict mode the libc compartment's key: libgcc
+//!   reads its own data to install the pad's context after the routine
+//!   returns. So in strict mode pads run with N's key added until their
+//!   `_Unwind_Resume` or `__cxa_begin_catch` (a documented window).
 //! - `_Unwind_Resume`, which every cleanup pad and the gate's own pad call,
 //!   records the caller's PKRU as the unwind rights, then (strict mode)
 //!   adds the libc compartment's key for libgcc.
@@ -125,8 +128,10 @@ fn landing_pkru(rt: &Runtime, ip: usize, forced: bool) -> Option<u32> {
             .then_some(c.compartment_of[i])
             .flatten()
     });
+    // Strict mode: libgcc's `uw_install_context`, which runs after the
+    // personality routine returns, reads libgcc's own data (N's key).
     match app {
-        Some(k) => Some(rt.pkru_for(k)),
+        Some(k) => Some(with_libc_key(rt, rt.pkru_for(k))),
         None if forced => None,
         None => UNWIND_RIGHTS.get().map(|u| with_libc_key(rt, u)),
     }
