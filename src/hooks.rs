@@ -653,11 +653,11 @@ pub unsafe extern "C" fn timer_create(
     ) -> c_int;
     // SAFETY: the slot holds glibc's timer_create.
     let real: F = unsafe { real::as_fn(&real::TIMER_CREATE) };
-    // SAFETY: the caller's sigevent; forwarded contract.
-    match unsafe { crate::threads::wrap_sigevent(sev) } {
-        Some(w) => unsafe { real(clock, &w, timer) },
-        None => unsafe { real(clock, sev, timer) },
-    }
+    // SAFETY: the caller's sigevent (null or valid).
+    let wrapped = unsafe { crate::threads::wrap_sigevent(sev) };
+    let sev = wrapped.as_ref().map_or(sev, |w| w as *const _);
+    // SAFETY: forwarded contract, with our copy of the sigevent if wrapped.
+    unsafe { real(clock, sev, timer) }
 }
 
 /// `mq_notify(3)`: as `timer_create`.
@@ -669,11 +669,11 @@ pub unsafe extern "C" fn mq_notify(mq: libc::mqd_t, sev: *const crate::threads::
     type F = unsafe extern "C" fn(libc::mqd_t, *const crate::threads::SigEvent) -> c_int;
     // SAFETY: the slot holds glibc's mq_notify.
     let real: F = unsafe { real::as_fn(&real::MQ_NOTIFY) };
-    // SAFETY: the caller's sigevent; forwarded contract.
-    match unsafe { crate::threads::wrap_sigevent(sev) } {
-        Some(w) => unsafe { real(mq, &w) },
-        None => unsafe { real(mq, sev) },
-    }
+    // SAFETY: the caller's sigevent (null or valid).
+    let wrapped = unsafe { crate::threads::wrap_sigevent(sev) };
+    let sev = wrapped.as_ref().map_or(sev, |w| w as *const _);
+    // SAFETY: forwarded contract, with our copy of the sigevent if wrapped.
+    unsafe { real(mq, sev) }
 }
 
 /// C11 `thrd_create`: glibc's calls its internal `pthread_create`, past the
