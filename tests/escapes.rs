@@ -96,6 +96,10 @@ fn enforced() -> &'static HashMap<&'static str, Outcome> {
         let unwind = unwind_exe();
         for a in UNWIND_ATTACKS {
             cases.push((*a, job(&[&unwind, a], &[])));
+            // Strict mode with a libc compartment of its own (3): pads run
+            // with N's key added, never compartment 1's.
+            let name: &'static str = Box::leak(format!("{a} strict").into_boxed_str());
+            cases.push((name, job(&[&unwind, a], &[("IA2_LIBC_COMPARTMENT", "3")])));
         }
         for a in SYSCALL_ATTACKS.iter().chain(MADVISE_ATTACKS) {
             let name: &'static str = Box::leak(format!("{a} without the filter").into_boxed_str());
@@ -330,9 +334,11 @@ fn the_filter_works_natively_in_sim_mode() {
 /// handler (compartment 2's) run with the thrower's rights only.
 #[test]
 fn a_terminate_handler_after_a_failed_search_runs_as_the_thrower() {
-    let o = &enforced()["throw-terminate"];
-    ran_and_kept_secret(o, "throw-terminate");
-    stopped_by_a_key_fault(o);
+    for case in ["throw-terminate", "throw-terminate strict"] {
+        let o = &enforced()[case];
+        ran_and_kept_secret(o, "throw-terminate");
+        stopped_by_a_key_fault(o);
+    }
 }
 
 /// A cleanup pad in compartment 2, run while an exception goes through the
