@@ -58,7 +58,15 @@ fn main() {
     let iters = env_num("IA2_BENCH_ITERS", 100_000).to_string();
     let sim = ("IA2_PKU", "sim");
     println!("syscall filter cost (ratio = time / unshimmed time; median of {rounds}, sides alternating, IA2_PKU=sim)");
-    for how in ["open", "mprotect", "mmap", "pread"] {
+    for how in [
+        "open",
+        "mprotect",
+        "mmap",
+        "madvise",
+        "madvise-raw",
+        "willneed",
+        "pread",
+    ] {
         let argv = [bench, how, iters.as_str()];
         let sides = vec![
             ("no shim", job_unshimmed(&argv)),

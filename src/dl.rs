@@ -533,6 +533,7 @@ fn after_dlopen(rt: &Runtime, caller: usize, handle: *mut c_void) {
     // census lock.
     bind_new(rt, &snapshot, start..end, handle);
     crate::gates::patch_objects(rt, &snapshot, start..end);
+    crate::alloc::objects_changed(&snapshot);
 }
 
 /// The object whose data or TLS a plan entry tags.
@@ -637,6 +638,7 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
             e.range, e.compartment
         ));
     }
+    crate::alloc::objects_changed(&c);
     r
 }
 

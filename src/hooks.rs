@@ -529,6 +529,62 @@ core::arch::global_asm!(
     enter = sym crate::cxx::unwind_resume_enter,
 );
 
+/// `_Unwind_RaiseException`: returns (no handler) with the thrower's PKRU.
+///
+/// # Safety
+/// As `_Unwind_RaiseException`.
+#[cfg(not(test))]
+#[no_mangle]
+pub unsafe extern "C" fn _Unwind_RaiseException(exc: *mut c_void) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::cxx::raise(exc, false) }
+}
+
+/// `_Unwind_Resume_or_Rethrow` (`throw;`), as `_Unwind_RaiseException`.
+///
+/// # Safety
+/// As `_Unwind_Resume_or_Rethrow`.
+#[cfg(not(test))]
+#[no_mangle]
+pub unsafe extern "C" fn _Unwind_Resume_or_Rethrow(exc: *mut c_void) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::cxx::raise(exc, true) }
+}
+
+/// libstdc++'s personality routine; landing pads get their compartment's rights.
+///
+/// # Safety
+/// As a personality routine.
+#[cfg(not(test))]
+#[no_mangle]
+pub unsafe extern "C" fn __gxx_personality_v0(
+    version: c_int,
+    actions: c_int,
+    class: u64,
+    exc: *mut c_void,
+    ctx: *mut c_void,
+) -> c_int {
+    // SAFETY: the unwinder's contract.
+    unsafe { crate::cxx::personality(false, version, actions, class, exc, ctx) }
+}
+
+/// libgcc's personality routine for C (`-fexceptions`, `cleanup` attribute).
+///
+/// # Safety
+/// As a personality routine.
+#[cfg(not(test))]
+#[no_mangle]
+pub unsafe extern "C" fn __gcc_personality_v0(
+    version: c_int,
+    actions: c_int,
+    class: u64,
+    exc: *mut c_void,
+    ctx: *mut c_void,
+) -> c_int {
+    // SAFETY: the unwinder's contract.
+    unsafe { crate::cxx::personality(true, version, actions, class, exc, ctx) }
+}
+
 // `__cxa_begin_catch(exc)` with its caller's return address in rsi.
 #[cfg(not(test))]
 core::arch::global_asm!(
@@ -577,6 +633,80 @@ pub unsafe extern "C" fn pthread_create(
     let real: PthreadCreateFn = unsafe { real::as_fn(&real::PTHREAD_CREATE) };
     // SAFETY: forwarded contract.
     unsafe { crate::threads::create(real, thread, attr, start, arg) }
+}
+
+/// `timer_create(2)`: a `SIGEV_THREAD` notification runs through the shim's
+/// thread start (see `threads::wrap_sigevent`).
+///
+/// # Safety
+/// As `timer_create(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn timer_create(
+    clock: libc::clockid_t,
+    sev: *const crate::threads::SigEvent,
+    timer: *mut libc::timer_t,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        libc::clockid_t,
+        *const crate::threads::SigEvent,
+        *mut libc::timer_t,
+    ) -> c_int;
+    // SAFETY: the slot holds glibc's timer_create.
+    let real: F = unsafe { real::as_fn(&real::TIMER_CREATE) };
+    // SAFETY: the caller's sigevent (null or valid).
+    let wrapped = unsafe { crate::threads::wrap_sigevent(sev) };
+    let sev = wrapped.as_ref().map_or(sev, |w| w as *const _);
+    // SAFETY: forwarded contract, with our copy of the sigevent if wrapped.
+    unsafe { real(clock, sev, timer) }
+}
+
+/// `mq_notify(3)`: as `timer_create`.
+///
+/// # Safety
+/// As `mq_notify(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn mq_notify(mq: libc::mqd_t, sev: *const crate::threads::SigEvent) -> c_int {
+    type F = unsafe extern "C" fn(libc::mqd_t, *const crate::threads::SigEvent) -> c_int;
+    // SAFETY: the slot holds glibc's mq_notify.
+    let real: F = unsafe { real::as_fn(&real::MQ_NOTIFY) };
+    // SAFETY: the caller's sigevent (null or valid).
+    let wrapped = unsafe { crate::threads::wrap_sigevent(sev) };
+    let sev = wrapped.as_ref().map_or(sev, |w| w as *const _);
+    // SAFETY: forwarded contract, with our copy of the sigevent if wrapped.
+    unsafe { real(mq, sev) }
+}
+
+/// C11 `thrd_create`: glibc's calls its internal `pthread_create`, past the
+/// hook above, so it goes through the same thread start here (compartment,
+/// TLS tags, gate-frame stack). The `int` start routine is called as
+/// glibc calls it (as a `void *` routine), and errors map as glibc's do.
+///
+/// # Safety
+/// As `thrd_create(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn thrd_create(
+    thr: *mut libc::pthread_t,
+    func: unsafe extern "C" fn(*mut c_void) -> c_int,
+    arg: *mut c_void,
+) -> c_int {
+    const THRD_SUCCESS: c_int = 0;
+    const THRD_ERROR: c_int = 2;
+    const THRD_NOMEM: c_int = 3;
+    // SAFETY: the slot holds glibc's pthread_create.
+    let real: PthreadCreateFn = unsafe { real::as_fn(&real::PTHREAD_CREATE) };
+    // SAFETY: glibc makes the same cast; the thread's `int` result is read
+    // back by thrd_join from the low half of the `void *`.
+    let start = unsafe {
+        core::mem::transmute::<unsafe extern "C" fn(*mut c_void) -> c_int, crate::threads::StartFn>(
+            func,
+        )
+    };
+    // SAFETY: forwarded contract.
+    match unsafe { crate::threads::create(real, thr, core::ptr::null(), start, arg) } {
+        0 => THRD_SUCCESS,
+        libc::ENOMEM => THRD_NOMEM,
+        _ => THRD_ERROR,
+    }
 }
 
 /// `pthread_cleanup_push` in C: the shim makes the buffer land through a
@@ -640,6 +770,82 @@ pub extern "C" fn pkey_get(key: c_int) -> c_int {
 #[no_mangle]
 pub extern "C" fn pkey_alloc(flags: c_uint, rights: c_uint) -> c_int {
     crate::keyguard::pkey_alloc(flags, rights)
+}
+
+// `madvise(addr, len, advice)` (exported; libc's entry jumps here too) and
+// libc's `mprotect(addr, len, prot)` and `munmap(addr, len)` entries, with
+// the caller's return address as the next argument (the shim's own calls
+// are not checked). See `syscalls::libc_entry`.
+#[cfg(not(test))]
+core::arch::global_asm!(
+    ".pushsection .text.madvise,\"ax\",@progbits",
+    ".globl madvise",
+    ".type madvise,@function",
+    ".p2align 4",
+    "madvise:",
+    ".cfi_startproc",
+    "mov rcx, qword ptr [rsp]",
+    "jmp {madvise}",
+    ".cfi_endproc",
+    ".size madvise, .-madvise",
+    ".p2align 4",
+    ".globl ia2shim_libc_mprotect",
+    ".hidden ia2shim_libc_mprotect",
+    ".type ia2shim_libc_mprotect,@function",
+    "ia2shim_libc_mprotect:",
+    ".cfi_startproc",
+    "mov rcx, qword ptr [rsp]",
+    "jmp {mprotect}",
+    ".cfi_endproc",
+    ".size ia2shim_libc_mprotect, .-ia2shim_libc_mprotect",
+    ".p2align 4",
+    ".globl ia2shim_libc_munmap",
+    ".hidden ia2shim_libc_munmap",
+    ".type ia2shim_libc_munmap,@function",
+    "ia2shim_libc_munmap:",
+    ".cfi_startproc",
+    "mov rdx, qword ptr [rsp]",
+    "jmp {munmap}",
+    ".cfi_endproc",
+    ".size ia2shim_libc_munmap, .-ia2shim_libc_munmap",
+    ".popsection",
+    madvise = sym hook_madvise,
+    mprotect = sym hook_mprotect,
+    munmap = sym hook_munmap,
+);
+
+#[cfg_attr(test, allow(dead_code))]
+extern "C" fn hook_madvise(addr: usize, len: usize, advice: c_int, ret: usize) -> c_int {
+    crate::syscalls::libc_entry(28, [addr, len, advice as usize, 0, 0, 0], ret) as c_int
+}
+
+#[cfg_attr(test, allow(dead_code))]
+extern "C" fn hook_mprotect(addr: usize, len: usize, prot: c_int, ret: usize) -> c_int {
+    crate::syscalls::libc_entry(10, [addr, len, prot as usize, 0, 0, 0], ret) as c_int
+}
+
+#[cfg_attr(test, allow(dead_code))]
+extern "C" fn hook_munmap(addr: usize, len: usize, ret: usize) -> c_int {
+    crate::syscalls::libc_entry(11, [addr, len, 0, 0, 0, 0], ret) as c_int
+}
+
+/// Where libc's `madvise`, `mprotect` and `munmap` entries jump.
+pub fn libc_entries() -> [usize; 3] {
+    #[cfg(not(test))]
+    {
+        extern "C" {
+            fn madvise();
+            fn ia2shim_libc_mprotect();
+            fn ia2shim_libc_munmap();
+        }
+        [
+            madvise as *const () as usize,
+            ia2shim_libc_mprotect as *const () as usize,
+            ia2shim_libc_munmap as *const () as usize,
+        ]
+    }
+    #[cfg(test)]
+    [0; 3]
 }
 
 /// `pkey_free(2)`, refused for compartment keys.

@@ -124,14 +124,26 @@ const JMP_ABS: [u8; 6] = [0xff, 0x25, 0, 0, 0, 0];
 /// `dlsym(RTLD_NEXT, …)`, walking the link maps) still meets the guard.
 /// Its body keeps a WRPKRU that code jumping past the entry can reach: that
 /// is an attacker with arbitrary control flow, outside the threat model.
+/// libc's `madvise`, `mprotect` and `munmap` entries likewise jump to the
+/// shim's (`crate::syscalls::libc_entry`), so that glibc's own calls, some
+/// made with every signal blocked, are checked without a trap; a jump
+/// past an entry reaches a syscall instruction that the filter traps.
 /// Called by the constructor before the syscall filter exists.
-pub fn install(ours: usize) {
+pub fn install(pkey_set_ours: usize, [madvise, mprotect, munmap]: [usize; 3]) {
     // Called before the state is Ready: ask the runtime itself.
     if !runtime::get().is_some_and(|r| r.active()) {
         return;
     }
-    let libc_entry = real::PKEY_SET.get();
-    if libc_entry == ours || libc_entry == 0 {
+    redirect(&real::PKEY_SET, pkey_set_ours, "pkey_set");
+    redirect(&real::MADVISE, madvise, "madvise");
+    redirect(&real::MPROTECT, mprotect, "mprotect");
+    redirect(&real::MUNMAP, munmap, "munmap");
+}
+
+/// Overwrite the first 14 bytes of libc's `real` with a jump to `ours`.
+fn redirect(real: &RealFn, ours: usize, name: &str) {
+    let libc_entry = real.get();
+    if libc_entry == ours || libc_entry == 0 || ours == 0 {
         return;
     }
     let page = libc_entry & !4095;
@@ -141,13 +153,13 @@ pub fn install(ours: usize) {
         4096
     };
     let rw = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-    // SAFETY: libc's text pages holding pkey_set's first 14 bytes; made
+    // SAFETY: libc's text pages holding the function's first 14 bytes; made
     // writable for the copy, then read-and-execute again. No other thread
     // runs yet (the constructor).
     unsafe {
         if libc::mprotect(page as *mut c_void, len, rw) != 0 {
             log::warn!(
-                "cannot patch libc's pkey_set (mprotect errno {}); it stays reachable by address",
+                "cannot patch libc's {name} (mprotect errno {}); it stays reachable by address",
                 crate::stackfmt::errno()
             );
             return;

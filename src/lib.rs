@@ -55,7 +55,7 @@ pub mod callbacks;
 pub mod carveouts;
 /// Compartment assignment: which object belongs to which compartment.
 pub mod compartments;
-/// C++ exceptions in strict mode: the unwinder keeps the libc key, the catch drops it.
+/// C++ exceptions: landing pads and `std::terminate` run with their compartment's exact rights.
 pub mod cxx;
 /// Whose rights a start routine or signal handler runs with (confused deputies).
 pub mod deputy;

@@ -68,6 +68,14 @@ pub static PKEY_GET: RealFn = RealFn::new(c"pkey_get");
 pub static PKEY_ALLOC: RealFn = RealFn::new(c"pkey_alloc");
 pub static PKEY_FREE: RealFn = RealFn::new(c"pkey_free");
 pub static PKEY_MPROTECT: RealFn = RealFn::new(c"pkey_mprotect");
+// SIGEV_THREAD notifications (see `crate::threads::wrap_sigevent`).
+pub static TIMER_CREATE: RealFn = RealFn::new(c"timer_create");
+pub static MQ_NOTIFY: RealFn = RealFn::new(c"mq_notify");
+/// libc's `madvise`, `mprotect` and `munmap` entries, redirected to the
+/// shim's check (`crate::keyguard`).
+pub static MADVISE: RealFn = RealFn::new(c"madvise");
+pub static MPROTECT: RealFn = RealFn::new(c"mprotect");
+pub static MUNMAP: RealFn = RealFn::new(c"munmap");
 // Signal masks (see `crate::syscalls::unblockable`).
 pub static SIGPROCMASK: RealFn = RealFn::new(c"sigprocmask");
 pub static PTHREAD_SIGMASK: RealFn = RealFn::new(c"pthread_sigmask");
@@ -134,6 +142,9 @@ pub static ALL: &[&RealFn] = &[
     &PTHREAD_CREATE,
     &FORK,
     &PKEY_SET,
+    &MADVISE,
+    &MPROTECT,
+    &MUNMAP,
     &PKEY_GET,
     &PKEY_ALLOC,
     &PKEY_FREE,

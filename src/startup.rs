@@ -146,7 +146,10 @@ pub fn init() {
     crate::threads::init();
     crate::signals::adopt_installed();
     crate::signals::thread_start();
-    crate::keyguard::install(crate::hooks::pkey_set as *const () as usize);
+    crate::keyguard::install(
+        crate::hooks::pkey_set as *const () as usize,
+        crate::hooks::libc_entries(),
+    );
     crate::syscalls::install(rt);
     set_state(InitState::Ready);
     // Fork handlers that library constructors registered before now.

@@ -496,3 +496,93 @@ mod tests {
         take(b);
     }
 }
+
+// ---------------------------------------------------------------- SIGEV_THREAD
+
+/// `struct sigevent` on x86-64 (the `libc` crate does not name the
+/// `SIGEV_THREAD` members of its union).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SigEvent {
+    pub value: usize,
+    pub signo: c_int,
+    pub notify: c_int,
+    pub function: usize,
+    pub attributes: usize,
+    _pad: [u8; 32],
+}
+
+const _: () = assert!(core::mem::size_of::<SigEvent>() == 64);
+
+const SIGEV_THREAD: c_int = 2;
+
+/// What a wrapped `SIGEV_THREAD` notification runs: the program's function
+/// and value and the PKRU it runs with. Leaked: glibc may start a
+/// notification thread for as long as the timer or queue exists.
+struct Notify {
+    function: usize,
+    value: usize,
+    pkru: u32,
+}
+
+/// `timer_create`/`mq_notify`: for `SIGEV_THREAD`, a copy of `*sev` whose
+/// function is [`notify_trampoline`]. glibc runs each notification in a
+/// thread it starts itself (past the `pthread_create` hook), which would
+/// keep compartment TLS on key 0 and the helper's inherited PKRU; the
+/// trampoline gives it the same start as the shim's own threads.
+///
+/// # Safety
+/// `sev` is null or a valid `struct sigevent`.
+pub unsafe fn wrap_sigevent(sev: *const SigEvent) -> Option<SigEvent> {
+    let rt = runtime::active()?;
+    if sev.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's valid sigevent.
+    let mut s = unsafe { *sev };
+    if s.notify != SIGEV_THREAD || s.function == 0 {
+        return None;
+    }
+    let n = Box::new(Notify {
+        function: s.function,
+        value: s.value,
+        pkru: child_pkru(rt, s.function),
+    });
+    s.function = notify_trampoline as *const () as usize;
+    s.value = Box::into_raw(n) as usize;
+    Some(s)
+}
+
+extern "C" fn notify_trampoline(value: usize) {
+    // SAFETY: the record wrap_sigevent leaked for this notification.
+    let n = unsafe { &*(value as *const Notify) };
+    if let Some(rt) = runtime::active() {
+        // glibc starts notification threads with every signal blocked. A
+        // trap (SIGSYS: tagging the TLS below) or a fault (SIGSEGV: a key
+        // check) while its signal is blocked kills the process without
+        // the shim's handler, so without the fault report: unblock both,
+        // as the shim keeps SIGSYS unblocked everywhere else.
+        // SAFETY: a sigset on the stack; rt_sigprocmask changes only this
+        // thread's mask.
+        unsafe {
+            let mut set: libc::sigset_t = core::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGSYS);
+            libc::sigaddset(&mut set, libc::SIGSEGV);
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_UNBLOCK,
+                &set,
+                core::ptr::null_mut::<libc::sigset_t>(),
+                8,
+            );
+        }
+        crate::gates::thread_start();
+        crate::signals::thread_start();
+        thread_setup(rt);
+    }
+    // SAFETY: the program's notification function, of this type.
+    let f = unsafe { core::mem::transmute::<usize, extern "C" fn(usize)>(n.function) };
+    pku::write_pkru(n.pkru);
+    f(n.value);
+}

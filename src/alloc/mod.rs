@@ -121,6 +121,15 @@ pub fn refresh_routes(census: &Census) {
     ));
 }
 
+/// After `dlopen` added or `dlclose` removed objects: new routes, and the
+/// sites already interned follow them (`IA2_HEAP=compartment`).
+pub fn objects_changed(census: &Census) {
+    if SERVE.load(Ordering::Acquire) == COMPARTMENT {
+        refresh_routes(census);
+        sites::reroute();
+    }
+}
+
 /// The heap and site for an allocation called from `ra`.
 #[inline]
 fn place(mode: u8, ra: usize) -> (usize, u16) {

@@ -146,6 +146,29 @@ fn intern(i: usize, ra: usize, gate_ra: usize) -> Option<(u16, usize)> {
     Some(((i + 1) as u16, heap))
 }
 
+/// After the routes changed (`dlopen`, `dlclose`): every interned site takes
+/// the heap of its call site's compartment under the new table (a site in a
+/// `dlopen`ed object that allocated from its constructors, before the
+/// object had a route, was interned on the shared heap). Sites that audit
+/// mode moved to the shared heap stay there.
+pub fn reroute() {
+    for (_, s) in all() {
+        let ra = s.ra.load(Relaxed);
+        let compartment = super::route::heap_for(ra);
+        let gate = s.gate.load(Relaxed);
+        let shared = compartment != 0 && policy().is_some_and(|p| p.matches(ra, gate));
+        let learned = s.flags.load(Relaxed) & LEARNED != 0;
+        s.compartment.store(compartment as u8, Relaxed);
+        if shared {
+            s.flags.fetch_or(POLICY, Relaxed);
+        } else {
+            s.flags.fetch_and(!POLICY, Relaxed);
+        }
+        let heap = if shared || learned { 0 } else { compartment };
+        s.heap.store(heap as u8, Relaxed);
+    }
+}
+
 /// The site with id `id`, once interned.
 pub fn get(id: u16) -> Option<&'static Site> {
     let s = TABLE.get((id as usize).checked_sub(1)?)?;

@@ -41,7 +41,9 @@
 //! In the search phase of an exception it adds the caller's rights to the
 //! thread's PKRU (the unwinder is about to read the caller's unwind data,
 //! whose `DW.ref.*` personality and type-info pointers sit in the caller's
-//! tagged .data); so cleanups in the callee's frames run with both rights.
+//! tagged .data). `crate::cxx` narrows PKRU back to the thrower's when the
+//! search ends (or fails) and gives each landing pad its own compartment's
+//! rights, so cleanups in the callee's frames never run with both.
 //! In the cleanup phase (exceptions and forced unwinds such as
 //! `pthread_exit`) it lands in a pad that restores the caller's exact PKRU,
 //! pops the gate frame and resumes unwinding in the caller: a C++ exception

@@ -33,8 +33,9 @@ pub(super) unsafe extern "C" fn gate_personality(
         // The search goes on into the caller's frames, whose unwind data
         // (personality and type-info pointers, `DW.ref.*`) may sit in the
         // caller's tagged .data. Add the caller's rights to the thread's
-        // for the rest of the unwind; the pad restores the caller's exact
-        // PKRU in the cleanup phase.
+        // for the rest of the search; `crate::cxx`'s personality wrappers
+        // narrow again when it ends, and the pad restores the caller's
+        // exact PKRU in the cleanup phase.
         // SAFETY: DWARF register 3 is rbx, which holds the gate frame at
         // the gate's return point.
         let frame = unsafe { _Unwind_GetGR(ctx, 3) };

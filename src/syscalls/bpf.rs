@@ -4,7 +4,8 @@
 //!
 //! Decision, in order: not x86-64 (or the x32 ABI) → kill; the syscall comes
 //! from the shim's own syscall instruction → allow; not a watched syscall
-//! (or `mmap` without `MAP_FIXED`) → allow; the instruction pointer lies in
+//! (or `mmap` without `MAP_FIXED`, or `madvise` with advice that keeps the
+//! pages' contents, [`HARMLESS_ADVICE`]) → allow; the instruction pointer lies in
 //! one of the watched text ranges (every object loaded at start-up) → trap
 //! with [`TRAP_DATA`]; else allow. The last test is what lets an `exec`ed
 //! image live: it inherits the filter but not the shim's SIGSYS handler,
@@ -23,8 +24,16 @@ const RET_TRAP: u32 = 0x0003_0000;
 const RET_ALLOW: u32 = 0x7fff_0000;
 const MAP_FIXED: u32 = 0x10;
 
-/// Watched syscalls (x86-64 numbers). `mmap` is watched only with `MAP_FIXED`.
+/// Watched syscalls (x86-64 numbers). `mmap` is watched only with `MAP_FIXED`,
+/// `madvise` only with advice outside [`HARMLESS_ADVICE`].
 pub const MMAP: u32 = 9;
+pub const MADVISE: u32 = 28;
+/// `madvise` advice that neither discards nor changes the pages' contents
+/// (now or in a child): NORMAL RANDOM SEQUENTIAL WILLNEED MERGEABLE
+/// UNMERGEABLE HUGEPAGE NOHUGEPAGE DONTDUMP DODUMP COLD PAGEOUT
+/// POPULATE_READ POPULATE_WRITE COLLAPSE. Everything else (DONTNEED, FREE,
+/// REMOVE, WIPEONFORK, DONTFORK, GUARD_INSTALL, unknown values …) is checked.
+pub const HARMLESS_ADVICE: &[u32] = &[0, 1, 2, 3, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 25];
 pub const WATCHED: &[u32] = &[
     2,   // open
     10,  // mprotect
@@ -46,10 +55,12 @@ const NR: u32 = 0;
 const ARCH: u32 = 4;
 const IP_LO: u32 = 8;
 const IP_HI: u32 = 12;
+const ARG2_LO: u32 = 16 + 2 * 8;
 const ARG3_LO: u32 = 16 + 3 * 8;
 
 // BPF opcodes.
 const LD_W_ABS: u16 = 0x20;
+const JA: u16 = 0x05;
 const JEQ_K: u16 = 0x15;
 const JGE_K: u16 = 0x35;
 const JSET_K: u16 = 0x45;
@@ -94,13 +105,25 @@ pub fn program(stub_ip: usize, ranges: &[Range]) -> Vec<Insn> {
         stmt(RET_K, RET_ALLOW),
         stmt(LD_W_ABS, NR),
     ];
-    // Watched: jump to the range checks; `mmap` only with MAP_FIXED.
+    // Watched: jump to the range checks; `madvise` only with advice that
+    // may destroy data, `mmap` only with MAP_FIXED.
     let n = WATCHED.len();
+    let m = HARMLESS_ADVICE.len();
+    let madvise_block = (m + 4) as u8;
     for (i, &nr) in WATCHED.iter().enumerate() {
-        // Matching: skip the remaining compares, the mmap block and the allow.
+        // Matching: skip the remaining compares, the madvise and mmap
+        // blocks and the allow.
         let rest = (n - 1 - i) as u8;
-        p.push(jump(JEQ_K, nr, rest + 5, 0));
+        p.push(jump(JEQ_K, nr, rest + madvise_block + 5, 0));
     }
+    p.push(jump(JEQ_K, MADVISE, 0, m as u8 + 3));
+    p.push(stmt(LD_W_ABS, ARG2_LO));
+    for (j, &a) in HARMLESS_ADVICE.iter().enumerate() {
+        p.push(jump(JEQ_K, a, (m - j) as u8, 0));
+    }
+    // Other advice: to the range checks, past the allow and the mmap block.
+    p.push(stmt(JA, 6));
+    p.push(stmt(RET_K, RET_ALLOW));
     p.push(jump(JEQ_K, MMAP, 1, 0));
     p.push(stmt(RET_K, RET_ALLOW));
     p.push(stmt(LD_W_ABS, ARG3_LO));
@@ -151,12 +174,17 @@ mod tests {
 
     /// Run the program on (arch, nr, ip, arg3) as the kernel would.
     fn run(p: &[Insn], arch: u32, nr: u32, ip: usize, arg3: u64) -> u32 {
+        run_args(p, arch, nr, ip, 0, arg3)
+    }
+
+    fn run_args(p: &[Insn], arch: u32, nr: u32, ip: usize, arg2: u64, arg3: u64) -> u32 {
         let word = |off: u32| -> u32 {
             match off {
                 NR => nr,
                 ARCH => arch,
                 IP_LO => ip as u32,
                 IP_HI => (ip >> 32) as u32,
+                ARG2_LO => arg2 as u32,
                 ARG3_LO => arg3 as u32,
                 _ => panic!("offset {off}"),
             }
@@ -168,6 +196,7 @@ mod tests {
             match i.code {
                 LD_W_ABS => a = word(i.k),
                 RET_K => return i.k,
+                JA => pc += i.k as usize,
                 JEQ_K | JGE_K | JSET_K => {
                     let t = match i.code {
                         JEQ_K => a == i.k,
@@ -221,6 +250,22 @@ mod tests {
         assert_eq!(run(&p, x86, MMAP, libc.start, 0x22), RET_ALLOW);
         assert_eq!(run(&p, x86, MMAP, libc.start, 0x32), trap);
         assert_eq!(run(&p, x86, MMAP, exe.end + 5, 0x32), RET_ALLOW);
+        // madvise: advice that may discard data is trapped, the rest allowed.
+        for advice in [4u64, 8, 9, 10, 18, 24, 102, 0xdead] {
+            assert_eq!(
+                run_args(&p, x86, MADVISE, libc.start, advice, 0),
+                trap,
+                "{advice}"
+            );
+            assert_eq!(run_args(&p, x86, MADVISE, exe.end, advice, 0), RET_ALLOW);
+            assert_eq!(run_args(&p, x86, MADVISE, stub, advice, 0), RET_ALLOW);
+        }
+        for &advice in HARMLESS_ADVICE {
+            assert_eq!(
+                run_args(&p, x86, MADVISE, libc.start, advice as u64, 0),
+                RET_ALLOW
+            );
+        }
         // Not watched.
         for nr in [0, 1, 3, 39, 60, 231] {
             assert_eq!(run(&p, x86, nr, libc.start, 0), RET_ALLOW, "nr {nr}");

@@ -22,8 +22,14 @@
 //!
 //! A trap while SIGSYS is blocked kills the process (the kernel forces the
 //! default action), so the hooks keep SIGSYS out of the masks programs set
-//! ([`unblockable`]), and `madvise` is not watched: glibc calls it with
-//! every signal blocked when a thread exits.
+//! ([`unblockable`]). `madvise` with advice that may discard data
+//! (`MADV_DONTNEED` zeroes private anonymous pages) is trapped too, but glibc
+//! calls it with every signal blocked when a thread exits: so libc's
+//! `madvise` entry jumps to [`libc_entry`] (`keyguard::install`), which
+//! makes the same check without a trap and issues the call from the shim's
+//! syscall instruction; so do libc's `mprotect` and `munmap`, which glibc
+//! also calls with every signal blocked. Raw syscalls from watched code
+//! trap.
 
 mod bpf;
 pub mod raw;
@@ -237,6 +243,7 @@ fn name(nr: i64) -> &'static str {
         10 => "mprotect",
         11 => "munmap",
         25 => "mremap",
+        28 => "madvise",
         101 => "ptrace",
         257 => "openat",
         310 => "process_vm_readv",
@@ -336,7 +343,7 @@ fn decide(nr: i64, args: [usize; 6], pkru: u32, trusted: bool, rip: usize, ret: 
             329 if shim_key(args[3]) && mine & (1 << args[3]) == 0 => {
                 Some("the key belongs to a compartment the caller is not running as")
             }
-            9 | 10 | 11 | 25 | 329 if foreign(a, len) != 0 => {
+            9 | 10 | 11 | 25 | 28 | 329 if foreign(a, len) != 0 => {
                 Some("the pages carry the key of a compartment the caller is not running as")
             }
             25 if args[3] & libc::MREMAP_FIXED as usize != 0 && foreign(args[4], args[2]) != 0 => {
@@ -378,6 +385,28 @@ fn decide(nr: i64, args: [usize; 6], pkru: u32, trusted: bool, rip: usize, ret: 
         }
         _ => r,
     }
+}
+
+/// libc's `mprotect`, `munmap` and `madvise` entries jump here (see
+/// `keyguard::install`; `madvise` is also the shim's export): the check
+/// the SIGSYS handler would make, without a trap, with the caller's
+/// current PKRU, and the call from the shim's syscall instruction. glibc
+/// makes these calls with every signal blocked (a new thread's stack guard
+/// while `timer_create` starts its helper thread, freeing cached stacks
+/// and `madvise(MADV_DONTNEED)` at thread exit), where a trap would kill
+/// the process. `madvise` advice that keeps the pages' contents, calls
+/// from the shim itself (`ret`, the caller's return address) and calls
+/// without the filter (`IA2_SYSCALLS=off`) are not checked.
+/// Allocation-free; returns the libc convention (-1 and `errno`).
+pub fn libc_entry(nr: i64, args: [usize; 6], ret: usize) -> isize {
+    let harmless = nr == 28 && bpf::HARMLESS_ADVICE.contains(&(args[2] as u32));
+    let trusted = !INSTALLED.load(Ordering::Acquire) || harmless || in_shim(ret);
+    let r = decide(nr, args, pku::read_pkru(), trusted, ret, ret);
+    if r < 0 {
+        runtime::set_errno(-r as c_int);
+        return -1;
+    }
+    r
 }
 
 /// Is `fd` a `mem` file of procfs (any process's, any mount)?
