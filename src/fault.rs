@@ -383,7 +383,11 @@ fn write_instruction<const N: usize>(out: &mut StackBuf<N>, rip: usize) {
         match f {
             Ok(mut f) => f.0.format(&insn, &mut InsnOut(out)),
             Err(_) => {
-                let _ = write!(out, "{:?}", insn.mnemonic());
+                // Another report holds the formatter: the bytes (iced's
+                // `Debug` names would cost every process their tables).
+                for b in &bytes[..insn.len().max(1)] {
+                    let _ = write!(out, "{b:02x} ");
+                }
             }
         }
     });

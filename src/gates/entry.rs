@@ -162,6 +162,16 @@ pub(super) struct Prologue {
     pub(super) copy: Option<Vec<(u8, u8)>>,
 }
 
+/// An instruction of the function at `f` (whose text is `bytes`) as its
+/// bytes in hex, for a plan line. Not iced's `Debug` names: those tables
+/// are ~110 KB of relocated pointers that every process would load.
+fn insn_bytes(bytes: &[u8], f: usize, i: &Instruction) -> String {
+    let at = i.ip() as usize - f;
+    let b = bytes.get(at..at + i.len()).unwrap_or_default();
+    let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("bytes {}", hex.join(" "))
+}
+
 /// Can the function at `f` (of `size` bytes, readable) take a `jmp`, and
 /// which instructions does it overwrite?
 ///
@@ -207,15 +217,15 @@ pub(super) fn analyze(bytes: &[u8], f: usize, exact_sites: bool) -> Result<Prolo
                 ) && !matches!(i.code(), Code::Call_rel32_64 | Code::Call_rm64)
                 {
                     return Err(format!(
-                        "its first bytes hold a {:?} it cannot relocate",
-                        i.code()
+                        "its first bytes hold a call it cannot relocate ({})",
+                        insn_bytes(bytes, f, &i)
                     ));
                 }
             }
             _ => {
                 return Err(format!(
-                    "too short for a {JMP_LEN}-byte jmp before its first {:?}",
-                    i.mnemonic()
+                    "too short for a {JMP_LEN}-byte jmp before its first branch or return ({})",
+                    insn_bytes(bytes, f, &i)
                 ))
             }
         }
@@ -223,8 +233,8 @@ pub(super) fn analyze(bytes: &[u8], f: usize, exact_sites: bool) -> Result<Prolo
         // there would be logged at an address that is in no object.
         if exact_sites && touches_data(&i) {
             return Err(format!(
-                "its first bytes read or write memory through a register ({:?})",
-                i.mnemonic()
+                "its first bytes read or write memory through a register ({})",
+                insn_bytes(bytes, f, &i)
             ));
         }
         if let Some(c) = copy.as_mut() {
