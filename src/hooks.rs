@@ -688,7 +688,7 @@ pub extern "C" fn ia2_compartment_pkey(c: c_int) -> c_int {
 /// The PKRU value that runs as compartment `c` (0: no such compartment).
 #[no_mangle]
 pub extern "C" fn ia2_compartment_pkru(c: c_int) -> c_uint {
-    runtime::key_of_compartment(c).map_or(0, crate::pku::pkru_allowing)
+    runtime::key_of_compartment(c).map_or(0, crate::pku::compartment_pkru)
 }
 
 /// Switch the calling thread to compartment `c` (0: every compartment, as

@@ -147,6 +147,18 @@ pub fn install(rt: &Runtime) {
         st.entry = rt.config.gate_mechanisms.entry;
         fault_gate::ENABLED.store(rt.config.gate_mechanisms.fault, Ordering::Relaxed);
     }
+    if rt.config.gates && rt.config.harden {
+        let key = pku::alloc_key().unwrap_or_else(|e| {
+            crate::lifecycle::fatal(format_args!(
+                "IA2_HARDEN=on needs a protection key for the shim's own state besides the \
+                 compartments' (pkey_alloc: errno {e}); merge compartments or set IA2_HARDEN=off"
+            ))
+        });
+        frames::harden(key);
+        HARDEN.store(true, Ordering::Relaxed);
+        pku::set_shim_key(key);
+        crate::threads::harden(key);
+    }
     if rt.config.gates {
         thread_start();
     }
