@@ -49,7 +49,8 @@ unsafe extern "C" fn main_in_compartment(
     envp: *mut *mut c_char,
 ) -> c_int {
     // libc calls main through this wrapper as through a gate: main runs as
-    // the main compartment.
+    // the main compartment, with no start-up gate frame left behind.
+    crate::gates::erase_popped_frames();
     let _caller_pkru = runtime::enter_main_compartment();
     // SAFETY: PROGRAM_MAIN holds the program's `main`, stored below.
     let main: MainFn =

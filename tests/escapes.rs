@@ -328,7 +328,9 @@ fn a_compartment_cannot_rewrite_a_thread_start_record() {
 fn unhardened_the_shim_state_attacks_leak() {
     for a in SHIM_STATE_ATTACKS {
         let o = &enforced()[format!("{a} unhardened").as_str()];
-        let leaked = o.stdout_lossy().contains(&format!("LEAKED via {a}: {SECRET}"));
+        let leaked = o
+            .stdout_lossy()
+            .contains(&format!("LEAKED via {a}: {SECRET}"));
         if *a == "thread-record" {
             eprintln!("thread-record unhardened: leaked = {leaked}");
         } else {

@@ -275,6 +275,30 @@ fn unmap_stack(base: usize) {
     unsafe { libc::munmap((base - PAGE) as *mut c_void, STACK_BYTES + 2 * PAGE) };
 }
 
+/// Erase the calling thread's popped gate frames (hardened; right before
+/// `main`): a frame saved while start-up ran with every key must not be
+/// left for a callee to return through later (the return check accepts
+/// any slot of the region).
+pub fn erase_popped_frames() {
+    let (top, base) = (stack_top(), stack_base());
+    let region = region();
+    if region == 0 || base == 0 || top < base || top >= base + STACK_BYTES {
+        return;
+    }
+    let next_page = (top + PAGE - 1) & !(PAGE - 1);
+    // SAFETY: the unused part of this thread's own frame stack: the rest of
+    // the top page is zeroed (the shim key opened for it), whole pages
+    // above are discarded (they read back as zeros).
+    unsafe {
+        pku::with_shim_writes(|| core::ptr::write_bytes(top as *mut u8, 0, next_page - top));
+        libc::madvise(
+            next_page as *mut c_void,
+            base + STACK_BYTES - next_page,
+            libc::MADV_DONTNEED,
+        );
+    }
+}
+
 /// Give the calling thread a gate-frame stack if it has none. Call it at
 /// thread start (the thread trampoline); a thread that never does gets one
 /// on its first gate, through [`fixup_fault`].
