@@ -1176,7 +1176,7 @@ pub static VARS: &[VarSpec] = &[
         name: "IA2_HARDEN",
         values: "on, off",
         default: "on",
-        meaning: "on = gate frames, the gate table and thread-start records live on a shim key that compartment PKRUs write-disable, and gates check the frame they return through (one more WRPKRU and 7 more instructions per gated round trip); off = all of it on key 0, writable by every compartment",
+        meaning: "on = gate frames, the gate table and thread-start records live on a shim key that compartment PKRUs write-disable, and gates check the frame they return through (one more WRPKRU and 6 more instructions per gated round trip); off = all of it on key 0, writable by every compartment",
         implemented: true,
         parse: |c, v| {
             c.harden = match v {
