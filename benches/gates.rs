@@ -206,15 +206,15 @@ fn main() {
     let cb = callbacks_fixture();
     let paths: [(&str, &str, Vec<&str>, &str); 4] = [
         (
-            "GOT gate into the function (IA2_GATES=got)",
+            "direct (PLT) call, GOT gate into the function (libgt2's nop1, too short for an entry gate)",
             &exe,
             vec!["loop"],
-            "got",
+            "1",
         ),
         (
-            "PLT/GOT gate into an entry-gated function's relocated body",
-            &exe,
-            vec!["loop"],
+            "direct (PLT) call into an entry-gated function: GOT gate to its relocated body",
+            &cb,
+            vec!["loop", "direct"],
             "1",
         ),
         (
