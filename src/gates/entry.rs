@@ -273,7 +273,8 @@ fn touches_data(i: &Instruction) -> bool {
 
 // ---------------------------------------------------------------- records
 
-/// The check's bytes for the backend; `jne` is last, its rel32 zero.
+/// The check's bytes for the backend, the rel32 of its `jne cross` zero
+/// (see [`jne_end`]).
 fn check_bytes(backend: Backend, pkru: u32, sim_tpoff: i32) -> Vec<u8> {
     let mut c = Vec::with_capacity(48);
     match backend {
@@ -297,13 +298,26 @@ fn check_bytes(backend: Backend, pkru: u32, sim_tpoff: i32) -> Vec<u8> {
             c.extend_from_slice(&[0x0f, 0x01, 0xee]); // rdpkru
             c.push(0x3d); // cmp eax, imm32
             c.extend_from_slice(&pkru.to_le_bytes());
+            // The cross path keeps them parked and eax = the caller's PKRU
+            // for the entry variant; the same-compartment path restores.
+            c.extend_from_slice(&[0x0f, 0x85, 0, 0, 0, 0]); // jne cross
             c.extend_from_slice(&[0x48, 0x8b, 0x44, 0x24, 0xf8]); // mov rax, [rsp-8]
             c.extend_from_slice(&[0x48, 0x8b, 0x4c, 0x24, 0xf0]); // mov rcx, [rsp-16]
             c.extend_from_slice(&[0x48, 0x8b, 0x54, 0x24, 0xe8]); // mov rdx, [rsp-24]
+            return c;
         }
     }
     c.extend_from_slice(&[0x0f, 0x85, 0, 0, 0, 0]); // jne cross
     c
+}
+
+/// Where the `jne cross` of [`check_bytes`] ends (its rel32 is the 4 bytes
+/// before): last in sim mode, before the three restores on hardware.
+fn jne_end(backend: Backend, check: &[u8]) -> usize {
+    match backend {
+        Backend::Sim => check.len(),
+        _ => check.len() - 15,
+    }
 }
 
 /// A record's bytes, and where each relocated instruction came from.
@@ -331,7 +345,7 @@ pub(super) fn build_record(
     out.extend_from_slice(&p.end.to_le_bytes());
     let check = check_bytes(backend, pkru, sim_tpoff);
     out.extend_from_slice(&check);
-    let jne_end = out.len();
+    let jne_end = out.len() - check.len() + jne_end(backend, &check);
     let body = rec + out.len();
     let mut block = p.insns.clone();
     let bad = |e: iced_x86::IcedError| format!("its first instructions cannot be relocated: {e}");
@@ -787,7 +801,7 @@ pub(super) fn gate_functions(
         while k < planned.len() {
             let (f, name, p) = &planned[k];
             let rec = base + at;
-            match build_record(rec, p, variant.code(), pkru, own, backend, tpoff) {
+            match build_record(rec, p, variant.entry_code(), pkru, own, backend, tpoff) {
                 Ok(Record { bytes, origins }) => {
                     if at + bytes.len() > ARENA_CODE {
                         break;

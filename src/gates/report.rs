@@ -305,6 +305,38 @@ pub fn hardened_round_trip_instructions(variant: Variant) -> Vec<iced_x86::Instr
     round_trip_of(variant, true)
 }
 
+/// The hardware entry variant's instructions (an entry gate's cross path
+/// after its check and the record's `lea`/`jmp`), up to its `ret`.
+pub fn entry_variant_instructions(hardened: bool) -> Vec<iced_x86::Instruction> {
+    let (start, ret) = if hardened {
+        (addr(ia2shim_gate_hwentryh), addr(ia2shim_gate_hwentryh_ret))
+    } else {
+        (addr(ia2shim_gate_hwentry), addr(ia2shim_gate_hwentry_ret))
+    };
+    decode_pieces(&[
+        (start, iced_x86::Mnemonic::Call),
+        (ret, iced_x86::Mnemonic::Ret),
+    ])
+}
+
+fn decode_pieces(pieces: &[(usize, iced_x86::Mnemonic)]) -> Vec<iced_x86::Instruction> {
+    let mut out = Vec::new();
+    for &(from, stop_at) in pieces {
+        // SAFETY: reading our own text; each piece is well under 256 bytes.
+        let bytes = unsafe { core::slice::from_raw_parts(from as *const u8, 256) };
+        let mut dec =
+            iced_x86::Decoder::with_ip(64, bytes, from as u64, iced_x86::DecoderOptions::NONE);
+        loop {
+            let insn = dec.decode();
+            out.push(insn);
+            if insn.mnemonic() == stop_at {
+                break;
+            }
+        }
+    }
+    out
+}
+
 fn round_trip_of(variant: Variant, hardened: bool) -> Vec<iced_x86::Instruction> {
     let (start, ret) = match (variant, hardened) {
         (Variant::Hardware, false) => (addr(ia2shim_gate_hw), addr(ia2shim_gate_hw_ret)),
