@@ -190,6 +190,18 @@ fn main() {
         ("ia2shim_gate_hw", "IA2_HARDEN=off"),
         ("ia2shim_gate_hwh", "IA2_HARDEN=on"),
     ] {
+        // The entry variant's count includes 2 for the stub, which stand
+        // for the record's lea/jmp; the check to its jne and the jmp back
+        // add 8.
+        let entry = format!("{variant}").replace("_hw", "_hwentry");
+        if let Some((n, pkru)) = hardware_round_trip(&entry) {
+            println!(
+                "function pointer into another compartment's entry gate, hardware, {what} (objdump): {} instructions outside RDPKRU/WRPKRU (entry jmp and check 7, record lea/jmp 2, entry variant {}, jmp back 1), plus {} RDPKRU/WRPKRU",
+                n + 8,
+                n - 2,
+                pkru + 1
+            );
+        }
         match hardware_round_trip(variant) {
             Some((n, pkru)) => println!(
                 "gate round trip, hardware variant, {what} (objdump of the shim, stub included): {n} instructions outside RDPKRU/WRPKRU, plus {pkru} RDPKRU/WRPKRU"
@@ -267,8 +279,8 @@ fn main() {
         (Some((same, rs)), Some((cross, rc))) => println!(
             "callgrind, IA2_PKU=sim, calls through a function pointer: entry gate, same compartment: \
              {same:.1} extra instructions per call (ratio {rs:.2}); another compartment: {cross:.1} extra \
-             (ratio {rc:.2}; the sim variant counts calls and moves the simulated PKRU: 2 more than hardware, \
-             whose check instead takes 11 instructions and an RDPKRU)"
+             (ratio {rc:.2}; sim counts calls and moves the simulated PKRU; on hardware the check takes \
+             11 instructions and an RDPKRU on the same-compartment path, and its cross path is printed above)"
         ),
         _ => println!("callgrind: entry-gate part skipped (valgrind not available or failed)"),
     }

@@ -14,15 +14,16 @@
 //! | 32 | the return address of a relocated `call` (the original code after it) |
 //! | 40 | the check: is PKRU the callee's? `jne cross` |
 //! | | the relocated body: the overwritten instructions (iced's block encoder), `jmp F+n` |
-//! | | cross: `lea r11, [record]; jmp [r11 + 8]`, which is what a pool stub does |
+//! | | cross: `lea r11, [record]; jmp [r11 + 8]`, which is what a pool stub does; on hardware the entry's variant is an entry variant, which takes over the registers the check parked and the PKRU it read |
 //!
 //! Same compartment: the check falls through into the relocated body and
 //! back into `F` (sim: `jmp`, `cmp fs:[pkru], imm32`, `jne`, `jmp` back = 4
 //! extra instructions; hardware: RDPKRU needs `eax`, `ecx`, `edx`, so three
 //! registers are parked in the red zone and restored, every other register
 //! untouched, because callers in the same object may rely on that: 11).
-//! Another compartment: the record's `Entry` is an ordinary gate whose
-//! target is the relocated body, so the existing variant code runs it: the
+//! Another compartment: the record's `Entry` is a gate whose target is the
+//! relocated body (hardware: an entry variant, 34 instructions in all
+//! outside RDPKRU/WRPKRU, 40 hardened), so the variant code runs it: the
 //! caller's return address, PKRU and `rbx` go to the gate-frame stack, PKRU
 //! becomes the callee's, the body runs, and the caller's PKRU comes back on
 //! return; unwinding and the personality routine work as for any gate.
