@@ -193,7 +193,7 @@ fn main() {
         // The entry variant's count includes 2 for the stub, which stand
         // for the record's lea/jmp; the check to its jne and the jmp back
         // add 8.
-        let entry = format!("{variant}").replace("_hw", "_hwentry");
+        let entry = variant.replace("_hw", "_hwentry");
         if let Some((n, pkru)) = hardware_round_trip(&entry) {
             println!(
                 "function pointer into another compartment's entry gate, hardware, {what} (objdump): {} instructions outside RDPKRU/WRPKRU (entry jmp and check 7, record lea/jmp 2, entry variant {}, jmp back 1), plus {} RDPKRU/WRPKRU",
