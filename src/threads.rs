@@ -56,7 +56,7 @@ pub fn harden(key: u32) {
     }
     let len = core::mem::size_of::<Pool>().next_multiple_of(PAGE);
     let start = &POOL as *const Pool as usize;
-    if let Err(e) = pku::sys_pkey_mprotect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
+    if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
         crate::lifecycle::fatal(format_args!(
             "IA2_HARDEN=on: pkey_mprotect of the thread-start records failed (errno {e})"
         ));

@@ -32,7 +32,13 @@ const ATTACKS: &[&str] = &[
 /// Attacks on the shim's own state (`IA2_HARDEN`): each also runs with
 /// `IA2_HARDEN=off`, where it must leak, so that the hardened run's stop
 /// is hardening's doing.
-const SHIM_STATE_ATTACKS: &[&str] = &["gate-frame", "gate-rbx", "gate-table", "thread-record"];
+const SHIM_STATE_ATTACKS: &[&str] = &[
+    "gate-frame",
+    "gate-rbx",
+    "gate-table",
+    "gate-table-rekey",
+    "thread-record",
+];
 
 /// The attacks that only the syscall filter stops.
 const SYSCALL_ATTACKS: &[&str] = &[
@@ -305,6 +311,23 @@ fn a_callee_cannot_return_through_a_forged_frame() {
 fn a_compartment_cannot_rewrite_the_gate_table() {
     let o = &enforced()["gate-table"];
     ran_and_kept_secret(o, "gate-table");
+    assert!(
+        !o.stdout_lossy().contains("entry 0 rewritten"),
+        "{}",
+        out_text(o)
+    );
+    stopped_by_the_shim_key(o);
+}
+
+/// Compartment 2 moves the gate table's page onto a fresh key of its own
+/// (libc's `pkey_mprotect`, then the raw syscall): both are refused because
+/// the page carries the shim key, and the write faults.
+#[test]
+fn a_compartment_cannot_move_the_gate_table_to_its_own_key() {
+    let o = &enforced()["gate-table-rekey"];
+    ran_and_kept_secret(o, "gate-table-rekey");
+    assert_stdout_has(o, "pkey_mprotect(gate table, key");
+    assert_stdout_has(o, "= -1 (Operation not permitted)");
     assert!(
         !o.stdout_lossy().contains("entry 0 rewritten"),
         "{}",

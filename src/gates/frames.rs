@@ -159,7 +159,7 @@ pub(super) fn harden(key: u32) {
     }
     if pku::backend() == Backend::Hardware {
         let start = GATE_MEM.meta.get() as usize;
-        if let Err(e) = pku::sys_pkey_mprotect(
+        if let Err(e) = pku::protect(
             start,
             META_BYTES + TABLE_BYTES,
             libc::PROT_READ | libc::PROT_WRITE,
@@ -171,7 +171,7 @@ pub(super) fn harden(key: u32) {
         }
         // The empty stretch too: a region slot no thread holds stays
         // inaccessible, and any page that becomes accessible is the key's.
-        if let Err(e) = pku::sys_pkey_mprotect(base, REGION_BYTES, libc::PROT_NONE, key) {
+        if let Err(e) = pku::protect(base, REGION_BYTES, libc::PROT_NONE, key) {
             crate::lifecycle::fatal(format_args!(
                 "IA2_HARDEN=on: pkey_mprotect of the gate-frame region failed (errno {e})"
             ));
