@@ -53,6 +53,11 @@ fn callbacks_fixture() -> String {
 
 /// Callgrind's total instruction count of `argv` under the shim in sim mode.
 fn callgrind(argv: &[&str], gates: &str) -> Option<u64> {
+    callgrind_with(argv, gates, "on")
+}
+
+/// As [`callgrind`], with `IA2_HARDEN=harden`.
+fn callgrind_with(argv: &[&str], gates: &str, harden: &str) -> Option<u64> {
     let out = std::env::temp_dir().join(format!(
         "ia2-gates-bench-{}-{}.cg",
         std::process::id(),
@@ -65,6 +70,7 @@ fn callgrind(argv: &[&str], gates: &str) -> Option<u64> {
         .env("LD_PRELOAD", shim())
         .env("IA2_PKU", "sim")
         .env("IA2_GATES", gates)
+        .env("IA2_HARDEN", harden)
         .output()
         .ok()?;
     if !o.status.success() {
@@ -80,6 +86,23 @@ fn callgrind(argv: &[&str], gates: &str) -> Option<u64> {
         })
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Extra instructions per loop iteration of `args N` (gated with
+/// `IA2_GATES=gates`, `IA2_HARDEN=harden`) over `IA2_GATES=0`.
+fn path_cost(exe: &str, args: &[&str], gates: &str, harden: &str) -> Option<f64> {
+    let (lo, hi) = (1_000u64, 21_000u64);
+    let run = |n: u64, gates: &str| {
+        let n = n.to_string();
+        let mut argv = vec![exe];
+        argv.extend_from_slice(args);
+        argv.push(&n);
+        callgrind_with(&argv, gates, harden)
+    };
+    let per = |a: u64, b: u64| (b - a) as f64 / (hi - lo) as f64;
+    let gated = per(run(lo, gates)?, run(hi, gates)?);
+    let direct = per(run(lo, "0")?, run(hi, "0")?);
+    Some(gated - direct)
 }
 
 /// Extra instructions per call through an entry gate (`same` or `cross`).
@@ -125,14 +148,14 @@ fn instructions(exe: &str, n: u64, gates: bool) -> Option<u64> {
 /// The hardware variant's instructions (the stub's `lea` and `jmp`, then
 /// `ia2shim_gate_hw` up to its `ret`), from `objdump -d` of the shim:
 /// (outside RDPKRU/WRPKRU, RDPKRU/WRPKRU).
-fn hardware_round_trip() -> Option<(usize, usize)> {
+fn hardware_round_trip(variant: &str) -> Option<(usize, usize)> {
     let o = Command::new("objdump")
         .args(["-d", "--no-show-raw-insn"])
         .arg(shim())
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&o.stdout);
-    let start = text.find("<ia2shim_gate_hw>:")?;
+    let start = text.find(&format!("<{variant}>:"))?;
     let (mut n, mut pkru) = (2, 0);
     for line in text[start..].lines().skip(1) {
         let Some(insn) = line.split('\t').nth(1) else {
@@ -163,11 +186,72 @@ fn ns_per_call(o: &ia2run::Outcome) -> f64 {
 
 fn main() {
     let exe = fixture();
-    match hardware_round_trip() {
-        Some((n, pkru)) => println!(
-            "gate round trip, hardware variant (objdump of the shim, stub included): {n} instructions outside RDPKRU/WRPKRU, plus {pkru} RDPKRU/WRPKRU"
+    for (variant, what) in [
+        ("ia2shim_gate_hw", "IA2_HARDEN=off"),
+        ("ia2shim_gate_hwh", "IA2_HARDEN=on"),
+    ] {
+        // The entry variant's count includes 2 for the stub, which stand
+        // for the record's lea/jmp; the check to its jne and the jmp back
+        // add 8.
+        let entry = variant.replace("_hw", "_hwentry");
+        if let Some((n, pkru)) = hardware_round_trip(&entry) {
+            println!(
+                "function pointer into another compartment's entry gate, hardware, {what} (objdump): {} instructions outside RDPKRU/WRPKRU (entry jmp and check 7, record lea/jmp 2, entry variant {}, jmp back 1), plus {} RDPKRU/WRPKRU",
+                n + 8,
+                n - 2,
+                pkru + 1
+            );
+        }
+        match hardware_round_trip(variant) {
+            Some((n, pkru)) => println!(
+                "gate round trip, hardware variant, {what} (objdump of the shim, stub included): {n} instructions outside RDPKRU/WRPKRU, plus {pkru} RDPKRU/WRPKRU"
+            ),
+            None => println!("objdump of the shim failed; hardware count skipped"),
+        }
+    }
+
+    // Each way into another compartment, callgrind in sim mode: extra
+    // instructions per call over IA2_GATES=0. The sim variants count the
+    // call (`lock inc`) and move the simulated PKRU with one more
+    // instruction than RDPKRU/WRPKRU take; the hardened ones move it three
+    // times (open, callee, caller) where hardware runs RDPKRU + 3 WRPKRU.
+    let cb = callbacks_fixture();
+    let paths: [(&str, &str, Vec<&str>, &str); 4] = [
+        (
+            "direct (PLT) call, GOT gate into the function (libgt2's nop1, too short for an entry gate)",
+            &exe,
+            vec!["loop"],
+            "1",
         ),
-        None => println!("objdump of the shim failed; hardware count skipped"),
+        (
+            "direct (PLT) call into an entry-gated function: GOT gate to its relocated body",
+            &cb,
+            vec!["loop", "direct"],
+            "1",
+        ),
+        (
+            "function pointer into another compartment's entry gate",
+            &cb,
+            vec!["loop", "cross"],
+            "1",
+        ),
+        (
+            "function pointer into the same compartment's entry gate",
+            &cb,
+            vec!["loop", "same"],
+            "1",
+        ),
+    ];
+    for (what, x, args, gates) in &paths {
+        let on = path_cost(x, args, gates, "on");
+        let off = path_cost(x, args, gates, "off");
+        match (on, off) {
+            (Some(on), Some(off)) => println!(
+                "callgrind, IA2_PKU=sim, {what}: {off:.1} extra instructions per call with IA2_HARDEN=off, {on:.1} with IA2_HARDEN=on (+{:.1})",
+                on - off
+            ),
+            _ => println!("callgrind: {what} skipped (valgrind not available or failed)"),
+        }
     }
 
     let (lo, hi) = (1_000u64, 21_000u64);
@@ -191,13 +275,12 @@ fn main() {
         _ => println!("callgrind: valgrind not available or failed; skipped"),
     }
 
-    let cb = callbacks_fixture();
     match (entry_gate_cost(&cb, "same"), entry_gate_cost(&cb, "cross")) {
         (Some((same, rs)), Some((cross, rc))) => println!(
             "callgrind, IA2_PKU=sim, calls through a function pointer: entry gate, same compartment: \
              {same:.1} extra instructions per call (ratio {rs:.2}); another compartment: {cross:.1} extra \
-             (ratio {rc:.2}; the sim variant counts calls and moves the simulated PKRU: 2 more than hardware, \
-             whose check instead takes 11 instructions and an RDPKRU)"
+             (ratio {rc:.2}; sim counts calls and moves the simulated PKRU; on hardware the check takes \
+             11 instructions and an RDPKRU on the same-compartment path, and its cross path is printed above)"
         ),
         _ => println!("callgrind: entry-gate part skipped (valgrind not available or failed)"),
     }

@@ -23,7 +23,7 @@ impl Assignment {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AssignError {
     /// Auto mode found more application objects than there are keys.
-    TooManyCompartments { objects: Vec<String> },
+    TooManyCompartments { objects: Vec<String>, limit: u8 },
     /// One object matches patterns of two compartments.
     Ambiguous {
         object: String,
@@ -35,11 +35,11 @@ pub enum AssignError {
 impl core::fmt::Display for AssignError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            AssignError::TooManyCompartments { objects } => write!(
+            AssignError::TooManyCompartments { objects, limit } => write!(
                 f,
                 "IA2_COMPARTMENTS=auto: {} application objects need more than {} compartments ({}); name the split with IA2_COMPARTMENTS",
                 objects.len(),
-                MAX_COMPARTMENT,
+                limit,
                 objects.join(", ")
             ),
             AssignError::Ambiguous { object, first, second } => write!(
@@ -94,16 +94,18 @@ pub fn assign_with_deps(
         .iter()
         .filter(|o| matches!(o.kind, ObjectKind::Main | ObjectKind::Application))
         .count();
+    // IA2_HARDEN=on keeps one key for the shim's own state.
+    let limit = MAX_COMPARTMENT - u8::from(config.harden);
     match config.compartments {
-        None if apps > MAX_COMPARTMENT as usize && !needed.is_empty() => {
-            groups = group_by_dependency(objects, needed, &mut of_object);
+        None if apps > limit as usize && !needed.is_empty() => {
+            groups = group_by_dependency(objects, needed, &mut of_object, limit);
         }
         None => {
             let mut next = 1u8;
             let mut over = false;
             for (i, o) in objects.iter().enumerate() {
                 if matches!(o.kind, ObjectKind::Main | ObjectKind::Application) {
-                    if next > MAX_COMPARTMENT {
+                    if next > limit {
                         over = true;
                     } else {
                         of_object[i] = Some(next);
@@ -113,6 +115,7 @@ pub fn assign_with_deps(
             }
             if over {
                 return Err(AssignError::TooManyCompartments {
+                    limit,
                     objects: objects
                         .iter()
                         .filter(|o| matches!(o.kind, ObjectKind::Main | ObjectKind::Application))
@@ -177,6 +180,7 @@ pub fn group_by_dependency(
     objects: &[LoadedObject],
     needed: &[Vec<String>],
     of_object: &mut [Option<u8>],
+    limit: u8,
 ) -> Vec<String> {
     let is_app = |i: usize| matches!(objects[i].kind, ObjectKind::Main | ObjectKind::Application);
     let index_of = |name: &str| {
@@ -210,9 +214,9 @@ pub fn group_by_dependency(
             stack.extend(edges[i].iter().copied().filter(|&j| j != 0));
         }
     }
-    // Keys 2..=MAX: one per direct dependency while they last, keeping the
-    // last one for the rest when anything is left over.
-    let keys = MAX_COMPARTMENT as usize - 1;
+    // Keys 2..=limit: one per direct dependency while they last, keeping
+    // the last one for the rest when anything is left over.
+    let keys = limit as usize - 1;
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); direct.len()];
     let mut rest: Vec<usize> = Vec::new();
     for i in (1..objects.len()).filter(|&i| is_app(i)) {
@@ -236,7 +240,7 @@ pub fn group_by_dependency(
     let mut lines = vec![format!(
         "IA2_COMPARTMENTS=auto: {} application objects for {} keys: grouped by dependency (compartment 1: {})",
         (0..objects.len()).filter(|&i| is_app(i)).count(),
-        MAX_COMPARTMENT,
+        limit,
         objects[0].basename
     )];
     of_object[0] = Some(1);
@@ -417,7 +421,15 @@ pub(crate) mod tests {
         needed.push(Vec::new());
         needed[0] = main_needs;
         assert!(objs.len() > 180);
-        let a = assign_with_deps(&objs, &cfg(&[]), &needed).unwrap();
+        // Hardened (the default), one key less: compartments 1..=14.
+        let hard = assign_with_deps(&objs, &cfg(&[]), &needed).unwrap();
+        assert!(hard
+            .of_object
+            .iter()
+            .flatten()
+            .all(|&c| (1..=14).contains(&c)));
+        assert!(hard.of_object.iter().flatten().any(|&c| c == 14));
+        let a = assign_with_deps(&objs, &cfg(&["IA2_HARDEN=off"]), &needed).unwrap();
         let at = |n: &str| a.of_object[objs.iter().position(|o| o.basename == n).unwrap()];
         assert_eq!(at("main"), Some(1));
         assert_eq!(at("libc.so.6"), None);

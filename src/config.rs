@@ -357,6 +357,9 @@ pub struct Config {
     pub gates: bool,
     /// Which gate mechanisms `IA2_GATES` turns on.
     pub gate_mechanisms: GateMechanisms,
+    /// `IA2_HARDEN`: the shim's own state (gate frames, the gate table,
+    /// thread-start records) on a key of its own that compartments cannot write.
+    pub harden: bool,
     /// `None`: not set, so the mode's default applies (see [`Config::heap`]).
     pub heap_explicit: Option<HeapMode>,
     pub heap_shared: HeapSharedList,
@@ -405,6 +408,7 @@ impl Default for Config {
             tls_preload: None,
             gates: true,
             gate_mechanisms: GateMechanisms::DEFAULT,
+            harden: true,
             heap_explicit: None,
             heap_shared: HeapSharedList(""),
             on_fault: OnFault::Report,
@@ -1166,6 +1170,21 @@ pub static VARS: &[VarSpec] = &[
         parse: |c, v| {
             c.gate_mechanisms = parse_gates(v)?;
             c.gates = c.gate_mechanisms != GateMechanisms::NONE;
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_HARDEN",
+        values: "on, off",
+        default: "on",
+        meaning: "on = gate frames, the gate table and thread-start records live on a shim key that compartment PKRUs write-disable, and gates check the frame they return through (one more WRPKRU and 6 more instructions per gated round trip); off = all of it on key 0, writable by every compartment",
+        implemented: true,
+        parse: |c, v| {
+            c.harden = match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(Problem::BadValue),
+            };
             Ok(())
         },
     },

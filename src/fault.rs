@@ -424,6 +424,11 @@ unsafe fn report_pku_fault(info: *const libc::siginfo_t, uc: *const libc::uconte
     );
     if let Some(c) = rt.and_then(|r| r.compartment_of_key(pkey)) {
         let _ = write!(b, " = compartment {c}");
+    } else if pkey != 0 && pkey == crate::pku::shim_key() {
+        let _ = write!(
+            b,
+            " = the shim's own key (gate frames, gate table, thread-start records)"
+        );
     }
     let _ = writeln!(b);
     let _ = write!(b, "ia2shim[{p}]:   running as  ");

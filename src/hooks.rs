@@ -49,7 +49,8 @@ unsafe extern "C" fn main_in_compartment(
     envp: *mut *mut c_char,
 ) -> c_int {
     // libc calls main through this wrapper as through a gate: main runs as
-    // the main compartment.
+    // the main compartment, with no start-up gate frame left behind.
+    crate::gates::erase_popped_frames();
     let _caller_pkru = runtime::enter_main_compartment();
     // SAFETY: PROGRAM_MAIN holds the program's `main`, stored below.
     let main: MainFn =
@@ -894,7 +895,7 @@ pub extern "C" fn ia2_compartment_pkey(c: c_int) -> c_int {
 /// The PKRU value that runs as compartment `c` (0: no such compartment).
 #[no_mangle]
 pub extern "C" fn ia2_compartment_pkru(c: c_int) -> c_uint {
-    runtime::key_of_compartment(c).map_or(0, crate::pku::pkru_allowing)
+    runtime::key_of_compartment(c).map_or(0, crate::pku::compartment_pkru)
 }
 
 /// Switch the calling thread to compartment `c` (0: every compartment, as

@@ -15,10 +15,12 @@ use crate::real::{self, RealFn};
 use crate::runtime::{self, Runtime};
 use core::ffi::{c_int, c_uint, c_void};
 
-/// Is `key` one of the shim's compartment keys (or key 0, which every
-/// compartment shares and none may give up)?
+/// Is `key` one of the shim's compartment keys, its own key (`IA2_HARDEN`),
+/// or key 0 (which every compartment shares and none may give up)?
 fn shim_key(rt: &Runtime, key: c_int) -> bool {
-    key == 0 || (key > 0 && rt.keys.iter().any(|&k| k != 0 && k as c_int == key))
+    key == 0
+        || (key > 0 && rt.keys.iter().any(|&k| k != 0 && k as c_int == key))
+        || (key > 0 && key as u32 == crate::pku::shim_key())
 }
 
 /// Does `[addr, addr+len)` overlap pages that carry a compartment's key?

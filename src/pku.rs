@@ -95,6 +95,57 @@ pub const fn pkru_allows(pkru: u32, key: u32, write: bool) -> bool {
     }
 }
 
+// ---------------------------------------------------------------- the shim key
+
+/// The shim's own key (`IA2_HARDEN=on`; 0: none). Gate frames, the gate
+/// table and thread-start records carry it. Every PKRU the shim hands a
+/// compartment write-disables it and leaves it readable, so that gates read
+/// their table and frames with the caller's rights; only the shim opens it
+/// for writing, between its own WRPKRUs.
+static SHIM_KEY: AtomicU32 = AtomicU32::new(0);
+
+pub fn set_shim_key(key: u32) {
+    SHIM_KEY.store(key, Ordering::Release);
+}
+
+pub fn shim_key() -> u32 {
+    SHIM_KEY.load(Ordering::Acquire)
+}
+
+/// The access-disable bit of the shim key (0 without one): cleared in
+/// every PKRU the shim computes, so the key stays readable.
+pub fn shim_read_bit() -> u32 {
+    match shim_key() {
+        0 => 0,
+        k => 1 << (2 * k),
+    }
+}
+
+/// PKRU for running as the compartment on `key`: key 0, `key`, and the
+/// shim key read-only.
+pub fn compartment_pkru(key: u32) -> u32 {
+    pkru_allowing(key) & !shim_read_bit()
+}
+
+/// Run `f` with the shim key writable (its AD and WD bits cleared), then
+/// put the caller's PKRU back. For the shim's own writes to its state.
+pub fn with_shim_writes<R>(f: impl FnOnce() -> R) -> R {
+    let k = shim_key();
+    if k == 0 {
+        return f();
+    }
+    let old = read_pkru();
+    let open = old & !(3 << (2 * k));
+    if open != old {
+        write_pkru(open);
+    }
+    let r = f();
+    if open != old {
+        write_pkru(old);
+    }
+    r
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Backend {

@@ -62,7 +62,7 @@ impl Runtime {
 
     /// PKRU for running as `compartment`: key 0 plus its own key.
     pub fn pkru_for(&self, compartment: u8) -> u32 {
-        pku::pkru_allowing(self.key_of(compartment))
+        pku::compartment_pkru(self.key_of(compartment))
     }
 
     /// PKRU allowing every key the shim allocated (the start-up state).
@@ -71,7 +71,7 @@ impl Runtime {
             .keys
             .iter()
             .fold(1u32, |m, &k| if k != 0 { m | 1 << k } else { m });
-        pku::pkru_allowing_set(mask)
+        pku::pkru_allowing_set(mask) & !pku::shim_read_bit()
     }
 
     /// The first compartment whose key `pkru` lets read (fault reports: the
@@ -190,7 +190,7 @@ pub fn switch_compartment(c: i32) -> i32 {
         rt.pkru_all_compartments()
     } else {
         match key_of_compartment(c) {
-            Some(k) => pku::pkru_allowing(k),
+            Some(k) => pku::compartment_pkru(k),
             None => return -1,
         }
     };

@@ -2,8 +2,9 @@
 //! trampoline and per-thread set-up and tear-down.
 //!
 //! The creator passes (start, arg, PKRU) to the child in a record from a
-//! static pool in the shim's `.bss` (key 0, never `malloc`: the child frees
-//! it under whatever PKRU it runs with). In the child, before the start
+//! static pool in the shim's `.bss` (never `malloc`: the child frees it
+//! under whatever PKRU it runs with; on the shim key with `IA2_HARDEN=on`,
+//! which only the shim opens for writing). In the child, before the start
 //! routine: its gate-frame stack, its TLS blocks of compartment modules
 //! tagged (pages wholly inside one compartment's blocks), and its PKRU set
 //! to the compartment that owns the start routine (shared code: the
@@ -23,6 +24,7 @@ use std::sync::OnceLock;
 pub type StartFn = extern "C" fn(*mut c_void) -> *mut c_void;
 
 /// One start record. `state`: 0 free, 1 claimed.
+#[repr(C)]
 struct Slot {
     state: AtomicU32,
     start: AtomicUsize,
@@ -39,29 +41,51 @@ const FREE: Slot = Slot {
     arg: AtomicUsize::new(0),
     pkru: AtomicU32::new(0),
 };
-static POOL: [Slot; SLOTS] = [FREE; SLOTS];
+/// The records on pages of their own, which `IA2_HARDEN=on` puts on the
+/// shim key: a compartment that could rewrite a record between
+/// `pthread_create` and the child's start would choose the PKRU and start
+/// routine the child runs with.
+#[repr(C, align(4096))]
+struct Pool([Slot; SLOTS]);
+static POOL: Pool = Pool([FREE; SLOTS]);
+
+/// Put the start records on the shim key (`IA2_HARDEN=on`, at install).
+pub fn harden(key: u32) {
+    if pku::backend() != pku::Backend::Hardware {
+        return;
+    }
+    let len = core::mem::size_of::<Pool>().next_multiple_of(PAGE);
+    let start = &POOL as *const Pool as usize;
+    if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
+        crate::lifecycle::fatal(format_args!(
+            "IA2_HARDEN=on: pkey_mprotect of the thread-start records failed (errno {e})"
+        ));
+    }
+}
 
 fn claim(start: StartFn, arg: *mut c_void, pkru: u32) -> Option<usize> {
-    for (i, s) in POOL.iter().enumerate() {
-        if s.state
-            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-        {
-            s.start.store(start as usize, Ordering::Relaxed);
-            s.arg.store(arg as usize, Ordering::Relaxed);
-            s.pkru.store(pkru, Ordering::Relaxed);
-            return Some(i);
+    pku::with_shim_writes(|| {
+        for (i, s) in POOL.0.iter().enumerate() {
+            if s.state
+                .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                s.start.store(start as usize, Ordering::Relaxed);
+                s.arg.store(arg as usize, Ordering::Relaxed);
+                s.pkru.store(pkru, Ordering::Relaxed);
+                return Some(i);
+            }
         }
-    }
-    None
+        None
+    })
 }
 
 fn take(i: usize) -> (StartFn, *mut c_void, u32) {
-    let s = &POOL[i];
+    let s = &POOL.0[i];
     let start = s.start.load(Ordering::Relaxed);
     let arg = s.arg.load(Ordering::Relaxed) as *mut c_void;
     let pkru = s.pkru.load(Ordering::Relaxed);
-    s.state.store(0, Ordering::Release);
+    pku::with_shim_writes(|| s.state.store(0, Ordering::Release));
     // SAFETY: `start` was stored from a StartFn by `claim`.
     (
         unsafe { core::mem::transmute::<usize, StartFn>(start) },

@@ -14,15 +14,16 @@
 //! | 32 | the return address of a relocated `call` (the original code after it) |
 //! | 40 | the check: is PKRU the callee's? `jne cross` |
 //! | | the relocated body: the overwritten instructions (iced's block encoder), `jmp F+n` |
-//! | | cross: `lea r11, [record]; jmp [r11 + 8]`, which is what a pool stub does |
+//! | | cross: `lea r11, [record]; jmp [r11 + 8]`, which is what a pool stub does; on hardware the entry's variant is an entry variant, which takes over the registers the check parked and the PKRU it read |
 //!
 //! Same compartment: the check falls through into the relocated body and
 //! back into `F` (sim: `jmp`, `cmp fs:[pkru], imm32`, `jne`, `jmp` back = 4
 //! extra instructions; hardware: RDPKRU needs `eax`, `ecx`, `edx`, so three
 //! registers are parked in the red zone and restored, every other register
 //! untouched, because callers in the same object may rely on that: 11).
-//! Another compartment: the record's `Entry` is an ordinary gate whose
-//! target is the relocated body, so the existing variant code runs it: the
+//! Another compartment: the record's `Entry` is a gate whose target is the
+//! relocated body (hardware: an entry variant, 34 instructions in all
+//! outside RDPKRU/WRPKRU, 40 hardened), so the variant code runs it: the
 //! caller's return address, PKRU and `rbx` go to the gate-frame stack, PKRU
 //! becomes the callee's, the body runs, and the caller's PKRU comes back on
 //! return; unwinding and the personality routine work as for any gate.
@@ -355,7 +356,8 @@ fn touches_data(i: &Instruction) -> bool {
 
 // ---------------------------------------------------------------- records
 
-/// The check's bytes for the backend; `jne` is last, its rel32 zero.
+/// The check's bytes for the backend, the rel32 of its `jne cross` zero
+/// (see [`jne_end`]).
 fn check_bytes(backend: Backend, pkru: u32, sim_tpoff: i32) -> Vec<u8> {
     let mut c = Vec::with_capacity(48);
     match backend {
@@ -379,13 +381,26 @@ fn check_bytes(backend: Backend, pkru: u32, sim_tpoff: i32) -> Vec<u8> {
             c.extend_from_slice(&[0x0f, 0x01, 0xee]); // rdpkru
             c.push(0x3d); // cmp eax, imm32
             c.extend_from_slice(&pkru.to_le_bytes());
+            // The cross path keeps them parked and eax = the caller's PKRU
+            // for the entry variant; the same-compartment path restores.
+            c.extend_from_slice(&[0x0f, 0x85, 0, 0, 0, 0]); // jne cross
             c.extend_from_slice(&[0x48, 0x8b, 0x44, 0x24, 0xf8]); // mov rax, [rsp-8]
             c.extend_from_slice(&[0x48, 0x8b, 0x4c, 0x24, 0xf0]); // mov rcx, [rsp-16]
             c.extend_from_slice(&[0x48, 0x8b, 0x54, 0x24, 0xe8]); // mov rdx, [rsp-24]
+            return c;
         }
     }
     c.extend_from_slice(&[0x0f, 0x85, 0, 0, 0, 0]); // jne cross
     c
+}
+
+/// Where the `jne cross` of [`check_bytes`] ends (its rel32 is the 4 bytes
+/// before): last in sim mode, before the three restores on hardware.
+fn jne_end(backend: Backend, check: &[u8]) -> usize {
+    match backend {
+        Backend::Sim => check.len(),
+        _ => check.len() - 15,
+    }
 }
 
 /// A record's bytes, and where each relocated instruction came from.
@@ -613,7 +628,7 @@ impl RecordHead {
         out.extend_from_slice(&self.end.to_le_bytes());
         let check = check_bytes(self.backend, self.pkru, self.sim_tpoff);
         out.extend_from_slice(&check);
-        let jne_end = out.len();
+        let jne_end = out.len() - check.len() + jne_end(self.backend, &check);
         let body_at = rec + out.len();
         let (code, origins) = body(body_at, ret_lit)?;
         out.extend_from_slice(&code);
@@ -1228,14 +1243,14 @@ pub(super) fn gate_functions(
                     p.at,
                     &p.bytes[p.at - f..p.end - f],
                     shape,
-                    variant.code(),
+                    variant.entry_code(),
                     pkru,
                     own,
                     backend,
                     tpoff,
                 ),
                 None => p.prologue(*f, exact_sites).and_then(|pro| {
-                    build_record(rec, &pro, variant.code(), pkru, own, backend, tpoff)
+                    build_record(rec, &pro, variant.entry_code(), pkru, own, backend, tpoff)
                 }),
             };
             match record {

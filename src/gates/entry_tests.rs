@@ -184,14 +184,29 @@ fn entry_gate_instruction_counts() {
     assert_eq!((sim, sim_pkru_ops), (4, 0));
     assert_eq!((hw, hw_pkru_ops), (11, 1));
     assert!(sim <= 8);
-    // Cross path: jmp in, the check (its restores included), then a
-    // gate round trip whose stub lea/jmp is the record's, and the jmp back.
-    let gate = round_trip_instructions(Variant::Hardware).len() - 3;
-    eprintln!(
-        "cross-compartment call through an entry gate (hardware): {} outside RDPKRU/WRPKRU; through a JUMP_SLOT GOT gate to its body: {}",
-        gate + hw,
-        gate + 1
-    );
+    // Cross path: the entry jmp and the check up to its jne (the 11 less
+    // the 3 restores and the jmp back), the record's lea/jmp, the entry
+    // variant, the jmp back from the relocated body.
+    for hardened in [false, true] {
+        let insns = entry_variant_instructions(hardened);
+        let pkru = insns
+            .iter()
+            .filter(|i| matches!(i.mnemonic(), Mnemonic::Rdpkru | Mnemonic::Wrpkru))
+            .count();
+        let cross = (hw - 4) + 2 + (insns.len() - pkru) + 1;
+        let gate = if hardened {
+            hardened_round_trip_instructions(Variant::Hardware)
+        } else {
+            round_trip_instructions(Variant::Hardware)
+        };
+        let gate = gate.len() - 3 - usize::from(hardened);
+        eprintln!(
+            "hardened {hardened}: cross-compartment call through an entry gate (hardware): {cross} outside \
+             RDPKRU/WRPKRU; through a JUMP_SLOT GOT gate to its body: {}",
+            gate + 1
+        );
+        assert_eq!(cross, if hardened { 40 } else { 34 });
+    }
 }
 
 /// A record whose prologue is copied by hand (`build_copied_record`, the

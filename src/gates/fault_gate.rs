@@ -231,11 +231,14 @@ pub unsafe fn fault_driven_entry(
     }
     // SAFETY: the return-address slot of the interrupted frame (its CFA
     // minus 8, on this thread's stack), and a fresh frame on this thread's
-    // gate-frame stack (key 0).
+    // gate-frame stack (the shim key once hardened: opened for the write).
     unsafe {
         let frame = top as *mut u8;
-        core::ptr::write(frame as *mut usize, core::ptr::read(ret_slot));
-        core::ptr::write(frame.add(32) as *mut u32, pkru);
+        let ret = core::ptr::read(ret_slot);
+        pku::with_shim_writes(|| {
+            core::ptr::write(frame as *mut usize, ret);
+            core::ptr::write(frame.add(32) as *mut u32, pkru);
+        });
         set_stack_top(top + FRAME);
         core::ptr::write(ret_slot, addr_of_fault_ret());
         // The instruction runs again with the function's own rights.

@@ -96,9 +96,112 @@ pub(super) fn set_stack_base(base: usize) {
     set_tls_quad::<16>(base)
 }
 
-/// Map a gate-frame stack: a guard page, [`STACK_BYTES`], a guard page.
-/// Async-signal-safe. Returns the base of the usable part.
+/// Each thread's slot of the frame region (hardened): a guard page, then
+/// [`STACK_BYTES`] of frames.
+const SLOT_BYTES: usize = STACK_BYTES + PAGE;
+/// Threads that can hold a gate-frame stack at once when hardened (the
+/// region's last page stays a guard).
+const SLOTS: usize = (REGION_BYTES - PAGE) / SLOT_BYTES;
+/// Claimed slots of the region, one bit each.
+static SLOT_USED: [AtomicU64; SLOTS.div_ceil(64)] =
+    [const { AtomicU64::new(0) }; SLOTS.div_ceil(64)];
+
+/// The frame region's base (0: not hardened).
+pub(super) fn region() -> usize {
+    // SAFETY: a plain read of the meta page (written once at install).
+    unsafe { (*GATE_MEM.meta.get()).region }
+}
+
+/// Hardening at install: reserve the frame region (1 GiB, aligned on
+/// 1 GiB, inaccessible until a thread claims a slot), put the meta page
+/// and the gate table on the shim key, and tell the gates both. PKRU
+/// allows every key.
+pub(super) fn harden(key: u32) {
+    let len = 2 * REGION_BYTES;
+    // SAFETY: a fresh anonymous reservation; nothing else refers to it.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        crate::lifecycle::fatal(format_args!(
+            "IA2_HARDEN=on: cannot reserve the {} MiB gate-frame region (errno {})",
+            REGION_BYTES >> 20,
+            crate::stackfmt::errno()
+        ));
+    }
+    let base = (p as usize + REGION_BYTES - 1) & !(REGION_BYTES - 1);
+    // SAFETY: trimming our own reservation to the aligned part.
+    unsafe {
+        if base > p as usize {
+            libc::munmap(p, base - p as usize);
+        }
+        let end = p as usize + len;
+        if end > base + REGION_BYTES {
+            libc::munmap(
+                (base + REGION_BYTES) as *mut c_void,
+                end - base - REGION_BYTES,
+            );
+        }
+    }
+    // SAFETY: the meta page is the shim's own, written once before any
+    // gate reads it (install runs before the first gate is made).
+    unsafe {
+        let m = GATE_MEM.meta.get();
+        (*m).region = base;
+        (*m).open_mask = !(3u32 << (2 * key));
+    }
+    if pku::backend() == Backend::Hardware {
+        let start = GATE_MEM.meta.get() as usize;
+        if let Err(e) = pku::protect(
+            start,
+            META_BYTES + TABLE_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            key,
+        ) {
+            crate::lifecycle::fatal(format_args!(
+                "IA2_HARDEN=on: pkey_mprotect of the gate table failed (errno {e})"
+            ));
+        }
+        // The empty stretch too: a region slot no thread holds stays
+        // inaccessible, and any page that becomes accessible is the key's.
+        if let Err(e) = pku::protect(base, REGION_BYTES, libc::PROT_NONE, key) {
+            crate::lifecycle::fatal(format_args!(
+                "IA2_HARDEN=on: pkey_mprotect of the gate-frame region failed (errno {e})"
+            ));
+        }
+    }
+}
+
+/// Map a gate-frame stack: a guard page, [`STACK_BYTES`], a guard page;
+/// hardened, a slot of the frame region. Async-signal-safe. Returns the
+/// base of the usable part.
 pub(super) fn map_stack() -> Option<usize> {
+    let region = region();
+    if region != 0 {
+        let slot = claim_slot()?;
+        let base = region + slot * SLOT_BYTES + PAGE;
+        // SAFETY: our claimed slot of the region; plain mprotect keeps its
+        // pages' shim key.
+        let r = unsafe {
+            libc::mprotect(
+                base as *mut c_void,
+                STACK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if r != 0 {
+            release_slot(slot);
+            return None;
+        }
+        return Some(base);
+    }
     let total = STACK_BYTES + 2 * PAGE;
     // SAFETY: a fresh anonymous mapping; nothing else refers to it.
     let p = unsafe {
@@ -129,6 +232,73 @@ pub(super) fn map_stack() -> Option<usize> {
     Some(base)
 }
 
+fn claim_slot() -> Option<usize> {
+    for (w, word) in SLOT_USED.iter().enumerate() {
+        let mut cur = word.load(Ordering::Relaxed);
+        loop {
+            let free = !cur;
+            if free == 0 {
+                break;
+            }
+            let b = free.trailing_zeros() as usize;
+            if w * 64 + b >= SLOTS {
+                break;
+            }
+            match word.compare_exchange(cur, cur | 1 << b, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(w * 64 + b),
+                Err(now) => cur = now,
+            }
+        }
+    }
+    None
+}
+
+fn release_slot(slot: usize) {
+    SLOT_USED[slot / 64].fetch_and(!(1 << (slot % 64)), Ordering::AcqRel);
+}
+
+/// Give back a stack that [`map_stack`] made. A region slot is emptied
+/// (its stale frames gone) and made inaccessible, never unmapped, so the
+/// region stays whole.
+fn unmap_stack(base: usize) {
+    let region = region();
+    if region != 0 && base > region && base < region + REGION_BYTES {
+        // SAFETY: this thread's own slot: discard its frames, then no access.
+        unsafe {
+            libc::madvise(base as *mut c_void, STACK_BYTES, libc::MADV_DONTNEED);
+            libc::mprotect(base as *mut c_void, STACK_BYTES, libc::PROT_NONE);
+        }
+        release_slot((base - region) / SLOT_BYTES);
+        return;
+    }
+    // SAFETY: unmapping the stack this thread owns, guards included.
+    unsafe { libc::munmap((base - PAGE) as *mut c_void, STACK_BYTES + 2 * PAGE) };
+}
+
+/// Erase the calling thread's popped gate frames (hardened; right before
+/// `main`): a frame saved while start-up ran with every key must not be
+/// left for a callee to return through later (the return check accepts
+/// any slot of the region).
+pub fn erase_popped_frames() {
+    let (top, base) = (stack_top(), stack_base());
+    let region = region();
+    if region == 0 || base == 0 || top < base || top >= base + STACK_BYTES {
+        return;
+    }
+    let next_page = (top + PAGE - 1) & !(PAGE - 1);
+    // SAFETY: the unused part of this thread's own frame stack: the rest of
+    // the top page is zeroed (the shim key opened for it), whole pages
+    // above are discarded (they read back as zeros).
+    unsafe {
+        pku::with_shim_writes(|| core::ptr::write_bytes(top as *mut u8, 0, next_page - top));
+        libc::madvise(
+            next_page as *mut c_void,
+            base + STACK_BYTES - next_page,
+            libc::MADV_DONTNEED,
+        );
+    }
+}
+
 /// Give the calling thread a gate-frame stack if it has none. Call it at
 /// thread start (the thread trampoline); a thread that never does gets one
 /// on its first gate, through [`fixup_fault`].
@@ -140,7 +310,8 @@ pub fn thread_start() {
                 set_stack_top(base);
             }
             None => crate::lifecycle::fatal(format_args!(
-                "cannot map a {} KiB gate-frame stack for this thread (errno {})",
+                "cannot map a {} KiB gate-frame stack for this thread (errno {}; \
+                 IA2_HARDEN=on holds {SLOTS} threads' stacks at once)",
                 STACK_BYTES >> 10,
                 crate::stackfmt::errno()
             )),
@@ -158,8 +329,7 @@ pub fn thread_exit() {
     }
     set_stack_top(0);
     set_stack_base(0);
-    // SAFETY: unmapping the stack this thread owns, guards included.
-    unsafe { libc::munmap((base - PAGE) as *mut c_void, STACK_BYTES + 2 * PAGE) };
+    unmap_stack(base);
 }
 
 /// Called first by the SIGSEGV handler. A gate entered by a thread without
@@ -199,12 +369,10 @@ pub unsafe fn fixup_fault(info: *const libc::siginfo_t, ctx: *mut c_void) -> boo
     // SAFETY: valid ucontext from the kernel.
     let gregs = unsafe { &mut (*uc).uc_mcontext.gregs };
     let rip = gregs[libc::REG_RIP as usize] as usize;
-    let at_fix = rip == addr(ia2shim_gate_hw_fix)
-        || rip == addr(ia2shim_gate_hwcount_fix)
-        || rip == addr(ia2shim_gate_hwunion_fix)
-        || rip == addr(ia2shim_gate_sim_fix)
-        || rip == addr(ia2shim_gate_simunion_fix);
-    if !at_fix || gregs[libc::REG_R10 as usize] as usize != FRAME || stack_top() != FRAME {
+    let Some(&(_, reg)) = fix_labels().iter().find(|&&(at, _)| at == rip) else {
+        return false;
+    };
+    if gregs[reg] as usize != FRAME || stack_top() != FRAME {
         return false;
     }
     let Some(base) = map_stack() else {
@@ -212,7 +380,7 @@ pub unsafe fn fixup_fault(info: *const libc::siginfo_t, ctx: *mut c_void) -> boo
     };
     set_stack_base(base);
     set_stack_top(base + FRAME);
-    gregs[libc::REG_R10 as usize] = (base + FRAME) as i64;
+    gregs[reg] = (base + FRAME) as i64;
     // A thread the shim did not start: free the stack when it exits, and
     // give it the shim's alternate signal stack from now on.
     crate::threads::adopt_foreign();

@@ -6,9 +6,10 @@
 //! [`MAX_GATES`] stubs of 16 bytes in `.text`). Stub `i` loads the address
 //! of table entry `i` into `r11` and jumps to the variant code that the
 //! entry names. An entry holds the target, the variant and the callee's
-//! PKRU. The table lives in the shim's `.bss`, on key 0, and is read-only
-//! except while the shim writes a new entry. No page is ever writable and
-//! executable at once.
+//! PKRU. The table lives in the shim's `.bss` after a meta page, on the
+//! shim key when hardened (`IA2_HARDEN=on`; key 0 otherwise), and is
+//! read-only except while the shim writes a new entry. No page is ever
+//! writable and executable at once.
 //!
 //! The variant code (hardware, hardware with a call counter, simulated)
 //! keeps every argument register (`rdi rsi rdx rcx r8 r9`, `al`, `xmm0-7`)
@@ -17,14 +18,22 @@
 //! PKRU and `rbx`, switches PKRU to the callee's, `call`s the target with
 //! `rbx` pointing at the frame, then restores the caller's PKRU, `rbx` and
 //! return address and returns. The return values (`rax rdx xmm0 xmm1`)
-//! pass through untouched. A gate frame is 48 bytes:
+//! pass through untouched. A gate frame is 64 bytes:
 //!
 //! | offset | contents |
 //! |---|---|
 //! | 0 | caller's return address |
-//! | 8, 16, 24 | `rax`, `rdx`, `rcx` while PKRU is switched |
+//! | 8, 16, 24 | `rax`, `rdx`, `rcx` while PKRU is switched (unhardened) |
 //! | 32 | caller's PKRU |
 //! | 40 | caller's `rbx` |
+//!
+//! Hardened variants (`pool.rs`, `IA2_HARDEN=on`) park `rax rdx rcx` in
+//! the red zone instead of the frame (the frame is written between a WRPKRU
+//! that opens the shim key and the one that installs the callee's PKRU),
+//! and check on return that `rbx` is a 64-byte slot of the frame region
+//! (`frames.rs`): the callee could have changed it. The entry variants are
+//! an entry gate's cross path on hardware, which reuse the registers its
+//! check parked and the PKRU it read.
 //!
 //! The frame stack is reserved before it is written and released after it
 //! has been read, so a signal handler that crosses a gate in between uses
@@ -151,6 +160,18 @@ pub fn install(rt: &Runtime) {
         st.got = rt.config.gate_mechanisms.got;
         st.entry = rt.config.gate_mechanisms.entry;
         fault_gate::ENABLED.store(rt.config.gate_mechanisms.fault, Ordering::Relaxed);
+    }
+    if rt.config.gates && rt.config.harden {
+        let key = pku::alloc_key().unwrap_or_else(|e| {
+            crate::lifecycle::fatal(format_args!(
+                "IA2_HARDEN=on needs a protection key for the shim's own state besides the \
+                 compartments' (pkey_alloc: errno {e}); merge compartments or set IA2_HARDEN=off"
+            ))
+        });
+        frames::harden(key);
+        HARDEN.store(true, Ordering::Relaxed);
+        pku::set_shim_key(key);
+        crate::threads::harden(key);
     }
     if rt.config.gates {
         thread_start();

@@ -7,8 +7,9 @@ use super::*;
 pub const MAX_GATES: usize = 4096;
 /// Bytes per table entry (and per counter).
 pub(super) const STRIDE: usize = 32;
-/// Bytes per gate frame.
-pub const FRAME: usize = 48;
+/// Bytes per gate frame (a power of two: hardened gates check a frame
+/// pointer's alignment).
+pub const FRAME: usize = 64;
 /// Usable bytes of each thread's gate-frame stack (guard pages on both sides).
 pub const STACK_BYTES: usize = 1 << 20;
 pub(super) const TABLE_BYTES: usize = MAX_GATES * STRIDE;
@@ -25,11 +26,31 @@ pub(super) struct Entry {
     pub(super) _reserved: u64,
 }
 
-/// The gate table (read-only once written) followed by the call counters
-/// (same stride, so the counting variants address a counter as
+/// What hardened gates read besides the table, on the shim key with it:
+/// the frame region's base and the mask that opens the shim key.
+#[repr(C, align(4096))]
+pub(super) struct Meta {
+    pub(super) region: usize,
+    pub(super) open_mask: u32,
+    _pad: [u8; PAGE - 12],
+}
+
+pub(super) const META_BYTES: usize = core::mem::size_of::<Meta>();
+pub(super) const META_REGION: usize = 0;
+pub(super) const META_OPEN: usize = 8;
+/// The frame region: every thread's gate-frame stack when hardened.
+pub const REGION_BYTES: usize = 1 << 30;
+/// `test rcx, REGION_CHECK` (sign-extended) after `rcx = rbx ^ region`:
+/// zero iff rbx is a 64-byte slot inside the region.
+const REGION_CHECK: i32 = !((REGION_BYTES - 1) as i32) | (FRAME as i32 - 1);
+
+/// The meta page and the gate table (the shim key once hardened; the
+/// table read-only once written), followed by the call counters (key 0;
+/// same stride, so the counting variants address a counter as
 /// `[r11 + TABLE_BYTES]`).
 #[repr(C, align(4096))]
 pub(super) struct GateMem {
+    pub(super) meta: UnsafeCell<Meta>,
     pub(super) table: UnsafeCell<[Entry; MAX_GATES]>,
     pub(super) counts: [[AtomicU64; STRIDE / 8]; MAX_GATES],
 }
@@ -47,12 +68,18 @@ pub(super) const ZERO_ENTRY: Entry = Entry {
 };
 
 pub(super) static GATE_MEM: GateMem = GateMem {
+    meta: UnsafeCell::new(Meta {
+        region: 0,
+        open_mask: !0,
+        _pad: [0; PAGE - 12],
+    }),
     table: UnsafeCell::new([ZERO_ENTRY; MAX_GATES]),
     counts: [const { [const { AtomicU64::new(0) }; STRIDE / 8] }; MAX_GATES],
 };
 
 const _: () = assert!(core::mem::size_of::<Entry>() == STRIDE);
 const _: () = assert!(TABLE_BYTES % PAGE == 0);
+const _: () = assert!(META_BYTES == PAGE && FRAME.is_power_of_two());
 
 // The stub pool, the three variants, the unwind pads and the TLS words.
 // Intel syntax. DWARF registers: 3 = rbx, 10 = r10, 16 = return address;
@@ -71,7 +98,7 @@ core::arch::global_asm!(
     ".set ia2shim_gate_i, 0",
     ".rept {max_gates}",
     ".balign 16",
-    "lea r11, [rip + {mem} + {stride} * ia2shim_gate_i]",
+    "lea r11, [rip + {mem} + {meta_bytes} + {stride} * ia2shim_gate_i]",
     "jmp qword ptr [r11 + 8]",
     ".set ia2shim_gate_i, ia2shim_gate_i + 1",
     ".endr",
@@ -95,8 +122,8 @@ core::arch::global_asm!(
     ".globl ia2shim_gate_\\name\\()_fix",
     ".hidden ia2shim_gate_\\name\\()_fix",
     "ia2shim_gate_\\name\\()_fix:",
-    "mov qword ptr [r10 - 8], rbx",
-    ".cfi_escape 0x10, 0x03, 0x02, 0x7a, 0x78",
+    "mov qword ptr [r10 - {frame} + 40], rbx",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x7a, {rbx_at_top}",
     "lea rbx, [r10 - {frame}]",
     ".cfi_escape 0x10, 0x03, 0x02, 0x73, 0x28",
     "pop qword ptr [rbx]",
@@ -143,6 +170,195 @@ core::arch::global_asm!(
     "ia2shim_gate_body hw, 0, 0",
     "ia2shim_gate_body hwcount, 1, 0",
     "ia2shim_gate_body hwunion, 1, 1",
+    // ---- hardened variants (`IA2_HARDEN=on`): the frame stack carries the
+    // shim key, which the caller's PKRU write-disables. The arguments wait
+    // in the red zone while a first WRPKRU opens the shim key (caller's
+    // rights ANDed with the meta page's mask), the frame is written, and
+    // the second installs the callee's PKRU. On return the frame pointer
+    // (rbx, which the callee could have changed) must be a 64-byte slot of
+    // the frame region (1 GiB, aligned on 1 GiB, all of it on the shim key):
+    // `(rbx ^ region) & 0xffffffffc000003f == 0`. Only gates write there,
+    // so the return address and PKRU read back are ones a gate saved.
+    // `sim`: the simulated PKRU word stands in for RDPKRU/WRPKRU.
+    ".macro ia2shim_gate_hbody name, count, union, sim",
+    ".balign 16",
+    ".globl ia2shim_gate_\\name",
+    ".hidden ia2shim_gate_\\name",
+    ".type ia2shim_gate_\\name,@function",
+    "ia2shim_gate_\\name:",
+    ".cfi_startproc",
+    ".cfi_personality 0x1b, {personality}",
+    ".if \\count",
+    "lock inc qword ptr [r11 + {table_bytes}]",
+    ".endif",
+    "mov qword ptr [rsp - 8], rax",
+    "mov qword ptr [rsp - 16], rdx",
+    "mov qword ptr [rsp - 24], rcx",
+    ".if \\sim",
+    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "mov eax, dword ptr fs:[rcx + 8]",
+    "mov r10d, eax",
+    "and eax, dword ptr [rip + {mem} + {meta_open}]",
+    "mov dword ptr fs:[rcx + 8], eax",
+    ".else",
+    "xor ecx, ecx",
+    "rdpkru",
+    "mov r10d, eax",
+    "and eax, dword ptr [rip + {mem} + {meta_open}]",
+    "wrpkru",
+    ".endif",
+    "mov rax, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "add qword ptr fs:[rax], {frame}",
+    "mov rax, qword ptr fs:[rax]",
+    ".globl ia2shim_gate_\\name\\()_fix",
+    ".hidden ia2shim_gate_\\name\\()_fix",
+    "ia2shim_gate_\\name\\()_fix:",
+    "mov qword ptr [rax - {frame} + 40], rbx",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x70, {rbx_at_top}",
+    "lea rbx, [rax - {frame}]",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x73, 0x28",
+    "pop qword ptr [rbx]",
+    ".cfi_def_cfa_offset 0",
+    ".cfi_escape 0x10, 0x10, 0x02, 0x73, 0x00",
+    "mov dword ptr [rbx + 32], r10d",
+    ".if \\union",
+    "mov eax, r10d",
+    "and eax, dword ptr [r11 + 16]",
+    ".else",
+    "mov eax, dword ptr [r11 + 16]",
+    ".endif",
+    ".if \\sim",
+    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "mov dword ptr fs:[rcx + 8], eax",
+    ".else",
+    "wrpkru",
+    ".endif",
+    "mov rax, qword ptr [rsp - 16]",
+    "mov rdx, qword ptr [rsp - 24]",
+    "mov rcx, qword ptr [rsp - 32]",
+    "call qword ptr [r11]",
+    ".globl ia2shim_gate_\\name\\()_ret",
+    ".hidden ia2shim_gate_\\name\\()_ret",
+    "ia2shim_gate_\\name\\()_ret:",
+    "mov r11, rax",
+    "mov r10, rdx",
+    "mov rcx, rbx",
+    "xor rcx, qword ptr [rip + {mem} + {meta_region}]",
+    "test rcx, {region_check}",
+    "jnz {bad_frame}",
+    "push qword ptr [rbx]",
+    ".cfi_def_cfa_offset 8",
+    ".cfi_offset 16, -8",
+    "mov eax, dword ptr [rbx + 32]",
+    "mov rbx, qword ptr [rbx + 40]",
+    ".cfi_restore rbx",
+    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "sub qword ptr fs:[rcx], {frame}",
+    ".if \\sim",
+    "mov dword ptr fs:[rcx + 8], eax",
+    ".else",
+    "xor ecx, ecx",
+    "xor edx, edx",
+    "wrpkru",
+    ".endif",
+    "mov rax, r11",
+    "mov rdx, r10",
+    "ret",
+    ".cfi_endproc",
+    ".size ia2shim_gate_\\name, . - ia2shim_gate_\\name",
+    ".endm",
+    "ia2shim_gate_hbody hwh, 0, 0, 0",
+    "ia2shim_gate_hbody hwcounth, 1, 0, 0",
+    "ia2shim_gate_hbody hwunionh, 1, 1, 0",
+    "ia2shim_gate_hbody simh, 1, 0, 1",
+    "ia2shim_gate_hbody simunionh, 1, 1, 1",
+    // ---- entry variants (hardware): the cross path of an entry gate's
+    // record. Its check already parked `rax rdx rcx` in the red zone and
+    // ran RDPKRU: eax = the caller's PKRU, ecx = edx = 0. So only the frame
+    // is written here, and the arguments come back from the red zone.
+    ".macro ia2shim_gate_ebody name, count, harden",
+    ".balign 16",
+    ".globl ia2shim_gate_\\name",
+    ".hidden ia2shim_gate_\\name",
+    ".type ia2shim_gate_\\name,@function",
+    "ia2shim_gate_\\name:",
+    ".cfi_startproc",
+    ".cfi_personality 0x1b, {personality}",
+    ".if \\count",
+    "lock inc qword ptr [r11 + {table_bytes}]",
+    ".endif",
+    ".if \\harden",
+    "mov r10d, eax",
+    "and eax, dword ptr [rip + {mem} + {meta_open}]",
+    "wrpkru",
+    "mov rax, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "add qword ptr fs:[rax], {frame}",
+    "mov rax, qword ptr fs:[rax]",
+    ".globl ia2shim_gate_\\name\\()_fix",
+    ".hidden ia2shim_gate_\\name\\()_fix",
+    "ia2shim_gate_\\name\\()_fix:",
+    "mov qword ptr [rax - {frame} + 40], rbx",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x70, {rbx_at_top}",
+    "lea rbx, [rax - {frame}]",
+    ".else",
+    "mov r10, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "add qword ptr fs:[r10], {frame}",
+    "mov r10, qword ptr fs:[r10]",
+    ".globl ia2shim_gate_\\name\\()_fix",
+    ".hidden ia2shim_gate_\\name\\()_fix",
+    "ia2shim_gate_\\name\\()_fix:",
+    "mov qword ptr [r10 - {frame} + 40], rbx",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x7a, {rbx_at_top}",
+    "lea rbx, [r10 - {frame}]",
+    ".endif",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x73, 0x28",
+    "pop qword ptr [rbx]",
+    ".cfi_def_cfa_offset 0",
+    ".cfi_escape 0x10, 0x10, 0x02, 0x73, 0x00",
+    ".if \\harden",
+    "mov dword ptr [rbx + 32], r10d",
+    ".else",
+    "mov dword ptr [rbx + 32], eax",
+    ".endif",
+    "mov eax, dword ptr [r11 + 16]",
+    "wrpkru",
+    // (The check parked rax, rcx, rdx in that order.)
+    "mov rax, qword ptr [rsp - 16]",
+    "mov rcx, qword ptr [rsp - 24]",
+    "mov rdx, qword ptr [rsp - 32]",
+    "call qword ptr [r11]",
+    ".globl ia2shim_gate_\\name\\()_ret",
+    ".hidden ia2shim_gate_\\name\\()_ret",
+    "ia2shim_gate_\\name\\()_ret:",
+    "mov r11, rax",
+    "mov r10, rdx",
+    ".if \\harden",
+    "mov rcx, rbx",
+    "xor rcx, qword ptr [rip + {mem} + {meta_region}]",
+    "test rcx, {region_check}",
+    "jnz {bad_frame}",
+    ".endif",
+    "push qword ptr [rbx]",
+    ".cfi_def_cfa_offset 8",
+    ".cfi_offset 16, -8",
+    "mov eax, dword ptr [rbx + 32]",
+    "mov rbx, qword ptr [rbx + 40]",
+    ".cfi_restore rbx",
+    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+    "sub qword ptr fs:[rcx], {frame}",
+    "xor ecx, ecx",
+    "xor edx, edx",
+    "wrpkru",
+    "mov rax, r11",
+    "mov rdx, r10",
+    "ret",
+    ".cfi_endproc",
+    ".size ia2shim_gate_\\name, . - ia2shim_gate_\\name",
+    ".endm",
+    "ia2shim_gate_ebody hwentry, 0, 0",
+    "ia2shim_gate_ebody hwcountentry, 1, 0",
+    "ia2shim_gate_ebody hwentryh, 0, 1",
+    "ia2shim_gate_ebody hwcountentryh, 1, 1",
     // ---- simulated variant: the same with RDPKRU/WRPKRU replaced by moves
     // from and to the TLS word after the frame-stack top; always counts.
     ".macro ia2shim_gate_sim_body name, union",
@@ -160,8 +376,8 @@ core::arch::global_asm!(
     ".globl ia2shim_gate_\\name\\()_fix",
     ".hidden ia2shim_gate_\\name\\()_fix",
     "ia2shim_gate_\\name\\()_fix:",
-    "mov qword ptr [r10 - 8], rbx",
-    ".cfi_escape 0x10, 0x03, 0x02, 0x7a, 0x78",
+    "mov qword ptr [r10 - {frame} + 40], rbx",
+    ".cfi_escape 0x10, 0x03, 0x02, 0x7a, {rbx_at_top}",
     "lea rbx, [r10 - {frame}]",
     ".cfi_escape 0x10, 0x03, 0x02, 0x73, 0x28",
     "pop qword ptr [rbx]",
@@ -250,6 +466,12 @@ core::arch::global_asm!(
     table_bytes = const TABLE_BYTES,
     frame = const FRAME,
     mem = sym GATE_MEM,
+    meta_bytes = const META_BYTES,
+    meta_region = const META_REGION,
+    meta_open = const META_OPEN,
+    region_check = const REGION_CHECK,
+    rbx_at_top = const (40 - FRAME as i64) & 0x7f,
+    bad_frame = sym bad_frame,
     personality = sym gate_personality,
     resume = sym _Unwind_Resume,
 );
@@ -271,6 +493,33 @@ extern "C" {
     pub(super) fn ia2shim_gate_sim();
     pub(super) fn ia2shim_gate_sim_fix();
     pub(super) fn ia2shim_gate_sim_ret();
+    pub(super) fn ia2shim_gate_hwh();
+    pub(super) fn ia2shim_gate_hwh_fix();
+    pub(super) fn ia2shim_gate_hwh_ret();
+    pub(super) fn ia2shim_gate_hwcounth();
+    pub(super) fn ia2shim_gate_hwcounth_fix();
+    pub(super) fn ia2shim_gate_hwcounth_ret();
+    pub(super) fn ia2shim_gate_hwunionh();
+    pub(super) fn ia2shim_gate_hwunionh_fix();
+    pub(super) fn ia2shim_gate_hwunionh_ret();
+    pub(super) fn ia2shim_gate_simh();
+    pub(super) fn ia2shim_gate_simh_fix();
+    pub(super) fn ia2shim_gate_simh_ret();
+    pub(super) fn ia2shim_gate_simunionh();
+    pub(super) fn ia2shim_gate_simunionh_fix();
+    pub(super) fn ia2shim_gate_simunionh_ret();
+    pub(super) fn ia2shim_gate_hwentry();
+    pub(super) fn ia2shim_gate_hwentry_fix();
+    pub(super) fn ia2shim_gate_hwentry_ret();
+    pub(super) fn ia2shim_gate_hwcountentry();
+    pub(super) fn ia2shim_gate_hwcountentry_fix();
+    pub(super) fn ia2shim_gate_hwcountentry_ret();
+    pub(super) fn ia2shim_gate_hwentryh();
+    pub(super) fn ia2shim_gate_hwentryh_fix();
+    pub(super) fn ia2shim_gate_hwentryh_ret();
+    pub(super) fn ia2shim_gate_hwcountentryh();
+    pub(super) fn ia2shim_gate_hwcountentryh_fix();
+    pub(super) fn ia2shim_gate_hwcountentryh_ret();
     pub(super) fn ia2shim_gate_pad_hw();
     pub(super) fn ia2shim_gate_pad_sim();
     pub(super) fn _Unwind_Resume(exc: *mut c_void) -> !;
@@ -282,6 +531,102 @@ extern "C" {
 
 pub(super) fn addr(f: unsafe extern "C" fn()) -> usize {
     f as usize
+}
+
+/// Gates run the hardened variants (`IA2_HARDEN=on`); set once at install,
+/// before the first gate is made.
+pub(super) static HARDEN: AtomicBool = AtomicBool::new(false);
+
+/// The `_fix` labels: a gate's first frame store, and the register that
+/// holds the reserved top there (r10, or rax in hardened variants).
+pub(super) fn fix_labels() -> [(usize, usize); 14] {
+    let (r10, rax) = (libc::REG_R10 as usize, libc::REG_RAX as usize);
+    [
+        (addr(ia2shim_gate_hw_fix), r10),
+        (addr(ia2shim_gate_hwcount_fix), r10),
+        (addr(ia2shim_gate_hwunion_fix), r10),
+        (addr(ia2shim_gate_sim_fix), r10),
+        (addr(ia2shim_gate_simunion_fix), r10),
+        (addr(ia2shim_gate_hwh_fix), rax),
+        (addr(ia2shim_gate_hwcounth_fix), rax),
+        (addr(ia2shim_gate_hwunionh_fix), rax),
+        (addr(ia2shim_gate_simh_fix), rax),
+        (addr(ia2shim_gate_simunionh_fix), rax),
+        (addr(ia2shim_gate_hwentry_fix), r10),
+        (addr(ia2shim_gate_hwcountentry_fix), r10),
+        (addr(ia2shim_gate_hwentryh_fix), rax),
+        (addr(ia2shim_gate_hwcountentryh_fix), rax),
+    ]
+}
+
+/// Is `ip` a gate's return point, and is it a simulated variant's?
+pub(super) fn return_point(ip: usize) -> Option<bool> {
+    let hw = [
+        ia2shim_gate_hw_ret,
+        ia2shim_gate_hwcount_ret,
+        ia2shim_gate_hwunion_ret,
+        ia2shim_gate_hwh_ret,
+        ia2shim_gate_hwcounth_ret,
+        ia2shim_gate_hwunionh_ret,
+        ia2shim_gate_hwentry_ret,
+        ia2shim_gate_hwcountentry_ret,
+        ia2shim_gate_hwentryh_ret,
+        ia2shim_gate_hwcountentryh_ret,
+    ];
+    let sim = [
+        ia2shim_gate_sim_ret,
+        ia2shim_gate_simunion_ret,
+        ia2shim_gate_simh_ret,
+        ia2shim_gate_simunionh_ret,
+    ];
+    if hw.iter().any(|&f| addr(f) == ip) {
+        Some(false)
+    } else if sim.iter().any(|&f| addr(f) == ip) {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+// A hardened gate's return found a frame pointer outside the frame region:
+// the callee changed rbx. Report and die; never return through it.
+core::arch::global_asm!(
+    ".pushsection .text.ia2shim_gate_bad_frame,\"ax\",@progbits",
+    ".balign 16",
+    ".globl ia2shim_gate_bad_frame",
+    ".hidden ia2shim_gate_bad_frame",
+    ".type ia2shim_gate_bad_frame,@function",
+    "ia2shim_gate_bad_frame:",
+    "and rsp, -16",
+    "mov rdi, rbx",
+    "call {report}",
+    "ud2",
+    ".size ia2shim_gate_bad_frame, . - ia2shim_gate_bad_frame",
+    ".popsection",
+    report = sym bad_frame_report,
+);
+
+extern "C" {
+    fn ia2shim_gate_bad_frame();
+}
+
+/// The target of the hardened variants' failed frame check.
+pub(super) unsafe extern "C" fn bad_frame() {
+    // SAFETY: only ever jumped to, never called: this is its address.
+    unsafe { ia2shim_gate_bad_frame() }
+}
+
+extern "C" fn bad_frame_report(rbx: usize) -> ! {
+    let mut b = crate::stackfmt::StackBuf::<256>::new();
+    let _ = writeln!(
+        b,
+        "ia2shim[{}]: gate return through a forged frame pointer {rbx:#x} (not a slot of the \
+         gate-frame region): the callee changed rbx; killed",
+        crate::stackfmt::pid()
+    );
+    b.write_to_fd(crate::fault::REPORT_FD.load(Ordering::Relaxed));
+    // SAFETY: abort has no preconditions.
+    unsafe { libc::abort() }
 }
 
 /// Which variant code a gate runs.
@@ -323,13 +668,34 @@ impl Variant {
     }
 
     pub(super) fn code(self) -> usize {
-        match self {
-            Variant::Hardware => addr(ia2shim_gate_hw),
-            Variant::HardwareCounting => addr(ia2shim_gate_hwcount),
-            Variant::Sim => addr(ia2shim_gate_sim),
-            Variant::HardwareUnion => addr(ia2shim_gate_hwunion),
-            Variant::SimUnion => addr(ia2shim_gate_simunion),
-        }
+        let f: unsafe extern "C" fn() = match (self, HARDEN.load(Ordering::Relaxed)) {
+            (Variant::Hardware, false) => ia2shim_gate_hw,
+            (Variant::HardwareCounting, false) => ia2shim_gate_hwcount,
+            (Variant::Sim, false) => ia2shim_gate_sim,
+            (Variant::HardwareUnion, false) => ia2shim_gate_hwunion,
+            (Variant::SimUnion, false) => ia2shim_gate_simunion,
+            (Variant::Hardware, true) => ia2shim_gate_hwh,
+            (Variant::HardwareCounting, true) => ia2shim_gate_hwcounth,
+            (Variant::Sim, true) => ia2shim_gate_simh,
+            (Variant::HardwareUnion, true) => ia2shim_gate_hwunionh,
+            (Variant::SimUnion, true) => ia2shim_gate_simunionh,
+        };
+        addr(f)
+    }
+
+    /// The code an entry gate's record jumps to when its check fails: on
+    /// hardware the entry variant, which takes over the registers the check
+    /// parked and the PKRU it read; in sim mode (whose check parks nothing)
+    /// the plain variant.
+    pub(super) fn entry_code(self) -> usize {
+        let f: unsafe extern "C" fn() = match (self, HARDEN.load(Ordering::Relaxed)) {
+            (Variant::Hardware, false) => ia2shim_gate_hwentry,
+            (Variant::HardwareCounting, false) => ia2shim_gate_hwcountentry,
+            (Variant::Hardware, true) => ia2shim_gate_hwentryh,
+            (Variant::HardwareCounting, true) => ia2shim_gate_hwcountentryh,
+            _ => return self.code(),
+        };
+        addr(f)
     }
 
     /// Does this variant count calls?

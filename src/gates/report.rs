@@ -297,12 +297,71 @@ pub(super) extern "C" fn exit_report_hook(_: *mut c_void) {
 /// return point through `ret`), decoded from the code itself. Used to
 /// check the instruction budget.
 pub fn round_trip_instructions(variant: Variant) -> Vec<iced_x86::Instruction> {
-    let (start, ret) = match variant {
-        Variant::Hardware => (addr(ia2shim_gate_hw), addr(ia2shim_gate_hw_ret)),
-        Variant::HardwareCounting => (addr(ia2shim_gate_hwcount), addr(ia2shim_gate_hwcount_ret)),
-        Variant::Sim => (addr(ia2shim_gate_sim), addr(ia2shim_gate_sim_ret)),
-        Variant::HardwareUnion => (addr(ia2shim_gate_hwunion), addr(ia2shim_gate_hwunion_ret)),
-        Variant::SimUnion => (addr(ia2shim_gate_simunion), addr(ia2shim_gate_simunion_ret)),
+    round_trip_of(variant, false)
+}
+
+/// The same for the hardened variant (`IA2_HARDEN=on`).
+pub fn hardened_round_trip_instructions(variant: Variant) -> Vec<iced_x86::Instruction> {
+    round_trip_of(variant, true)
+}
+
+/// The hardware entry variant's instructions (an entry gate's cross path
+/// after its check and the record's `lea`/`jmp`), up to its `ret`.
+pub fn entry_variant_instructions(hardened: bool) -> Vec<iced_x86::Instruction> {
+    let (start, ret) = if hardened {
+        (addr(ia2shim_gate_hwentryh), addr(ia2shim_gate_hwentryh_ret))
+    } else {
+        (addr(ia2shim_gate_hwentry), addr(ia2shim_gate_hwentry_ret))
+    };
+    decode_pieces(&[
+        (start, iced_x86::Mnemonic::Call),
+        (ret, iced_x86::Mnemonic::Ret),
+    ])
+}
+
+fn decode_pieces(pieces: &[(usize, iced_x86::Mnemonic)]) -> Vec<iced_x86::Instruction> {
+    let mut out = Vec::new();
+    for &(from, stop_at) in pieces {
+        // SAFETY: reading our own text; each piece is well under 256 bytes.
+        let bytes = unsafe { core::slice::from_raw_parts(from as *const u8, 256) };
+        let mut dec =
+            iced_x86::Decoder::with_ip(64, bytes, from as u64, iced_x86::DecoderOptions::NONE);
+        loop {
+            let insn = dec.decode();
+            out.push(insn);
+            if insn.mnemonic() == stop_at {
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn round_trip_of(variant: Variant, hardened: bool) -> Vec<iced_x86::Instruction> {
+    let (start, ret) = match (variant, hardened) {
+        (Variant::Hardware, false) => (addr(ia2shim_gate_hw), addr(ia2shim_gate_hw_ret)),
+        (Variant::HardwareCounting, false) => {
+            (addr(ia2shim_gate_hwcount), addr(ia2shim_gate_hwcount_ret))
+        }
+        (Variant::Sim, false) => (addr(ia2shim_gate_sim), addr(ia2shim_gate_sim_ret)),
+        (Variant::HardwareUnion, false) => {
+            (addr(ia2shim_gate_hwunion), addr(ia2shim_gate_hwunion_ret))
+        }
+        (Variant::SimUnion, false) => {
+            (addr(ia2shim_gate_simunion), addr(ia2shim_gate_simunion_ret))
+        }
+        (Variant::Hardware, true) => (addr(ia2shim_gate_hwh), addr(ia2shim_gate_hwh_ret)),
+        (Variant::HardwareCounting, true) => {
+            (addr(ia2shim_gate_hwcounth), addr(ia2shim_gate_hwcounth_ret))
+        }
+        (Variant::Sim, true) => (addr(ia2shim_gate_simh), addr(ia2shim_gate_simh_ret)),
+        (Variant::HardwareUnion, true) => {
+            (addr(ia2shim_gate_hwunionh), addr(ia2shim_gate_hwunionh_ret))
+        }
+        (Variant::SimUnion, true) => (
+            addr(ia2shim_gate_simunionh),
+            addr(ia2shim_gate_simunionh_ret),
+        ),
     };
     let mut out = Vec::new();
     // The stub: lea + jmp.

@@ -146,7 +146,8 @@ pub(super) fn write_entry(_st: &mut State, i: usize, e: Entry) {
     }
     // SAFETY: i < MAX_GATES; the table is writable now and the lock
     // serialises writers; the gate code reads only entries already handed out.
-    unsafe { (*GATE_MEM.table.get())[i] = e };
+    // Hardened, the table carries the shim key: only this write opens it.
+    pku::with_shim_writes(|| unsafe { (*GATE_MEM.table.get())[i] = e });
     if ro {
         protect_table(false);
     }

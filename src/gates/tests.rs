@@ -62,6 +62,32 @@ fn hardware_round_trip_is_within_budget() {
     );
 }
 
+/// Hardening costs one WRPKRU (opening the shim key) and at most 10
+/// instructions more per round trip (issue 17's budget): `mov r10d, eax`,
+/// `and eax, [open mask]` on the way in; `mov`, `xor`, `test`, `jnz` (the
+/// frame-pointer check) on the way out.
+#[test]
+fn hardening_costs_one_wrpkru_and_at_most_ten_instructions() {
+    let plain = round_trip_instructions(Variant::Hardware);
+    let hard = hardened_round_trip_instructions(Variant::Hardware);
+    let is_pkru =
+        |i: &&iced_x86::Instruction| matches!(i.mnemonic(), Mnemonic::Rdpkru | Mnemonic::Wrpkru);
+    let pkru = hard.iter().filter(is_pkru).count();
+    assert_eq!(pkru, 4, "one RDPKRU and three WRPKRU");
+    let n = hard.len() - pkru;
+    let base = plain.len() - plain.iter().filter(is_pkru).count();
+    eprintln!(
+        "hardened gate round trip: {n} instructions outside RDPKRU/WRPKRU ({base} unhardened)"
+    );
+    assert!(n <= base + 10, "{n} vs {base}");
+    let counting = hardened_round_trip_instructions(Variant::HardwareCounting).len() - pkru;
+    assert_eq!(counting, n + 1);
+    let sim = hardened_round_trip_instructions(Variant::Sim);
+    assert!(sim
+        .iter()
+        .all(|i| !matches!(i.mnemonic(), Mnemonic::Rdpkru | Mnemonic::Wrpkru)));
+}
+
 static SEEN_PKRU: AtomicU64 = AtomicU64::new(0);
 
 extern "C" fn ten(

@@ -19,15 +19,10 @@ pub(super) unsafe extern "C" fn gate_personality(
     const URC_CONTINUE_UNWIND: c_int = 8;
     // SAFETY: ctx is the unwinder's context for this frame.
     let ip = unsafe { _Unwind_GetIP(ctx) };
-    let pad = if ip == addr(ia2shim_gate_hw_ret)
-        || ip == addr(ia2shim_gate_hwcount_ret)
-        || ip == addr(ia2shim_gate_hwunion_ret)
-    {
-        addr(ia2shim_gate_pad_hw)
-    } else if ip == addr(ia2shim_gate_sim_ret) || ip == addr(ia2shim_gate_simunion_ret) {
-        addr(ia2shim_gate_pad_sim)
-    } else {
-        return URC_CONTINUE_UNWIND;
+    let pad = match return_point(ip) {
+        Some(false) => addr(ia2shim_gate_pad_hw),
+        Some(true) => addr(ia2shim_gate_pad_sim),
+        None => return URC_CONTINUE_UNWIND,
     };
     if actions & UA_SEARCH_PHASE != 0 {
         // The search goes on into the caller's frames, whose unwind data

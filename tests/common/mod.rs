@@ -248,3 +248,4 @@ pub fn assert_stderr_lacks(o: &Outcome, needle: &str) {
 }
 
 pub const SIGSEGV_CODE: i32 = 128 + 11;
+pub const SIGABRT_CODE: i32 = 128 + 6;
