@@ -10,6 +10,7 @@
 use crate::objects::{page_down, PAGE};
 use crate::plan::Reason;
 use crate::runtime;
+use crate::signals::Chained;
 use crate::stackfmt::{pid, StackBuf};
 use core::ffi::{c_int, c_void, CStr};
 use core::fmt::Write;
@@ -30,10 +31,9 @@ pub const SEGV_PKUERR: i32 = 4;
 /// 8-byte `_addr_bnd` padding).
 const SI_PKEY_OFFSET: usize = 32;
 
-/// The program's own SIGSEGV disposition, recorded by the `sigaction` hook.
-/// 0 = SIG_DFL, 1 = SIG_IGN, else a handler address.
-static PROGRAM_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
-static PROGRAM_FLAGS: AtomicI32 = AtomicI32::new(0);
+// The program's own SIGSEGV disposition (0 = SIG_DFL, 1 = SIG_IGN, else a
+// handler address) and flags, recorded by the `sigaction` hook, are in the
+// signal table (`signals::chained`, on the shim key once hardened).
 /// The program's `sa_mask` for SIGSEGV (the kernel's 64 signals).
 static PROGRAM_MASK: AtomicU64 = AtomicU64::new(0);
 /// Where reports go (stderr unless `IA2_REPORT_FILE`).
@@ -72,8 +72,7 @@ pub fn install() {
     }
     // A handler installed before us (by a library constructor) is the program's.
     if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != segv_handler as *const () as usize {
-        PROGRAM_HANDLER.store(old.sa_sigaction, Ordering::Relaxed);
-        PROGRAM_FLAGS.store(old.sa_flags, Ordering::Relaxed);
+        crate::signals::set_chained(Chained::Segv, old.sa_sigaction, old.sa_flags);
         PROGRAM_MASK.store(mask_word(&old.sa_mask), Ordering::Relaxed);
     }
     audit::read_rseq_abi();
@@ -107,18 +106,20 @@ pub unsafe fn intercept_sigaction(
     act: *const libc::sigaction,
     oldact: *mut libc::sigaction,
 ) -> bool {
-    let (handler, flags) = if sig == libc::SIGTRAP {
-        (&audit::TRAP_HANDLER, &audit::TRAP_FLAGS)
-    } else {
-        (&PROGRAM_HANDLER, &PROGRAM_FLAGS)
-    };
+    let trap = sig == libc::SIGTRAP;
     if !oldact.is_null() {
         // SAFETY: the caller passes a valid out pointer.
         let old = unsafe { &mut *oldact };
         // SAFETY: zeroed sigaction is valid.
         *old = unsafe { core::mem::zeroed() };
-        old.sa_sigaction = handler.load(Ordering::Relaxed);
-        old.sa_flags = flags.load(Ordering::Relaxed);
+        (old.sa_sigaction, old.sa_flags) = if trap {
+            (
+                audit::TRAP_HANDLER.load(Ordering::Relaxed),
+                audit::TRAP_FLAGS.load(Ordering::Relaxed),
+            )
+        } else {
+            crate::signals::chained(Chained::Segv)
+        };
         if sig == libc::SIGSEGV {
             set_mask_word(&mut old.sa_mask, PROGRAM_MASK.load(Ordering::Relaxed));
         }
@@ -129,8 +130,12 @@ pub unsafe fn intercept_sigaction(
         if sig == libc::SIGSEGV {
             PROGRAM_MASK.store(mask_word(&act.sa_mask), Ordering::Relaxed);
         }
-        handler.store(act.sa_sigaction, Ordering::Relaxed);
-        flags.store(act.sa_flags, Ordering::Relaxed);
+        if trap {
+            audit::TRAP_HANDLER.store(act.sa_sigaction, Ordering::Relaxed);
+            audit::TRAP_FLAGS.store(act.sa_flags, Ordering::Relaxed);
+        } else {
+            crate::signals::set_chained(Chained::Segv, act.sa_sigaction, act.sa_flags);
+        }
     }
     true
 }
@@ -217,8 +222,7 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
     // by kill/raise/sigqueue (si_code <= 0) does not come back when the
     // handler returns: honour the disposition now.
     let sent = code <= 0;
-    let h = PROGRAM_HANDLER.load(Ordering::Relaxed);
-    let flags = PROGRAM_FLAGS.load(Ordering::Relaxed);
+    let (h, flags) = crate::signals::chained(Chained::Segv);
     if h == libc::SIG_IGN && sent {
         return;
     }
@@ -240,13 +244,7 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
     if flags & libc::SA_RESETHAND != 0 {
         // One-shot handler: the next SIGSEGV gets the default action (the
         // shim's handler stays installed to report it).
-        let _ = PROGRAM_HANDLER.compare_exchange(
-            h,
-            libc::SIG_DFL,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        PROGRAM_FLAGS.store(0, Ordering::Relaxed);
+        crate::signals::reset_chained(Chained::Segv, h);
     }
     // The program's sa_mask (and SIGSEGV itself unless SA_NODEFER) is
     // blocked while its handler runs; sigreturn restores the interrupted mask.

@@ -127,6 +127,20 @@ pub fn compartment_pkru(key: u32) -> u32 {
     pkru_allowing(key) & !shim_read_bit()
 }
 
+/// Make the shim key readable in this thread's PKRU (a signal handler's
+/// first step: the kernel enters with only key 0 accessible).
+pub fn open_shim_reads() {
+    let k = shim_key();
+    if k == 0 || backend() != Backend::Hardware {
+        return;
+    }
+    let old = read_pkru();
+    let open = old & !(1 << (2 * k));
+    if open != old {
+        write_pkru(open);
+    }
+}
+
 /// Run `f` with the shim key writable (its AD and WD bits cleared), then
 /// put the caller's PKRU back. For the shim's own writes to its state.
 pub fn with_shim_writes<R>(f: impl FnOnce() -> R) -> R {

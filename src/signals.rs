@@ -19,17 +19,98 @@ const NSIG: usize = 65;
 const NO_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
 #[allow(clippy::declare_interior_mutable_const)]
 const NO_FLAGS: AtomicI32 = AtomicI32::new(0);
-/// The program's handler and flags for each signal the trampoline serves.
-static HANDLERS: [AtomicUsize; NSIG] = [NO_HANDLER; NSIG];
-static FLAGS: [AtomicI32; NSIG] = [NO_FLAGS; NSIG];
-
-/// The PKRU decided for a handler when it was registered (see
-/// `crate::deputy`): `DECIDED_PKRU[sig]` holds for the handler at
-/// `DECIDED_FOR[sig]` (0: none decided).
-static DECIDED_FOR: [AtomicUsize; NSIG] = [NO_HANDLER; NSIG];
 #[allow(clippy::declare_interior_mutable_const)]
 const NO_PKRU: AtomicU32 = AtomicU32::new(0);
-static DECIDED_PKRU: [AtomicU32; NSIG] = [NO_PKRU; NSIG];
+
+/// Which program handler a [`Chained`] slot holds: those of the signals
+/// whose handler is the shim's own (`fault`: SIGSEGV, `syscalls`: SIGSYS),
+/// which chain to the program's.
+#[derive(Clone, Copy)]
+pub enum Chained {
+    Segv = 0,
+    Sys = 1,
+}
+
+/// What decides which function a signal runs and with which rights, on a
+/// page of its own that `IA2_HARDEN=on` puts on the shim key: a compartment
+/// that rewrote an entry would pick the function (another compartment's
+/// internal one: the deputy rule bypassed) or the rights it runs with.
+#[repr(C, align(4096))]
+struct Table {
+    /// The program's handler and flags for each signal the trampoline serves.
+    handlers: [AtomicUsize; NSIG],
+    flags: [AtomicI32; NSIG],
+    /// The PKRU decided for a handler when it was registered (see
+    /// `crate::deputy`): `decided_pkru[sig]` holds for the handler at
+    /// `decided_for[sig]` (0: none decided).
+    decided_for: [AtomicUsize; NSIG],
+    decided_pkru: [AtomicU32; NSIG],
+    /// The program's SIGSEGV and SIGSYS handlers ([`Chained`]).
+    chained: [AtomicUsize; 2],
+    chained_flags: [AtomicI32; 2],
+}
+static TABLE: Table = Table {
+    handlers: [NO_HANDLER; NSIG],
+    flags: [NO_FLAGS; NSIG],
+    decided_for: [NO_HANDLER; NSIG],
+    decided_pkru: [NO_PKRU; NSIG],
+    chained: [NO_HANDLER; 2],
+    chained_flags: [NO_FLAGS; 2],
+};
+const _: () = assert!(core::mem::size_of::<Table>() == 4096);
+
+/// Put the table on the shim key (`IA2_HARDEN=on`, at install).
+pub fn harden(key: u32) {
+    if pku::backend() != pku::Backend::Hardware {
+        return;
+    }
+    let start = &TABLE as *const Table as usize;
+    let len = core::mem::size_of::<Table>();
+    if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
+        crate::lifecycle::fatal(format_args!(
+            "IA2_HARDEN=on: pkey_mprotect of the signal-handler table failed (errno {e})"
+        ));
+    }
+}
+
+/// The program's handler and flags behind a shim-owned signal.
+pub fn chained(which: Chained) -> (usize, c_int) {
+    let i = which as usize;
+    (
+        TABLE.chained[i].load(Ordering::Acquire),
+        TABLE.chained_flags[i].load(Ordering::Relaxed),
+    )
+}
+
+/// Record the program's handler behind a shim-owned signal.
+pub fn set_chained(which: Chained, handler: usize, flags: c_int) {
+    let i = which as usize;
+    pku::with_shim_writes(|| {
+        TABLE.chained_flags[i].store(flags, Ordering::Relaxed);
+        TABLE.chained[i].store(handler, Ordering::Release);
+    });
+}
+
+/// A one-shot (`SA_RESETHAND`) chained handler has run: the next signal
+/// gets the default action, unless the program installed another meanwhile.
+pub fn reset_chained(which: Chained, handler: usize) {
+    let i = which as usize;
+    pku::with_shim_writes(|| {
+        if TABLE.chained[i]
+            .compare_exchange(handler, libc::SIG_DFL, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            TABLE.chained_flags[i].store(0, Ordering::Relaxed);
+        }
+    });
+}
+
+fn set_handler(i: usize, handler: usize, flags: c_int) {
+    pku::with_shim_writes(|| {
+        TABLE.flags[i].store(flags, Ordering::Relaxed);
+        TABLE.handlers[i].store(handler, Ordering::Release);
+    });
+}
 
 /// Decide, at registration, the rights `handler` for `sig` will run with
 /// (the registrant is the calling code). Called by the `sigaction` and
@@ -41,9 +122,15 @@ pub fn decide(sig: c_int, handler: usize) {
         return;
     }
     let pkru = crate::deputy::entry_pkru(rt, handler, pku::read_pkru());
-    DECIDED_FOR[i].store(0, Ordering::Release);
-    DECIDED_PKRU[i].store(pkru, Ordering::Relaxed);
-    DECIDED_FOR[i].store(handler, Ordering::Release);
+    set_decided(i, handler, pkru);
+}
+
+fn set_decided(i: usize, handler: usize, pkru: u32) {
+    pku::with_shim_writes(|| {
+        TABLE.decided_for[i].store(0, Ordering::Release);
+        TABLE.decided_pkru[i].store(pkru, Ordering::Relaxed);
+        TABLE.decided_for[i].store(handler, Ordering::Release);
+    });
 }
 
 /// Signals whose handlers the trampoline wraps.
@@ -59,14 +146,17 @@ fn trampoline_addr() -> usize {
 }
 
 extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // The kernel entered with only key 0 accessible: the table is on the
+    // shim key once hardened.
+    pku::open_shim_reads();
     let i = sig as usize;
-    let h = HANDLERS[i].load(Ordering::Acquire);
-    let flags = FLAGS[i].load(Ordering::Relaxed);
+    let h = TABLE.handlers[i].load(Ordering::Acquire);
+    let flags = TABLE.flags[i].load(Ordering::Relaxed);
     if h == libc::SIG_DFL || h == libc::SIG_IGN {
         return;
     }
     if flags & libc::SA_RESETHAND != 0 {
-        HANDLERS[i].store(libc::SIG_DFL, Ordering::Release);
+        pku::with_shim_writes(|| TABLE.handlers[i].store(libc::SIG_DFL, Ordering::Release));
     }
     run_in_compartment(h, flags, sig, info, ctx);
 }
@@ -84,9 +174,10 @@ pub(crate) fn run_in_compartment(
     let saved = pku::read_pkru();
     // SAFETY: the kernel's ucontext for this signal.
     let interrupted = unsafe { crate::fault::interrupted_pkru(ctx as *const libc::ucontext_t) };
-    let decided = (sig as usize) < NSIG && DECIDED_FOR[sig as usize].load(Ordering::Acquire) == h;
+    let decided =
+        (sig as usize) < NSIG && TABLE.decided_for[sig as usize].load(Ordering::Acquire) == h;
     let own = if decided {
-        Some(DECIDED_PKRU[sig as usize].load(Ordering::Relaxed))
+        Some(TABLE.decided_pkru[sig as usize].load(Ordering::Relaxed))
     } else {
         runtime::get().and_then(|r| {
             let c = r.census.try_read().ok()?;
@@ -137,8 +228,8 @@ pub(crate) fn run_in_compartment(
 /// Replace what the kernel holds by what the program installed.
 fn translate(sig: usize, real: &mut libc::sigaction) {
     if real.sa_sigaction == trampoline_addr() {
-        real.sa_sigaction = HANDLERS[sig].load(Ordering::Acquire);
-        real.sa_flags = FLAGS[sig].load(Ordering::Relaxed);
+        real.sa_sigaction = TABLE.handlers[sig].load(Ordering::Acquire);
+        real.sa_flags = TABLE.flags[sig].load(Ordering::Relaxed);
     }
 }
 
@@ -170,19 +261,17 @@ pub unsafe fn sigaction(
             installed.sa_flags &= !libc::SA_ONSTACK;
         }
         let before = (
-            HANDLERS[i].load(Ordering::Acquire),
-            FLAGS[i].load(Ordering::Relaxed),
+            TABLE.handlers[i].load(Ordering::Acquire),
+            TABLE.flags[i].load(Ordering::Relaxed),
         );
         // Publish the handler before the trampoline can run for it.
         if wrap {
-            FLAGS[i].store(a.sa_flags, Ordering::Relaxed);
-            HANDLERS[i].store(a.sa_sigaction, Ordering::Release);
+            set_handler(i, a.sa_sigaction, a.sa_flags);
         }
         // SAFETY: a valid sigaction for the real call.
         let r = unsafe { crate::real::sigaction(sig, &installed, &mut prev) };
         if r != 0 && wrap {
-            HANDLERS[i].store(before.0, Ordering::Release);
-            FLAGS[i].store(before.1, Ordering::Relaxed);
+            set_handler(i, before.0, before.1);
         }
         if r == 0 && prev.sa_sigaction == trampoline_addr() {
             prev.sa_sigaction = before.0;

@@ -47,6 +47,7 @@ const SHIM_STATE_ATTACKS: &[&str] = &[
     "gate-rbx",
     "gate-table",
     "gate-table-rekey",
+    "signal-table",
     "thread-record",
 ];
 
@@ -366,6 +367,22 @@ fn a_compartment_cannot_move_the_gate_table_to_its_own_key() {
     assert_stdout_has(o, "= -1 (Operation not permitted)");
     assert!(
         !o.stdout_lossy().contains("entry 0 rewritten"),
+        "{}",
+        out_text(o)
+    );
+    stopped_by_the_shim_key(o);
+}
+
+/// Compartment 2 swaps compartment 1's internal function into the shim's
+/// signal-handler table in place of its own registered handler, so that a
+/// signal would run it with compartment 1's rights (the deputy rule bypassed).
+#[test]
+fn a_compartment_cannot_rewrite_the_signal_handler_table() {
+    let o = &enforced()["signal-table"];
+    ran_and_kept_secret(o, "signal-table");
+    assert_stdout_has(o, "signal table entry found");
+    assert!(
+        !o.stdout_lossy().contains("entry rewritten"),
         "{}",
         out_text(o)
     );

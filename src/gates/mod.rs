@@ -172,6 +172,7 @@ pub fn install(rt: &Runtime) {
         HARDEN.store(true, Ordering::Relaxed);
         pku::set_shim_key(key);
         crate::threads::harden(key);
+        crate::signals::harden(key);
     }
     if rt.config.gates {
         thread_start();

@@ -38,17 +38,18 @@ use crate::config::Syscalls;
 use crate::objects::Range;
 use crate::pku;
 use crate::runtime::{self, Runtime};
+use crate::signals::Chained;
 use crate::stackfmt::StackBuf;
 use core::ffi::{c_int, c_void};
 use core::fmt::Write;
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 static SHIM_TEXT: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
-/// The program's own SIGSYS disposition (0 = SIG_DFL, 1 = SIG_IGN).
-static PROGRAM_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
-static PROGRAM_FLAGS: AtomicI32 = AtomicI32::new(0);
+// The program's own SIGSYS disposition (0 = SIG_DFL, 1 = SIG_IGN, else a
+// handler) is in the signal table (`signals::chained`, on the shim key once
+// hardened).
 
 /// `SYS_SECCOMP`: `si_code` of a seccomp trap.
 const SYS_SECCOMP: i32 = 1;
@@ -193,15 +194,11 @@ pub fn intercepts(sig: c_int) -> bool {
 /// # Safety
 /// As `sigaction(2)`.
 pub unsafe fn intercept_sigaction(act: *const libc::sigaction, old: *mut libc::sigaction) {
-    let prev = (
-        PROGRAM_HANDLER.load(Ordering::Acquire),
-        PROGRAM_FLAGS.load(Ordering::Relaxed),
-    );
+    let prev = crate::signals::chained(Chained::Sys);
     if !act.is_null() {
         // SAFETY: the caller's valid sigaction.
         let a = unsafe { &*act };
-        PROGRAM_FLAGS.store(a.sa_flags, Ordering::Relaxed);
-        PROGRAM_HANDLER.store(a.sa_sigaction, Ordering::Release);
+        crate::signals::set_chained(Chained::Sys, a.sa_sigaction, a.sa_flags);
     }
     if !old.is_null() {
         // SAFETY: a zeroed sigaction is valid; the caller's out pointer.
@@ -434,7 +431,7 @@ fn is_proc_mem(fd: c_int) -> bool {
 
 /// A SIGSYS that is not ours: the program's handler, or its default (death).
 fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
-    let h = PROGRAM_HANDLER.load(Ordering::Acquire);
+    let (h, flags) = crate::signals::chained(Chained::Sys);
     match h {
         libc::SIG_IGN => {}
         libc::SIG_DFL => {
@@ -450,12 +447,6 @@ fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
                 libc::raise(sig);
             }
         }
-        _ => crate::signals::run_in_compartment(
-            h,
-            PROGRAM_FLAGS.load(Ordering::Relaxed),
-            sig,
-            info,
-            ctx,
-        ),
+        _ => crate::signals::run_in_compartment(h, flags, sig, info, ctx),
     }
 }
