@@ -171,6 +171,9 @@ pub(crate) fn run_in_compartment(
     info: *mut libc::siginfo_t,
     ctx: *mut c_void,
 ) {
+    // Callers run in signal context, some (audit's SIGTRAP) with the
+    // kernel's key-0-only PKRU: the table below is on the shim key.
+    pku::open_shim_reads();
     let saved = pku::read_pkru();
     // SAFETY: the kernel's ucontext for this signal.
     let interrupted = unsafe { crate::fault::interrupted_pkru(ctx as *const libc::ucontext_t) };
