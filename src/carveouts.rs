@@ -414,6 +414,44 @@ pub fn libc_single_threaded(config: &Config, objects: &[LoadedObject]) -> Locate
     }
 }
 
+/// `libgcc` (strict mode, where libgcc_s joins the libc compartment):
+/// libgcc_s's writable data. After a personality routine returns
+/// `_URC_INSTALL_CONTEXT`, the unwinder reads its own data
+/// (`uw_install_context`: `dwarf_reg_size_table`) with the landing pad's
+/// rights; shared, a pad needs no libc key (`src/cxx.rs`), which matters
+/// when the libc compartment is an application's.
+pub fn libgcc(config: &Config, objects: &[LoadedObject]) -> Located {
+    let (ranges, how) = match object_named(objects, "libgcc_s.so") {
+        Some(o) => {
+            let mut ranges: Vec<Range> = o
+                .segments
+                .iter()
+                .filter(|s| s.writable())
+                .map(|s| s.range.pages_out())
+                .collect();
+            if let Some(r) = o.relro {
+                ranges = crate::plan::subtract(&ranges, &r.pages_out());
+            }
+            ranges.retain(|r| !r.is_empty());
+            (
+                ranges,
+                "libgcc_s's writable data: the unwinder reads it to enter a landing pad"
+                    .to_string(),
+            )
+        }
+        None => (Vec::new(), "libgcc_s is not loaded".to_string()),
+    };
+    Located {
+        carveout: Carveout {
+            name: "libgcc",
+            toggle: "IA2_SHARE_LIBGCC",
+            ranges,
+        },
+        how,
+        enabled: config.share_libgcc,
+    }
+}
+
 /// A carveout found by decoding libc functions for RIP-relative reads of
 /// libc's writable, non-RELRO data: the functions are resolved as the
 /// program would resolve them (an IFUNC gives the selected implementation)

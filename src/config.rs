@@ -339,6 +339,7 @@ pub struct Config {
     pub share_loader_heap: bool,
     pub share_copy_relocs: bool,
     pub share_libc_single_threaded: bool,
+    pub share_libgcc: bool,
     pub share_pthread_once: bool,
     pub share_mutex_elision: bool,
     pub share_data_imports: bool,
@@ -397,6 +398,7 @@ impl Default for Config {
             share_loader_heap: false,
             share_copy_relocs: true,
             share_libc_single_threaded: true,
+            share_libgcc: true,
             share_pthread_once: true,
             share_mutex_elision: true,
             share_data_imports: true,
@@ -1044,6 +1046,17 @@ pub static VARS: &[VarSpec] = &[
         implemented: true,
         parse: |c, v| {
             c.share_libc_single_threaded = parse_bool(v)?;
+            Ok(())
+        },
+    },
+    VarSpec {
+        name: "IA2_SHARE_LIBGCC",
+        values: "1, 0",
+        default: "1",
+        meaning: "carveout libgcc (strict mode): keep libgcc_s's writable data on pkey 0; the unwinder reads it to enter a landing pad, so with it shared C++ landing pads run with their compartment's rights alone, without the libc compartment's key",
+        implemented: true,
+        parse: |c, v| {
+            c.share_libgcc = parse_bool(v)?;
             Ok(())
         },
     },

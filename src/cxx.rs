@@ -17,10 +17,12 @@
 //!   goes back to the unwind rights before phase 2 starts. When phase 2
 //!   lands in a cleanup or catch pad, PKRU becomes the rights of the pad's
 //!   compartment (application code), or the unwind rights (shared code such
-//!   as libstdc++), plus in strict mode the libc compartment's key: libgcc
-//!   reads its own data to install the pad's context after the routine
-//!   returns. So in strict mode pads run with N's key added until their
-//!   `_Unwind_Resume` or `__cxa_begin_catch` (a documented window).
+//!   as libstdc++). libgcc reads its own data to install the pad's context
+//!   after the routine returns: in strict mode the `libgcc` carveout keeps
+//!   that data shared, so application pads get their compartment's rights
+//!   alone; with `IA2_SHARE_LIBGCC=0` they run with N's key added until
+//!   their `_Unwind_Resume` or `__cxa_begin_catch` (shared-code pads
+//!   always do).
 //! - `_Unwind_Resume`, which every cleanup pad and the gate's own pad call,
 //!   records the caller's PKRU as the unwind rights, then (strict mode)
 //!   adds the libc compartment's key for libgcc.
@@ -129,8 +131,10 @@ fn landing_pkru(rt: &Runtime, ip: usize, forced: bool) -> Option<u32> {
             .flatten()
     });
     // Strict mode: libgcc's `uw_install_context`, which runs after the
-    // personality routine returns, reads libgcc's own data (N's key).
+    // personality routine returns, reads libgcc's own data: N's key unless
+    // the `libgcc` carveout keeps that data shared.
     match app {
+        Some(k) if rt.config.share_libgcc => Some(rt.pkru_for(k)),
         Some(k) => Some(with_libc_key(rt, rt.pkru_for(k))),
         None if forced => None,
         None => UNWIND_RIGHTS.get().map(|u| with_libc_key(rt, u)),

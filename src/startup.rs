@@ -183,6 +183,7 @@ fn build_census(config: &Config) -> Census {
         carveouts.push(carveouts::libc_tuning(config, &objects));
         carveouts.push(carveouts::libc_single_threaded(config, &objects));
         carveouts.push(carveouts::pthread_once(config, &objects));
+        carveouts.push(carveouts::libgcc(config, &objects));
         carveouts.push(carveouts::mutex_elision(config, &objects));
         carveouts.push(crate::libc_data::data_imports(
             config,

@@ -113,6 +113,22 @@ fn enforced() -> &'static HashMap<&'static str, Outcome> {
             let name: &'static str = Box::leak(format!("{a} strict").into_boxed_str());
             cases.push((name, job(&[&unwind, a], &[("IA2_LIBC_COMPARTMENT", "3")])));
         }
+        // Strict mode with the libc compartment being main's (1): only the
+        // libgcc carveout keeps pads from holding main's key.
+        cases.push((
+            "throw-cleanup strict libc 1",
+            job(
+                &[&unwind, "throw-cleanup"],
+                &[("IA2_LIBC_COMPARTMENT", "1")],
+            ),
+        ));
+        cases.push((
+            "throw-cleanup strict libc 1 without libgcc",
+            job(
+                &[&unwind, "throw-cleanup"],
+                &[("IA2_LIBC_COMPARTMENT", "1"), ("IA2_SHARE_LIBGCC", "0")],
+            ),
+        ));
         for a in SYSCALL_ATTACKS.iter().chain(MADVISE_ATTACKS) {
             let name: &'static str = Box::leak(format!("{a} without the filter").into_boxed_str());
             cases.push((name, job(&[&exe, a], &[("IA2_SYSCALLS", "off")])));
@@ -477,6 +493,20 @@ fn a_cleanup_pad_unwinding_toward_another_compartments_handler_runs_as_its_own()
         "{}",
         out_text(o)
     );
+}
+
+/// Strict mode with libc in main's compartment (`IA2_LIBC_COMPARTMENT=1`):
+/// libgcc's data is shared (the `libgcc` carveout), so a cleanup pad in
+/// compartment 2 runs without the libc compartment's key, which here is
+/// main's. With `IA2_SHARE_LIBGCC=0` the pad holds that key and the
+/// destructor reads main's secret.
+#[test]
+fn strict_mode_cleanup_pads_do_not_get_an_application_libc_compartments_key() {
+    let o = &enforced()["throw-cleanup strict libc 1"];
+    ran_and_kept_secret(o, "throw-cleanup");
+    stopped_by_a_key_fault(o);
+    let o = &enforced()["throw-cleanup strict libc 1 without libgcc"];
+    assert_stdout_has(o, &format!("LEAKED via throw-cleanup: {SECRET}"));
 }
 
 /// `madvise(MADV_DONTNEED)` on compartment 1's page would take its run-time
