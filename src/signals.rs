@@ -404,8 +404,11 @@ fn own_code(addr: usize) -> bool {
 /// library constructors, which run first): read each with `sigaction` and
 /// install it again through the trampoline. Called by the constructor.
 pub fn adopt_installed() {
+    // Ask only about the signals that have a handler (one read of
+    // /proc/self/status instead of ~60 sigaction calls at start-up).
+    let caught = crate::maps::caught_signals();
     for sig in 1..NSIG as c_int {
-        if !wraps(sig) {
+        if !wraps(sig) || caught.is_some_and(|m| m & (1 << (sig - 1)) == 0) {
             continue;
         }
         // SAFETY: zeroed sigaction is valid.
