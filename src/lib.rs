@@ -8,7 +8,7 @@
 //! fails on an upward one):
 //!
 //! 1. pure core: `config`, `objects`, `compartments`, `plan`, `privacy`, `maps`, `stackfmt`, `scan`, `libc_gates`
-//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`, `libc_data`
+//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `anon`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`, `libc_data`
 //! 3. runtime core: `runtime`
 //! 4. features: `alloc`, `bindnow`, `callbacks`, `cxx`, `deputy`, `dl`, `exit`, `fault`, `gates`, `keyguard`, `report`, `signals`, `syscalls`, `threads`
 //! 5. entry points: `startup`, `hooks`
@@ -25,6 +25,8 @@
 /// functions, the introspection API).
 pub mod hooks;
 
+/// The shim's own anonymous mappings: reservations and guard-paged stacks.
+pub mod anon;
 /// The init state machine and fail-closed exits (`fatal`, `notice`).
 pub mod lifecycle;
 /// The real libc functions behind the hooks (`dlsym(RTLD_NEXT)`, resolved once).

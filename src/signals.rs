@@ -527,41 +527,16 @@ fn ensure_alt() -> Option<usize> {
     if sys_sigaltstack(core::ptr::null(), &mut cur) != 0 || cur.ss_flags & libc::SS_ONSTACK != 0 {
         return None;
     }
-    let total = ALT_BYTES + crate::objects::PAGE;
-    // SAFETY: a fresh anonymous mapping; the lowest page stays a guard.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            total,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return None;
-    }
-    let base = p as usize + crate::objects::PAGE;
-    // SAFETY: the upper part of the mapping just made.
-    let ok = unsafe {
-        libc::mprotect(
-            base as *mut c_void,
-            ALT_BYTES,
-            libc::PROT_READ | libc::PROT_WRITE,
-        )
-    } == 0;
+    // The lowest page stays a guard.
+    let base = crate::anon::guarded_stack(ALT_BYTES, false)?;
     let held = (cur.ss_flags & libc::SS_DISABLE == 0).then_some((
         cur.ss_sp as usize,
         cur.ss_size,
         cur.ss_flags & SS_AUTODISARM,
     ));
-    if ok {
-        set_program_alt(base, held);
-    }
-    if !ok || sys_sigaltstack(&shim_stack(base), core::ptr::null_mut()) != 0 {
-        // SAFETY: unmapping what we mapped.
-        unsafe { libc::munmap(p, total) };
+    set_program_alt(base, held);
+    if sys_sigaltstack(&shim_stack(base), core::ptr::null_mut()) != 0 {
+        crate::anon::unmap_guarded(base, ALT_BYTES, false);
         return None;
     }
     ALT.set(base);
@@ -595,13 +570,8 @@ pub fn thread_exit() {
     if cur.ss_sp as usize == base + ALT_HEADER {
         sys_sigaltstack(&stack(0, 0, libc::SS_DISABLE), core::ptr::null_mut());
     }
-    // SAFETY: unmapping this thread's own stack, guard included; no handler runs on it now.
-    unsafe {
-        libc::munmap(
-            (base - crate::objects::PAGE) as *mut c_void,
-            ALT_BYTES + crate::objects::PAGE,
-        )
-    };
+    // This thread's own stack; no handler runs on it now.
+    crate::anon::unmap_guarded(base, ALT_BYTES, false);
 }
 
 // `ia2shim_call_on_stack(f, arg, top)`: call `f(arg)` with the stack pointer

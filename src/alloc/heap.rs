@@ -114,28 +114,16 @@ fn reserve_region() -> Option<(usize, u32)> {
     }
     for shift in (MIN_SLOT_SHIFT..=MAX_SLOT_SHIFT).rev() {
         let len = SLOTS << shift;
-        // SAFETY: an anonymous PROT_NONE reservation at an address the
-        // kernel picks; it touches no existing mapping.
-        let p = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p != libc::MAP_FAILED {
+        if let Some(p) = crate::anon::reserve(len, libc::PROT_NONE) {
             SLOT_SHIFT.store(shift, Ordering::Relaxed);
             REGION_LEN.store(len, Ordering::Relaxed);
-            REGION_BASE.store(p as usize, Ordering::Release);
+            REGION_BASE.store(p, Ordering::Release);
             REGION_STATE.store(2, Ordering::Release);
             log::debug!(
-                "heap: reserved {len:#x} bytes at {p:p}, {SLOTS} slots of {:#x}",
+                "heap: reserved {len:#x} bytes at {p:#x}, {SLOTS} slots of {:#x}",
                 1usize << shift
             );
-            return Some((p as usize, shift));
+            return Some((p, shift));
         }
     }
     REGION_STATE.store(3, Ordering::Release);

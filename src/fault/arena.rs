@@ -31,26 +31,15 @@ pub fn reserve() -> bool {
     if BASE.load(Ordering::Acquire) != 0 {
         return true;
     }
-    // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
+    let Some(p) = crate::anon::reserve(SIZE, libc::PROT_READ | libc::PROT_WRITE) else {
         return false;
-    }
+    };
     if BASE
-        .compare_exchange(0, p as usize, Ordering::AcqRel, Ordering::Acquire)
+        .compare_exchange(0, p, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
         // SAFETY: our own mapping, not published.
-        unsafe { libc::munmap(p, SIZE) };
+        unsafe { libc::munmap(p as *mut core::ffi::c_void, SIZE) };
     }
     true
 }

@@ -118,24 +118,14 @@ pub(super) fn region() -> usize {
 /// allows every key.
 pub(super) fn harden(key: u32) {
     let len = 2 * REGION_BYTES;
-    // SAFETY: a fresh anonymous reservation; nothing else refers to it.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
+    let Some(p) = crate::anon::reserve(len, libc::PROT_NONE) else {
         crate::lifecycle::fatal(format_args!(
             "IA2_HARDEN=on: cannot reserve the {} MiB gate-frame region (errno {})",
             REGION_BYTES >> 20,
             crate::stackfmt::errno()
         ));
-    }
+    };
+    let p = p as *mut c_void;
     let base = (p as usize + REGION_BYTES - 1) & !(REGION_BYTES - 1);
     // SAFETY: trimming our own reservation to the aligned part.
     unsafe {
@@ -202,34 +192,7 @@ pub(super) fn map_stack() -> Option<usize> {
         }
         return Some(base);
     }
-    let total = STACK_BYTES + 2 * PAGE;
-    // SAFETY: a fresh anonymous mapping; nothing else refers to it.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            total,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return None;
-    }
-    let base = p as usize + PAGE;
-    // SAFETY: the middle of the mapping we just made; key 0 (the default).
-    if unsafe {
-        libc::mprotect(
-            base as *mut c_void,
-            STACK_BYTES,
-            libc::PROT_READ | libc::PROT_WRITE,
-        )
-    } != 0
-    {
-        return None;
-    }
-    Some(base)
+    crate::anon::guarded_stack(STACK_BYTES, true)
 }
 
 fn claim_slot() -> Option<usize> {
@@ -271,8 +234,7 @@ fn unmap_stack(base: usize) {
         release_slot((base - region) / SLOT_BYTES);
         return;
     }
-    // SAFETY: unmapping the stack this thread owns, guards included.
-    unsafe { libc::munmap((base - PAGE) as *mut c_void, STACK_BYTES + 2 * PAGE) };
+    crate::anon::unmap_guarded(base, STACK_BYTES, true);
 }
 
 /// Erase the calling thread's popped gate frames (hardened; right before
