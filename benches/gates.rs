@@ -117,32 +117,10 @@ fn entry_gate_cost(exe: &str, which: &str) -> Option<(f64, f64)> {
 
 /// Total instructions (callgrind's Ir) of `exe loop n` under the shim.
 fn instructions(exe: &str, n: u64, gates: bool) -> Option<u64> {
-    let out = std::env::temp_dir().join(format!(
-        "ia2-gates-bench-{}-{n}-{gates}.cg",
-        std::process::id()
-    ));
-    let o = Command::new("valgrind")
-        .args(["--tool=callgrind", "--quiet"])
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        .args([exe, "loop", &n.to_string()])
-        .env("LD_PRELOAD", shim())
-        .env("IA2_PKU", "sim")
-        .env("IA2_GATES", if gates { "1" } else { "0" })
-        .output()
-        .ok()?;
-    if !o.status.success() {
-        eprintln!("valgrind failed: {}", String::from_utf8_lossy(&o.stderr));
-        return None;
-    }
-    let text = std::fs::read_to_string(&out).ok()?;
-    let _ = std::fs::remove_file(&out);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("summary: ")
-                .or_else(|| l.strip_prefix("totals: "))
-        })
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    callgrind(
+        &[exe, "loop", &n.to_string()],
+        if gates { "1" } else { "0" },
+    )
 }
 
 /// The hardware variant's instructions (the stub's `lea` and `jmp`, then

@@ -363,24 +363,10 @@ fn round_trip_of(variant: Variant, hardened: bool) -> Vec<iced_x86::Instruction>
             addr(ia2shim_gate_simunionh_ret),
         ),
     };
-    let mut out = Vec::new();
-    // The stub: lea + jmp.
-    for (from, stop_at) in [
+    // The stub (lea + jmp), the way in up to its call, the way out.
+    decode_pieces(&[
         (stub_address(0), iced_x86::Mnemonic::Jmp),
         (start, iced_x86::Mnemonic::Call),
         (ret, iced_x86::Mnemonic::Ret),
-    ] {
-        // SAFETY: reading our own text; each piece is well under 256 bytes.
-        let bytes = unsafe { core::slice::from_raw_parts(from as *const u8, 256) };
-        let mut dec =
-            iced_x86::Decoder::with_ip(64, bytes, from as u64, iced_x86::DecoderOptions::NONE);
-        loop {
-            let insn = dec.decode();
-            out.push(insn);
-            if insn.mnemonic() == stop_at {
-                break;
-            }
-        }
-    }
-    out
+    ])
 }
