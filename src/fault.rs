@@ -106,20 +106,17 @@ pub unsafe fn intercept_sigaction(
     act: *const libc::sigaction,
     oldact: *mut libc::sigaction,
 ) -> bool {
-    let trap = sig == libc::SIGTRAP;
+    let which = if sig == libc::SIGTRAP {
+        Chained::Trap
+    } else {
+        Chained::Segv
+    };
     if !oldact.is_null() {
         // SAFETY: the caller passes a valid out pointer.
         let old = unsafe { &mut *oldact };
         // SAFETY: zeroed sigaction is valid.
         *old = unsafe { core::mem::zeroed() };
-        (old.sa_sigaction, old.sa_flags) = if trap {
-            (
-                audit::TRAP_HANDLER.load(Ordering::Relaxed),
-                audit::TRAP_FLAGS.load(Ordering::Relaxed),
-            )
-        } else {
-            crate::signals::chained(Chained::Segv)
-        };
+        (old.sa_sigaction, old.sa_flags) = crate::signals::chained(which);
         if sig == libc::SIGSEGV {
             set_mask_word(&mut old.sa_mask, PROGRAM_MASK.load(Ordering::Relaxed));
         }
@@ -130,12 +127,7 @@ pub unsafe fn intercept_sigaction(
         if sig == libc::SIGSEGV {
             PROGRAM_MASK.store(mask_word(&act.sa_mask), Ordering::Relaxed);
         }
-        if trap {
-            audit::TRAP_HANDLER.store(act.sa_sigaction, Ordering::Relaxed);
-            audit::TRAP_FLAGS.store(act.sa_flags, Ordering::Relaxed);
-        } else {
-            crate::signals::set_chained(Chained::Segv, act.sa_sigaction, act.sa_flags);
-        }
+        crate::signals::set_chained(which, act.sa_sigaction, act.sa_flags);
     }
     true
 }

@@ -23,12 +23,13 @@ const NO_FLAGS: AtomicI32 = AtomicI32::new(0);
 const NO_PKRU: AtomicU32 = AtomicU32::new(0);
 
 /// Which program handler a [`Chained`] slot holds: those of the signals
-/// whose handler is the shim's own (`fault`: SIGSEGV, `syscalls`: SIGSYS),
-/// which chain to the program's.
+/// whose handler is the shim's own (`fault`: SIGSEGV, and SIGTRAP in audit
+/// mode; `syscalls`: SIGSYS), which chain to the program's.
 #[derive(Clone, Copy)]
 pub enum Chained {
     Segv = 0,
     Sys = 1,
+    Trap = 2,
 }
 
 /// What decides which function a signal runs and with which rights, on a
@@ -45,17 +46,17 @@ struct Table {
     /// `decided_for[sig]` (0: none decided).
     decided_for: [AtomicUsize; NSIG],
     decided_pkru: [AtomicU32; NSIG],
-    /// The program's SIGSEGV and SIGSYS handlers ([`Chained`]).
-    chained: [AtomicUsize; 2],
-    chained_flags: [AtomicI32; 2],
+    /// The program's SIGSEGV, SIGSYS and SIGTRAP handlers ([`Chained`]).
+    chained: [AtomicUsize; 3],
+    chained_flags: [AtomicI32; 3],
 }
 static TABLE: Table = Table {
     handlers: [NO_HANDLER; NSIG],
     flags: [NO_FLAGS; NSIG],
     decided_for: [NO_HANDLER; NSIG],
     decided_pkru: [NO_PKRU; NSIG],
-    chained: [NO_HANDLER; 2],
-    chained_flags: [NO_FLAGS; 2],
+    chained: [NO_HANDLER; 3],
+    chained_flags: [NO_FLAGS; 3],
 };
 const _: () = assert!(core::mem::size_of::<Table>() == 4096);
 
@@ -163,7 +164,9 @@ extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_voi
 
 /// Run the program's handler `h` for `sig` with the PKRU of the compartment
 /// that owns it (shared code: the PKRU of the code it interrupted), then put
-/// the interrupted PKRU back. Shared with the SIGSEGV chaining in `fault`.
+/// the interrupted PKRU back. Shared with the SIGSEGV, SIGTRAP and SIGSYS
+/// chaining in `fault` and `syscalls`. The caller has made the shim key
+/// readable (the table is on it): each shim handler does so on entry.
 pub(crate) fn run_in_compartment(
     h: usize,
     flags: c_int,
@@ -171,9 +174,6 @@ pub(crate) fn run_in_compartment(
     info: *mut libc::siginfo_t,
     ctx: *mut c_void,
 ) {
-    // Callers run in signal context, some (audit's SIGTRAP) with the
-    // kernel's key-0-only PKRU: the table below is on the shim key.
-    pku::open_shim_reads();
     let saved = pku::read_pkru();
     // SAFETY: the kernel's ucontext for this signal.
     let interrupted = unsafe { crate::fault::interrupted_pkru(ctx as *const libc::ucontext_t) };

@@ -36,6 +36,7 @@ use crate::config::{OnFault, ReportFormat};
 use crate::objects::{page_down, Range, PAGE};
 use crate::plan::Reason;
 use crate::runtime::{self, Census, Runtime};
+use crate::signals::Chained;
 use crate::stackfmt::{pid, StackBuf};
 use core::ffi::{c_int, c_void, CStr};
 use core::fmt::{self, Write};
@@ -194,8 +195,9 @@ pub(in crate::fault) extern "C" fn trap_handler(
             // The program was single-stepping: this trap is its own too.
         }
     }
-    let h = TRAP_HANDLER.load(Relaxed);
-    let flags = TRAP_FLAGS.load(Relaxed);
+    // The kernel entered with key 0 only; the table is on the shim key.
+    crate::pku::open_shim_reads();
+    let (h, flags) = crate::signals::chained(Chained::Trap);
     // A trap the kernel raised kills even when ignored (force_sig); one
     // sent with kill(2) (si_code <= 0) honours SIG_IGN.
     if h == libc::SIG_IGN && code <= 0 {
@@ -233,10 +235,8 @@ pub(in crate::fault) fn resignal(sig: c_int) {
     }
 }
 
-/// The program's SIGTRAP disposition (recorded by the `sigaction` hook in
-/// audit mode).
-pub(in crate::fault) static TRAP_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
-pub(in crate::fault) static TRAP_FLAGS: AtomicI32 = AtomicI32::new(0);
+// The program's SIGTRAP disposition (recorded by the `sigaction` hook in
+// audit mode) is in the signal table (`signals::chained`).
 pub(in crate::fault) static ACTIVE: AtomicBool = AtomicBool::new(false);
 
 /// Is audit mode on (and SIGTRAP interposed)?
@@ -294,8 +294,7 @@ pub(in crate::fault) fn install() {
     let old = install_one(libc::SIGTRAP, trap_handler as *const () as usize);
     // A handler installed before us (by a library constructor) is the program's.
     if old.sa_sigaction != libc::SIG_DFL {
-        TRAP_HANDLER.store(old.sa_sigaction, Relaxed);
-        TRAP_FLAGS.store(old.sa_flags, Relaxed);
+        crate::signals::set_chained(Chained::Trap, old.sa_sigaction, old.sa_flags);
     }
     for sig in FATAL {
         // SAFETY: querying only.
