@@ -422,23 +422,10 @@ pub fn libc_single_threaded(config: &Config, objects: &[LoadedObject]) -> Locate
 /// when the libc compartment is an application's.
 pub fn libgcc(config: &Config, objects: &[LoadedObject]) -> Located {
     let (ranges, how) = match object_named(objects, "libgcc_s.so") {
-        Some(o) => {
-            let mut ranges: Vec<Range> = o
-                .segments
-                .iter()
-                .filter(|s| s.writable())
-                .map(|s| s.range.pages_out())
-                .collect();
-            if let Some(r) = o.relro {
-                ranges = crate::plan::subtract(&ranges, &r.pages_out());
-            }
-            ranges.retain(|r| !r.is_empty());
-            (
-                ranges,
-                "libgcc_s's writable data: the unwinder reads it to enter a landing pad"
-                    .to_string(),
-            )
-        }
+        Some(o) => (
+            crate::plan::data_pages(o),
+            "libgcc_s's writable data: the unwinder reads it to enter a landing pad".to_string(),
+        ),
         None => (Vec::new(), "libgcc_s is not loaded".to_string()),
     };
     Located {
