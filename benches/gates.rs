@@ -5,8 +5,8 @@
 //!    (compartment 1) into `nop1` in libgt2.so (compartment 2), at two values
 //!    of N, gated and with `IA2_GATES=0`; the per-call difference is the
 //!    gate. The `sim` variant is the hardware variant plus a call counter
-//!    (`lock inc`) and with RDPKRU/WRPKRU replaced by TLS moves (one more
-//!    instruction in all), so the hardware count is printed next to it, as
+//!    (`lock inc`) and with RDPKRU/WRPKRU replaced by TLS moves, so the
+//!    hardware count is printed next to it, as
 //!    decoded from the shim's own code.
 //! 2. Calls per second, gated vs direct (no shim), in the PKU VM (or
 //!    natively when the host has PKU). The VM's WRPKRU flushes the emulated
@@ -168,18 +168,12 @@ fn main() {
         ("ia2shim_gate_hw", "IA2_HARDEN=off"),
         ("ia2shim_gate_hwh", "IA2_HARDEN=on"),
     ] {
-        // The entry variant's count includes 2 for the stub, which stand
-        // for the record's lea/jmp; the check to its jne and the jmp back
-        // add 8.
-        let entry = variant.replace("_hw", "_hwentry");
-        if let Some((n, pkru)) = hardware_round_trip(&entry) {
-            println!(
-                "function pointer into another compartment's entry gate, hardware, {what} (objdump): {} instructions outside RDPKRU/WRPKRU (entry jmp and check 7, record lea/jmp 2, entry variant {}, jmp back 1), plus {} RDPKRU/WRPKRU",
-                n + 8,
-                n - 2,
-                pkru + 1
-            );
-        }
+        // An entry gate's cross path is generated per function (its record),
+        // so it is counted from a record the shim builds for a small function.
+        let (n, pkru) = ia2shim::gates::entry_round_trip(what.ends_with("on"));
+        println!(
+            "function pointer into another compartment's entry gate, hardware, {what} (decoded from a record and the entry variant's return half): {n} instructions outside RDPKRU/WRPKRU, plus {pkru} RDPKRU/WRPKRU"
+        );
         match hardware_round_trip(variant) {
             Some((n, pkru)) => println!(
                 "gate round trip, hardware variant, {what} (objdump of the shim, stub included): {n} instructions outside RDPKRU/WRPKRU, plus {pkru} RDPKRU/WRPKRU"
@@ -190,8 +184,8 @@ fn main() {
 
     // Each way into another compartment, callgrind in sim mode: extra
     // instructions per call over IA2_GATES=0. The sim variants count the
-    // call (`lock inc`) and move the simulated PKRU with one more
-    // instruction than RDPKRU/WRPKRU take; the hardened ones move it three
+    // call (`lock inc`) and move the simulated PKRU with as many
+    // instructions as the xors around RDPKRU/WRPKRU take; the hardened ones move it three
     // times (open, callee, caller) where hardware runs RDPKRU + 3 WRPKRU.
     let cb = callbacks_fixture();
     let paths: [(&str, &str, Vec<&str>, &str); 4] = [

@@ -78,6 +78,20 @@ fn enforced() -> &'static HashMap<String, Outcome> {
                 format!("{mode} entry off"),
                 job(&[exe, mode], &[("IA2_GATES", "got")]),
             ));
+            // The other cross paths records inline: unhardened, and
+            // counting (IA2_REPORT=gates).
+            cases.push((
+                format!("{mode} unhardened"),
+                job(&[exe, mode], &[("IA2_HARDEN", "off")]),
+            ));
+            cases.push((
+                format!("{mode} counting"),
+                job(&[exe, mode], &[("IA2_REPORT", "gates")]),
+            ));
+            cases.push((
+                format!("{mode}-bad unhardened"),
+                job(&[exe, &bad], &[("IA2_HARDEN", "off")]),
+            ));
         };
         for m in C_MODES {
             add(&f.now, m);
@@ -155,10 +169,22 @@ fn assert_fails_without_entry_gates(name: &str) {
     assert_ne!(code(o), 0, "{}", out_text(o));
 }
 
+/// The same with the unhardened and the counting cross paths.
+fn check_variants(mode: &str, bad_data_of: u8, bad_running_as: u8) {
+    assert_ok(&format!("{mode} unhardened"), mode);
+    assert_ok(&format!("{mode} counting"), mode);
+    assert_faults(
+        &format!("{mode}-bad unhardened"),
+        bad_data_of,
+        bad_running_as,
+    );
+}
+
 fn check_c_mode(mode: &str, bad_data_of: u8, bad_running_as: u8) {
     assert_ok(mode, mode);
     assert_ok(&format!("{mode} lazy"), mode);
     assert_faults(&format!("{mode}-bad"), bad_data_of, bad_running_as);
+    check_variants(mode, bad_data_of, bad_running_as);
     if mode == "qsort" {
         // The shim's qsort wrapper (src/callbacks.rs) runs comparators in
         // their own compartment without entry gates too.
@@ -209,6 +235,7 @@ fn a_callback_entered_from_several_threads_at_once() {
 fn a_cpp_virtual_call_runs_in_the_methods_compartment() {
     assert_ok("vcall", "vcall");
     assert_faults("vcall-bad", 1, 2);
+    check_variants("vcall", 1, 2);
     assert_fails_without_entry_gates("vcall entry off");
 }
 
@@ -217,6 +244,8 @@ fn a_cpp_exception_thrown_by_a_gated_callback_is_caught_by_its_caller() {
     assert_ok("exception", "exception");
     assert_stdout_has(&enforced()["exception"], "lib_try: 2005");
     assert_faults("exception-bad", 1, 2);
+    check_variants("exception", 1, 2);
+    assert_stdout_has(&enforced()["exception unhardened"], "lib_try: 2005");
     assert_fails_without_entry_gates("exception entry off");
 }
 

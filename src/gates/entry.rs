@@ -10,23 +10,32 @@
 //!
 //! | offset | contents |
 //! |---|---|
-//! | 0 | a gate table [`Entry`]: target = the relocated body below, variant code, callee PKRU |
+//! | 0 | a gate table [`Entry`]: target = the relocated body below, variant, callee PKRU; then the variant's return point (the cross path's literal) |
 //! | 32 | the return address of a relocated `call` (the original code after it) |
 //! | 40 | the check: is PKRU the callee's? `jne cross` |
-//! | | the relocated body: the overwritten instructions (iced's block encoder), `jmp F+n` |
-//! | | cross: `lea r11, [record]; jmp [r11 + 8]`, which is what a pool stub does; on hardware the entry's variant is an entry variant, which takes over the registers the check parked and the PKRU it read |
+//! | | the relocated body: the overwritten instructions, `jmp F+n` |
+//! | | cross: push a gate frame, switch PKRU, push the variant's return point, then the overwritten instructions again and `jmp F+n` |
 //!
 //! Same compartment: the check falls through into the relocated body and
 //! back into `F` (sim: `jmp`, `cmp fs:[pkru], imm32`, `jne`, `jmp` back = 4
 //! extra instructions; hardware: RDPKRU needs `eax`, `ecx`, `edx`, so three
 //! registers are parked in the red zone and restored, every other register
 //! untouched, because callers in the same object may rely on that: 11).
-//! Another compartment: the record's `Entry` is a gate whose target is the
-//! relocated body (hardware: an entry variant, 34 instructions in all
-//! outside RDPKRU/WRPKRU, 40 hardened), so the variant code runs it: the
-//! caller's return address, PKRU and `rbx` go to the gate-frame stack, PKRU
-//! becomes the callee's, the body runs, and the caller's PKRU comes back on
-//! return; unwinding and the personality routine work as for any gate.
+//! Another compartment: the cross path does inline what a gate variant
+//! does, with the gate TLS offset and the callee's PKRU as constants: the
+//! caller's return address, PKRU and `rbx` go to the gate-frame stack,
+//! PKRU becomes the callee's, the arguments the check parked come back,
+//! and the *variant's* return point is pushed as the callee's return
+//! address before the overwritten instructions run and jump back into `F`.
+//! So the return (the caller's PKRU back, the frame popped), unwinding and
+//! the personality routine are the variant's, whose unwind tables describe
+//! that frame, and records need no unwind tables of their own. Hardware:
+//! 30 instructions in all outside RDPKRU/WRPKRU, 36 hardened (the record's
+//! `lea`/`jmp` into a shared variant and its GOT-relative TLS loads cost 4
+//! more before). A thread's first gate faults on the cross path's first
+//! frame store when it has no gate-frame stack yet, as the variants' do,
+//! and the SIGSEGV handler recognises the store by its bytes inside an
+//! arena ([`record_fix_register`]).
 //! The counting variants find the record's call counter at
 //! `record + TABLE_BYTES`: an arena is a code region of `TABLE_BYTES`
 //! followed by a counter region of the same size.
@@ -403,6 +412,188 @@ fn jne_end(backend: Backend, check: &[u8]) -> usize {
     }
 }
 
+/// How a record's cross path switches compartments, and where it returns.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CrossPath {
+    pub(super) backend: Backend,
+    /// The `fs:` offset of the gate TLS words: the frame-stack top, then
+    /// the simulated PKRU at `+ 8`.
+    pub(super) tp: i32,
+    /// Count calls in the record's counter (`IA2_REPORT=gates`; sim always).
+    pub(super) count: bool,
+    /// `IA2_HARDEN=on` (hardware): the mask that opens the shim key for
+    /// the frame writes.
+    pub(super) open: Option<u32>,
+    /// The variant whose return point the cross path pushes: its head (the
+    /// record's `Entry::code`, for reports) and that return point.
+    pub(super) code: usize,
+    pub(super) ret: usize,
+}
+
+impl CrossPath {
+    /// The cross path for `variant` (never a union one) as installed now.
+    pub(super) fn current(variant: Variant, tp: i32) -> CrossPath {
+        let backend = pku::backend();
+        let hardened = HARDEN.load(Ordering::Relaxed);
+        let (code, ret) = variant.entry_variant();
+        CrossPath {
+            backend,
+            tp,
+            count: variant.counts(),
+            open: (hardened && backend != Backend::Sim).then(open_mask),
+            code,
+            ret,
+        }
+    }
+}
+
+/// `rel32` from the end of an instruction at `next` to `target`.
+fn rel32_to(target: usize, next: usize) -> i32 {
+    (target as i64 - next as i64) as i32
+}
+
+/// The cross path's code up to the relocated instructions, for a record at
+/// `rec` whose cross path starts at `at`: count, push a gate frame (the
+/// caller's return address, `rbx` and PKRU), switch to the callee's PKRU,
+/// take the parked arguments back, and push the variant's return point as
+/// the callee's return address, so that the return, unwinding and the
+/// personality routine are the variant's (whose unwind tables describe
+/// this frame). The relocated instructions and `jmp F+n` follow. What an
+/// entry variant did after the record's `lea r11`/`jmp [r11 + 8]`, with
+/// the TLS offset and PKRU as constants (4 instructions fewer).
+fn cross_bytes(c: &CrossPath, rec: usize, at: usize, pkru: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(96);
+    let tp = c.tp.to_le_bytes();
+    let sim = c.backend == Backend::Sim;
+    if c.count || sim {
+        // lock inc qword ptr [rip + counter]
+        b.extend_from_slice(&[0xf0, 0x48, 0xff, 0x05]);
+        let next = at + b.len() + 4;
+        b.extend_from_slice(&rel32_to(rec + TABLE_BYTES, next).to_le_bytes());
+    }
+    let hardened = c.open.filter(|_| !sim);
+    if let Some(mask) = hardened {
+        // Check left eax = the caller's PKRU, ecx = edx = 0: open the shim
+        // key (the frame region's) for the frame writes.
+        b.extend_from_slice(&[0x41, 0x89, 0xc2]); // mov r10d, eax
+        b.push(0x25); // and eax, imm32
+        b.extend_from_slice(&mask.to_le_bytes());
+        b.extend_from_slice(&[0x0f, 0x01, 0xef]); // wrpkru
+    }
+    b.extend_from_slice(&[0x64, 0x48, 0x83, 0x04, 0x25]); // add qword ptr fs:[tp], FRAME
+    b.extend_from_slice(&tp);
+    b.push(FRAME as u8);
+    if hardened.is_some() {
+        b.extend_from_slice(&[0x64, 0x48, 0x8b, 0x04, 0x25]); // mov rax, fs:[tp]
+        b.extend_from_slice(&tp);
+        b.extend_from_slice(&RECORD_FIX_RAX); // mov [rax - FRAME + 40], rbx
+        b.extend_from_slice(&[0x48, 0x8d, 0x58, 0xc0]); // lea rbx, [rax - FRAME]
+    } else {
+        b.extend_from_slice(&[0x64, 0x4c, 0x8b, 0x14, 0x25]); // mov r10, fs:[tp]
+        b.extend_from_slice(&tp);
+        b.extend_from_slice(&RECORD_FIX_R10); // mov [r10 - FRAME + 40], rbx
+        b.extend_from_slice(&[0x49, 0x8d, 0x5a, 0xc0]); // lea rbx, [r10 - FRAME]
+    }
+    b.extend_from_slice(&[0x8f, 0x03]); // pop qword ptr [rbx]
+    if sim {
+        b.extend_from_slice(&[0x48, 0x89, 0x43, 0x08]); // mov [rbx + 8], rax
+        b.extend_from_slice(&[0x64, 0x8b, 0x04, 0x25]); // mov eax, fs:[tp + 8]
+        b.extend_from_slice(&(c.tp + 8).to_le_bytes());
+        b.extend_from_slice(&[0x89, 0x43, 0x20]); // mov [rbx + 32], eax
+        b.extend_from_slice(&[0x64, 0xc7, 0x04, 0x25]); // mov dword ptr fs:[tp + 8], imm32
+        b.extend_from_slice(&(c.tp + 8).to_le_bytes());
+        b.extend_from_slice(&pkru.to_le_bytes());
+        b.extend_from_slice(&[0x48, 0x8b, 0x43, 0x08]); // mov rax, [rbx + 8]
+    } else {
+        if hardened.is_some() {
+            b.extend_from_slice(&[0x44, 0x89, 0x53, 0x20]); // mov [rbx + 32], r10d
+        } else {
+            b.extend_from_slice(&[0x89, 0x43, 0x20]); // mov [rbx + 32], eax
+        }
+        b.push(0xb8); // mov eax, imm32
+        b.extend_from_slice(&pkru.to_le_bytes());
+        b.extend_from_slice(&[0x0f, 0x01, 0xef]); // wrpkru
+                                                  // The check parked rax, rcx, rdx at [rsp - 8/16/24] before the pop.
+        b.extend_from_slice(&[0x48, 0x8b, 0x44, 0x24, 0xf0]); // mov rax, [rsp - 16]
+        b.extend_from_slice(&[0x48, 0x8b, 0x4c, 0x24, 0xe8]); // mov rcx, [rsp - 24]
+        b.extend_from_slice(&[0x48, 0x8b, 0x54, 0x24, 0xe0]); // mov rdx, [rsp - 32]
+    }
+    // push qword ptr [rip + record + RET_LIT]: the variant's return point
+    b.extend_from_slice(&[0xff, 0x35]);
+    let next = at + b.len() + 4;
+    b.extend_from_slice(&rel32_to(rec + RET_LIT, next).to_le_bytes());
+    b
+}
+
+/// The cross path's first frame store (`mov [r10 - 24], rbx`; hardened
+/// hardware: `mov [rax - 24], rbx`), which faults on a thread's first gate
+/// when it has no gate-frame stack yet ([`record_fix_register`]).
+const RECORD_FIX_R10: [u8; 4] = [0x49, 0x89, 0x5a, 0xe8];
+const RECORD_FIX_RAX: [u8; 4] = [0x48, 0x89, 0x58, 0xe8];
+const _: () = assert!(
+    FRAME == 64,
+    "the fix stores encode [reg - FRAME + 40] as disp8 -24"
+);
+
+/// Where a record keeps the variant return point its cross path pushes
+/// (the `Entry`'s reserved word).
+const RET_LIT: usize = 24;
+
+/// The shim key's open mask (the meta page's; fixed before any record).
+fn open_mask() -> u32 {
+    // SAFETY: written once by `frames::harden` before the first gate.
+    unsafe { (*GATE_MEM.meta.get()).open_mask }
+}
+
+/// Code regions of the arenas that hold records, for the fault handler:
+/// arenas are never unmapped, so this only grows. (base, end) pairs.
+static ARENA_RANGES: [[core::sync::atomic::AtomicUsize; 2]; 256] = [const {
+    [
+        core::sync::atomic::AtomicUsize::new(0),
+        core::sync::atomic::AtomicUsize::new(0),
+    ]
+}; 256];
+static ARENA_COUNT: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+fn note_arena(base: usize, end: usize) {
+    let i = ARENA_COUNT.load(Ordering::Relaxed);
+    if i < ARENA_RANGES.len() {
+        ARENA_RANGES[i][0].store(base, Ordering::Relaxed);
+        ARENA_RANGES[i][1].store(end, Ordering::Relaxed);
+        ARENA_COUNT.store(i + 1, Ordering::Release);
+    }
+}
+
+/// Is `rip` a record's cross-path first frame store, and which register
+/// holds the reserved top there? For the first-gate fix-up in the SIGSEGV
+/// handler: never blocks, never allocates.
+pub(super) fn record_fix_register(rip: usize, tp: i32) -> Option<usize> {
+    let n = ARENA_COUNT.load(Ordering::Acquire);
+    let inside = ARENA_RANGES[..n.min(ARENA_RANGES.len())].iter().any(|r| {
+        let (lo, hi) = (r[0].load(Ordering::Relaxed), r[1].load(Ordering::Relaxed));
+        rip >= lo + 9 && rip + 4 <= hi
+    });
+    if !inside {
+        return None;
+    }
+    // SAFETY: rip and the 9 bytes before it lie in an arena's code region
+    // (mapped, readable: sealed read-execute).
+    let (load, store) = unsafe {
+        (
+            core::slice::from_raw_parts((rip - 9) as *const u8, 9),
+            core::slice::from_raw_parts(rip as *const u8, 4),
+        )
+    };
+    if load[5..9] != tp.to_le_bytes() {
+        return None;
+    }
+    match (&load[..5], store) {
+        ([0x64, 0x4c, 0x8b, 0x14, 0x25], s) if s == RECORD_FIX_R10 => Some(libc::REG_R10 as usize),
+        ([0x64, 0x48, 0x8b, 0x04, 0x25], s) if s == RECORD_FIX_RAX => Some(libc::REG_RAX as usize),
+        _ => None,
+    }
+}
+
 /// A record's bytes, and where each relocated instruction came from.
 pub(super) struct Record {
     pub(super) bytes: Vec<u8>,
@@ -416,20 +607,16 @@ pub(super) struct Record {
 pub(super) fn build_record(
     rec: usize,
     p: &Prologue,
-    entry_code: usize,
+    cross: &CrossPath,
     pkru: u32,
     compartment: u8,
-    backend: Backend,
-    sim_tpoff: i32,
 ) -> Result<Record, String> {
     let head = RecordHead {
         rec,
         end: p.end,
-        entry_code,
+        cross: *cross,
         pkru,
         compartment,
-        backend,
-        sim_tpoff,
     };
     head.assemble(|body, ret_lit| {
         let mut block = p.insns.clone();
@@ -497,21 +684,17 @@ pub(super) fn build_copied_record(
     at: usize,
     original: &[u8],
     shape: &[(u8, u8)],
-    entry_code: usize,
+    cross: &CrossPath,
     pkru: u32,
     compartment: u8,
-    backend: Backend,
-    sim_tpoff: i32,
 ) -> Result<Record, String> {
     let end = at + original.len();
     let head = RecordHead {
         rec,
         end,
-        entry_code,
+        cross: *cross,
         pkru,
         compartment,
-        backend,
-        sim_tpoff,
     };
     let far = || "its first instructions cannot be relocated: a target out of reach".to_string();
     let rel32 =
@@ -607,46 +790,51 @@ struct RecordHead {
     rec: usize,
     /// The first byte after the overwritten instructions.
     end: usize,
-    entry_code: usize,
+    cross: CrossPath,
     pkru: u32,
     compartment: u8,
-    backend: Backend,
-    sim_tpoff: i32,
 }
 
+/// An `origins` entry that ends a copy of the relocated instructions.
+pub(super) const COPY_END: usize = usize::MAX;
+
 impl RecordHead {
-    /// The record, with `body(body address, return-literal address)`'s
-    /// code and origins as its relocated body.
+    /// The record, with `body(address, return-literal address)`'s code and
+    /// origins as its relocated instructions, twice: the body that the
+    /// check falls through to (and `JUMP_SLOT` GOT gates target), and the
+    /// end of the cross path.
     fn assemble(
         &self,
-        body: impl FnOnce(usize, usize) -> Result<(Vec<u8>, Vec<(usize, usize)>), String>,
+        body: impl Fn(usize, usize) -> Result<(Vec<u8>, Vec<(usize, usize)>), String>,
     ) -> Result<Record, String> {
         let rec = self.rec;
-        // The entry, then the return address of a relocated call.
+        let c = &self.cross;
+        // The entry (its reserved word: the variant's return point), then
+        // the return address of a relocated call.
         let mut out = vec![0u8; ENTRY_BYTES];
         let ret_lit = rec + out.len();
         out.extend_from_slice(&self.end.to_le_bytes());
-        let check = check_bytes(self.backend, self.pkru, self.sim_tpoff);
+        let check = check_bytes(c.backend, self.pkru, c.tp + 8);
         out.extend_from_slice(&check);
-        let jne_end = out.len() - check.len() + jne_end(self.backend, &check);
+        let jne_end = out.len() - check.len() + jne_end(c.backend, &check);
         let body_at = rec + out.len();
-        let (code, origins) = body(body_at, ret_lit)?;
+        let (code, mut origins) = body(body_at, ret_lit)?;
         out.extend_from_slice(&code);
+        origins.push((rec + out.len(), COPY_END));
         let cross = out.len();
         let rel = (cross - jne_end) as i32;
         out[jne_end - 4..jne_end].copy_from_slice(&rel.to_le_bytes());
-        // lea r11, [rip + record]; jmp qword ptr [r11 + 8]
-        let lea_end = rec + cross + 7;
-        let back = -((lea_end - rec) as i64) as i32;
-        out.extend_from_slice(&[0x4c, 0x8d, 0x1d]);
-        out.extend_from_slice(&back.to_le_bytes());
-        out.extend_from_slice(&[0x41, 0xff, 0x63, 0x08]);
+        out.extend_from_slice(&cross_bytes(c, rec, rec + cross, self.pkru));
+        let (code, more) = body(rec + out.len(), ret_lit)?;
+        out.extend_from_slice(&code);
+        origins.extend(more);
+        origins.push((rec + out.len(), COPY_END));
         while out.len() % RECORD_ALIGN != 0 {
             out.push(0xcc);
         }
         let e = Entry {
             target: body_at,
-            code: self.entry_code,
+            code: c.code,
             pkru: self.pkru,
             compartment: self.compartment as u32,
             _reserved: 0,
@@ -655,6 +843,7 @@ impl RecordHead {
         out[8..16].copy_from_slice(&e.code.to_le_bytes());
         out[16..20].copy_from_slice(&e.pkru.to_le_bytes());
         out[20..24].copy_from_slice(&e.compartment.to_le_bytes());
+        out[RET_LIT..RET_LIT + 8].copy_from_slice(&c.ret.to_le_bytes());
         Ok(Record {
             bytes: out,
             origins,
@@ -673,7 +862,7 @@ pub fn relocated_origin(addr: usize) -> Option<usize> {
         .iter()
         .rev()
         .find(|&&(at, _)| at <= addr)
-        .filter(|_| addr < e.body + 64)
+        .filter(|&&(_, from)| from != COPY_END)
         .map(|&(at, from)| from + (addr - at))
 }
 
@@ -693,20 +882,6 @@ pub fn entry_gated(function: usize) -> bool {
     STATE
         .try_lock()
         .is_ok_and(|st| st.entries.iter().any(|e| e.function == function && !e.dead))
-}
-
-/// The `fs`-relative offset of the simulated PKRU word.
-pub(super) fn sim_pkru_tpoff() -> i64 {
-    let t: i64;
-    // SAFETY: reads the shim's own GOT entry for its initial-exec TLS block.
-    unsafe {
-        core::arch::asm!(
-            "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-            t = out(reg) t,
-            options(nostack, readonly, preserves_flags)
-        );
-    }
-    t + 8
 }
 
 // ---------------------------------------------------------------- arenas
@@ -803,6 +978,7 @@ fn new_arena(
             continue;
         }
         st.arenas.push(Arena { base: c, used: 0 });
+        note_arena(c, c + ARENA_CODE);
         return Some(st.arenas.len() - 1);
     }
     None
@@ -1204,13 +1380,14 @@ pub(super) fn gate_functions(
         .min()
         .unwrap_or(0);
     let hi = obj.segments.iter().map(|s| s.range.end).max().unwrap_or(0);
-    let backend = pku::backend();
-    let tpoff = sim_pkru_tpoff();
+    let tpoff = frame_top_tpoff();
     let Ok(tpoff) = i32::try_from(tpoff) else {
         crate::lifecycle::fatal(format_args!(
             "entry gates: the shim's TLS offset {tpoff:#x} does not fit a 32-bit displacement"
         ));
     };
+    patch_tls();
+    let cross = CrossPath::current(variant, tpoff);
     let pkru = rt.pkru_for(own);
     // Opened on first use: a window usually does the writes.
     let mut writer: Option<TextWriter> = None;
@@ -1243,15 +1420,13 @@ pub(super) fn gate_functions(
                     p.at,
                     &p.bytes[p.at - f..p.end - f],
                     shape,
-                    variant.entry_code(),
+                    &cross,
                     pkru,
                     own,
-                    backend,
-                    tpoff,
                 ),
-                None => p.prologue(*f, exact_sites).and_then(|pro| {
-                    build_record(rec, &pro, variant.entry_code(), pkru, own, backend, tpoff)
-                }),
+                None => p
+                    .prologue(*f, exact_sites)
+                    .and_then(|pro| build_record(rec, &pro, &cross, pkru, own)),
             };
             match record {
                 Ok(Record { bytes, origins }) => {

@@ -331,7 +331,12 @@ pub unsafe fn fixup_fault(info: *const libc::siginfo_t, ctx: *mut c_void) -> boo
     // SAFETY: valid ucontext from the kernel.
     let gregs = unsafe { &mut (*uc).uc_mcontext.gregs };
     let rip = gregs[libc::REG_RIP as usize] as usize;
-    let Some(&(_, reg)) = fix_labels().iter().find(|&&(at, _)| at == rip) else {
+    let Some(reg) = fix_labels()
+        .iter()
+        .find(|&&(at, _)| at == rip)
+        .map(|&(_, reg)| reg)
+        .or_else(|| record_fix_register(rip, frame_top_tpoff() as i32))
+    else {
         return false;
     };
     if gregs[reg] as usize != FRAME || stack_top() != FRAME {

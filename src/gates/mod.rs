@@ -175,6 +175,7 @@ pub fn install(rt: &Runtime) {
         crate::signals::harden(key);
     }
     if rt.config.gates {
+        patch_tls();
         thread_start();
     }
     let census = match rt.census.read() {

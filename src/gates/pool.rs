@@ -104,6 +104,47 @@ core::arch::global_asm!(
     ".endr",
     ".cfi_endproc",
     ".size ia2shim_gate_pool, . - ia2shim_gate_pool",
+    ".popsection",
+    // ---- the variants, on pages of their own: `patch_tls` writes the
+    // gate TLS words' offset into their `fs:` displacements once, before
+    // the first gate is made (see `TP_MAGIC`).
+    ".pushsection .text.ia2shim_gate_variants,\"ax\",@progbits",
+    ".balign 4096",
+    ".globl ia2shim_gate_variants",
+    ".hidden ia2shim_gate_variants",
+    "ia2shim_gate_variants:",
+    // add qword ptr fs:[TP], FRAME
+    ".macro ia2tp_push_frame",
+    ".byte 0x64, 0x48, 0x83, 0x04, 0x25",
+    ".long {tp_magic}",
+    ".byte {frame}",
+    ".endm",
+    // sub qword ptr fs:[TP], FRAME
+    ".macro ia2tp_pop_frame",
+    ".byte 0x64, 0x48, 0x83, 0x2c, 0x25",
+    ".long {tp_magic}",
+    ".byte {frame}",
+    ".endm",
+    // mov r10, qword ptr fs:[TP]
+    ".macro ia2tp_top_r10",
+    ".byte 0x64, 0x4c, 0x8b, 0x14, 0x25",
+    ".long {tp_magic}",
+    ".endm",
+    // mov rax, qword ptr fs:[TP]
+    ".macro ia2tp_top_rax",
+    ".byte 0x64, 0x48, 0x8b, 0x04, 0x25",
+    ".long {tp_magic}",
+    ".endm",
+    // mov eax, dword ptr fs:[TP + 8] (the simulated PKRU)
+    ".macro ia2tp_sim_get",
+    ".byte 0x64, 0x8b, 0x04, 0x25",
+    ".long {tp_magic} + 8",
+    ".endm",
+    // mov dword ptr fs:[TP + 8], eax
+    ".macro ia2tp_sim_set",
+    ".byte 0x64, 0x89, 0x04, 0x25",
+    ".long {tp_magic} + 8",
+    ".endm",
     // ---- hardware variant (and, with `lock inc` first, the counting one)
     ".macro ia2shim_gate_body name, count, union",
     ".balign 16",
@@ -116,9 +157,8 @@ core::arch::global_asm!(
     ".if \\count",
     "lock inc qword ptr [r11 + {table_bytes}]",
     ".endif",
-    "mov r10, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "add qword ptr fs:[r10], {frame}",
-    "mov r10, qword ptr fs:[r10]",
+    "ia2tp_push_frame",
+    "ia2tp_top_r10",
     ".globl ia2shim_gate_\\name\\()_fix",
     ".hidden ia2shim_gate_\\name\\()_fix",
     "ia2shim_gate_\\name\\()_fix:",
@@ -156,8 +196,7 @@ core::arch::global_asm!(
     "mov eax, dword ptr [rbx + 32]",
     "mov rbx, qword ptr [rbx + 40]",
     ".cfi_restore rbx",
-    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "sub qword ptr fs:[rcx], {frame}",
+    "ia2tp_pop_frame",
     "xor ecx, ecx",
     "xor edx, edx",
     "wrpkru",
@@ -195,11 +234,10 @@ core::arch::global_asm!(
     "mov qword ptr [rsp - 16], rdx",
     "mov qword ptr [rsp - 24], rcx",
     ".if \\sim",
-    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "mov eax, dword ptr fs:[rcx + 8]",
+    "ia2tp_sim_get",
     "mov r10d, eax",
     "and eax, dword ptr [rip + {mem} + {meta_open}]",
-    "mov dword ptr fs:[rcx + 8], eax",
+    "ia2tp_sim_set",
     ".else",
     "xor ecx, ecx",
     "rdpkru",
@@ -207,9 +245,8 @@ core::arch::global_asm!(
     "and eax, dword ptr [rip + {mem} + {meta_open}]",
     "wrpkru",
     ".endif",
-    "mov rax, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "add qword ptr fs:[rax], {frame}",
-    "mov rax, qword ptr fs:[rax]",
+    "ia2tp_push_frame",
+    "ia2tp_top_rax",
     ".globl ia2shim_gate_\\name\\()_fix",
     ".hidden ia2shim_gate_\\name\\()_fix",
     "ia2shim_gate_\\name\\()_fix:",
@@ -228,8 +265,7 @@ core::arch::global_asm!(
     "mov eax, dword ptr [r11 + 16]",
     ".endif",
     ".if \\sim",
-    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "mov dword ptr fs:[rcx + 8], eax",
+    "ia2tp_sim_set",
     ".else",
     "wrpkru",
     ".endif",
@@ -252,10 +288,9 @@ core::arch::global_asm!(
     "mov eax, dword ptr [rbx + 32]",
     "mov rbx, qword ptr [rbx + 40]",
     ".cfi_restore rbx",
-    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "sub qword ptr fs:[rcx], {frame}",
+    "ia2tp_pop_frame",
     ".if \\sim",
-    "mov dword ptr fs:[rcx + 8], eax",
+    "ia2tp_sim_set",
     ".else",
     "xor ecx, ecx",
     "xor edx, edx",
@@ -291,9 +326,8 @@ core::arch::global_asm!(
     "mov r10d, eax",
     "and eax, dword ptr [rip + {mem} + {meta_open}]",
     "wrpkru",
-    "mov rax, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "add qword ptr fs:[rax], {frame}",
-    "mov rax, qword ptr fs:[rax]",
+    "ia2tp_push_frame",
+    "ia2tp_top_rax",
     ".globl ia2shim_gate_\\name\\()_fix",
     ".hidden ia2shim_gate_\\name\\()_fix",
     "ia2shim_gate_\\name\\()_fix:",
@@ -301,9 +335,8 @@ core::arch::global_asm!(
     ".cfi_escape 0x10, 0x03, 0x02, 0x70, {rbx_at_top}",
     "lea rbx, [rax - {frame}]",
     ".else",
-    "mov r10, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "add qword ptr fs:[r10], {frame}",
-    "mov r10, qword ptr fs:[r10]",
+    "ia2tp_push_frame",
+    "ia2tp_top_r10",
     ".globl ia2shim_gate_\\name\\()_fix",
     ".hidden ia2shim_gate_\\name\\()_fix",
     "ia2shim_gate_\\name\\()_fix:",
@@ -344,8 +377,7 @@ core::arch::global_asm!(
     "mov eax, dword ptr [rbx + 32]",
     "mov rbx, qword ptr [rbx + 40]",
     ".cfi_restore rbx",
-    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "sub qword ptr fs:[rcx], {frame}",
+    "ia2tp_pop_frame",
     "xor ecx, ecx",
     "xor edx, edx",
     "wrpkru",
@@ -370,9 +402,8 @@ core::arch::global_asm!(
     ".cfi_startproc",
     ".cfi_personality 0x1b, {personality}",
     "lock inc qword ptr [r11 + {table_bytes}]",
-    "mov r10, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "add qword ptr fs:[r10], {frame}",
-    "mov r10, qword ptr fs:[r10]",
+    "ia2tp_push_frame",
+    "ia2tp_top_r10",
     ".globl ia2shim_gate_\\name\\()_fix",
     ".hidden ia2shim_gate_\\name\\()_fix",
     "ia2shim_gate_\\name\\()_fix:",
@@ -386,15 +417,14 @@ core::arch::global_asm!(
     "mov qword ptr [rbx + 8], rax",
     "mov qword ptr [rbx + 16], rdx",
     "mov qword ptr [rbx + 24], rcx",
-    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "mov eax, dword ptr fs:[rcx + 8]",
+    "ia2tp_sim_get",
     "mov dword ptr [rbx + 32], eax",
     ".if \\union",
     "and eax, dword ptr [r11 + 16]",
     ".else",
     "mov eax, dword ptr [r11 + 16]",
     ".endif",
-    "mov dword ptr fs:[rcx + 8], eax",
+    "ia2tp_sim_set",
     "mov rax, qword ptr [rbx + 8]",
     "mov rdx, qword ptr [rbx + 16]",
     "mov rcx, qword ptr [rbx + 24]",
@@ -410,9 +440,8 @@ core::arch::global_asm!(
     "mov eax, dword ptr [rbx + 32]",
     "mov rbx, qword ptr [rbx + 40]",
     ".cfi_restore rbx",
-    "mov rcx, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
-    "sub qword ptr fs:[rcx], {frame}",
-    "mov dword ptr fs:[rcx + 8], eax",
+    "ia2tp_pop_frame",
+    "ia2tp_sim_set",
     "mov rax, r11",
     "mov rdx, r10",
     "ret",
@@ -460,6 +489,10 @@ core::arch::global_asm!(
     ".endm",
     "ia2shim_gate_pad hw, 0",
     "ia2shim_gate_pad sim, 1",
+    ".balign 4096",
+    ".globl ia2shim_gate_variants_end",
+    ".hidden ia2shim_gate_variants_end",
+    "ia2shim_gate_variants_end:",
     ".popsection",
     max_gates = const MAX_GATES,
     stride = const STRIDE,
@@ -471,6 +504,7 @@ core::arch::global_asm!(
     meta_open = const META_OPEN,
     region_check = const REGION_CHECK,
     rbx_at_top = const (40 - FRAME as i64) & 0x7f,
+    tp_magic = const TP_MAGIC,
     bad_frame = sym bad_frame,
     personality = sym gate_personality,
     resume = sym _Unwind_Resume,
@@ -527,6 +561,93 @@ extern "C" {
     pub(super) fn _Unwind_GetGR(ctx: *mut c_void, reg: c_int) -> usize;
     pub(super) fn _Unwind_SetIP(ctx: *mut c_void, ip: usize);
     pub(super) fn _Unwind_SetGR(ctx: *mut c_void, reg: c_int, value: usize);
+}
+
+extern "C" {
+    fn ia2shim_gate_variants();
+    fn ia2shim_gate_variants_end();
+}
+
+/// The `fs:` displacement the variants carry for the gate TLS words
+/// (`ia2shim_gate_tls`) until [`patch_tls`] writes the real offset; `+ 8`
+/// for the simulated PKRU. The shim's TLS offset is known only at load
+/// (initial-exec: a GOT entry), and reading it there costs each gate a
+/// `mov` on the way in and one on the way out.
+const TP_MAGIC: u32 = 0x7a5e_b1a0;
+
+/// Write the gate TLS words' `fs:` offset into the variants, once, before
+/// the first gate is made (their pages hold nothing else, and no thread can
+/// be running them yet). Returns the number of displacements written.
+pub fn patch_tls() -> usize {
+    static DONE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *DONE.get_or_init(|| {
+        let tp = frame_top_tpoff();
+        let (lo, hi) = (addr(ia2shim_gate_variants), addr(ia2shim_gate_variants_end));
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: the variants' own page-aligned pages (section padded to
+        // pages); nothing runs them before the first gate exists.
+        if unsafe { libc::mprotect(lo as *mut c_void, hi - lo, rw) } != 0 {
+            crate::lifecycle::fatal(format_args!(
+                "gates: mprotect of the gate variants failed (errno {})",
+                crate::stackfmt::errno()
+            ));
+        }
+        let mut n = 0;
+        let mut a = lo + 1;
+        while a + 4 <= hi {
+            // SAFETY: inside the variants' pages, readable and writable now.
+            let (sib, v) = unsafe {
+                (
+                    *((a - 1) as *const u8),
+                    core::ptr::read_unaligned(a as *const u32),
+                )
+            };
+            if sib == 0x25 && (v == TP_MAGIC || v == TP_MAGIC + 8) {
+                let off = tp + i64::from(v - TP_MAGIC);
+                let Ok(off) = i32::try_from(off) else {
+                    crate::lifecycle::fatal(format_args!(
+                        "gates: the shim's TLS offset {off:#x} does not fit a 32-bit displacement"
+                    ));
+                };
+                // SAFETY: as above.
+                unsafe { core::ptr::write_unaligned(a as *mut i32, off) };
+                n += 1;
+                a += 4;
+            } else {
+                a += 1;
+            }
+        }
+        // SAFETY: as above; back to read-execute.
+        if unsafe {
+            libc::mprotect(
+                lo as *mut c_void,
+                hi - lo,
+                libc::PROT_READ | libc::PROT_EXEC,
+            )
+        } != 0
+        {
+            crate::lifecycle::fatal(format_args!(
+                "gates: mprotect of the gate variants failed (errno {})",
+                crate::stackfmt::errno()
+            ));
+        }
+        n
+    })
+}
+
+/// The `fs`-relative offset of the gate TLS words (the frame-stack top;
+/// the simulated PKRU is 8 bytes further).
+pub(super) fn frame_top_tpoff() -> i64 {
+    let t: i64;
+    // SAFETY: reads the shim's own GOT entry for its initial-exec TLS block.
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, qword ptr [rip + ia2shim_gate_tls@GOTTPOFF]",
+            t = out(reg) t,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    t
 }
 
 pub(super) fn addr(f: unsafe extern "C" fn()) -> usize {
@@ -683,19 +804,27 @@ impl Variant {
         addr(f)
     }
 
-    /// The code an entry gate's record jumps to when its check fails: on
-    /// hardware the entry variant, which takes over the registers the check
-    /// parked and the PKRU it read; in sim mode (whose check parks nothing)
-    /// the plain variant.
-    pub(super) fn entry_code(self) -> usize {
-        let f: unsafe extern "C" fn() = match (self, HARDEN.load(Ordering::Relaxed)) {
-            (Variant::Hardware, false) => ia2shim_gate_hwentry,
-            (Variant::HardwareCounting, false) => ia2shim_gate_hwcountentry,
-            (Variant::Hardware, true) => ia2shim_gate_hwentryh,
-            (Variant::HardwareCounting, true) => ia2shim_gate_hwcountentryh,
-            _ => return self.code(),
-        };
-        addr(f)
+    /// The variant an entry gate's record stands in for: its head (named
+    /// in the record's `Entry`) and the return point that the record's
+    /// cross path pushes, whose unwind tables describe the gate frame. On
+    /// hardware the entry variants (their heads take over the registers a
+    /// check parked; records now inline that code), in sim mode the plain
+    /// variants (whose return restores the simulated PKRU).
+    pub(super) fn entry_variant(self) -> (usize, usize) {
+        let (head, ret): (unsafe extern "C" fn(), unsafe extern "C" fn()) =
+            match (self, HARDEN.load(Ordering::Relaxed)) {
+                (Variant::Hardware, false) => (ia2shim_gate_hwentry, ia2shim_gate_hwentry_ret),
+                (Variant::HardwareCounting, false) => {
+                    (ia2shim_gate_hwcountentry, ia2shim_gate_hwcountentry_ret)
+                }
+                (Variant::Hardware, true) => (ia2shim_gate_hwentryh, ia2shim_gate_hwentryh_ret),
+                (Variant::HardwareCounting, true) => {
+                    (ia2shim_gate_hwcountentryh, ia2shim_gate_hwcountentryh_ret)
+                }
+                (_, false) => (ia2shim_gate_sim, ia2shim_gate_sim_ret),
+                (_, true) => (ia2shim_gate_simh, ia2shim_gate_simh_ret),
+            };
+        (addr(head), addr(ret))
     }
 
     /// Does this variant count calls?

@@ -305,18 +305,120 @@ pub fn hardened_round_trip_instructions(variant: Variant) -> Vec<iced_x86::Instr
     round_trip_of(variant, true)
 }
 
-/// The hardware entry variant's instructions (an entry gate's cross path
-/// after its check and the record's `lea`/`jmp`), up to its `ret`.
-pub fn entry_variant_instructions(hardened: bool) -> Vec<iced_x86::Instruction> {
-    let (start, ret) = if hardened {
-        (addr(ia2shim_gate_hwentryh), addr(ia2shim_gate_hwentryh_ret))
+/// The hardware entry variant's return half (from its return point, which
+/// an entry gate's cross path pushes, through `ret`).
+pub fn entry_return_instructions(hardened: bool) -> Vec<iced_x86::Instruction> {
+    let ret = if hardened {
+        addr(ia2shim_gate_hwentryh_ret)
     } else {
-        (addr(ia2shim_gate_hwentry), addr(ia2shim_gate_hwentry_ret))
+        addr(ia2shim_gate_hwentry_ret)
     };
-    decode_pieces(&[
-        (start, iced_x86::Mnemonic::Call),
-        (ret, iced_x86::Mnemonic::Ret),
-    ])
+    decode_pieces(&[(ret, iced_x86::Mnemonic::Ret)])
+}
+
+/// A cross-compartment call through an entry gate on hardware, beyond the
+/// function's own instructions: (instructions outside RDPKRU/WRPKRU, RDPKRU
+/// and WRPKRU), decoded from a record built for a small function (entry
+/// `jmp`, check, cross path, `jmp` back) and the entry variant's return half.
+pub fn entry_round_trip(hardened: bool) -> (usize, usize) {
+    let (n, pkru) = record_cross_path(hardened);
+    let back = entry_return_instructions(hardened);
+    let back_pkru = back
+        .iter()
+        .filter(|i| {
+            matches!(
+                i.mnemonic(),
+                iced_x86::Mnemonic::Rdpkru | iced_x86::Mnemonic::Wrpkru
+            )
+        })
+        .count();
+    (n + back.len() - back_pkru, pkru + back_pkru)
+}
+
+/// A cross path for tests and counts: no counting, the entry variant's
+/// (sim: the sim variant's) return point, a made-up TLS offset.
+pub(super) fn test_cross(backend: Backend, hardened: bool) -> CrossPath {
+    let (code, ret) = match backend {
+        Backend::Sim => Variant::Sim.entry_variant(),
+        _ => Variant::Hardware.entry_variant(),
+    };
+    CrossPath {
+        backend,
+        tp: -0x68,
+        count: false,
+        open: hardened.then_some(!0b1100),
+        code,
+        ret,
+    }
+}
+
+/// The instructions a cross-compartment call runs in a hardware record
+/// outside RDPKRU/WRPKRU, beyond the function's own: the entry `jmp`, the
+/// check up to its `jne`, the cross path through its `push`, and the `jmp`
+/// back after the relocated instructions. Also the RDPKRU/WRPKRU count.
+fn record_cross_path(hardened: bool) -> (usize, usize) {
+    let f = 0x40_0000;
+    let p = analyze(
+        &[0x53, 0x48, 0x89, 0xfb, 0x48, 0x8d, 0x04, 0x5b, 0x5b, 0xc3],
+        f,
+        false,
+    )
+    .unwrap();
+    let rec = 0x40_1000;
+    let r = build_record(rec, &p, &test_cross(Backend::Hardware, hardened), 0x55, 1)
+        .unwrap()
+        .bytes;
+    let decode_from = |at: usize| {
+        iced_x86::Decoder::with_ip(
+            64,
+            &r[at - rec..],
+            at as u64,
+            iced_x86::DecoderOptions::NONE,
+        )
+        .into_iter()
+    };
+    let (mut n, mut pkru) = (1, 0); // the entry jmp
+    let mut cross = 0;
+    for i in decode_from(rec + 40) {
+        match i.mnemonic() {
+            iced_x86::Mnemonic::Rdpkru => pkru += 1,
+            iced_x86::Mnemonic::Jne => {
+                n += 1;
+                cross = i.near_branch_target() as usize;
+                break;
+            }
+            _ => n += 1,
+        }
+    }
+    let mut relocated = 0;
+    for i in decode_from(cross) {
+        match i.mnemonic() {
+            iced_x86::Mnemonic::Wrpkru => pkru += 1,
+            iced_x86::Mnemonic::Jmp => {
+                n += 1;
+                assert_eq!(
+                    i.near_branch_target() as usize,
+                    p.end,
+                    "back into the function"
+                );
+                break;
+            }
+            _ if (i.ip() as usize) > cross && relocated > 0 => {
+                relocated += 1;
+            }
+            iced_x86::Mnemonic::Push if i.memory_base() == iced_x86::Register::RIP => {
+                n += 1;
+                relocated = 1;
+            }
+            _ => n += 1,
+        }
+    }
+    assert_eq!(
+        relocated - 1,
+        p.insns.len(),
+        "one copy of the relocated instructions"
+    );
+    (n, pkru)
 }
 
 fn decode_pieces(pieces: &[(usize, iced_x86::Mnemonic)]) -> Vec<iced_x86::Instruction> {

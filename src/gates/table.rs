@@ -140,6 +140,7 @@ pub(super) fn protect_table(writable: bool) {
 
 /// Write table entry `i`. Holds `STATE`'s lock (the caller's guard).
 pub(super) fn write_entry(_st: &mut State, i: usize, e: Entry) {
+    patch_tls();
     let ro = TABLE_READ_ONLY.load(Ordering::Acquire);
     if ro {
         protect_table(true);
