@@ -816,6 +816,41 @@ pub extern "C" fn fork() -> libc::pid_t {
     runtime::with_libc_rights(|| real())
 }
 
+/// `posix_spawn(3)`: under the syscall filter, file actions that open
+/// files are opened in the parent (see `syscalls::spawn`).
+///
+/// # Safety
+/// As `posix_spawn(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut libc::pid_t,
+    path: *const c_char,
+    fa: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::syscalls::spawn::spawn(false, pid, path, fa, attr, argv, envp) }
+}
+
+/// `posix_spawnp(3)`, as `posix_spawn`.
+///
+/// # Safety
+/// As `posix_spawnp(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut libc::pid_t,
+    file: *const c_char,
+    fa: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::syscalls::spawn::spawn(true, pid, file, fa, attr, argv, envp) }
+}
+
 // ---------------------------------------------------------------- libc's protection-key API
 
 /// `pkey_set(3)`, refused for compartment keys (see `keyguard`).
