@@ -11,15 +11,24 @@
 //! - `dl_iterate_phdr`: takes ld.so's `dl_load_write_lock` and walks the
 //!   link maps on the loader heap; the callback runs with the caller's
 //!   rights (or its own compartment's).
+//! - `std::set_terminate`, `std::set_unexpected`: libstdc++ calls the
+//!   terminate handler after a failed search with the thrower's rights,
+//!   which in strict mode include the libc compartment's key (the throw
+//!   went through a union gate into libstdc++), and a handler registered by
+//!   one compartment runs when another throws. libstdc++ keeps a stub that
+//!   runs the handler with the rights decided at registration (the deputy
+//!   rule of `crate::deputy`); `std::get_terminate` shows application code
+//!   its own handler.
 //!
 //! The rights come from `exit::handler_pkru`: a callback that is
 //! application code runs as its compartment, anything else with the
 //! caller's PKRU.
 
 use crate::exit::{handler_pkru, with_pkru};
+use crate::objects::ObjectKind;
 use crate::pku;
 use crate::real::RealFn;
-use crate::runtime;
+use crate::runtime::{self, Runtime};
 use core::ffi::{c_int, c_void};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -225,8 +234,9 @@ const UNDECIDED: u64 = u64::MAX - 1;
 /// The registrants of the UNDECIDED handlers.
 static ATFORK_DSO: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
 
-/// Decide the rights of the fork handlers registered before the shim was
-/// ready (start-up, once the census exists).
+/// Decide the rights of the fork handlers (and C++ terminate and
+/// unexpected handlers) registered before the shim was ready (start-up,
+/// once the census exists).
 pub fn decide_pending() {
     for i in 0..ATFORK_SLOTS.min(ATFORK_NEXT.load(Ordering::Acquire)) {
         if ATFORK_PKRU[i].load(Ordering::Acquire) == UNDECIDED {
@@ -235,6 +245,7 @@ pub fn decide_pending() {
             ATFORK_PKRU[i].store(p.map_or(NO_PKRU, u64::from), Ordering::Release);
         }
     }
+    decide_pending_cxx();
 }
 #[cfg_attr(test, allow(dead_code))]
 static ATFORK_NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -351,5 +362,265 @@ pub unsafe fn register_atfork(
             atfork_stub(child, d),
             dso,
         )
+    }
+}
+
+// ------------------------------------------------- terminate and unexpected handlers
+
+/// How many distinct (handler, rights) pairs `std::set_terminate` and
+/// `std::set_unexpected` can wrap; one more is fatal (fail closed: the
+/// handler would otherwise run with whatever rights `std::terminate` has).
+pub const CXX_HANDLER_SLOTS: usize = 64;
+
+/// The wrapped handlers, on a page of their own that `IA2_HARDEN=on` puts
+/// on the shim key: a compartment that rewrote an entry would pick the
+/// function a stub runs (another compartment's internal one) or its rights.
+#[repr(C, align(4096))]
+struct CxxHandlers {
+    func: [AtomicUsize; CXX_HANDLER_SLOTS],
+    /// The PKRU decided at registration (`NO_PKRU`: keep the caller's;
+    /// `UNDECIDED`: registered before the shim was ready).
+    pkru: [AtomicU64; CXX_HANDLER_SLOTS],
+    used: AtomicUsize,
+}
+static CXX_HANDLERS: CxxHandlers = CxxHandlers {
+    func: [const { AtomicUsize::new(0) }; CXX_HANDLER_SLOTS],
+    pkru: [const { AtomicU64::new(NO_PKRU) }; CXX_HANDLER_SLOTS],
+    used: AtomicUsize::new(0),
+};
+const _: () = assert!(core::mem::size_of::<CxxHandlers>() == 4096);
+
+/// Put the handler table on the shim key (`IA2_HARDEN=on`, once the gates
+/// have allocated it).
+pub fn harden() {
+    let key = pku::shim_key();
+    if key == 0 || pku::backend() != pku::Backend::Hardware {
+        return;
+    }
+    let start = &CXX_HANDLERS as *const CxxHandlers as usize;
+    let len = core::mem::size_of::<CxxHandlers>();
+    if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
+        crate::lifecycle::fatal(format_args!(
+            "IA2_HARDEN=on: pkey_mprotect of the C++ handler table failed (errno {e})"
+        ));
+    }
+}
+
+/// Which libstdc++ handler: `std::terminate`'s or `std::unexpected`'s.
+#[derive(Clone, Copy)]
+pub enum CxxHandler {
+    Terminate,
+    Unexpected,
+}
+
+#[cfg_attr(test, allow(dead_code))]
+static SET_TERMINATE: RealFn = RealFn::new(c"_ZSt13set_terminatePFvvE");
+#[cfg_attr(test, allow(dead_code))]
+static GET_TERMINATE: RealFn = RealFn::new(c"_ZSt13get_terminatev");
+#[cfg_attr(test, allow(dead_code))]
+static SET_UNEXPECTED: RealFn = RealFn::new(c"_ZSt14set_unexpectedPFvvE");
+#[cfg_attr(test, allow(dead_code))]
+static GET_UNEXPECTED: RealFn = RealFn::new(c"_ZSt14get_unexpectedv");
+
+// Stub i puts i in edi and jumps to `cxx_handler_dispatch` (handlers take
+// no argument). Registered handlers are these stubs, so whatever calls the
+// handler (`std::terminate` after a failed search, with the thrower's
+// rights plus, in strict mode, the libc compartment's) goes through them.
+#[cfg(not(test))]
+core::arch::global_asm!(
+    ".pushsection .text.ia2shim_cxx_handler_stubs,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl ia2shim_cxx_handler_stubs",
+    ".hidden ia2shim_cxx_handler_stubs",
+    "ia2shim_cxx_handler_stubs:",
+    ".set ia2shim_cxx_i, 0",
+    ".rept {n}",
+    "mov edi, ia2shim_cxx_i",
+    "jmp {dispatch}",
+    ".p2align 4",
+    ".set ia2shim_cxx_i, ia2shim_cxx_i + 1",
+    ".endr",
+    ".popsection",
+    n = const CXX_HANDLER_SLOTS,
+    dispatch = sym cxx_handler_dispatch,
+);
+
+#[cfg(not(test))]
+extern "C" {
+    fn ia2shim_cxx_handler_stubs();
+}
+
+#[cfg(not(test))]
+fn cxx_stubs() -> usize {
+    ia2shim_cxx_handler_stubs as *const () as usize
+}
+#[cfg(test)]
+fn cxx_stubs() -> usize {
+    0
+}
+
+// "C-unwind": a handler may throw (libstdc++'s `__terminate` catches it).
+#[cfg_attr(test, allow(dead_code))]
+extern "C-unwind" fn cxx_handler_dispatch(i: u32) {
+    let i = i as usize;
+    let f = CXX_HANDLERS.func[i].load(Ordering::Acquire);
+    let pkru = match CXX_HANDLERS.pkru[i].load(Ordering::Acquire) {
+        NO_PKRU | UNDECIDED => None,
+        p => Some(p as u32),
+    };
+    // Handlers usually end the process (`[[noreturn]]`): nothing here
+    // relies on the call returning; if it does, libstdc++ aborts.
+    // SAFETY: the handler the program registered (a stub is handed out
+    // only once its slot holds it).
+    with_pkru(pkru, || unsafe {
+        core::mem::transmute::<usize, unsafe extern "C-unwind" fn()>(f)()
+    });
+}
+
+/// The program's handler behind `addr` if it is one of the stubs, else `addr`.
+pub fn unwrap_cxx_handler(addr: usize) -> usize {
+    let base = cxx_stubs();
+    let off = addr.wrapping_sub(base);
+    if base == 0 || off >= 16 * CXX_HANDLER_SLOTS || off % 16 != 0 {
+        return addr;
+    }
+    match CXX_HANDLERS.func[off / 16].load(Ordering::Acquire) {
+        0 => addr,
+        f => f,
+    }
+}
+
+/// The rights handler `f`, registered by code running with `registrant`,
+/// runs with: application code by the deputy rule (its compartment's if
+/// the registrant could have entered it, else the registrant's); system
+/// code with the registrant's, plus the libc compartment's key when the
+/// code is in it (strict mode), as a union gate from the registrant gives.
+fn cxx_handler_pkru(rt: &Runtime, f: usize, registrant: u32) -> u32 {
+    let owner = rt
+        .census
+        .read()
+        .ok()
+        .and_then(|c| c.object_at(f).map(|(i, o)| (c.compartment_of[i], o.kind)));
+    match owner {
+        Some((Some(_), ObjectKind::Main | ObjectKind::Application)) => {
+            crate::deputy::entry_pkru(rt, f, registrant)
+        }
+        Some((Some(c), _)) if rt.config.libc_compartment == Some(c) => {
+            registrant & !(3 << (2 * rt.key_of(c)))
+        }
+        _ => registrant,
+    }
+}
+
+/// The stub that runs handler `f` with the rights decided for it now (the
+/// caller is the registrant). A stub passed back is unwrapped first, so the
+/// decision is always the current registrant's.
+#[cfg_attr(test, allow(dead_code))]
+fn wrap_cxx_handler(f: usize) -> usize {
+    let f = unwrap_cxx_handler(f);
+    if f == 0 || cxx_stubs() == 0 {
+        return f;
+    }
+    let pkru = match runtime::active() {
+        Some(rt) => u64::from(cxx_handler_pkru(rt, f, pku::read_pkru())),
+        None => UNDECIDED,
+    };
+    let t = &CXX_HANDLERS;
+    let used = t.used.load(Ordering::Acquire).min(CXX_HANDLER_SLOTS);
+    // Programs that register the same handler again (or save and restore
+    // one) reuse its stub.
+    if let Some(i) = (0..used).find(|&i| {
+        t.func[i].load(Ordering::Acquire) == f && t.pkru[i].load(Ordering::Acquire) == pkru
+    }) {
+        return cxx_stubs() + 16 * i;
+    }
+    let i = pku::with_shim_writes(|| t.used.fetch_add(1, Ordering::AcqRel));
+    if i >= CXX_HANDLER_SLOTS {
+        crate::lifecycle::fatal(format_args!(
+            "std::set_terminate/std::set_unexpected: more than {CXX_HANDLER_SLOTS} distinct \
+             handlers; {f:#x} cannot be run with its compartment's rights"
+        ));
+    }
+    pku::with_shim_writes(|| {
+        t.pkru[i].store(pkru, Ordering::Release);
+        t.func[i].store(f, Ordering::Release);
+    });
+    cxx_stubs() + 16 * i
+}
+
+/// Decide the rights of the handlers registered before the shim was ready
+/// (the registrant is unknown then: application code runs as its
+/// compartment, anything else with the caller's rights).
+fn decide_pending_cxx() {
+    let t = &CXX_HANDLERS;
+    for i in 0..t.used.load(Ordering::Acquire).min(CXX_HANDLER_SLOTS) {
+        if t.pkru[i].load(Ordering::Acquire) == UNDECIDED {
+            let p = handler_pkru(t.func[i].load(Ordering::Acquire), 0);
+            pku::with_shim_writes(|| {
+                t.pkru[i].store(p.map_or(NO_PKRU, u64::from), Ordering::Release)
+            });
+        }
+    }
+}
+
+#[cfg_attr(test, allow(dead_code))]
+type SetHandler = unsafe extern "C" fn(usize) -> usize;
+#[cfg_attr(test, allow(dead_code))]
+type GetHandler = unsafe extern "C" fn() -> usize;
+
+#[cfg_attr(test, allow(dead_code))]
+fn cxx_slots(which: CxxHandler) -> (&'static RealFn, &'static RealFn) {
+    match which {
+        CxxHandler::Terminate => (&SET_TERMINATE, &GET_TERMINATE),
+        CxxHandler::Unexpected => (&SET_UNEXPECTED, &GET_UNEXPECTED),
+    }
+}
+
+/// `std::set_terminate(h)` / `std::set_unexpected(h)`: libstdc++ keeps a
+/// stub that runs `h` with its rights; the previous handler is returned as
+/// the program registered it.
+///
+/// # Safety
+/// As `std::set_terminate`; `h` is a handler or null.
+#[cfg(not(test))]
+pub unsafe fn set_cxx_handler(which: CxxHandler, h: usize) -> usize {
+    let (set, _) = cxx_slots(which);
+    // SAFETY: the slot holds libstdc++'s function of this type.
+    let real = unsafe { core::mem::transmute::<usize, SetHandler>(set.get()) };
+    let stub = wrap_cxx_handler(h);
+    // libstdc++'s handler word is libc-compartment data in strict mode.
+    // SAFETY: forwarded, with the stub for the handler.
+    let prev = runtime::with_libc_rights(|| unsafe { real(stub) });
+    unwrap_cxx_handler(prev)
+}
+
+/// `std::get_terminate()` / `std::get_unexpected()` called from `caller`:
+/// application code gets the handler it registered (pointers compare
+/// equal); libstdc++ itself, which calls what it gets (`std::terminate`,
+/// `__cxa_throw`), and other system code get the stub.
+///
+/// # Safety
+/// As `std::get_terminate`.
+#[cfg(not(test))]
+pub unsafe fn get_cxx_handler(which: CxxHandler, caller: usize) -> usize {
+    let (_, get) = cxx_slots(which);
+    // SAFETY: the slot holds libstdc++'s function of this type.
+    let real = unsafe { core::mem::transmute::<usize, GetHandler>(get.get()) };
+    // SAFETY: forwarded.
+    let raw = runtime::with_libc_rights(|| unsafe { real() });
+    let own = unwrap_cxx_handler(raw);
+    if own == raw {
+        return raw;
+    }
+    let app = runtime::active().is_some_and(|rt| {
+        rt.census.read().is_ok_and(|c| {
+            c.object_at(caller)
+                .is_some_and(|(_, o)| matches!(o.kind, ObjectKind::Main | ObjectKind::Application))
+        })
+    });
+    if app {
+        own
+    } else {
+        raw
     }
 }

@@ -10,7 +10,9 @@
 //!   interposed: they record the thrower's PKRU as the thread's *unwind
 //!   rights* and, when the search finds no handler and they return to
 //!   `__cxa_throw` (which then calls `std::terminate` and the program's
-//!   terminate handler), put that PKRU back.
+//!   terminate handler), put that PKRU back. The handler itself runs with
+//!   the rights decided when it was registered (`callbacks`: in strict mode
+//!   the thrower's PKRU includes the libc compartment's key).
 //! - `__gxx_personality_v0` and `__gcc_personality_v0` are interposed (every
 //!   object's CIE names them through a `DW.ref` that the loader binds to the
 //!   first definition, the shim's). When the search finds a handler, PKRU

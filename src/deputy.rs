@@ -1,6 +1,7 @@
 //! The confused-deputy rule for code addresses that one compartment hands
-//! the shim to run later: thread start routines (`pthread_create`) and
-//! signal handlers (`sigaction`, `signal`). Such code runs with the rights
+//! the shim to run later: thread start routines (`pthread_create`), signal
+//! handlers (`sigaction`, `signal`) and C++ terminate handlers
+//! (`std::set_terminate`). Such code runs with the rights
 //! of the compartment that owns it only when the registering code could have
 //! entered it anyway: the registrant already holds that compartment's key,
 //! or the address is an exported function of its object (a `.dynsym`

@@ -609,6 +609,69 @@ unsafe extern "C" fn hook_begin_catch(exc: *mut c_void, ra: usize) -> *mut c_voi
     unsafe { crate::cxx::begin_catch(exc, ra) }
 }
 
+/// `std::set_terminate`: the handler runs with its compartment's rights
+/// (see `callbacks`).
+///
+/// # Safety
+/// As `std::set_terminate`.
+#[cfg(not(test))]
+#[export_name = "_ZSt13set_terminatePFvvE"]
+pub unsafe extern "C" fn set_terminate(h: usize) -> usize {
+    // SAFETY: the caller's contract.
+    unsafe { crate::callbacks::set_cxx_handler(crate::callbacks::CxxHandler::Terminate, h) }
+}
+
+/// `std::set_unexpected`, as `std::set_terminate`.
+///
+/// # Safety
+/// As `std::set_unexpected`.
+#[cfg(not(test))]
+#[export_name = "_ZSt14set_unexpectedPFvvE"]
+pub unsafe extern "C" fn set_unexpected(h: usize) -> usize {
+    // SAFETY: the caller's contract.
+    unsafe { crate::callbacks::set_cxx_handler(crate::callbacks::CxxHandler::Unexpected, h) }
+}
+
+// `std::get_terminate()` and `std::get_unexpected()` with their caller's
+// return address in rdi: application code sees the handler it registered.
+#[cfg(not(test))]
+core::arch::global_asm!(
+    ".pushsection .text._ZSt13get_terminatev,\"ax\",@progbits",
+    ".globl _ZSt13get_terminatev",
+    ".type _ZSt13get_terminatev,@function",
+    ".p2align 4",
+    "_ZSt13get_terminatev:",
+    ".cfi_startproc",
+    "mov rdi, qword ptr [rsp]",
+    "jmp {terminate}",
+    ".cfi_endproc",
+    ".size _ZSt13get_terminatev, .-_ZSt13get_terminatev",
+    ".globl _ZSt14get_unexpectedv",
+    ".type _ZSt14get_unexpectedv,@function",
+    ".p2align 4",
+    "_ZSt14get_unexpectedv:",
+    ".cfi_startproc",
+    "mov rdi, qword ptr [rsp]",
+    "jmp {unexpected}",
+    ".cfi_endproc",
+    ".size _ZSt14get_unexpectedv, .-_ZSt14get_unexpectedv",
+    ".popsection",
+    terminate = sym hook_get_terminate,
+    unexpected = sym hook_get_unexpected,
+);
+
+#[cfg(not(test))]
+unsafe extern "C" fn hook_get_terminate(ra: usize) -> usize {
+    // SAFETY: std::get_terminate's contract, from the caller.
+    unsafe { crate::callbacks::get_cxx_handler(crate::callbacks::CxxHandler::Terminate, ra) }
+}
+
+#[cfg(not(test))]
+unsafe extern "C" fn hook_get_unexpected(ra: usize) -> usize {
+    // SAFETY: std::get_unexpected's contract, from the caller.
+    unsafe { crate::callbacks::get_cxx_handler(crate::callbacks::CxxHandler::Unexpected, ra) }
+}
+
 // ---------------------------------------------------------------- threads and fork
 
 type PthreadCreateFn = unsafe extern "C" fn(
@@ -751,6 +814,41 @@ pub extern "C" fn fork() -> libc::pid_t {
     // SAFETY: the slot holds glibc's fork.
     let real: extern "C" fn() -> libc::pid_t = unsafe { real::as_fn(&real::FORK) };
     runtime::with_libc_rights(|| real())
+}
+
+/// `posix_spawn(3)`: under the syscall filter, file actions that open
+/// files are opened in the parent (see `syscalls::spawn`).
+///
+/// # Safety
+/// As `posix_spawn(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut libc::pid_t,
+    path: *const c_char,
+    fa: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::syscalls::spawn::spawn(false, pid, path, fa, attr, argv, envp) }
+}
+
+/// `posix_spawnp(3)`, as `posix_spawn`.
+///
+/// # Safety
+/// As `posix_spawnp(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut libc::pid_t,
+    file: *const c_char,
+    fa: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { crate::syscalls::spawn::spawn(true, pid, file, fa, attr, argv, envp) }
 }
 
 // ---------------------------------------------------------------- libc's protection-key API

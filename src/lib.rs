@@ -50,14 +50,14 @@ pub mod alloc;
 pub mod apply;
 /// Binding lazy PLT slots at start-up and after `dlopen` (as `LD_BIND_NOW`).
 pub mod bindnow;
-/// Callbacks that libc and ld.so run for a compartment (`qsort`,
-/// `dl_iterate_phdr`, fork handlers) run with its rights, never libc's.
+/// Callbacks that libc, libstdc++ and ld.so run for a compartment (`qsort`,
+/// `dl_iterate_phdr`, fork and terminate handlers) run with its rights, never libc's.
 pub mod callbacks;
 /// One locator per named carveout (pages kept on the shared key 0).
 pub mod carveouts;
 /// Compartment assignment: which object belongs to which compartment.
 pub mod compartments;
-/// C++ exceptions: landing pads and `std::terminate` run with their compartment's exact rights.
+/// C++ exceptions: landing pads run with their compartment's exact rights, `std::terminate` with the thrower's.
 pub mod cxx;
 /// Whose rights a start routine or signal handler runs with (confused deputies).
 pub mod deputy;

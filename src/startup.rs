@@ -140,6 +140,7 @@ pub fn init() {
     crate::dl::share_names(rt);
     crate::fault::after_apply();
     crate::gates::install(rt);
+    crate::callbacks::harden();
     crate::report::startup(rt);
     crate::bindnow::report_plan(rt);
     crate::alloc::start(rt);

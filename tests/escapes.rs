@@ -34,7 +34,7 @@ const ATTACKS: &[&str] = &[
 ];
 
 /// C++ attacks through unwinding (`escapes-unwind`).
-const UNWIND_ATTACKS: &[&str] = &["throw-terminate", "throw-cleanup"];
+const UNWIND_ATTACKS: &[&str] = &["throw-terminate", "throw-cleanup", "main-throws"];
 
 /// The integrity attacks that only the filter stops (madvise).
 const MADVISE_ATTACKS: &[&str] = &["madvise", "sys-madvise"];
@@ -119,6 +119,13 @@ fn enforced() -> &'static HashMap<&'static str, Outcome> {
             "throw-cleanup strict libc 1",
             job(
                 &[&unwind, "throw-cleanup"],
+                &[("IA2_LIBC_COMPARTMENT", "1")],
+            ),
+        ));
+        cases.push((
+            "throw-terminate strict libc 1",
+            job(
+                &[&unwind, "throw-terminate"],
                 &[("IA2_LIBC_COMPARTMENT", "1")],
             ),
         ));
@@ -478,6 +485,44 @@ fn a_terminate_handler_after_a_failed_search_runs_as_the_thrower() {
         let o = &enforced()[case];
         ran_and_kept_secret(o, "throw-terminate");
         stopped_by_a_key_fault(o);
+    }
+}
+
+/// Strict mode with libc in main's compartment (`IA2_LIBC_COMPARTMENT=1`):
+/// `std::terminate` runs with the thrower's rights plus the libc
+/// compartment's key, here main's; the handler that compartment 2 registered
+/// (through the interposed `std::set_terminate`) runs as compartment 2 alone.
+/// Without the interposition it prints main's secret.
+#[test]
+fn a_terminate_handler_does_not_get_an_application_libc_compartments_key() {
+    let o = &enforced()["throw-terminate strict libc 1"];
+    ran_and_kept_secret(o, "throw-terminate");
+    stopped_by_a_key_fault(o);
+}
+
+/// Compartment 2's terminate handler, run for main's own uncaught throw
+/// (default and strict mode), has compartment 2's rights, not main's.
+#[test]
+fn a_terminate_handler_runs_as_its_compartment_when_another_throws() {
+    for case in ["main-throws", "main-throws strict"] {
+        let o = &enforced()[case];
+        ran_and_kept_secret(o, "main-throws");
+        stopped_by_a_key_fault(o);
+    }
+}
+
+/// The program sees the handler it registered: `std::get_terminate` and the
+/// next `std::set_terminate` give back the function itself, not the stub
+/// that libstdc++ holds.
+#[test]
+fn get_terminate_returns_the_registered_handler() {
+    for case in [
+        "throw-terminate",
+        "throw-terminate strict",
+        "throw-terminate strict libc 1",
+        "main-throws",
+    ] {
+        assert_stdout_has(&enforced()[case], "terminate handler round trip: same");
     }
 }
 

@@ -29,10 +29,12 @@
 //! makes the same check without a trap and issues the call from the shim's
 //! syscall instruction; so do libc's `mprotect` and `munmap`, which glibc
 //! also calls with every signal blocked. Raw syscalls from watched code
-//! trap.
+//! trap. `posix_spawn`'s open actions, which glibc's child runs with every
+//! signal blocked, are done in the parent ([`spawn`]).
 
 mod bpf;
 pub mod raw;
+pub mod spawn;
 
 use crate::config::Syscalls;
 use crate::objects::Range;
