@@ -222,33 +222,49 @@ pub unsafe fn dl_iterate_phdr(cb: usize, data: *mut c_void) -> c_int {
 /// most); later ones are registered as they are, with a warning.
 pub const ATFORK_SLOTS: usize = 96;
 
-static ATFORK_FUNC: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
-/// Each handler's PKRU, decided at registration (`NO_PKRU`: keep fork's
-/// rights): during a fork the shim's own prepare handler holds the census
-/// lock, so the handlers must not ask the census then.
-static ATFORK_PKRU: [AtomicU64; ATFORK_SLOTS] = [const { AtomicU64::new(NO_PKRU) }; ATFORK_SLOTS];
+/// The wrapped fork handlers, on a page of their own that `IA2_HARDEN=on`
+/// puts on the shim key: a compartment that rewrote an entry would pick the
+/// function a stub runs and its rights (`tests/escapes.rs`, `atfork-table`).
+#[repr(C, align(4096))]
+struct Atfork {
+    func: [AtomicUsize; ATFORK_SLOTS],
+    /// Each handler's PKRU, decided at registration (`NO_PKRU`: keep
+    /// fork's rights): during a fork the shim's own prepare handler holds
+    /// the census lock, so the handlers must not ask the census then.
+    pkru: [AtomicU64; ATFORK_SLOTS],
+    /// The registrants of the UNDECIDED handlers.
+    dso: [AtomicUsize; ATFORK_SLOTS],
+    /// Slots handed out (past `ATFORK_SLOTS`, handlers are registered
+    /// unwrapped: so it is protected too).
+    next: AtomicUsize,
+}
+static ATFORK: Atfork = Atfork {
+    func: [const { AtomicUsize::new(0) }; ATFORK_SLOTS],
+    pkru: [const { AtomicU64::new(NO_PKRU) }; ATFORK_SLOTS],
+    dso: [const { AtomicUsize::new(0) }; ATFORK_SLOTS],
+    next: AtomicUsize::new(0),
+};
+const _: () = assert!(core::mem::size_of::<Atfork>() == 4096);
 const NO_PKRU: u64 = u64::MAX;
 /// Registered before the shim was ready (a library constructor): decided
 /// by [`decide_pending`] at the end of start-up.
 const UNDECIDED: u64 = u64::MAX - 1;
-/// The registrants of the UNDECIDED handlers.
-static ATFORK_DSO: [AtomicUsize; ATFORK_SLOTS] = [const { AtomicUsize::new(0) }; ATFORK_SLOTS];
 
 /// Decide the rights of the fork handlers (and C++ terminate and
 /// unexpected handlers) registered before the shim was ready (start-up,
 /// once the census exists).
 pub fn decide_pending() {
-    for i in 0..ATFORK_SLOTS.min(ATFORK_NEXT.load(Ordering::Acquire)) {
-        if ATFORK_PKRU[i].load(Ordering::Acquire) == UNDECIDED {
-            let f = ATFORK_FUNC[i].load(Ordering::Acquire);
-            let p = handler_pkru(f, ATFORK_DSO[i].load(Ordering::Acquire));
-            ATFORK_PKRU[i].store(p.map_or(NO_PKRU, u64::from), Ordering::Release);
+    for i in 0..ATFORK_SLOTS.min(ATFORK.next.load(Ordering::Acquire)) {
+        if ATFORK.pkru[i].load(Ordering::Acquire) == UNDECIDED {
+            let f = ATFORK.func[i].load(Ordering::Acquire);
+            let p = handler_pkru(f, ATFORK.dso[i].load(Ordering::Acquire));
+            pku::with_shim_writes(|| {
+                ATFORK.pkru[i].store(p.map_or(NO_PKRU, u64::from), Ordering::Release)
+            });
         }
     }
     decide_pending_cxx();
 }
-#[cfg_attr(test, allow(dead_code))]
-static ATFORK_NEXT: AtomicUsize = AtomicUsize::new(0);
 #[cfg_attr(test, allow(dead_code))]
 static REGISTER_ATFORK: RealFn = RealFn::new(c"__register_atfork");
 
@@ -281,11 +297,11 @@ extern "C" {
 #[cfg_attr(test, allow(dead_code))]
 extern "C" fn atfork_dispatch(i: u32) {
     let i = i as usize;
-    let f = ATFORK_FUNC[i].load(Ordering::Acquire);
+    let f = ATFORK.func[i].load(Ordering::Acquire);
     if f == 0 {
         return;
     }
-    let pkru = match ATFORK_PKRU[i].load(Ordering::Acquire) {
+    let pkru = match ATFORK.pkru[i].load(Ordering::Acquire) {
         NO_PKRU | UNDECIDED => None,
         p => Some(p as u32),
     };
@@ -316,21 +332,23 @@ fn atfork_stub(f: usize, dso: usize) -> usize {
     if f == 0 || same {
         return f;
     }
-    let i = ATFORK_NEXT.fetch_add(1, Ordering::AcqRel);
+    let i = pku::with_shim_writes(|| ATFORK.next.fetch_add(1, Ordering::AcqRel));
     if i >= ATFORK_SLOTS {
         log::warn!(
             "pthread_atfork: more than {ATFORK_SLOTS} handlers; {f:#x} runs with fork's rights"
         );
         return f;
     }
-    ATFORK_DSO[i].store(dso, Ordering::Release);
     let pkru = if runtime::active().is_some() {
         handler_pkru(f, dso).map_or(NO_PKRU, u64::from)
     } else {
         UNDECIDED
     };
-    ATFORK_PKRU[i].store(pkru, Ordering::Release);
-    ATFORK_FUNC[i].store(f, Ordering::Release);
+    pku::with_shim_writes(|| {
+        ATFORK.dso[i].store(dso, Ordering::Release);
+        ATFORK.pkru[i].store(pkru, Ordering::Release);
+        ATFORK.func[i].store(f, Ordering::Release);
+    });
     ia2shim_atfork_stubs as *const () as usize + 16 * i
 }
 
@@ -397,12 +415,24 @@ pub fn harden() {
     if key == 0 || pku::backend() != pku::Backend::Hardware {
         return;
     }
-    let start = &CXX_HANDLERS as *const CxxHandlers as usize;
-    let len = core::mem::size_of::<CxxHandlers>();
-    if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
-        crate::lifecycle::fatal(format_args!(
-            "IA2_HARDEN=on: pkey_mprotect of the C++ handler table failed (errno {e})"
-        ));
+    let tables = [
+        (
+            &CXX_HANDLERS as *const CxxHandlers as usize,
+            core::mem::size_of::<CxxHandlers>(),
+            "C++ handler",
+        ),
+        (
+            &ATFORK as *const Atfork as usize,
+            core::mem::size_of::<Atfork>(),
+            "fork handler",
+        ),
+    ];
+    for (start, len, what) in tables {
+        if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
+            crate::lifecycle::fatal(format_args!(
+                "IA2_HARDEN=on: pkey_mprotect of the {what} table failed (errno {e})"
+            ));
+        }
     }
 }
 

@@ -49,6 +49,7 @@ const SHIM_STATE_ATTACKS: &[&str] = &[
     "gate-table-rekey",
     "signal-table",
     "thread-record",
+    "atfork-table",
 ];
 
 /// The attacks that only the syscall filter stops.
@@ -404,6 +405,21 @@ fn a_compartment_cannot_rewrite_the_signal_handler_table() {
     let o = &enforced()["signal-table"];
     ran_and_kept_secret(o, "signal-table");
     assert_stdout_has(o, "signal table entry found");
+    assert!(
+        !o.stdout_lossy().contains("entry rewritten"),
+        "{}",
+        out_text(o)
+    );
+    stopped_by_the_shim_key(o);
+}
+
+/// Compartment 2 points its own fork handler's entry in the shim's table at
+/// a function of its own with PKRU 0 (every key), then forks.
+#[test]
+fn a_compartment_cannot_rewrite_the_fork_handler_table() {
+    let o = &enforced()["atfork-table"];
+    ran_and_kept_secret(o, "atfork-table");
+    assert_stdout_has(o, "fork handler table entry found");
     assert!(
         !o.stdout_lossy().contains("entry rewritten"),
         "{}",
