@@ -6,7 +6,15 @@
 //! per-compartment heaps alike. A fixed table under a spin lock: writers
 //! (start-up, dlopen, thread start and exit, heap growth) wait; readers in
 //! signal handlers only try, and a busy table answers "tagged" (fail closed).
+//!
+//! A compartment that could erase an entry would have the guards let it move
+//! another compartment's pages to a key of its own, so `IA2_HARDEN=on` puts
+//! the table on the shim key ([`harden`]): every compartment reads it, and
+//! writers open the key for the write. The lock word stays on key 0, since
+//! readers take it; a compartment that holds it stalls the writers and makes
+//! the readers answer "tagged", which fails closed.
 
+use crate::pku;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 const CAP: usize = 2048;
@@ -23,16 +31,19 @@ struct Table {
     e: [Entry; CAP],
 }
 
-struct Locked {
-    busy: AtomicBool,
+/// The table and its overflow count, on pages of their own (the shim key
+/// once hardened).
+#[repr(C, align(4096))]
+struct Sealed {
     table: core::cell::UnsafeCell<Table>,
+    /// Ranges that did not fit: while non-zero, every query answers "tagged".
+    overflow: AtomicUsize,
 }
 
-// SAFETY: `table` is only touched while `busy` is held.
-unsafe impl Sync for Locked {}
+// SAFETY: `table` is only touched while `BUSY` is held.
+unsafe impl Sync for Sealed {}
 
-static TABLE: Locked = Locked {
-    busy: AtomicBool::new(false),
+static SEALED: Sealed = Sealed {
     table: core::cell::UnsafeCell::new(Table {
         n: 0,
         e: [Entry {
@@ -41,14 +52,29 @@ static TABLE: Locked = Locked {
             key: 0,
         }; CAP],
     }),
+    overflow: AtomicUsize::new(0),
 };
-/// Ranges that did not fit: while non-zero, every query answers "tagged".
-static OVERFLOW: AtomicUsize = AtomicUsize::new(0);
+/// The table's lock (key 0: readers take it too).
+static BUSY: AtomicBool = AtomicBool::new(false);
+
+/// Put the table on the shim key (`IA2_HARDEN=on`, hardware keys; once the
+/// key exists and before any compartment code runs).
+pub fn harden(key: u32) {
+    if pku::backend() != pku::Backend::Hardware {
+        return;
+    }
+    let start = &SEALED as *const Sealed as usize;
+    let len = core::mem::size_of::<Sealed>();
+    if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
+        crate::lifecycle::fatal(format_args!(
+            "IA2_HARDEN=on: pkey_mprotect of the key map failed (errno {e})"
+        ));
+    }
+}
 
 fn with<R>(wait: bool, f: impl FnOnce(&mut Table) -> R) -> Option<R> {
     loop {
-        if TABLE
-            .busy
+        if BUSY
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
         {
@@ -60,15 +86,19 @@ fn with<R>(wait: bool, f: impl FnOnce(&mut Table) -> R) -> Option<R> {
         core::hint::spin_loop();
     }
     // SAFETY: `busy` is ours until the store below.
-    let r = f(unsafe { &mut *TABLE.table.get() });
-    TABLE.busy.store(false, Ordering::Release);
+    let r = f(unsafe { &mut *SEALED.table.get() });
+    BUSY.store(false, Ordering::Release);
     Some(r)
 }
 
 /// Record that `[start, start+len)` now carries `key` (0: no compartment's).
 pub fn record(start: usize, len: usize, key: u32) {
     let end = start.saturating_add(len);
-    with(true, |t| {
+    pku::with_shim_writes(|| with(true, |t| record_in(t, start, end, key)));
+}
+
+fn record_in(t: &mut Table, start: usize, end: usize, key: u32) {
+    {
         // Cut the range out of every entry, splitting where needed.
         let mut i = 0;
         while i < t.n {
@@ -92,7 +122,7 @@ pub fn record(start: usize, len: usize, key: u32) {
                         t.e[t.n] = Entry { start: end, ..e };
                         t.n += 1;
                     } else {
-                        OVERFLOW.fetch_add(1, Ordering::Relaxed);
+                        SEALED.overflow.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -103,17 +133,17 @@ pub fn record(start: usize, len: usize, key: u32) {
                 t.e[t.n] = Entry { start, end, key };
                 t.n += 1;
             } else {
-                OVERFLOW.fetch_add(1, Ordering::Relaxed);
+                SEALED.overflow.fetch_add(1, Ordering::Relaxed);
             }
         }
-    });
+    }
 }
 
 /// The key of some compartment range overlapping `[start, start+len)`
 /// other than `except` (0: any), or `Some(u32::MAX)` when the table cannot
 /// answer (busy in a signal handler, or overflowed): fail closed.
 pub fn other_key_in(start: usize, len: usize, except: u32, wait: bool) -> Option<u32> {
-    if OVERFLOW.load(Ordering::Relaxed) != 0 {
+    if SEALED.overflow.load(Ordering::Relaxed) != 0 {
         return Some(u32::MAX);
     }
     let end = start.saturating_add(len);
@@ -130,7 +160,7 @@ pub fn other_key_in(start: usize, len: usize, except: u32, wait: bool) -> Option
 /// `[start, start+len)`; every bit when the table cannot answer (busy and
 /// `!wait`, or overflowed): fail closed.
 pub fn keys_in(start: usize, len: usize, wait: bool) -> u32 {
-    if OVERFLOW.load(Ordering::Relaxed) != 0 {
+    if SEALED.overflow.load(Ordering::Relaxed) != 0 {
         return u32::MAX;
     }
     let end = start.saturating_add(len);

@@ -50,6 +50,7 @@ const SHIM_STATE_ATTACKS: &[&str] = &[
     "signal-table",
     "thread-record",
     "atfork-table",
+    "key-map",
 ];
 
 /// The attacks that only the syscall filter stops.
@@ -420,6 +421,22 @@ fn a_compartment_cannot_rewrite_the_fork_handler_table() {
     let o = &enforced()["atfork-table"];
     ran_and_kept_secret(o, "atfork-table");
     assert_stdout_has(o, "fork handler table entry found");
+    assert!(
+        !o.stdout_lossy().contains("entry rewritten"),
+        "{}",
+        out_text(o)
+    );
+    stopped_by_the_shim_key(o);
+}
+
+/// Compartment 2 erases the key of the key map's entry for compartment 1's
+/// secret, so that the guard on libc's `pkey_mprotect` would let it move
+/// the page to key 0.
+#[test]
+fn a_compartment_cannot_erase_the_key_map() {
+    let o = &enforced()["key-map"];
+    ran_and_kept_secret(o, "key-map");
+    assert_stdout_has(o, "key map entry found");
     assert!(
         !o.stdout_lossy().contains("entry rewritten"),
         "{}",

@@ -173,6 +173,7 @@ pub fn install(rt: &Runtime) {
         pku::set_shim_key(key);
         crate::threads::harden(key);
         crate::signals::harden(key);
+        crate::tagmap::harden(key);
     }
     if rt.config.gates {
         patch_tls();
