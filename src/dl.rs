@@ -510,7 +510,7 @@ fn after_dlopen(rt: &Runtime, caller: usize, handle: *mut c_void) {
         governed: &governed,
         maps: &maps,
     });
-    if let Err((e, errno)) = crate::apply::apply(&plan, &rt.keys) {
+    if let Err((e, errno)) = crate::apply::apply(&plan, &rt.keys()) {
         crate::lifecycle::fatal(format_args!(
             "dlopen: pkey_mprotect({}, prot {:#x}, key of compartment {:?}) failed (errno {errno})",
             e.range, e.prot, e.compartment
@@ -632,7 +632,7 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
         entries: survivors,
         untagged_tls: Vec::new(),
     };
-    if let Err((e, errno)) = crate::apply::apply(&p, &rt.keys) {
+    if let Err((e, errno)) = crate::apply::apply(&p, &rt.keys()) {
         crate::lifecycle::fatal(format_args!(
             "dlclose: re-tagging {} (compartment {:?}) failed (errno {errno})",
             e.range, e.compartment

@@ -19,7 +19,7 @@ use core::ffi::{c_int, c_uint, c_void};
 /// or key 0 (which every compartment shares and none may give up)?
 fn shim_key(rt: &Runtime, key: c_int) -> bool {
     key == 0
-        || (key > 0 && rt.keys.iter().any(|&k| k != 0 && k as c_int == key))
+        || (key > 0 && rt.keys().iter().any(|&k| k != 0 && k as c_int == key))
         || (key > 0 && key as u32 == crate::pku::shim_key())
 }
 

@@ -10,6 +10,7 @@ use crate::maps::Mapping;
 use crate::objects::LoadedObject;
 use crate::pku::{self, PkuSupport};
 use crate::plan::Plan;
+use core::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{OnceLock, RwLock};
 
 /// The census, the compartment assignment and the applied plan. Mutable
@@ -40,24 +41,60 @@ impl Census {
 pub struct Runtime {
     pub config: Config,
     pub pku: PkuSupport,
-    /// Hardware (or simulated) key of each logical compartment; 0 = unused.
-    pub keys: [u32; 16],
     pub census: RwLock<Census>,
 }
 
+/// The hardware (or simulated) key of each logical compartment (0 =
+/// unused), on a page of its own that `IA2_HARDEN=on` puts on the shim key
+/// ([`seal_keys`]): every PKRU the shim computes comes from here, so a
+/// compartment that rewrote an entry would hand itself another
+/// compartment's key at its next thread start, handler or gate.
+#[repr(C, align(4096))]
+struct KeyTable([AtomicU32; 16]);
+static KEYS: KeyTable = KeyTable([const { AtomicU32::new(0) }; 16]);
+const _: () = assert!(core::mem::size_of::<KeyTable>() == 4096);
+
+/// Set the key table (start-up, before any compartment code runs).
+pub fn set_keys(keys: [u32; 16]) {
+    for (slot, k) in KEYS.0.iter().zip(keys) {
+        slot.store(k, Ordering::Relaxed);
+    }
+}
+
+/// Put the key table on the shim key (`IA2_HARDEN=on`, hardware keys).
+pub fn seal_keys(shim_key: u32) {
+    if pku::backend() != pku::Backend::Hardware {
+        return;
+    }
+    let start = &KEYS as *const KeyTable as usize;
+    let len = core::mem::size_of::<KeyTable>();
+    if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, shim_key) {
+        crate::lifecycle::fatal(format_args!(
+            "IA2_HARDEN=on: pkey_mprotect of the key table failed (errno {e})"
+        ));
+    }
+}
+
 impl Runtime {
+    /// The key table (see [`KEYS`]).
+    pub fn keys(&self) -> [u32; 16] {
+        core::array::from_fn(|c| KEYS.0[c].load(Ordering::Relaxed))
+    }
+
     /// Is the shim enforcing (or simulating) compartments?
     pub fn active(&self) -> bool {
         self.config.pku != PkuMode::Off
     }
 
     pub fn key_of(&self, compartment: u8) -> u32 {
-        self.keys.get(compartment as usize).copied().unwrap_or(0)
+        KEYS.0
+            .get(compartment as usize)
+            .map_or(0, |k| k.load(Ordering::Relaxed))
     }
 
     /// The logical compartment that owns `key`, if any.
     pub fn compartment_of_key(&self, key: u32) -> Option<u8> {
-        (1..16u8).find(|&c| key != 0 && self.keys[c as usize] == key)
+        (1..16u8).find(|&c| key != 0 && self.key_of(c) == key)
     }
 
     /// PKRU for running as `compartment`: key 0 plus its own key.
@@ -68,7 +105,7 @@ impl Runtime {
     /// PKRU allowing every key the shim allocated (the start-up state).
     pub fn pkru_all_compartments(&self) -> u32 {
         let mask = self
-            .keys
+            .keys()
             .iter()
             .fold(1u32, |m, &k| if k != 0 { m | 1 << k } else { m });
         pku::pkru_allowing_set(mask) & !pku::shim_read_bit()

@@ -67,7 +67,6 @@ pub fn init() {
                     os_pke: false,
                     syscall: Err(0),
                 },
-                keys: [0; 16],
                 census: RwLock::new(Census::default()),
             });
             set_state(InitState::Ready);
@@ -113,10 +112,10 @@ pub fn init() {
             });
         }
     }
+    runtime::set_keys(keys);
     let rt = Runtime {
         config,
         pku: support,
-        keys,
         census: RwLock::new(census),
     };
     if !runtime::set(rt) {
@@ -129,7 +128,7 @@ pub fn init() {
     crate::fault::install();
     {
         let census = rt.census.read().unwrap_or_else(|e| e.into_inner());
-        if let Err((entry, errno)) = crate::apply::apply(&census.plan, &rt.keys) {
+        if let Err((entry, errno)) = crate::apply::apply(&census.plan, &rt.keys()) {
             fatal(format_args!(
                 "pkey_mprotect({}, prot {:#x}, key of compartment {:?}) failed (errno {errno})",
                 entry.range, entry.prot, entry.compartment

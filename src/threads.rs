@@ -380,7 +380,7 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
     // Tag and record under the census lock, so that a fork (whose prepare
     // handler takes it) never sees tagged pages that the plan lacks.
     let mut c = rt.census.write().unwrap_or_else(|e| e.into_inner());
-    if let Err((e, errno)) = crate::apply::apply(&p, &rt.keys) {
+    if let Err((e, errno)) = crate::apply::apply(&p, &rt.keys()) {
         crate::lifecycle::fatal(format_args!(
             "thread {tid}: pkey_mprotect({}, key of compartment {:?}) failed (errno {errno})",
             e.range, e.compartment

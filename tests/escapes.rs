@@ -51,6 +51,7 @@ const SHIM_STATE_ATTACKS: &[&str] = &[
     "thread-record",
     "atfork-table",
     "key-map",
+    "key-table",
 ];
 
 /// The attacks that only the syscall filter stops.
@@ -437,6 +438,23 @@ fn a_compartment_cannot_erase_the_key_map() {
     let o = &enforced()["key-map"];
     ran_and_kept_secret(o, "key-map");
     assert_stdout_has(o, "key map entry found");
+    assert!(
+        !o.stdout_lossy().contains("entry rewritten"),
+        "{}",
+        out_text(o)
+    );
+    stopped_by_the_shim_key(o);
+}
+
+/// Compartment 2 gives its own compartment compartment 1's key in the
+/// shim's key table, then starts a thread at one of its exported functions
+/// (which the deputy rule runs with its compartment's PKRU, computed from
+/// the table).
+#[test]
+fn a_compartment_cannot_rewrite_the_key_table() {
+    let o = &enforced()["key-table"];
+    ran_and_kept_secret(o, "key-table");
+    assert_stdout_has(o, "key table found");
     assert!(
         !o.stdout_lossy().contains("entry rewritten"),
         "{}",

@@ -174,6 +174,7 @@ pub fn install(rt: &Runtime) {
         crate::threads::harden(key);
         crate::signals::harden(key);
         crate::tagmap::harden(key);
+        crate::runtime::seal_keys(key);
     }
     if rt.config.gates {
         patch_tls();

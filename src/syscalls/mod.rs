@@ -326,7 +326,7 @@ fn refuse(nr: i64, args: &[usize; 6], rip: usize, ret: usize, errno: i32, why: &
 
 fn shim_key(key: usize) -> bool {
     let key = key as i32;
-    runtime::get().is_some_and(|rt| key > 0 && rt.keys.iter().any(|&k| k != 0 && k as i32 == key))
+    runtime::get().is_some_and(|rt| key > 0 && rt.keys().iter().any(|&k| k != 0 && k as i32 == key))
 }
 
 fn decide(nr: i64, args: [usize; 6], pkru: u32, trusted: bool, rip: usize, ret: usize) -> isize {
