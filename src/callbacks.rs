@@ -412,28 +412,11 @@ const _: () = assert!(core::mem::size_of::<CxxHandlers>() == 4096);
 /// have allocated it).
 pub fn harden() {
     let key = pku::shim_key();
-    if key == 0 || pku::backend() != pku::Backend::Hardware {
+    if key == 0 {
         return;
     }
-    let tables = [
-        (
-            &CXX_HANDLERS as *const CxxHandlers as usize,
-            core::mem::size_of::<CxxHandlers>(),
-            "C++ handler",
-        ),
-        (
-            &ATFORK as *const Atfork as usize,
-            core::mem::size_of::<Atfork>(),
-            "fork handler",
-        ),
-    ];
-    for (start, len, what) in tables {
-        if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
-            crate::lifecycle::fatal(format_args!(
-                "IA2_HARDEN=on: pkey_mprotect of the {what} table failed (errno {e})"
-            ));
-        }
-    }
+    pku::seal_static(&CXX_HANDLERS, key, "C++ handler table");
+    pku::seal_static(&ATFORK, key, "fork handler table");
 }
 
 /// Which libstdc++ handler: `std::terminate`'s or `std::unexpected`'s.

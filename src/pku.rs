@@ -303,6 +303,35 @@ pub fn protect(start: usize, len: usize, prot: i32, key: u32) -> Result<(), i32>
     r
 }
 
+/// Put the shim's own state at `[start, start+len)` on the shim key
+/// (`IA2_HARDEN=on`): read-write (every compartment PKRU write-disables the
+/// key, and the shim opens it for its writes) or `prot`; recorded in the
+/// key map, so the guards refuse to move it. Hardware keys only (sim mode
+/// enforces nothing); a failure is fatal, naming `what`.
+pub fn seal(start: usize, len: usize, prot: i32, key: u32, what: &str) {
+    if backend() != Backend::Hardware {
+        return;
+    }
+    if let Err(e) = protect(start, len, prot, key) {
+        crate::lifecycle::fatal(format_args!(
+            "IA2_HARDEN=on: pkey_mprotect of the {what} failed (errno {e})"
+        ));
+    }
+}
+
+/// [`seal`] a static of the shim's, read-write: a page-aligned table whose
+/// pages hold nothing else.
+pub fn seal_static<T>(table: &'static T, key: u32, what: &str) {
+    let len = core::mem::size_of::<T>().next_multiple_of(4096);
+    seal(
+        table as *const T as usize,
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        key,
+        what,
+    );
+}
+
 /// Raw `pkey_mprotect(2)`.
 pub fn sys_pkey_mprotect(start: usize, len: usize, prot: i32, key: u32) -> Result<(), i32> {
     // SAFETY: pkey_mprotect only changes page attributes; the caller owns

@@ -63,16 +63,7 @@ pub fn set_keys(keys: [u32; 16]) {
 
 /// Put the key table on the shim key (`IA2_HARDEN=on`, hardware keys).
 pub fn seal_keys(shim_key: u32) {
-    if pku::backend() != pku::Backend::Hardware {
-        return;
-    }
-    let start = &KEYS as *const KeyTable as usize;
-    let len = core::mem::size_of::<KeyTable>();
-    if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, shim_key) {
-        crate::lifecycle::fatal(format_args!(
-            "IA2_HARDEN=on: pkey_mprotect of the key table failed (errno {e})"
-        ));
-    }
+    pku::seal_static(&KEYS, shim_key, "key table");
 }
 
 impl Runtime {

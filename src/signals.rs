@@ -62,16 +62,7 @@ const _: () = assert!(core::mem::size_of::<Table>() == 4096);
 
 /// Put the table on the shim key (`IA2_HARDEN=on`, at install).
 pub fn harden(key: u32) {
-    if pku::backend() != pku::Backend::Hardware {
-        return;
-    }
-    let start = &TABLE as *const Table as usize;
-    let len = core::mem::size_of::<Table>();
-    if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
-        crate::lifecycle::fatal(format_args!(
-            "IA2_HARDEN=on: pkey_mprotect of the signal-handler table failed (errno {e})"
-        ));
-    }
+    pku::seal_static(&TABLE, key, "signal-handler table");
 }
 
 /// The program's handler and flags behind a shim-owned signal.

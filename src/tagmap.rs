@@ -60,16 +60,7 @@ static BUSY: AtomicBool = AtomicBool::new(false);
 /// Put the table on the shim key (`IA2_HARDEN=on`, hardware keys; once the
 /// key exists and before any compartment code runs).
 pub fn harden(key: u32) {
-    if pku::backend() != pku::Backend::Hardware {
-        return;
-    }
-    let start = &SEALED as *const Sealed as usize;
-    let len = core::mem::size_of::<Sealed>();
-    if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
-        crate::lifecycle::fatal(format_args!(
-            "IA2_HARDEN=on: pkey_mprotect of the key map failed (errno {e})"
-        ));
-    }
+    pku::seal_static(&SEALED, key, "key map");
 }
 
 fn with<R>(wait: bool, f: impl FnOnce(&mut Table) -> R) -> Option<R> {

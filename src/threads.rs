@@ -51,16 +51,7 @@ static POOL: Pool = Pool([FREE; SLOTS]);
 
 /// Put the start records on the shim key (`IA2_HARDEN=on`, at install).
 pub fn harden(key: u32) {
-    if pku::backend() != pku::Backend::Hardware {
-        return;
-    }
-    let len = core::mem::size_of::<Pool>().next_multiple_of(PAGE);
-    let start = &POOL as *const Pool as usize;
-    if let Err(e) = pku::protect(start, len, libc::PROT_READ | libc::PROT_WRITE, key) {
-        crate::lifecycle::fatal(format_args!(
-            "IA2_HARDEN=on: pkey_mprotect of the thread-start records failed (errno {e})"
-        ));
-    }
+    pku::seal_static(&POOL, key, "thread-start records");
 }
 
 fn claim(start: StartFn, arg: *mut c_void, pkru: u32) -> Option<usize> {

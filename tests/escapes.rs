@@ -173,6 +173,21 @@ fn stopped_by_the_shim_key(o: &Outcome) {
     assert_stderr_has(o, "running as  compartment 2 ");
 }
 
+/// A rewrite of one of the shim's tables: the attack found its entry, and
+/// the write faulted on the shim key before it completed.
+#[track_caller]
+fn table_rewrite_is_stopped(name: &str, found: &str) {
+    let o = &enforced()[name];
+    ran_and_kept_secret(o, name);
+    assert_stdout_has(o, found);
+    assert!(
+        !o.stdout_lossy().contains("entry rewritten"),
+        "{}",
+        out_text(o)
+    );
+    stopped_by_the_shim_key(o);
+}
+
 /// Stopped by the key check: a fault report for compartment 2 reading
 /// compartment 1's page.
 #[track_caller]
@@ -404,30 +419,14 @@ fn a_compartment_cannot_move_the_gate_table_to_its_own_key() {
 /// signal would run it with compartment 1's rights (the deputy rule bypassed).
 #[test]
 fn a_compartment_cannot_rewrite_the_signal_handler_table() {
-    let o = &enforced()["signal-table"];
-    ran_and_kept_secret(o, "signal-table");
-    assert_stdout_has(o, "signal table entry found");
-    assert!(
-        !o.stdout_lossy().contains("entry rewritten"),
-        "{}",
-        out_text(o)
-    );
-    stopped_by_the_shim_key(o);
+    table_rewrite_is_stopped("signal-table", "signal table entry found");
 }
 
 /// Compartment 2 points its own fork handler's entry in the shim's table at
 /// a function of its own with PKRU 0 (every key), then forks.
 #[test]
 fn a_compartment_cannot_rewrite_the_fork_handler_table() {
-    let o = &enforced()["atfork-table"];
-    ran_and_kept_secret(o, "atfork-table");
-    assert_stdout_has(o, "fork handler table entry found");
-    assert!(
-        !o.stdout_lossy().contains("entry rewritten"),
-        "{}",
-        out_text(o)
-    );
-    stopped_by_the_shim_key(o);
+    table_rewrite_is_stopped("atfork-table", "fork handler table entry found");
 }
 
 /// Compartment 2 erases the key of the key map's entry for compartment 1's
@@ -435,15 +434,7 @@ fn a_compartment_cannot_rewrite_the_fork_handler_table() {
 /// the page to key 0.
 #[test]
 fn a_compartment_cannot_erase_the_key_map() {
-    let o = &enforced()["key-map"];
-    ran_and_kept_secret(o, "key-map");
-    assert_stdout_has(o, "key map entry found");
-    assert!(
-        !o.stdout_lossy().contains("entry rewritten"),
-        "{}",
-        out_text(o)
-    );
-    stopped_by_the_shim_key(o);
+    table_rewrite_is_stopped("key-map", "key map entry found");
 }
 
 /// Compartment 2 gives its own compartment compartment 1's key in the
@@ -452,15 +443,7 @@ fn a_compartment_cannot_erase_the_key_map() {
 /// the table).
 #[test]
 fn a_compartment_cannot_rewrite_the_key_table() {
-    let o = &enforced()["key-table"];
-    ran_and_kept_secret(o, "key-table");
-    assert_stdout_has(o, "key table found");
-    assert!(
-        !o.stdout_lossy().contains("entry rewritten"),
-        "{}",
-        out_text(o)
-    );
-    stopped_by_the_shim_key(o);
+    table_rewrite_is_stopped("key-table", "key table found");
 }
 
 /// A watcher thread of compartment 2 rewrites the start record of each

@@ -147,26 +147,18 @@ pub(super) fn harden(key: u32) {
         (*m).region = base;
         (*m).open_mask = !(3u32 << (2 * key));
     }
-    if pku::backend() == Backend::Hardware {
-        let start = GATE_MEM.meta.get() as usize;
-        if let Err(e) = pku::protect(
-            start,
-            META_BYTES + TABLE_BYTES,
-            libc::PROT_READ | libc::PROT_WRITE,
-            key,
-        ) {
-            crate::lifecycle::fatal(format_args!(
-                "IA2_HARDEN=on: pkey_mprotect of the gate table failed (errno {e})"
-            ));
-        }
-        // The empty stretch too: a region slot no thread holds stays
-        // inaccessible, and any page that becomes accessible is the key's.
-        if let Err(e) = pku::protect(base, REGION_BYTES, libc::PROT_NONE, key) {
-            crate::lifecycle::fatal(format_args!(
-                "IA2_HARDEN=on: pkey_mprotect of the gate-frame region failed (errno {e})"
-            ));
-        }
-    }
+    let start = GATE_MEM.meta.get() as usize;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    pku::seal(start, META_BYTES + TABLE_BYTES, rw, key, "gate table");
+    // The empty stretch too: a region slot no thread holds stays
+    // inaccessible, and any page that becomes accessible is the key's.
+    pku::seal(
+        base,
+        REGION_BYTES,
+        libc::PROT_NONE,
+        key,
+        "gate-frame region",
+    );
 }
 
 /// Map a gate-frame stack: a guard page, [`STACK_BYTES`], a guard page;
