@@ -491,7 +491,12 @@ impl Config {
 
     /// Read the process environment. Allocation-free.
     pub fn from_environ() -> Result<Config, ConfigError> {
-        Config::from_vars(environ_iter())
+        // Only `IA2_` entries matter, so only they are decoded.
+        Config::from_vars(
+            environ_raw()
+                .filter(|e| e.starts_with(b"IA2_"))
+                .filter_map(|e| core::str::from_utf8(e).ok()),
+        )
     }
 
     fn check_combinations(&self) -> Result<(), ConfigError> {
@@ -641,16 +646,23 @@ pub fn apply_policy(
     Ok(())
 }
 
-/// Iterate the process environment as `&'static str` without allocating.
-/// Entries that are not UTF-8 are skipped (no `IA2_` value needs them).
-pub fn environ_iter() -> impl Iterator<Item = &'static str> + Clone {
+/// The value of environment variable `name`, if it is set and UTF-8. Only
+/// the matching entry is decoded (the whole environment can be large).
+pub fn environ_var(name: &str) -> Option<&'static str> {
+    environ_raw()
+        .find_map(|e| e.strip_prefix(name.as_bytes())?.strip_prefix(b"="))
+        .and_then(|v| core::str::from_utf8(v).ok())
+}
+
+/// The environment's entries as bytes, in order.
+fn environ_raw() -> impl Iterator<Item = &'static [u8]> + Clone {
     extern "C" {
         static environ: *const *const libc::c_char;
     }
     // SAFETY: reading the `environ` pointer; the constructor runs before any
     // thread exists, so nothing modifies it concurrently.
     let mut p = unsafe { environ };
-    core::iter::from_fn(move || loop {
+    core::iter::from_fn(move || {
         if p.is_null() {
             return None;
         }
@@ -663,10 +675,7 @@ pub fn environ_iter() -> impl Iterator<Item = &'static str> + Clone {
         p = unsafe { p.add(1) };
         // SAFETY: each entry is a NUL-terminated string in the initial
         // environment block, which lives until the process exits.
-        let cstr = unsafe { core::ffi::CStr::from_ptr(entry) };
-        if let Ok(s) = cstr.to_str() {
-            return Some(s);
-        }
+        Some(unsafe { core::ffi::CStr::from_ptr(entry) }.to_bytes())
     })
 }
 
@@ -1400,12 +1409,7 @@ impl Config {
         if !dir.is_empty() {
             return Some(dir.to_string());
         }
-        let var = |name: &str| {
-            environ_iter()
-                .filter_map(|e| e.split_once('='))
-                .find(|(n, v)| *n == name && v.starts_with('/'))
-                .map(|(_, v)| v)
-        };
+        let var = |name: &str| environ_var(name).filter(|v| v.starts_with('/'));
         match (var("XDG_CACHE_HOME"), var("HOME")) {
             (Some(x), _) => Some(format!("{x}/ia2shim")),
             (None, Some(h)) => Some(format!("{h}/.cache/ia2shim")),
