@@ -82,6 +82,31 @@ fn with<R>(wait: bool, f: impl FnOnce(&mut Table) -> R) -> Option<R> {
     Some(r)
 }
 
+/// Hold the table's lock across `fork`, so that the child never inherits
+/// it held by a thread it does not have (one that was recording an
+/// `munmap` the filter checked, say): the child's next record, at its first
+/// thread start, would spin forever. Registered first of the shim's fork
+/// handlers, so its prepare handler runs last, after the heaps' and the
+/// census's: every other lock that a recorder may hold is taken before it.
+pub fn register_fork_handlers() {
+    extern "C" fn prepare() {
+        while BUSY
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+    }
+    extern "C" fn release() {
+        BUSY.store(false, Ordering::Release);
+    }
+    // SAFETY: plain functions that never allocate.
+    let r = unsafe { libc::pthread_atfork(Some(prepare), Some(release), Some(release)) };
+    if r != 0 {
+        log::warn!("key map: pthread_atfork failed ({r}); a fork child may inherit its lock");
+    }
+}
+
 /// Record that `[start, start+len)` now carries `key` (0: no compartment's).
 pub fn record(start: usize, len: usize, key: u32) {
     let end = start.saturating_add(len);
