@@ -173,8 +173,8 @@ fn main() {
     ] {
         // An entry gate's cross path is generated per function (its record,
         // counted by the unit test `entry_gate_instruction_counts`, which
-        // builds one); its return half is the entry variant's.
-        let ret = variant.replace("_hw", "_hwentry") + "_ret";
+        // builds one); its return half is the variant's.
+        let ret = format!("{variant}_ret");
         if let Some((n, pkru)) = hardware_round_trip(&ret) {
             println!(
                 "entry gate's return half ({ret}), hardware, {what} (objdump): {} instructions outside RDPKRU/WRPKRU, plus {pkru} WRPKRU; the record's part: `cargo test --release --lib entry_gate_instruction_counts -- --nocapture`",

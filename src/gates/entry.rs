@@ -391,7 +391,7 @@ fn check_bytes(backend: Backend, pkru: u32, sim_tpoff: i32) -> Vec<u8> {
             c.push(0x3d); // cmp eax, imm32
             c.extend_from_slice(&pkru.to_le_bytes());
             // The cross path keeps them parked and eax = the caller's PKRU
-            // for the entry variant; the same-compartment path restores.
+            // for the cross path; the same-compartment path restores.
             c.extend_from_slice(&[0x0f, 0x85, 0, 0, 0, 0]); // jne cross
             c.extend_from_slice(&[0x48, 0x8b, 0x44, 0x24, 0xf8]); // mov rax, [rsp-8]
             c.extend_from_slice(&[0x48, 0x8b, 0x4c, 0x24, 0xf0]); // mov rcx, [rsp-16]
@@ -458,9 +458,9 @@ fn rel32_to(target: usize, next: usize) -> i32 {
 /// take the parked arguments back, and push the variant's return point as
 /// the callee's return address, so that the return, unwinding and the
 /// personality routine are the variant's (whose unwind tables describe
-/// this frame). The relocated instructions and `jmp F+n` follow. What an
-/// entry variant did after the record's `lea r11`/`jmp [r11 + 8]`, with
-/// the TLS offset and PKRU as constants (4 instructions fewer).
+/// this frame). The relocated instructions and `jmp F+n` follow. What the
+/// shared entry variants did after the record's `lea r11`/`jmp [r11 + 8]`,
+/// with the TLS offset and PKRU as constants (4 instructions fewer).
 fn cross_bytes(c: &CrossPath, rec: usize, at: usize, pkru: u32) -> Vec<u8> {
     let mut b = Vec::with_capacity(96);
     let tp = c.tp.to_le_bytes();

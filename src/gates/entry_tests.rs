@@ -187,7 +187,7 @@ fn entry_gate_instruction_counts() {
     assert!(sim <= 8);
     // Cross path: the entry jmp, the check up to its jne, the record's
     // cross path (its relocated instructions are the function's own), the
-    // jmp back, and the entry variant's return half.
+    // jmp back, and the variant's return half.
     for hardened in [false, true] {
         let (cross, pkru_ops) = entry_round_trip(hardened);
         assert_eq!(

@@ -31,9 +31,9 @@
 //! the red zone instead of the frame (the frame is written between a WRPKRU
 //! that opens the shim key and the one that installs the callee's PKRU),
 //! and check on return that `rbx` is a 64-byte slot of the frame region
-//! (`frames.rs`): the callee could have changed it. The entry variants are
-//! an entry gate's cross path on hardware, which reuse the registers its
-//! check parked and the PKRU it read.
+//! (`frames.rs`): the callee could have changed it. An entry gate's record
+//! writes the same frame itself and returns through a variant's return
+//! point (`entry.rs`).
 //!
 //! The frame stack is reserved before it is written and released after it
 //! has been read, so a signal handler that crosses a gate in between uses

@@ -307,90 +307,6 @@ core::arch::global_asm!(
     "ia2shim_gate_hbody hwunionh, 1, 1, 0",
     "ia2shim_gate_hbody simh, 1, 0, 1",
     "ia2shim_gate_hbody simunionh, 1, 1, 1",
-    // ---- entry variants (hardware): the cross path of an entry gate's
-    // record. Its check already parked `rax rdx rcx` in the red zone and
-    // ran RDPKRU: eax = the caller's PKRU, ecx = edx = 0. So only the frame
-    // is written here, and the arguments come back from the red zone.
-    ".macro ia2shim_gate_ebody name, count, harden",
-    ".balign 16",
-    ".globl ia2shim_gate_\\name",
-    ".hidden ia2shim_gate_\\name",
-    ".type ia2shim_gate_\\name,@function",
-    "ia2shim_gate_\\name:",
-    ".cfi_startproc",
-    ".cfi_personality 0x1b, {personality}",
-    ".if \\count",
-    "lock inc qword ptr [r11 + {table_bytes}]",
-    ".endif",
-    ".if \\harden",
-    "mov r10d, eax",
-    "and eax, dword ptr [rip + {mem} + {meta_open}]",
-    "wrpkru",
-    "ia2tp_push_frame",
-    "ia2tp_top_rax",
-    ".globl ia2shim_gate_\\name\\()_fix",
-    ".hidden ia2shim_gate_\\name\\()_fix",
-    "ia2shim_gate_\\name\\()_fix:",
-    "mov qword ptr [rax - {frame} + 40], rbx",
-    ".cfi_escape 0x10, 0x03, 0x02, 0x70, {rbx_at_top}",
-    "lea rbx, [rax - {frame}]",
-    ".else",
-    "ia2tp_push_frame",
-    "ia2tp_top_r10",
-    ".globl ia2shim_gate_\\name\\()_fix",
-    ".hidden ia2shim_gate_\\name\\()_fix",
-    "ia2shim_gate_\\name\\()_fix:",
-    "mov qword ptr [r10 - {frame} + 40], rbx",
-    ".cfi_escape 0x10, 0x03, 0x02, 0x7a, {rbx_at_top}",
-    "lea rbx, [r10 - {frame}]",
-    ".endif",
-    ".cfi_escape 0x10, 0x03, 0x02, 0x73, 0x28",
-    "pop qword ptr [rbx]",
-    ".cfi_def_cfa_offset 0",
-    ".cfi_escape 0x10, 0x10, 0x02, 0x73, 0x00",
-    ".if \\harden",
-    "mov dword ptr [rbx + 32], r10d",
-    ".else",
-    "mov dword ptr [rbx + 32], eax",
-    ".endif",
-    "mov eax, dword ptr [r11 + 16]",
-    "wrpkru",
-    // (The check parked rax, rcx, rdx in that order.)
-    "mov rax, qword ptr [rsp - 16]",
-    "mov rcx, qword ptr [rsp - 24]",
-    "mov rdx, qword ptr [rsp - 32]",
-    "call qword ptr [r11]",
-    ".globl ia2shim_gate_\\name\\()_ret",
-    ".hidden ia2shim_gate_\\name\\()_ret",
-    "ia2shim_gate_\\name\\()_ret:",
-    "mov r11, rax",
-    "mov r10, rdx",
-    ".if \\harden",
-    "mov rcx, rbx",
-    "xor rcx, qword ptr [rip + {mem} + {meta_region}]",
-    "test rcx, {region_check}",
-    "jnz {bad_frame}",
-    ".endif",
-    "push qword ptr [rbx]",
-    ".cfi_def_cfa_offset 8",
-    ".cfi_offset 16, -8",
-    "mov eax, dword ptr [rbx + 32]",
-    "mov rbx, qword ptr [rbx + 40]",
-    ".cfi_restore rbx",
-    "ia2tp_pop_frame",
-    "xor ecx, ecx",
-    "xor edx, edx",
-    "wrpkru",
-    "mov rax, r11",
-    "mov rdx, r10",
-    "ret",
-    ".cfi_endproc",
-    ".size ia2shim_gate_\\name, . - ia2shim_gate_\\name",
-    ".endm",
-    "ia2shim_gate_ebody hwentry, 0, 0",
-    "ia2shim_gate_ebody hwcountentry, 1, 0",
-    "ia2shim_gate_ebody hwentryh, 0, 1",
-    "ia2shim_gate_ebody hwcountentryh, 1, 1",
     // ---- simulated variant: the same with RDPKRU/WRPKRU replaced by moves
     // from and to the TLS word after the frame-stack top; always counts.
     ".macro ia2shim_gate_sim_body name, union",
@@ -542,18 +458,6 @@ extern "C" {
     pub(super) fn ia2shim_gate_simunionh();
     pub(super) fn ia2shim_gate_simunionh_fix();
     pub(super) fn ia2shim_gate_simunionh_ret();
-    pub(super) fn ia2shim_gate_hwentry();
-    pub(super) fn ia2shim_gate_hwentry_fix();
-    pub(super) fn ia2shim_gate_hwentry_ret();
-    pub(super) fn ia2shim_gate_hwcountentry();
-    pub(super) fn ia2shim_gate_hwcountentry_fix();
-    pub(super) fn ia2shim_gate_hwcountentry_ret();
-    pub(super) fn ia2shim_gate_hwentryh();
-    pub(super) fn ia2shim_gate_hwentryh_fix();
-    pub(super) fn ia2shim_gate_hwentryh_ret();
-    pub(super) fn ia2shim_gate_hwcountentryh();
-    pub(super) fn ia2shim_gate_hwcountentryh_fix();
-    pub(super) fn ia2shim_gate_hwcountentryh_ret();
     pub(super) fn ia2shim_gate_pad_hw();
     pub(super) fn ia2shim_gate_pad_sim();
     pub(super) fn _Unwind_Resume(exc: *mut c_void) -> !;
@@ -660,7 +564,7 @@ pub(super) static HARDEN: AtomicBool = AtomicBool::new(false);
 
 /// The `_fix` labels: a gate's first frame store, and the register that
 /// holds the reserved top there (r10, or rax in hardened variants).
-pub(super) fn fix_labels() -> [(usize, usize); 14] {
+pub(super) fn fix_labels() -> [(usize, usize); 10] {
     let (r10, rax) = (libc::REG_R10 as usize, libc::REG_RAX as usize);
     [
         (addr(ia2shim_gate_hw_fix), r10),
@@ -673,10 +577,6 @@ pub(super) fn fix_labels() -> [(usize, usize); 14] {
         (addr(ia2shim_gate_hwunionh_fix), rax),
         (addr(ia2shim_gate_simh_fix), rax),
         (addr(ia2shim_gate_simunionh_fix), rax),
-        (addr(ia2shim_gate_hwentry_fix), r10),
-        (addr(ia2shim_gate_hwcountentry_fix), r10),
-        (addr(ia2shim_gate_hwentryh_fix), rax),
-        (addr(ia2shim_gate_hwcountentryh_fix), rax),
     ]
 }
 
@@ -689,10 +589,6 @@ pub(super) fn return_point(ip: usize) -> Option<bool> {
         ia2shim_gate_hwh_ret,
         ia2shim_gate_hwcounth_ret,
         ia2shim_gate_hwunionh_ret,
-        ia2shim_gate_hwentry_ret,
-        ia2shim_gate_hwcountentry_ret,
-        ia2shim_gate_hwentryh_ret,
-        ia2shim_gate_hwcountentryh_ret,
     ];
     let sim = [
         ia2shim_gate_sim_ret,
@@ -804,22 +700,22 @@ impl Variant {
         addr(f)
     }
 
-    /// The variant an entry gate's record stands in for: its head (named
-    /// in the record's `Entry`) and the return point that the record's
-    /// cross path pushes, whose unwind tables describe the gate frame. On
-    /// hardware the entry variants (their heads take over the registers a
-    /// check parked; records now inline that code), in sim mode the plain
-    /// variants (whose return restores the simulated PKRU).
+    /// The variant whose return an entry gate's record uses: its head
+    /// (named in the record's `Entry`, for reports) and the return point
+    /// that the record's cross path pushes, whose unwind tables describe
+    /// the gate frame the record wrote. The record does the way in itself
+    /// (and its own counting), so any variant of the backend and hardening
+    /// with that frame layout serves: the plain ones.
     pub(super) fn entry_variant(self) -> (usize, usize) {
         let (head, ret): (unsafe extern "C" fn(), unsafe extern "C" fn()) =
             match (self, HARDEN.load(Ordering::Relaxed)) {
-                (Variant::Hardware, false) => (ia2shim_gate_hwentry, ia2shim_gate_hwentry_ret),
+                (Variant::Hardware, false) => (ia2shim_gate_hw, ia2shim_gate_hw_ret),
                 (Variant::HardwareCounting, false) => {
-                    (ia2shim_gate_hwcountentry, ia2shim_gate_hwcountentry_ret)
+                    (ia2shim_gate_hwcount, ia2shim_gate_hwcount_ret)
                 }
-                (Variant::Hardware, true) => (ia2shim_gate_hwentryh, ia2shim_gate_hwentryh_ret),
+                (Variant::Hardware, true) => (ia2shim_gate_hwh, ia2shim_gate_hwh_ret),
                 (Variant::HardwareCounting, true) => {
-                    (ia2shim_gate_hwcountentryh, ia2shim_gate_hwcountentryh_ret)
+                    (ia2shim_gate_hwcounth, ia2shim_gate_hwcounth_ret)
                 }
                 (_, false) => (ia2shim_gate_sim, ia2shim_gate_sim_ret),
                 (_, true) => (ia2shim_gate_simh, ia2shim_gate_simh_ret),

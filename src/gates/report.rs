@@ -305,13 +305,13 @@ pub fn hardened_round_trip_instructions(variant: Variant) -> Vec<iced_x86::Instr
     round_trip_of(variant, true)
 }
 
-/// The hardware entry variant's return half (from its return point, which
-/// an entry gate's cross path pushes, through `ret`).
+/// The hardware variant's return half (from its return point, which an
+/// entry gate's cross path pushes, through `ret`).
 pub fn entry_return_instructions(hardened: bool) -> Vec<iced_x86::Instruction> {
     let ret = if hardened {
-        addr(ia2shim_gate_hwentryh_ret)
+        addr(ia2shim_gate_hwh_ret)
     } else {
-        addr(ia2shim_gate_hwentry_ret)
+        addr(ia2shim_gate_hw_ret)
     };
     decode_pieces(&[(ret, iced_x86::Mnemonic::Ret)])
 }
@@ -319,7 +319,7 @@ pub fn entry_return_instructions(hardened: bool) -> Vec<iced_x86::Instruction> {
 /// A cross-compartment call through an entry gate on hardware, beyond the
 /// function's own instructions: (instructions outside RDPKRU/WRPKRU, RDPKRU
 /// and WRPKRU), decoded from a record built for a small function (entry
-/// `jmp`, check, cross path, `jmp` back) and the entry variant's return half.
+/// `jmp`, check, cross path, `jmp` back) and the variant's return half.
 pub fn entry_round_trip(hardened: bool) -> (usize, usize) {
     let (n, pkru) = record_cross_path(hardened);
     let back = entry_return_instructions(hardened);
@@ -335,8 +335,8 @@ pub fn entry_round_trip(hardened: bool) -> (usize, usize) {
     (n + back.len() - back_pkru, pkru + back_pkru)
 }
 
-/// A cross path for tests and counts: no counting, the entry variant's
-/// (sim: the sim variant's) return point, a made-up TLS offset.
+/// A cross path for tests and counts: no counting, the hardware (or sim)
+/// variant's return point, a made-up TLS offset.
 pub(super) fn test_cross(backend: Backend, hardened: bool) -> CrossPath {
     let (code, ret) = match backend {
         Backend::Sim => Variant::Sim.entry_variant(),
