@@ -198,6 +198,15 @@ fn stopped_by_a_key_fault(o: &Outcome) {
     assert_stderr_has(o, "running as  compartment 2 ");
 }
 
+/// The attack `name` ran to its access, kept the secret, and was stopped
+/// by a key fault.
+#[track_caller]
+fn key_fault_stops(name: &str) {
+    let o = &enforced()[name];
+    ran_and_kept_secret(o, name);
+    stopped_by_a_key_fault(o);
+}
+
 #[test]
 fn the_debug_api_is_refused_unless_opted_in() {
     let o = &enforced()["debug-api"];
@@ -268,16 +277,12 @@ fn a_handler_cannot_widen_pkru_through_its_signal_frame() {
 
 #[test]
 fn a_thread_started_at_another_compartments_internal_function_runs_as_its_creator() {
-    let o = &enforced()["thread-deputy"];
-    ran_and_kept_secret(o, "thread-deputy");
-    stopped_by_a_key_fault(o);
+    key_fault_stops("thread-deputy");
 }
 
 #[test]
 fn a_handler_registered_at_another_compartments_internal_function_runs_as_its_registrant() {
-    let o = &enforced()["signal-deputy"];
-    ran_and_kept_secret(o, "signal-deputy");
-    stopped_by_a_key_fault(o);
+    key_fault_stops("signal-deputy");
 }
 
 /// Without the shim nothing stops libc's pkey_set... and there is no
@@ -617,18 +622,14 @@ fn the_filter_refuses_madvise_dontneed_on_another_compartments_page() {
 /// `__thread` variable in it faults.
 #[test]
 fn a_thrd_create_thread_keeps_compartment_1s_tls_tagged() {
-    let o = &enforced()["thrd-tls"];
-    ran_and_kept_secret(o, "thrd-tls");
-    stopped_by_a_key_fault(o);
+    key_fault_stops("thrd-tls");
 }
 
 /// IA2_HEAP=compartment: an object that compartment 1 dlopens allocates
 /// from compartment 1's heap, which compartment 2 cannot read.
 #[test]
 fn a_dlopened_objects_heap_blocks_belong_to_its_compartment() {
-    let o = &enforced()["dlopen-heap"];
-    ran_and_kept_secret(o, "dlopen-heap");
-    stopped_by_a_key_fault(o);
+    key_fault_stops("dlopen-heap");
 }
 
 /// A `SIGEV_THREAD` timer's notification runs in a thread that glibc starts
@@ -637,7 +638,5 @@ fn a_dlopened_objects_heap_blocks_belong_to_its_compartment() {
 /// shows that its `mprotect` there does not trap into the filter.)
 #[test]
 fn a_timer_notification_thread_keeps_compartment_1s_tls_tagged() {
-    let o = &enforced()["timer-tls"];
-    ran_and_kept_secret(o, "timer-tls");
-    stopped_by_a_key_fault(o);
+    key_fault_stops("timer-tls");
 }
