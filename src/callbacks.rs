@@ -21,8 +21,9 @@
 //!   its own handler.
 //!
 //! The rights come from `exit::handler_pkru`: a callback that is
-//! application code runs as its compartment, anything else with the
-//! caller's PKRU.
+//! application code runs as its compartment when the caller could have
+//! entered it anyway (the deputy rule of `crate::deputy`), anything else
+//! with the caller's PKRU.
 
 use crate::exit::{handler_pkru, with_pkru};
 use crate::objects::ObjectKind;
@@ -60,7 +61,7 @@ fn callback_pkru(cb: usize, caller_pkru: u32) -> u32 {
     if crate::exit::is_shim_code(cb) {
         return caller_pkru;
     }
-    handler_pkru(cb, 0).unwrap_or(caller_pkru)
+    handler_pkru(cb, 0, Some(caller_pkru)).unwrap_or(caller_pkru)
 }
 
 type Cmp = unsafe extern "C" fn(*const c_void, *const c_void) -> c_int;
@@ -257,7 +258,7 @@ pub fn decide_pending() {
     for i in 0..ATFORK_SLOTS.min(ATFORK.next.load(Ordering::Acquire)) {
         if ATFORK.pkru[i].load(Ordering::Acquire) == UNDECIDED {
             let f = ATFORK.func[i].load(Ordering::Acquire);
-            let p = handler_pkru(f, ATFORK.dso[i].load(Ordering::Acquire));
+            let p = handler_pkru(f, ATFORK.dso[i].load(Ordering::Acquire), None);
             pku::with_shim_writes(|| {
                 ATFORK.pkru[i].store(p.map_or(NO_PKRU, u64::from), Ordering::Release)
             });
@@ -340,7 +341,7 @@ fn atfork_stub(f: usize, dso: usize) -> usize {
         return f;
     }
     let pkru = if runtime::active().is_some() {
-        handler_pkru(f, dso).map_or(NO_PKRU, u64::from)
+        handler_pkru(f, dso, Some(pku::read_pkru())).map_or(NO_PKRU, u64::from)
     } else {
         UNDECIDED
     };
@@ -568,7 +569,7 @@ fn decide_pending_cxx() {
     let t = &CXX_HANDLERS;
     for i in 0..t.used.load(Ordering::Acquire).min(CXX_HANDLER_SLOTS) {
         if t.pkru[i].load(Ordering::Acquire) == UNDECIDED {
-            let p = handler_pkru(t.func[i].load(Ordering::Acquire), 0);
+            let p = handler_pkru(t.func[i].load(Ordering::Acquire), 0, None);
             pku::with_shim_writes(|| {
                 t.pkru[i].store(p.map_or(NO_PKRU, u64::from), Ordering::Release)
             });

@@ -32,7 +32,7 @@ pub fn entry_pkru(rt: &Runtime, target: usize, registrant: u32) -> u32 {
 }
 
 /// Is `addr` the address of an exported (dynamic-symbol-table) function?
-fn exported_function(addr: usize) -> bool {
+pub fn exported_function(addr: usize) -> bool {
     // SAFETY: a zeroed Dl_info is valid for dladdr to fill.
     let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
     // dladdr walks ld.so's link maps: libc-compartment rights in strict mode.

@@ -31,6 +31,10 @@ const ATTACKS: &[&str] = &[
     "sys-madvise",
     "thrd-tls",
     "timer-tls",
+    "exit-deputy",
+    "exit-dso",
+    "qsort-deputy",
+    "exit-arg",
 ];
 
 /// C++ attacks through unwinding (`escapes-unwind`).
@@ -52,6 +56,7 @@ const SHIM_STATE_ATTACKS: &[&str] = &[
     "atfork-table",
     "key-map",
     "key-table",
+    "exit-record",
 ];
 
 /// The attacks that only the syscall filter stops.
@@ -443,9 +448,8 @@ fn a_compartment_cannot_erase_the_key_map() {
 }
 
 /// Compartment 2 gives its own compartment compartment 1's key in the
-/// shim's key table, then starts a thread at one of its exported functions
-/// (which the deputy rule runs with its compartment's PKRU, computed from
-/// the table).
+/// shim's key table, then `dlopen`s a plugin that joins compartment 2 and
+/// reads through it (the plugin's gates take their PKRU from the table).
 #[test]
 fn a_compartment_cannot_rewrite_the_key_table() {
     table_rewrite_is_stopped("key-table", "key table found");
@@ -466,9 +470,11 @@ fn a_compartment_cannot_rewrite_a_thread_start_record() {
 fn unhardened_the_shim_state_attacks_leak() {
     for a in SHIM_STATE_ATTACKS {
         let o = &enforced()[format!("{a} unhardened").as_str()];
+        // exit-record's handler is libc's `puts`: the secret alone.
         let leaked = o
             .stdout_lossy()
-            .contains(&format!("LEAKED via {a}: {SECRET}"));
+            .contains(&format!("LEAKED via {a}: {SECRET}"))
+            || (*a == "exit-record" && o.stdout_lossy().contains(SECRET));
         if *a == "thread-record" {
             eprintln!("thread-record unhardened: leaked = {leaked}");
         } else {
@@ -636,6 +642,47 @@ fn a_dlopened_objects_heap_blocks_belong_to_its_compartment() {
 /// itself; `timer_create` is interposed so that it starts as the shim's own.
 /// (glibc starts its helper thread with every signal blocked: this also
 /// shows that its `mprotect` there does not trap into the filter.)
+/// `__cxa_atexit` from compartment 2 with compartment 1's internal
+/// function: at exit it runs with compartment 2's rights (the deputy rule),
+/// not as the function's compartment.
+#[test]
+fn an_exit_handler_at_another_compartments_internal_function_runs_as_its_registrant() {
+    key_fault_stops("exit-deputy");
+}
+
+/// `__cxa_atexit(puts, secret, dso)` with a dso handle in main: the dso is
+/// an argument, so it grants no key the registering code did not hold.
+#[test]
+fn an_exit_handler_gets_no_rights_from_a_forged_dso_handle() {
+    key_fault_stops("exit-dso");
+}
+
+/// `qsort` with compartment 1's internal function as the comparator.
+#[test]
+fn a_comparator_in_another_compartment_runs_as_the_caller() {
+    key_fault_stops("qsort-deputy");
+}
+
+/// Rewriting the shim's record of an exit handler (registrant and PKRU).
+#[test]
+fn a_compartment_cannot_rewrite_an_exit_handler_record() {
+    table_rewrite_is_stopped("exit-record", "exit record found");
+}
+
+/// Pointing glibc's exit-list entry at a record forged in compartment 2's
+/// memory: the shim refuses a record that is not one of its own.
+#[test]
+fn a_forged_exit_handler_record_is_refused() {
+    let o = &enforced()["exit-arg"];
+    ran_and_kept_secret(o, "exit-arg");
+    assert_stdout_has(o, "exit-list entry rewritten");
+    assert_code(o, 1);
+    assert_stderr_has(
+        o,
+        "is not one of the shim's (glibc's exit list was rewritten)",
+    );
+}
+
 #[test]
 fn a_timer_notification_thread_keeps_compartment_1s_tls_tagged() {
     key_fault_stops("timer-tls");

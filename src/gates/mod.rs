@@ -175,6 +175,7 @@ pub fn install(rt: &Runtime) {
         crate::signals::harden(key);
         crate::tagmap::harden(key);
         crate::runtime::seal_keys(key);
+        crate::exit::harden(key);
     }
     if rt.config.gates {
         patch_tls();
