@@ -66,11 +66,11 @@ impl Drop for AllKeys {
     }
 }
 
-fn census_mut(rt: &Runtime) -> std::sync::RwLockWriteGuard<'_, Census> {
+fn census_mut(rt: &Runtime) -> crate::runtime::CensusWrite<'_> {
     rt.census.write().unwrap_or_else(|e| e.into_inner())
 }
 
-fn census_read(rt: &Runtime) -> std::sync::RwLockReadGuard<'_, Census> {
+fn census_read(rt: &Runtime) -> crate::runtime::CensusRead<'_> {
     rt.census.read().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -518,13 +518,15 @@ fn after_dlopen(rt: &Runtime, caller: usize, handle: *mut c_void) {
     }
     {
         // Only DL_LOCK holders add objects, so the indices still hold.
-        let mut c = census_mut(rt);
-        c.objects.extend(snapshot.objects[start..].iter().cloned());
-        c.compartment_of
-            .extend(snapshot.compartment_of[start..].iter().copied());
-        c.plan.entries.extend(plan.entries.iter().cloned());
-        c.plan.entries.sort_by_key(|e| e.range.start);
-        c.maps = maps.clone();
+        // Cloned inside the sealed scope: the census's blocks stay sealed.
+        census_mut(rt).update(|c| {
+            c.objects.extend(snapshot.objects[start..].iter().cloned());
+            c.compartment_of
+                .extend(snapshot.compartment_of[start..].iter().copied());
+            c.plan.entries.extend(plan.entries.iter().cloned());
+            c.plan.entries.sort_by_key(|e| e.range.start);
+            c.maps = maps.clone();
+        });
     }
     snapshot.maps = maps;
     snapshot.plan.entries.extend(plan.entries);
@@ -610,20 +612,25 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
         gone.push(i);
     }
     for &i in &gone {
-        let o = &mut c.objects[i];
+        let o = &c.objects[i];
         log::info!("dlclose: {} at {:#x} unloaded", o.display_name(), o.base);
         for s in &o.segments {
             crate::gates::forget_range(s.range);
         }
-        o.segments.clear();
-        o.dynamic = None;
-        o.relro = None;
-        o.tls = None;
-        c.compartment_of[i] = None;
     }
-    c.plan
-        .entries
-        .retain(|e| object_of(e).is_none_or(|o| !gone.contains(&o)));
+    c.update(|c| {
+        for &i in &gone {
+            let o = &mut c.objects[i];
+            o.segments.clear();
+            o.dynamic = None;
+            o.relro = None;
+            o.tls = None;
+            c.compartment_of[i] = None;
+        }
+        c.plan
+            .entries
+            .retain(|e| object_of(e).is_none_or(|o| !gone.contains(&o)));
+    });
     let survivors: Vec<PlanEntry> = tagged
         .into_iter()
         .filter(|e| object_of(e).is_some_and(|o| !gone.contains(&o)))

@@ -10,8 +10,11 @@ use crate::maps::Mapping;
 use crate::objects::LoadedObject;
 use crate::pku::{self, PkuSupport};
 use crate::plan::Plan;
+use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{OnceLock, RwLock};
+use std::sync::{
+    LockResult, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError, TryLockResult,
+};
 
 /// The census, the compartment assignment and the applied plan. Mutable
 /// because `dlopen` extends it.
@@ -41,7 +44,92 @@ impl Census {
 pub struct Runtime {
     pub config: Config,
     pub pku: PkuSupport,
-    pub census: RwLock<Census>,
+    pub census: CensusLock,
+}
+
+/// The census behind a reader-writer lock, split in two: the census (its
+/// header here, in the runtime's page, and its blocks in the sealed heap)
+/// goes on the shim key once hardened, while the lock word stays on key 0,
+/// because readers with a compartment's rights take it. A compartment that
+/// holds the lock can stall the shim, not change its answers. Writers
+/// change the census only through [`CensusWrite::update`], which opens
+/// the shim key and allocates from the sealed heap.
+pub struct CensusLock(UnsafeCell<Census>);
+
+// SAFETY: the census is read under CENSUS_LOCK's read side and written
+// under its write side only.
+unsafe impl Sync for CensusLock {}
+
+static CENSUS_LOCK: RwLock<()> = RwLock::new(());
+
+/// The census, readable while this lives.
+pub struct CensusRead<'a> {
+    _g: RwLockReadGuard<'static, ()>,
+    c: &'a Census,
+}
+
+impl core::ops::Deref for CensusRead<'_> {
+    type Target = Census;
+    fn deref(&self) -> &Census {
+        self.c
+    }
+}
+
+/// The census, held for writing: readable, and changed through [`Self::update`].
+pub struct CensusWrite<'a> {
+    _g: RwLockWriteGuard<'static, ()>,
+    cell: &'a CensusLock,
+}
+
+impl core::ops::Deref for CensusWrite<'_> {
+    type Target = Census;
+    fn deref(&self) -> &Census {
+        // SAFETY: the write lock is held: no one else has a reference.
+        unsafe { &*self.cell.0.get() }
+    }
+}
+
+impl CensusWrite<'_> {
+    /// Change the census inside a sealed scope (the shim key open, new
+    /// blocks from the sealed heap). Whatever `f` moves in must have been
+    /// made inside the scope too: clone it there.
+    pub fn update<R>(&mut self, f: impl FnOnce(&mut Census) -> R) -> R {
+        // SAFETY: the write lock is held and `self` is borrowed mutably:
+        // this is the only reference.
+        let c = unsafe { &mut *self.cell.0.get() };
+        crate::sealed::with_sealed(|| f(c))
+    }
+}
+
+impl CensusLock {
+    pub fn new(c: Census) -> Self {
+        CensusLock(UnsafeCell::new(c))
+    }
+
+    /// Never poisoned (`panic = "abort"`); the `LockResult` keeps
+    /// `RwLock`'s shape for the callers.
+    pub fn read(&self) -> LockResult<CensusRead<'_>> {
+        let g = CENSUS_LOCK.read().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the read lock is held: writers wait.
+        let c = unsafe { &*self.0.get() };
+        Ok(CensusRead { _g: g, c })
+    }
+
+    pub fn try_read(&self) -> TryLockResult<CensusRead<'_>> {
+        let g = match CENSUS_LOCK.try_read() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return Err(TryLockError::WouldBlock),
+        };
+        // SAFETY: the read lock is held: writers wait.
+        let c = unsafe { &*self.0.get() };
+        Ok(CensusRead { _g: g, c })
+    }
+
+    pub fn write(&self) -> LockResult<CensusWrite<'_>> {
+        let g = CENSUS_LOCK.write().unwrap_or_else(|e| e.into_inner());
+        Ok(CensusWrite { _g: g, cell: self })
+    }
 }
 
 /// The hardware (or simulated) key of each logical compartment (0 =
@@ -61,9 +149,12 @@ pub fn set_keys(keys: [u32; 16]) {
     }
 }
 
-/// Put the key table on the shim key (`IA2_HARDEN=on`, hardware keys).
+/// Put the key table, the runtime and the sealed heap (the census's
+/// blocks) on the shim key (`IA2_HARDEN=on`, hardware keys).
 pub fn seal_keys(shim_key: u32) {
     pku::seal_static(&KEYS, shim_key, "key table");
+    pku::seal_static(&RUNTIME, shim_key, "runtime (configuration and census)");
+    crate::sealed::harden(shim_key);
 }
 
 impl Runtime {
@@ -138,16 +229,37 @@ impl Runtime {
     }
 }
 
-static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+/// The runtime, on pages of its own that `IA2_HARDEN=on` puts on the shim
+/// key ([`seal_keys`]): the configuration (`IA2_DEBUG_API` among it) and
+/// the census header.
+#[repr(C, align(4096))]
+struct RuntimeCell(OnceLock<Runtime>);
+static RUNTIME: RuntimeCell = RuntimeCell(OnceLock::new());
 
 /// Publish the runtime that start-up built; false if one was already set.
+/// The census is cloned into the sealed heap on the way.
 pub fn set(rt: Runtime) -> bool {
-    RUNTIME.set(rt).is_ok()
+    let Runtime {
+        config,
+        pku,
+        census,
+    } = rt;
+    let census = census.0.into_inner();
+    crate::sealed::with_sealed(|| {
+        RUNTIME
+            .0
+            .set(Runtime {
+                config,
+                pku,
+                census: CensusLock::new(census.clone()),
+            })
+            .is_ok()
+    })
 }
 
 /// The runtime, once the constructor has built it.
 pub fn get() -> Option<&'static Runtime> {
-    RUNTIME.get()
+    RUNTIME.0.get()
 }
 
 /// The runtime, only when it is `Ready` and active.

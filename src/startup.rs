@@ -14,9 +14,8 @@ use crate::maps;
 use crate::objects;
 use crate::pku::{self, Backend, PkuSupport};
 use crate::plan::{self, ThreadTls};
-use crate::runtime::{self, Census, Runtime};
+use crate::runtime::{self, Census, CensusLock, Runtime};
 use crate::stackfmt::StackBuf;
-use std::sync::RwLock;
 
 /// The constructor's work. Runs once; later calls return at once.
 pub fn init() {
@@ -68,7 +67,7 @@ pub fn init() {
                     os_pke: false,
                     syscall: Err(0),
                 },
-                census: RwLock::new(Census::default()),
+                census: CensusLock::new(Census::default()),
             });
             set_state(InitState::Ready);
             return;
@@ -117,7 +116,7 @@ pub fn init() {
     let rt = Runtime {
         config,
         pku: support,
-        census: RwLock::new(census),
+        census: CensusLock::new(census),
     };
     if !runtime::set(rt) {
         fatal(format_args!("runtime initialised twice"));

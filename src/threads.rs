@@ -176,7 +176,7 @@ pub fn init() {
 /// the two: the prepare handler takes the `dlopen` lock first.
 static FORK_CENSUS: std::sync::Mutex<Option<ForkGuard>> = std::sync::Mutex::new(None);
 
-struct ForkGuard(std::sync::RwLockWriteGuard<'static, crate::runtime::Census>);
+struct ForkGuard(crate::runtime::CensusWrite<'static>);
 // SAFETY: the guard is taken and dropped by the same thread (the forking
 // one; in the child, its copy); the static only carries it between the
 // fork handlers, which that thread runs.
@@ -238,7 +238,7 @@ extern "C" fn fork_child() {
         {
             let _ = pku::protect(e.range.start, e.range.len(), e.prot, 0);
         }
-        census.plan.entries.retain(|e| !theirs(e));
+        census.update(|c| c.plan.entries.retain(|e| !theirs(e)));
     }
     fork_release();
 }
@@ -377,8 +377,10 @@ fn tag_thread_tls(rt: &Runtime) -> Vec<PlanEntry> {
             e.range, e.compartment
         ));
     }
-    c.plan.entries.extend(entries.iter().cloned());
-    c.plan.entries.sort_by_key(|e| e.range.start);
+    c.update(|c| {
+        c.plan.entries.extend(entries.iter().cloned());
+        c.plan.entries.sort_by_key(|e| e.range.start);
+    });
     entries
 }
 
@@ -421,7 +423,7 @@ unsafe extern "C" fn thread_teardown(state: *mut c_void) {
             let _ = pku::protect(e.range.start, e.range.len(), e.prot, 0);
         }
         if let Some(mut c) = census {
-            c.plan.entries.retain(|x| !state.entries.contains(x));
+            c.update(|c| c.plan.entries.retain(|x| !state.entries.contains(x)));
         }
     }
     crate::signals::thread_exit();

@@ -57,6 +57,7 @@ const SHIM_STATE_ATTACKS: &[&str] = &[
     "key-map",
     "key-table",
     "exit-record",
+    "census",
 ];
 
 /// The attacks that only the syscall filter stops.
@@ -661,6 +662,14 @@ fn an_exit_handler_gets_no_rights_from_a_forged_dso_handle() {
 #[test]
 fn a_comparator_in_another_compartment_runs_as_the_caller() {
     key_fault_stops("qsort-deputy");
+}
+
+/// Extending main's text segment in the shim's census over every library,
+/// so that compartment 2's code counts as main's when a `dlopen` decides
+/// which compartment the new plugin joins (the caller's).
+#[test]
+fn a_compartment_cannot_rewrite_the_census() {
+    table_rewrite_is_stopped("census", "census entry found");
 }
 
 /// Rewriting the shim's record of an exit handler (registrant and PKRU).

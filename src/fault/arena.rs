@@ -7,8 +7,11 @@
 //! are never reused: what is built there lives as long as the process.
 //!
 //! The shim's global allocator is [`ShimAlloc`]: `System` (the malloc family,
-//! as before), except on the thread that holds the arena.
+//! as before), except on the thread that holds the arena, and for blocks of
+//! the sealed heap (`crate::sealed`: made inside its scopes, freed and
+//! grown there wherever they are dropped).
 
+use crate::sealed;
 use core::alloc::{GlobalAlloc, Layout};
 use core::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::alloc::System;
@@ -117,13 +120,17 @@ fn bump(layout: Layout) -> *mut u8 {
 /// The shim's global allocator: see the module documentation.
 pub struct ShimAlloc;
 
-// SAFETY: every block comes from `System` or from the arena, whose blocks
-// never overlap (bump allocation) and are never handed out twice; each is
-// released to where it came from (arena blocks: never).
+// SAFETY: every block comes from `System`, from the arena, whose blocks
+// never overlap (bump allocation) and are never handed out twice, or from
+// the sealed heap (talc); each is released to where it came from (arena
+// blocks: never).
 unsafe impl GlobalAlloc for ShimAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if holding() {
             return bump(layout);
+        }
+        if sealed::serving() {
+            return sealed::alloc(layout, false);
         }
         // SAFETY: forwarded with the caller's layout.
         unsafe { System.alloc(layout) }
@@ -134,11 +141,18 @@ unsafe impl GlobalAlloc for ShimAlloc {
             // Fresh anonymous memory, never reused: already zero.
             return bump(layout);
         }
+        if sealed::serving() {
+            return sealed::alloc(layout, true);
+        }
         // SAFETY: forwarded with the caller's layout.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if sealed::contains(ptr) {
+            // SAFETY: a sealed-heap block, with its layout.
+            return unsafe { sealed::dealloc(ptr, layout) };
+        }
         // The holder may be in a signal handler: it never calls `free` (a
         // System block it drops leaks).
         if !in_arena(ptr) && !holding() {
@@ -148,6 +162,26 @@ unsafe impl GlobalAlloc for ShimAlloc {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if sealed::contains(ptr) {
+            // SAFETY: a sealed-heap block, with its layout.
+            return unsafe { sealed::realloc(ptr, layout, new_size) };
+        }
+        if sealed::serving() && !in_arena(ptr) && !holding() {
+            // A System block grown inside a scope moves into the sealed heap.
+            // SAFETY: the caller guarantees a valid new layout.
+            let new = sealed::alloc(
+                unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) },
+                false,
+            );
+            if !new.is_null() {
+                // SAFETY: both blocks are live and at least this long; the
+                // scope has the shim key open.
+                unsafe { core::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size)) };
+                // SAFETY: the old System block, with its layout.
+                unsafe { System.dealloc(ptr, layout) };
+            }
+            return new;
+        }
         if !in_arena(ptr) && !holding() {
             // SAFETY: a System block, with its layout.
             return unsafe { System.realloc(ptr, layout, new_size) };
