@@ -14,7 +14,7 @@ use crate::signals::Chained;
 use crate::stackfmt::{pid, StackBuf};
 use core::ffi::{c_int, c_void, CStr};
 use core::fmt::Write;
-use core::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 mod arena;
@@ -32,10 +32,8 @@ pub const SEGV_PKUERR: i32 = 4;
 const SI_PKEY_OFFSET: usize = 32;
 
 // The program's own SIGSEGV disposition (0 = SIG_DFL, 1 = SIG_IGN, else a
-// handler address) and flags, recorded by the `sigaction` hook, are in the
-// signal table (`signals::chained`, on the shim key once hardened).
-/// The program's `sa_mask` for SIGSEGV (the kernel's 64 signals).
-static PROGRAM_MASK: AtomicU64 = AtomicU64::new(0);
+// handler address), flags and `sa_mask`, recorded by the `sigaction` hook,
+// are in the signal table (`signals::chained`, on the shim key once hardened).
 /// Where reports go (stderr unless `IA2_REPORT_FILE`).
 pub static REPORT_FD: AtomicI32 = AtomicI32::new(2);
 
@@ -73,7 +71,7 @@ pub fn install() {
     // A handler installed before us (by a library constructor) is the program's.
     if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != segv_handler as *const () as usize {
         crate::signals::set_chained(Chained::Segv, old.sa_sigaction, old.sa_flags);
-        PROGRAM_MASK.store(mask_word(&old.sa_mask), Ordering::Relaxed);
+        crate::signals::set_chained_mask(Chained::Segv, mask_word(&old.sa_mask));
     }
     audit::read_rseq_abi();
     if audit::configured() {
@@ -118,14 +116,14 @@ pub unsafe fn intercept_sigaction(
         *old = unsafe { core::mem::zeroed() };
         (old.sa_sigaction, old.sa_flags) = crate::signals::chained(which);
         if sig == libc::SIGSEGV {
-            set_mask_word(&mut old.sa_mask, PROGRAM_MASK.load(Ordering::Relaxed));
+            set_mask_word(&mut old.sa_mask, crate::signals::chained_mask(which));
         }
     }
     if !act.is_null() {
         // SAFETY: the caller passes a valid sigaction.
         let act = unsafe { &*act };
         if sig == libc::SIGSEGV {
-            PROGRAM_MASK.store(mask_word(&act.sa_mask), Ordering::Relaxed);
+            crate::signals::set_chained_mask(which, mask_word(&act.sa_mask));
         }
         crate::signals::set_chained(which, act.sa_sigaction, act.sa_flags);
     }
@@ -240,7 +238,7 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
     }
     // The program's sa_mask (and SIGSEGV itself unless SA_NODEFER) is
     // blocked while its handler runs; sigreturn restores the interrupted mask.
-    let mut block: u64 = PROGRAM_MASK.load(Ordering::Relaxed);
+    let mut block: u64 = crate::signals::chained_mask(Chained::Segv);
     if flags & libc::SA_NODEFER == 0 {
         block |= 1 << (libc::SIGSEGV - 1);
     }

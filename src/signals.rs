@@ -11,7 +11,7 @@ use crate::pku;
 use crate::runtime;
 use core::cell::Cell;
 use core::ffi::{c_int, c_void};
-use core::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 const NSIG: usize = 65;
 
@@ -49,6 +49,8 @@ struct Table {
     /// The program's SIGSEGV, SIGSYS and SIGTRAP handlers ([`Chained`]).
     chained: [AtomicUsize; 3],
     chained_flags: [AtomicI32; 3],
+    /// Their `sa_mask` (the kernel's 64 signals), blocked while they run.
+    chained_mask: [AtomicU64; 3],
 }
 static TABLE: Table = Table {
     handlers: [NO_HANDLER; NSIG],
@@ -57,6 +59,7 @@ static TABLE: Table = Table {
     decided_pkru: [NO_PKRU; NSIG],
     chained: [NO_HANDLER; 3],
     chained_flags: [NO_FLAGS; 3],
+    chained_mask: [const { AtomicU64::new(0) }; 3],
 };
 const _: () = assert!(core::mem::size_of::<Table>() == 4096);
 
@@ -81,6 +84,16 @@ pub fn set_chained(which: Chained, handler: usize, flags: c_int) {
         TABLE.chained_flags[i].store(flags, Ordering::Relaxed);
         TABLE.chained[i].store(handler, Ordering::Release);
     });
+}
+
+/// The `sa_mask` of the program's handler behind a shim-owned signal.
+pub fn chained_mask(which: Chained) -> u64 {
+    TABLE.chained_mask[which as usize].load(Ordering::Relaxed)
+}
+
+/// Record that mask.
+pub fn set_chained_mask(which: Chained, mask: u64) {
+    pku::with_shim_writes(|| TABLE.chained_mask[which as usize].store(mask, Ordering::Relaxed));
 }
 
 /// A one-shot (`SA_RESETHAND`) chained handler has run: the next signal

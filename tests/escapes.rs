@@ -58,6 +58,7 @@ const SHIM_STATE_ATTACKS: &[&str] = &[
     "key-table",
     "exit-record",
     "census",
+    "heap-keys",
 ];
 
 /// The attacks that only the syscall filter stops.
@@ -150,9 +151,16 @@ fn enforced() -> &'static HashMap<&'static str, Outcome> {
             cases.push((name, job(&[&exe, a], &[("IA2_SYSCALLS", "off")])));
         }
         for a in SHIM_STATE_ATTACKS {
-            cases.push((a, job(&[&exe, a], &[])));
+            // The heap attacks need the compartments' heaps.
+            let heap: &[(&str, &str)] = if a.starts_with("heap") {
+                &[("IA2_HEAP", "compartment")]
+            } else {
+                &[]
+            };
+            cases.push((a, job(&[&exe, a], heap)));
             let name: &'static str = Box::leak(format!("{a} unhardened").into_boxed_str());
-            cases.push((name, job(&[&exe, a], &[("IA2_HARDEN", "off")])));
+            let env = [heap, &[("IA2_HARDEN", "off")]].concat();
+            cases.push((name, job(&[&exe, a], &env)));
         }
         cases.push(("sandboxed", job(&[&sandboxed()], &[])));
         enforced_batch(cases)
@@ -670,6 +678,13 @@ fn a_comparator_in_another_compartment_runs_as_the_caller() {
 #[test]
 fn a_compartment_cannot_rewrite_the_census() {
     table_rewrite_is_stopped("census", "census entry found");
+}
+
+/// Zeroing compartment 1's key in the shim's table of heap keys, so that
+/// its heap's next growth is committed on key 0.
+#[test]
+fn a_compartment_cannot_rewrite_the_heap_keys() {
+    table_rewrite_is_stopped("heap-keys", "heap key table found");
 }
 
 /// Rewriting the shim's record of an exit handler (registrant and PKRU).

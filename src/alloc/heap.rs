@@ -81,31 +81,64 @@ const PAGE: usize = crate::objects::PAGE;
 
 // ---------------------------------------------------------------- region
 
-static REGION_BASE: AtomicUsize = AtomicUsize::new(0);
-static REGION_LEN: AtomicUsize = AtomicUsize::new(0);
-static SLOT_SHIFT: AtomicU32 = AtomicU32::new(0);
-/// 0: not reserved, 1: being reserved, 2: reserved, 3: reservation failed.
-static REGION_STATE: AtomicU8 = AtomicU8::new(0);
+/// Where the heaps lie and which key tags each: set once (the reservation,
+/// the keys at start-up), read on every operation. On a page of its own
+/// that `IA2_HARDEN=on` puts on the shim key ([`harden`]): a compartment
+/// that zeroed another's key here would have that heap's next growth
+/// committed on key 0 (`tests/escapes.rs`, `heap-keys`), and one that moved
+/// the region would defeat every pointer check below.
+#[repr(C, align(4096))]
+struct Fixed {
+    base: AtomicUsize,
+    len: AtomicUsize,
+    shift: AtomicU32,
+    /// 0: not reserved, 1: being reserved, 2: reserved, 3: reservation failed.
+    state: AtomicU8,
+    /// The protection key that tags each heap (0: untagged).
+    keys: [AtomicU32; HEAPS],
+}
+const _: () = assert!(core::mem::size_of::<Fixed>() == 4096);
+
+static FIXED: Fixed = Fixed {
+    base: AtomicUsize::new(0),
+    len: AtomicUsize::new(0),
+    shift: AtomicU32::new(0),
+    state: AtomicU8::new(0),
+    keys: [const { AtomicU32::new(0) }; HEAPS],
+};
+
+/// Put the heaps' layout and keys on the shim key (`IA2_HARDEN=on`); their
+/// writers open it.
+pub fn harden(key: u32) {
+    pku::seal_static(&FIXED, key, "heap layout and keys");
+}
 
 /// `(base, slot_shift)` of the reservation, reserving it on first use.
 #[inline]
 fn region() -> Option<(usize, u32)> {
-    let base = REGION_BASE.load(Ordering::Acquire);
+    let base = FIXED.base.load(Ordering::Acquire);
     if base != 0 {
-        return Some((base, SLOT_SHIFT.load(Ordering::Relaxed)));
+        return Some((base, FIXED.shift.load(Ordering::Relaxed)));
     }
     reserve_region()
 }
 
 #[cold]
 fn reserve_region() -> Option<(usize, u32)> {
+    pku::with_shim_writes(reserve_region_open)
+}
+
+fn reserve_region_open() -> Option<(usize, u32)> {
     loop {
-        match REGION_STATE.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire) {
+        match FIXED
+            .state
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        {
             Ok(_) => break,
             Err(2) => {
                 return Some((
-                    REGION_BASE.load(Ordering::Acquire),
-                    SLOT_SHIFT.load(Ordering::Relaxed),
+                    FIXED.base.load(Ordering::Acquire),
+                    FIXED.shift.load(Ordering::Relaxed),
                 ))
             }
             Err(3) => return None,
@@ -115,10 +148,10 @@ fn reserve_region() -> Option<(usize, u32)> {
     for shift in (MIN_SLOT_SHIFT..=MAX_SLOT_SHIFT).rev() {
         let len = SLOTS << shift;
         if let Some(p) = crate::anon::reserve(len, libc::PROT_NONE) {
-            SLOT_SHIFT.store(shift, Ordering::Relaxed);
-            REGION_LEN.store(len, Ordering::Relaxed);
-            REGION_BASE.store(p, Ordering::Release);
-            REGION_STATE.store(2, Ordering::Release);
+            FIXED.shift.store(shift, Ordering::Relaxed);
+            FIXED.len.store(len, Ordering::Relaxed);
+            FIXED.base.store(p, Ordering::Release);
+            FIXED.state.store(2, Ordering::Release);
             log::debug!(
                 "heap: reserved {len:#x} bytes at {p:#x}, {SLOTS} slots of {:#x}",
                 1usize << shift
@@ -126,7 +159,7 @@ fn reserve_region() -> Option<(usize, u32)> {
             return Some((p, shift));
         }
     }
-    REGION_STATE.store(3, Ordering::Release);
+    FIXED.state.store(3, Ordering::Release);
     log::error!("heap: cannot reserve address space for the shim's heaps");
     None
 }
@@ -139,42 +172,42 @@ pub fn reserve() -> bool {
 
 /// The reservation `(start, end)`, or `None` before the first allocation.
 pub fn region_range() -> Option<(usize, usize)> {
-    let base = REGION_BASE.load(Ordering::Acquire);
-    (base != 0).then(|| (base, base + REGION_LEN.load(Ordering::Relaxed)))
+    let base = FIXED.base.load(Ordering::Acquire);
+    (base != 0).then(|| (base, base + FIXED.len.load(Ordering::Relaxed)))
 }
 
 /// Is `p` inside the shim's heaps (any heap, committed or not)?
 #[inline]
 pub fn owns(p: usize) -> bool {
-    let base = REGION_BASE.load(Ordering::Acquire);
-    base != 0 && p.wrapping_sub(base) < REGION_LEN.load(Ordering::Relaxed)
+    let base = FIXED.base.load(Ordering::Acquire);
+    base != 0 && p.wrapping_sub(base) < FIXED.len.load(Ordering::Relaxed)
 }
 
 /// The heap whose slots hold `p`, if any.
 #[inline]
 pub fn heap_of(p: usize) -> Option<usize> {
-    let base = REGION_BASE.load(Ordering::Acquire);
-    if base == 0 || p.wrapping_sub(base) >= REGION_LEN.load(Ordering::Relaxed) {
+    let base = FIXED.base.load(Ordering::Acquire);
+    if base == 0 || p.wrapping_sub(base) >= FIXED.len.load(Ordering::Relaxed) {
         return None;
     }
-    Some(((p - base) >> SLOT_SHIFT.load(Ordering::Relaxed)) / ARENAS)
+    Some(((p - base) >> FIXED.shift.load(Ordering::Relaxed)) / ARENAS)
 }
 
 // ---------------------------------------------------------------- keys
-
-/// The protection key that tags each heap (0: untagged).
-static HEAP_KEYS: [AtomicU32; HEAPS] = [const { AtomicU32::new(0) }; HEAPS];
 
 /// Tag heap `heap`'s future growth with `key`. Set by the constructor before
 /// any compartment heap is used; heap 0 always stays on key 0.
 pub fn set_key(heap: usize, key: u32) {
     if heap != 0 && heap < HEAPS {
-        HEAP_KEYS[heap].store(key, Ordering::Relaxed);
+        pku::with_shim_writes(|| FIXED.keys[heap].store(key, Ordering::Relaxed));
     }
 }
 
 pub fn key_of(heap: usize) -> u32 {
-    HEAP_KEYS.get(heap).map_or(0, |k| k.load(Ordering::Relaxed))
+    FIXED
+        .keys
+        .get(heap)
+        .map_or(0, |k| k.load(Ordering::Relaxed))
 }
 
 /// Gives the calling thread access to a compartment heap for the length of
@@ -633,6 +666,14 @@ unsafe fn pop(bins: &mut Bins, k: usize, heap: usize, site: u16) -> usize {
 }
 
 #[cold]
+fn foreign_chunk(heap: usize, p: usize) -> ! {
+    crate::lifecycle::fatal(format_args!(
+        "heap: heap {heap}'s allocator handed out {p:#x}, outside its slots: \
+         its state (in the shim's .bss) was overwritten"
+    ))
+}
+
+#[cold]
 fn corrupt_cache(p: usize) -> ! {
     crate::lifecycle::fatal(format_args!(
         "heap: the thread cache holds {p:#x}, which is no longer a freed block of its heap: \
@@ -679,6 +720,12 @@ fn alloc_locked(
         return core::ptr::null_mut();
     };
     let base = chunk.as_ptr() as usize;
+    // talc's bins live in the shim's `.bss`: a chunk outside this heap's
+    // slots means they were overwritten, and handing it out would put a
+    // compartment's data where another can read it.
+    if heap_of(base) != Some(heap) || heap_of(base + total - 1) != Some(heap) {
+        foreign_chunk(heap, base);
+    }
     let p = (base + HDR + align - 1) & !(align - 1);
     // SAFETY: base..base+total is ours; p - HDR >= base and p + size <= base + total.
     unsafe {

@@ -71,6 +71,10 @@ pub fn start(rt: &Runtime) {
     for c in 1..16u8 {
         heap::set_key(c as usize, rt.key_of(c));
     }
+    let key = crate::pku::shim_key();
+    if key != 0 {
+        heap::harden(key);
+    }
     let mode = if rt.active() {
         rt.config.heap()
     } else {
