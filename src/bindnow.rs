@@ -231,6 +231,7 @@ fn resolvable(d: &crate::objects::DynamicInfo, scope: *mut c_void, index: u32) -
     found(libc::RTLD_DEFAULT) || (!scope.is_null() && found(scope))
 }
 
+#[link_section = ".ia2shim_sealed"]
 static FIXUP: AtomicUsize = AtomicUsize::new(0);
 
 /// `_dl_fixup`, decoded from a lazy resolver (`GOT[2]`): the first direct
@@ -247,11 +248,11 @@ fn find_fixup(resolver: usize) -> Option<usize> {
     // decoder tables (3.3 M instructions, most of a small program's
     // start-up). The decode below stays for other encodings.
     if let Some(t) = fixup_by_bytes(bytes, resolver) {
-        FIXUP.store(t, Ordering::Relaxed);
+        crate::pku::with_shim_writes(|| FIXUP.store(t, Ordering::Relaxed));
         return Some(t);
     }
     let t = fixup_by_decode(bytes, resolver)?;
-    FIXUP.store(t, Ordering::Relaxed);
+    crate::pku::with_shim_writes(|| FIXUP.store(t, Ordering::Relaxed));
     Some(t)
 }
 

@@ -21,9 +21,10 @@
 //!   its own handler.
 //!
 //! The rights come from `exit::handler_pkru`: a callback that is
-//! application code runs as its compartment when the caller could have
-//! entered it anyway (the deputy rule of `crate::deputy`), anything else
-//! with the caller's PKRU.
+//! application code runs as its compartment, anything else with the
+//! caller's PKRU. (Fork, exit and terminate handlers follow the deputy
+//! rule of `crate::deputy`; a comparator does not, see README's threat
+//! model.)
 
 use crate::exit::{handler_pkru, with_pkru};
 use crate::objects::ObjectKind;
@@ -33,7 +34,9 @@ use crate::runtime::{self, Runtime};
 use core::ffi::{c_int, c_void};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+#[link_section = ".ia2shim_sealed"]
 static QSORT_R: RealFn = RealFn::new(c"qsort_r");
+#[link_section = ".ia2shim_sealed"]
 static DL_ITERATE_PHDR: RealFn = RealFn::new(c"dl_iterate_phdr");
 
 /// Resolve the real functions (the fault path must not call `dlsym`).
@@ -61,7 +64,9 @@ fn callback_pkru(cb: usize, caller_pkru: u32) -> u32 {
     if crate::exit::is_shim_code(cb) {
         return caller_pkru;
     }
-    handler_pkru(cb, 0, Some(caller_pkru)).unwrap_or(caller_pkru)
+    // Not the deputy rule: a library that hands the program its internal
+    // comparator expects it to run as the library (`tests/libc.rs`).
+    handler_pkru(cb, 0, None).unwrap_or(caller_pkru)
 }
 
 type Cmp = unsafe extern "C" fn(*const c_void, *const c_void) -> c_int;
@@ -267,6 +272,7 @@ pub fn decide_pending() {
     decide_pending_cxx();
 }
 #[cfg_attr(test, allow(dead_code))]
+#[link_section = ".ia2shim_sealed"]
 static REGISTER_ATFORK: RealFn = RealFn::new(c"__register_atfork");
 
 // Handlers take no argument, so each wrapped one gets a stub of its own:
@@ -428,12 +434,16 @@ pub enum CxxHandler {
 }
 
 #[cfg_attr(test, allow(dead_code))]
+#[link_section = ".ia2shim_sealed"]
 static SET_TERMINATE: RealFn = RealFn::new(c"_ZSt13set_terminatePFvvE");
 #[cfg_attr(test, allow(dead_code))]
+#[link_section = ".ia2shim_sealed"]
 static GET_TERMINATE: RealFn = RealFn::new(c"_ZSt13get_terminatev");
 #[cfg_attr(test, allow(dead_code))]
+#[link_section = ".ia2shim_sealed"]
 static SET_UNEXPECTED: RealFn = RealFn::new(c"_ZSt14set_unexpectedPFvvE");
 #[cfg_attr(test, allow(dead_code))]
+#[link_section = ".ia2shim_sealed"]
 static GET_UNEXPECTED: RealFn = RealFn::new(c"_ZSt14get_unexpectedv");
 
 // Stub i puts i in edi and jumps to `cxx_handler_dispatch` (handlers take

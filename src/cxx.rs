@@ -48,11 +48,17 @@ use core::cell::Cell;
 use core::ffi::{c_int, c_void};
 
 /// libgcc's `_Unwind_Resume`, for the stub in hooks.rs.
+#[link_section = ".ia2shim_sealed"]
 static REAL_UNWIND_RESUME: RealFn = RealFn::new(c"_Unwind_Resume");
+#[link_section = ".ia2shim_sealed"]
 static REAL_BEGIN_CATCH: RealFn = RealFn::new(c"__cxa_begin_catch");
+#[link_section = ".ia2shim_sealed"]
 static REAL_RAISE: RealFn = RealFn::new(c"_Unwind_RaiseException");
+#[link_section = ".ia2shim_sealed"]
 static REAL_RETHROW: RealFn = RealFn::new(c"_Unwind_Resume_or_Rethrow");
+#[link_section = ".ia2shim_sealed"]
 static REAL_GXX_PERSONALITY: RealFn = RealFn::new(c"__gxx_personality_v0");
+#[link_section = ".ia2shim_sealed"]
 static REAL_GCC_PERSONALITY: RealFn = RealFn::new(c"__gcc_personality_v0");
 
 const UA_SEARCH_PHASE: c_int = 1;

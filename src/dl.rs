@@ -46,6 +46,7 @@ use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 /// Census index of the first object that `dlopen` added (objects before it
 /// were loaded at start-up). `usize::MAX` until start-up is done.
+#[link_section = ".ia2shim_sealed"]
 static FIRST_DLOPENED: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// PKRU allowing every allocated key, for the duration of the guard (so the
@@ -77,7 +78,8 @@ fn census_read(rt: &Runtime) -> crate::runtime::CensusRead<'_> {
 fn first_dlopened(c: &Census) -> usize {
     match FIRST_DLOPENED.load(Ordering::Acquire) {
         usize::MAX => {
-            FIRST_DLOPENED.store(c.objects.len(), Ordering::Release);
+            let n = c.objects.len();
+            crate::pku::with_shim_writes(|| FIRST_DLOPENED.store(n, Ordering::Release));
             c.objects.len()
         }
         n => n,
@@ -307,7 +309,9 @@ fn call_as_caller(f: usize, a: usize, b: usize, caller: usize) -> usize {
 /// Real `dlopen`/`dlsym` addresses the entry points jump to directly when
 /// the shim is off (`IA2_PKU=off`): then nothing stands between the program
 /// and ld.so (`dlclose` does not depend on its caller).
+#[link_section = ".ia2shim_sealed"]
 pub static PASS_DLOPEN: AtomicUsize = AtomicUsize::new(0);
+#[link_section = ".ia2shim_sealed"]
 pub static PASS_DLSYM: AtomicUsize = AtomicUsize::new(0);
 
 /// `IA2_PKU=off`: let `dlopen` and `dlsym` go straight to glibc.
@@ -656,6 +660,7 @@ pub fn startup_done(c: &Census) {
 
 /// glibc's `dlsym`, found with `dlvsym` (which the shim does not
 /// interpose), so that resolving it never recurses into the `dlsym` hook.
+#[link_section = ".ia2shim_sealed"]
 pub static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
 
 pub fn real_dlsym() -> usize {
@@ -668,7 +673,7 @@ pub fn real_dlsym() -> usize {
         let f =
             unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) } as usize;
         if f != 0 {
-            REAL_DLSYM.store(f, Ordering::Release);
+            crate::pku::with_shim_writes(|| REAL_DLSYM.store(f, Ordering::Release));
             return f;
         }
     }
@@ -689,7 +694,9 @@ type DladdrFn = unsafe extern "C" fn(*const c_void, *mut libc::Dl_info) -> c_int
 type Dladdr1Fn =
     unsafe extern "C" fn(*const c_void, *mut libc::Dl_info, *mut *mut c_void, c_int) -> c_int;
 
+#[link_section = ".ia2shim_sealed"]
 static REAL_DLADDR: crate::real::RealFn = crate::real::RealFn::new(c"dladdr");
+#[link_section = ".ia2shim_sealed"]
 static REAL_DLADDR1: crate::real::RealFn = crate::real::RealFn::new(c"dladdr1");
 
 /// Resolve the real `dladdr`/`dladdr1` (fault reports call `dladdr` from

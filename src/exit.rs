@@ -230,7 +230,9 @@ extern "C" fn run_record(rec: *mut c_void) {
     with_pkru(pkru, || f(r.arg as *mut c_void));
 }
 
+#[link_section = ".ia2shim_sealed"]
 static REAL_CXA_ATEXIT: RealFn = RealFn::new(c"__cxa_atexit");
+#[link_section = ".ia2shim_sealed"]
 static REAL_THREAD_ATEXIT: RealFn = RealFn::new(c"__cxa_thread_atexit_impl");
 
 type CxaAtexitFn =

@@ -173,8 +173,10 @@ extern "C" fn segv_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_v
     // libc and ld.so state the report needs (dladdr's lock, ...) carries the
     // libc compartment's key. The shim is trusted: allow every key. The
     // kernel restores the interrupted PKRU from the frame on return.
-    if crate::pku::backend() == crate::pku::Backend::Hardware {
-        crate::pku::write_pkru(0);
+    // The hint, not the backend: that is sealed, not readable yet.
+    if crate::pku::hardware_hint() {
+        // SAFETY: the hint says PKU is on; every key for the trusted shim.
+        unsafe { crate::pku::wrpkru(0) };
     }
     // SAFETY: the kernel's arguments, on the faulting thread.
     if unsafe { crate::gates::fixup_fault(info, ctx) } {

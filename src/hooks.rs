@@ -41,6 +41,7 @@ type StartMainFn = unsafe extern "C" fn(
     *mut c_void,
 ) -> c_int;
 
+#[link_section = ".ia2shim_sealed"]
 static PROGRAM_MAIN: AtomicUsize = AtomicUsize::new(0);
 
 unsafe extern "C" fn main_in_compartment(
@@ -81,7 +82,7 @@ pub unsafe extern "C" fn __libc_start_main(
     // SAFETY: the slot holds glibc's __libc_start_main.
     let real: StartMainFn = unsafe { real::as_fn(&real::LIBC_START_MAIN) };
     let main = if runtime::active().is_some() {
-        PROGRAM_MAIN.store(main as usize, Ordering::Release);
+        crate::pku::with_shim_writes(|| PROGRAM_MAIN.store(main as usize, Ordering::Release));
         main_in_compartment as MainFn
     } else {
         main

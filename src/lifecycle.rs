@@ -20,6 +20,7 @@ pub enum InitState {
     Failed = 3,
 }
 
+#[link_section = ".ia2shim_sealed"]
 static STATE: AtomicU8 = AtomicU8::new(InitState::Uninit as u8);
 
 /// Move from `from` to `to`; false if the state was not `from`.
@@ -31,7 +32,7 @@ pub fn transition(from: InitState, to: InitState) -> bool {
 
 /// Set the state (the constructor's last step).
 pub fn set_state(s: InitState) {
-    STATE.store(s as u8, Ordering::Release);
+    crate::pku::with_shim_writes(|| STATE.store(s as u8, Ordering::Release));
 }
 
 pub fn state() -> InitState {
@@ -46,7 +47,7 @@ pub fn state() -> InitState {
 /// Print a one-line fatal error and exit with status 1 without running
 /// anything else of the program (fail closed). Allocation-free.
 pub fn fatal(args: core::fmt::Arguments<'_>) -> ! {
-    STATE.store(InitState::Failed as u8, Ordering::Release);
+    crate::pku::with_shim_writes(|| STATE.store(InitState::Failed as u8, Ordering::Release));
     let mut b = StackBuf::<2048>::new();
     let _ = writeln!(b, "ia2shim[{}]: fatal: {}", pid(), args);
     b.write_to_fd(2);

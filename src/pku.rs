@@ -102,6 +102,7 @@ pub const fn pkru_allows(pkru: u32, key: u32, write: bool) -> bool {
 /// compartment write-disables it and leaves it readable, so that gates read
 /// their table and frames with the caller's rights; only the shim opens it
 /// for writing, between its own WRPKRUs.
+#[link_section = ".ia2shim_sealed"]
 static SHIM_KEY: AtomicU32 = AtomicU32::new(0);
 
 pub fn set_shim_key(key: u32) {
@@ -128,17 +129,21 @@ pub fn compartment_pkru(key: u32) -> u32 {
 }
 
 /// Make the shim key readable in this thread's PKRU (a signal handler's
-/// first step: the kernel enters with only key 0 accessible).
+/// first step: the kernel enters with only key 0 accessible). The shim
+/// key's number is sealed state itself, so every key is made readable
+/// for the two loads that find it (no program code runs meanwhile), then
+/// only the shim key stays so.
 pub fn open_shim_reads() {
-    let k = shim_key();
-    if k == 0 || backend() != Backend::Hardware {
+    if !hardware_hint() {
         return;
     }
-    let old = read_pkru();
-    let open = old & !(1 << (2 * k));
-    if open != old {
-        write_pkru(open);
-    }
+    let old = rdpkru();
+    // SAFETY: the hint says PKU is on; clearing access-disable bits only.
+    unsafe { wrpkru(old & 0xaaaa_aaaa) };
+    let k = shim_key();
+    let open = if k == 0 { old } else { old & !(1 << (2 * k)) };
+    // SAFETY: as above; the caller's PKRU with at most one bit cleared.
+    unsafe { wrpkru(open) };
 }
 
 /// Run `f` with the shim key writable (its AD and WD bits cleared), then
@@ -169,6 +174,7 @@ pub enum Backend {
     Sim = 2,
 }
 
+#[link_section = ".ia2shim_sealed"]
 static BACKEND: AtomicU8 = AtomicU8::new(Backend::None as u8);
 /// Keys handed out by the sim backend (bitmask).
 static SIM_KEYS: AtomicU32 = AtomicU32::new(1);
@@ -229,6 +235,19 @@ pub fn set_sim_pkru(pkru: u32) {
 
 pub fn set_backend(b: Backend) {
     BACKEND.store(b as u8, Ordering::Release);
+    BACKEND_HINT.store(b as u8, Ordering::Release);
+}
+
+/// A copy of the backend on key 0, for the first instruction of a signal
+/// handler, which the kernel enters with only key 0 accessible (the
+/// sealed [`BACKEND`] is not readable yet). A compartment that rewrote it
+/// can only make a handler skip opening the keys (its next read of sealed
+/// state faults) or execute WRPKRU without PKU (`#UD`): the process dies.
+static BACKEND_HINT: AtomicU8 = AtomicU8::new(Backend::None as u8);
+
+/// Does the hint say hardware keys? See [`BACKEND_HINT`].
+pub fn hardware_hint() -> bool {
+    BACKEND_HINT.load(Ordering::Relaxed) == Backend::Hardware as u8
 }
 
 pub fn backend() -> Backend {
@@ -316,6 +335,47 @@ pub fn seal(start: usize, len: usize, prot: i32, key: u32, what: &str) {
         crate::lifecycle::fatal(format_args!(
             "IA2_HARDEN=on: pkey_mprotect of the {what} failed (errno {e})"
         ));
+    }
+}
+
+// The sealed section (`sealed.ld`): whole pages that hold only the statics
+// marked `#[link_section = ".ia2shim_sealed"]`, the ones whose rewrite would
+// change rights the shim hands out (the shim key and PKU backend, every
+// real function the shim calls with widened rights, the syscall filter's
+// trusted range, ...). Written at start-up, or later with the key open.
+#[cfg(not(test))]
+extern "C" {
+    static ia2shim_sealed_start: u8;
+    static ia2shim_sealed_end: u8;
+}
+
+/// The sealed section's range (empty in unit tests, which link no script).
+pub fn sealed_section() -> (usize, usize) {
+    #[cfg(not(test))]
+    {
+        // Linker-defined symbols; only their addresses are taken.
+        (
+            core::ptr::addr_of!(ia2shim_sealed_start) as usize,
+            core::ptr::addr_of!(ia2shim_sealed_end) as usize,
+        )
+    }
+    #[cfg(test)]
+    {
+        (0, 0)
+    }
+}
+
+/// Put the sealed section on the shim key (`IA2_HARDEN=on`).
+pub fn seal_section(key: u32) {
+    let (start, end) = sealed_section();
+    if end > start {
+        seal(
+            start,
+            end - start,
+            libc::PROT_READ | libc::PROT_WRITE,
+            key,
+            "sealed statics",
+        );
     }
 }
 

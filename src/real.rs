@@ -37,7 +37,8 @@ impl RealFn {
                 self.name.to_str().unwrap_or("?")
             ));
         }
-        self.addr.store(a, Ordering::Release);
+        // The slot is in the sealed section (on the shim key once hardened).
+        crate::pku::with_shim_writes(|| self.addr.store(a, Ordering::Release));
         a
     }
 
@@ -46,38 +47,64 @@ impl RealFn {
     }
 }
 
+#[link_section = ".ia2shim_sealed"]
 pub static LIBC_START_MAIN: RealFn = RealFn::new(c"__libc_start_main");
+#[link_section = ".ia2shim_sealed"]
 pub static SIGACTION: RealFn = RealFn::new(c"sigaction");
+#[link_section = ".ia2shim_sealed"]
 pub static SIGNAL: RealFn = RealFn::new(c"signal");
+#[link_section = ".ia2shim_sealed"]
 pub static DLOPEN: RealFn = RealFn::new(c"dlopen");
+#[link_section = ".ia2shim_sealed"]
 pub static DLCLOSE: RealFn = RealFn::new(c"dlclose");
+#[link_section = ".ia2shim_sealed"]
 pub static PTHREAD_CREATE: RealFn = RealFn::new(c"pthread_create");
+#[link_section = ".ia2shim_sealed"]
 pub static FORK: RealFn = RealFn::new(c"fork");
 // The other ways to install a handler, resolved on first use (only while
 // the shim is not active do the hooks call them).
+#[link_section = ".ia2shim_sealed"]
 pub static BSD_SIGNAL: RealFn = RealFn::new(c"bsd_signal");
+#[link_section = ".ia2shim_sealed"]
 pub static SSIGNAL: RealFn = RealFn::new(c"ssignal");
+#[link_section = ".ia2shim_sealed"]
 pub static SYSV_SIGNAL: RealFn = RealFn::new(c"sysv_signal");
+#[link_section = ".ia2shim_sealed"]
 pub static SYSV_SIGNAL_INTERNAL: RealFn = RealFn::new(c"__sysv_signal");
+#[link_section = ".ia2shim_sealed"]
 pub static SIGSET: RealFn = RealFn::new(c"sigset");
+#[link_section = ".ia2shim_sealed"]
 pub static REGISTER_CANCEL: RealFn = RealFn::new(c"__pthread_register_cancel");
+#[link_section = ".ia2shim_sealed"]
 pub static UNREGISTER_CANCEL: RealFn = RealFn::new(c"__pthread_unregister_cancel");
 // libc's protection-key API (see `crate::keyguard`).
+#[link_section = ".ia2shim_sealed"]
 pub static PKEY_SET: RealFn = RealFn::new(c"pkey_set");
+#[link_section = ".ia2shim_sealed"]
 pub static PKEY_GET: RealFn = RealFn::new(c"pkey_get");
+#[link_section = ".ia2shim_sealed"]
 pub static PKEY_ALLOC: RealFn = RealFn::new(c"pkey_alloc");
+#[link_section = ".ia2shim_sealed"]
 pub static PKEY_FREE: RealFn = RealFn::new(c"pkey_free");
+#[link_section = ".ia2shim_sealed"]
 pub static PKEY_MPROTECT: RealFn = RealFn::new(c"pkey_mprotect");
 // SIGEV_THREAD notifications (see `crate::threads::wrap_sigevent`).
+#[link_section = ".ia2shim_sealed"]
 pub static TIMER_CREATE: RealFn = RealFn::new(c"timer_create");
+#[link_section = ".ia2shim_sealed"]
 pub static MQ_NOTIFY: RealFn = RealFn::new(c"mq_notify");
 /// libc's `madvise`, `mprotect` and `munmap` entries, redirected to the
 /// shim's check (`crate::keyguard`).
+#[link_section = ".ia2shim_sealed"]
 pub static MADVISE: RealFn = RealFn::new(c"madvise");
+#[link_section = ".ia2shim_sealed"]
 pub static MPROTECT: RealFn = RealFn::new(c"mprotect");
+#[link_section = ".ia2shim_sealed"]
 pub static MUNMAP: RealFn = RealFn::new(c"munmap");
 // Signal masks (see `crate::syscalls::unblockable`).
+#[link_section = ".ia2shim_sealed"]
 pub static SIGPROCMASK: RealFn = RealFn::new(c"sigprocmask");
+#[link_section = ".ia2shim_sealed"]
 pub static PTHREAD_SIGMASK: RealFn = RealFn::new(c"pthread_sigmask");
 
 // The malloc family (see `crate::alloc`). glibc exports its allocator under
@@ -94,8 +121,11 @@ extern "C" {
     pub fn __libc_valloc(size: usize) -> *mut c_void;
     pub fn __libc_pvalloc(size: usize) -> *mut c_void;
 }
+#[link_section = ".ia2shim_sealed"]
 pub static POSIX_MEMALIGN: RealFn = RealFn::new(c"posix_memalign");
+#[link_section = ".ia2shim_sealed"]
 pub static ALIGNED_ALLOC: RealFn = RealFn::new(c"aligned_alloc");
+#[link_section = ".ia2shim_sealed"]
 pub static MALLOC_USABLE_SIZE: RealFn = RealFn::new(c"malloc_usable_size");
 
 /// glibc's `posix_memalign`.

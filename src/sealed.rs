@@ -33,6 +33,7 @@ const SLACK: usize = 16 << 10;
 
 /// Where the reservation starts (0: not yet), outside the sealed page: the
 /// global allocator asks [`contains`] for every block it frees.
+#[link_section = ".ia2shim_sealed"]
 static BASE: AtomicUsize = AtomicUsize::new(0);
 
 /// talc's memory source: commits more of the reservation.

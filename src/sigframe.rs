@@ -22,6 +22,7 @@ const SW_LEN: usize = 48;
 const HEADER: usize = 512;
 
 /// Offset of PKRU in the XSAVE area (CPUID.(0xD,9).EBX); 0: unknown yet.
+#[link_section = ".ia2shim_sealed"]
 static PKRU_OFFSET: AtomicUsize = AtomicUsize::new(0);
 
 /// The offset of PKRU in a signal frame's XSAVE area (CPUID.(0xD,9).EBX,
@@ -30,7 +31,7 @@ pub fn pkru_offset() -> usize {
     match PKRU_OFFSET.load(Ordering::Relaxed) {
         0 => {
             let off = core::arch::x86_64::__cpuid_count(0xd, 9).ebx as usize;
-            PKRU_OFFSET.store(off, Ordering::Relaxed);
+            crate::pku::with_shim_writes(|| PKRU_OFFSET.store(off, Ordering::Relaxed));
             off
         }
         off => off,

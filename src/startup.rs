@@ -154,6 +154,12 @@ pub fn init() {
     set_state(InitState::Ready);
     // Fork handlers that library constructors registered before now.
     crate::callbacks::decide_pending();
+    // Last: the sealed statics (the real functions, the init state, the
+    // filter's trusted range, ...), which start-up wrote until now.
+    let key = pku::shim_key();
+    if key != 0 {
+        pku::seal_section(key);
+    }
 }
 
 /// Census, assignment, carveouts and plan for the objects loaded now.

@@ -47,8 +47,14 @@ const LIBC: u8 = 0;
 const SHARED: u8 = 1;
 const COMPARTMENT: u8 = 2;
 
-/// Who serves the malloc family now (set once, by the constructor).
-static SERVE: AtomicU8 = AtomicU8::new(LIBC);
+/// Who serves the malloc family now (set once, by the constructor), on a
+/// page of its own that `IA2_HARDEN=on` puts on the shim key: a compartment
+/// that switched it from compartment heaps to the shared one would have
+/// every compartment's next blocks where it can read them.
+#[repr(C, align(4096))]
+struct Serve(AtomicU8);
+static SERVE_PAGE: Serve = Serve(AtomicU8::new(LIBC));
+static SERVE: &AtomicU8 = &SERVE_PAGE.0;
 
 /// The heap mode in force (`libc` until the constructor has switched).
 pub fn serving() -> HeapMode {
@@ -70,10 +76,6 @@ pub fn prepare() {
 pub fn start(rt: &Runtime) {
     for c in 1..16u8 {
         heap::set_key(c as usize, rt.key_of(c));
-    }
-    let key = crate::pku::shim_key();
-    if key != 0 {
-        heap::harden(key);
     }
     let mode = if rt.active() {
         rt.config.heap()
@@ -105,6 +107,14 @@ pub fn start(rt: &Runtime) {
         HeapMode::Compartment => COMPARTMENT,
     };
     SERVE.store(serve, Ordering::Release);
+    // Everything that decides which heap serves a call, on the shim key.
+    let key = crate::pku::shim_key();
+    if key != 0 {
+        crate::pku::seal_static(&SERVE_PAGE, key, "heap mode");
+        heap::harden(key);
+        sites::harden(key);
+        route::harden(key);
+    }
     log::info!(
         "IA2_HEAP: the malloc family is served by {}",
         match mode {
@@ -244,14 +254,15 @@ fn write_sites(c: usize, json: bool, fd: c_int) {
     loop {
         let next = sites::all()
             .filter(|(_, s)| s.compartment.load(Ordering::Relaxed) as usize == c)
-            .map(|(_, s)| s.bytes.load(Ordering::Relaxed))
+            .filter_map(|(id, _)| sites::counts(id))
+            .map(|n| n.bytes.load(Ordering::Relaxed))
             .filter(|&b| b < last && b > 0)
             .max();
         let Some(bytes) = next else { break };
         last = bytes;
-        for (_, s) in sites::all().filter(|(_, s)| {
+        for (id, s) in sites::all().filter(|(id, s)| {
             s.compartment.load(Ordering::Relaxed) as usize == c
-                && s.bytes.load(Ordering::Relaxed) == bytes
+                && sites::counts(*id).is_some_and(|n| n.bytes.load(Ordering::Relaxed) == bytes)
         }) {
             printed += 1;
             if printed > 64 {
@@ -268,7 +279,7 @@ fn write_sites(c: usize, json: bool, fd: c_int) {
                 (false, true) => "shared (learned)",
                 _ => "private",
             };
-            let blocks = s.blocks.load(Ordering::Relaxed);
+            let blocks = sites::counts(id).map_or(0, |n| n.blocks.load(Ordering::Relaxed));
             let mut b = StackBuf::<1024>::new();
             if json {
                 let mut term = StackBuf::<512>::new();

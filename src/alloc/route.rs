@@ -73,19 +73,32 @@ impl Routes {
     }
 }
 
-static ROUTES: AtomicPtr<Routes> = AtomicPtr::new(core::ptr::null_mut());
+/// The published table: the pointer on a page of its own and the table in
+/// the sealed heap, both on the shim key once hardened ([`harden`]): a
+/// compartment that rewrote a route would have another compartment's
+/// allocations served from its own heap (`tests/escapes.rs`, `route-table`).
+#[repr(C, align(4096))]
+struct Published(AtomicPtr<Routes>);
+static ROUTES: Published = Published(AtomicPtr::new(core::ptr::null_mut()));
 
 /// Publish a new table.
 pub fn install(r: Routes) {
-    let p = Box::into_raw(Box::new(r));
-    // The old table is leaked on purpose: readers hold no lock.
-    ROUTES.swap(p, Ordering::AcqRel);
+    crate::sealed::with_sealed(|| {
+        let p = Box::into_raw(Box::new(r.clone()));
+        // The old table is leaked on purpose: readers hold no lock.
+        ROUTES.0.swap(p, Ordering::AcqRel);
+    });
+}
+
+/// Put the table's pointer on the shim key (`IA2_HARDEN=on`).
+pub fn harden(key: u32) {
+    crate::pku::seal_static(&ROUTES, key, "heap route table");
 }
 
 /// The heap for a caller at `addr` under the published table.
 #[inline]
 pub fn heap_for(addr: usize) -> usize {
-    let p = ROUTES.load(Ordering::Acquire);
+    let p = ROUTES.0.load(Ordering::Acquire);
     if p.is_null() {
         return 0;
     }

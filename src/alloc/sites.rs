@@ -51,8 +51,11 @@ pub struct Site {
     pub gate_ra: AtomicUsize,
     /// The target of that gate (0: no gate, or not decodable).
     pub gate: AtomicUsize,
-    /// Bytes and blocks allocated here (counted with `IA2_REPORT=heap` or
-    /// in audit mode).
+}
+
+/// Bytes and blocks allocated at a site (counted with `IA2_REPORT=heap` or
+/// in audit mode): on key 0, since every allocation writes them.
+pub struct Counts {
     pub bytes: AtomicU64,
     pub blocks: AtomicU64,
 }
@@ -66,11 +69,34 @@ const NEW: Site = Site {
     ra: AtomicUsize::new(0),
     gate_ra: AtomicUsize::new(0),
     gate: AtomicUsize::new(0),
-    bytes: AtomicU64::new(0),
-    blocks: AtomicU64::new(0),
 };
 
-static TABLE: [Site; CAP] = [NEW; CAP];
+/// The sites: which call sites are known and which heap serves each, on
+/// pages of their own that `IA2_HARDEN=on` puts on the shim key
+/// ([`harden`]): a compartment that rewrote a site's call-site address or
+/// heap would have another compartment's allocations served from its own
+/// heap. Written when a site is first seen, when routes change and when
+/// audit mode learns a site, each time with the key open.
+#[repr(C, align(4096))]
+struct Table([Site; CAP]);
+static TABLE: Table = Table([NEW; CAP]);
+static COUNTS: [Counts; CAP] = [const {
+    Counts {
+        bytes: AtomicU64::new(0),
+        blocks: AtomicU64::new(0),
+    }
+}; CAP];
+
+/// Put the site table and the policy on the shim key (`IA2_HARDEN=on`).
+pub fn harden(key: u32) {
+    crate::pku::seal_static(&TABLE, key, "allocation-site table");
+    crate::pku::seal_static(&POLICY_PTR, key, "IA2_HEAP_SHARED policy");
+}
+
+/// Site `id`'s counts.
+pub fn counts(id: u16) -> Option<&'static Counts> {
+    COUNTS.get((id as usize).checked_sub(1)?)
+}
 /// Pairs not recorded because the table was full (served by their route).
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
@@ -85,7 +111,7 @@ fn hash(ra: usize, gate_ra: usize) -> usize {
 #[inline(always)]
 pub fn lookup(ra: usize, gate_ra: usize) -> (u16, usize) {
     let i = hash(ra, gate_ra);
-    let s = &TABLE[i];
+    let s = &TABLE.0[i];
     if s.ra.load(Relaxed) == ra
         && s.gate_ra.load(Relaxed) == gate_ra
         && s.state.load(Acquire) == READY
@@ -99,7 +125,7 @@ pub fn lookup(ra: usize, gate_ra: usize) -> (u16, usize) {
 fn probe(mut i: usize, ra: usize, gate_ra: usize) -> (u16, usize) {
     let mut probes = 0;
     while probes < CAP {
-        let s = &TABLE[i];
+        let s = &TABLE.0[i];
         match s.state.load(Acquire) {
             READY if s.ra.load(Relaxed) == ra && s.gate_ra.load(Relaxed) == gate_ra => {
                 return ((i + 1) as u16, s.heap.load(Relaxed) as usize);
@@ -124,7 +150,11 @@ fn probe(mut i: usize, ra: usize, gate_ra: usize) -> (u16, usize) {
 
 #[cold]
 fn intern(i: usize, ra: usize, gate_ra: usize) -> Option<(u16, usize)> {
-    let s = &TABLE[i];
+    crate::pku::with_shim_writes(|| intern_open(i, ra, gate_ra))
+}
+
+fn intern_open(i: usize, ra: usize, gate_ra: usize) -> Option<(u16, usize)> {
+    let s = &TABLE.0[i];
     s.state
         .compare_exchange(EMPTY, CLAIMED, AcqRel, Acquire)
         .ok()?;
@@ -152,6 +182,10 @@ fn intern(i: usize, ra: usize, gate_ra: usize) -> Option<(u16, usize)> {
 /// object had a route, was interned on the shared heap). Sites that audit
 /// mode moved to the shared heap stay there.
 pub fn reroute() {
+    crate::pku::with_shim_writes(reroute_open);
+}
+
+fn reroute_open() {
     for (_, s) in all() {
         let ra = s.ra.load(Relaxed);
         let compartment = super::route::heap_for(ra);
@@ -171,13 +205,14 @@ pub fn reroute() {
 
 /// The site with id `id`, once interned.
 pub fn get(id: u16) -> Option<&'static Site> {
-    let s = TABLE.get((id as usize).checked_sub(1)?)?;
+    let s = TABLE.0.get((id as usize).checked_sub(1)?)?;
     (s.state.load(Acquire) == READY).then_some(s)
 }
 
 /// Every interned site with its id.
 pub fn all() -> impl Iterator<Item = (u16, &'static Site)> {
     TABLE
+        .0
         .iter()
         .enumerate()
         .filter(|(_, s)| s.state.load(Acquire) == READY)
@@ -192,8 +227,10 @@ pub fn learn_shared(id: u16) -> bool {
     if s.compartment.load(Relaxed) == 0 {
         return false;
     }
-    s.heap.store(0, Relaxed);
-    s.flags.fetch_or(LEARNED, Relaxed) & LEARNED == 0
+    crate::pku::with_shim_writes(|| {
+        s.heap.store(0, Relaxed);
+        s.flags.fetch_or(LEARNED, Relaxed) & LEARNED == 0
+    })
 }
 
 // ---------------------------------------------------------------- gates
@@ -351,18 +388,27 @@ fn resolve_gate(g: GateRef, objects: &[LoadedObject]) -> Result<usize, String> {
         })
 }
 
-static POLICY_PTR: AtomicPtr<Policy> = AtomicPtr::new(core::ptr::null_mut());
+/// The `IA2_HEAP_SHARED` policy (which sites the shared heap serves): the
+/// pointer on a page of its own and the policy in the sealed heap, both on
+/// the shim key once hardened.
+#[repr(C, align(4096))]
+struct PolicyPtr(AtomicPtr<Policy>);
+static POLICY_PTR: PolicyPtr = PolicyPtr(AtomicPtr::new(core::ptr::null_mut()));
 
 /// Publish the resolved policy (before the first compartment allocation).
 pub fn install(p: Policy) {
     if !p.0.is_empty() {
         // Leaked on purpose: readers hold no lock.
-        POLICY_PTR.store(Box::into_raw(Box::new(p)), Release);
+        crate::sealed::with_sealed(|| {
+            POLICY_PTR
+                .0
+                .store(Box::into_raw(Box::new(p.clone())), Release)
+        });
     }
 }
 
 fn policy() -> Option<&'static Policy> {
-    let p = POLICY_PTR.load(Acquire);
+    let p = POLICY_PTR.0.load(Acquire);
     // SAFETY: published policies are never freed.
     (!p.is_null()).then(|| unsafe { &*p })
 }
@@ -400,8 +446,10 @@ pub fn account(id: u16, heap: usize, size: usize, alloc: bool) {
     let k = usize::from(heap == 0);
     let u = &USAGE[c];
     if alloc {
-        s.bytes.fetch_add(size as u64, Relaxed);
-        s.blocks.fetch_add(1, Relaxed);
+        if let Some(n) = counts(id) {
+            n.bytes.fetch_add(size as u64, Relaxed);
+            n.blocks.fetch_add(1, Relaxed);
+        }
         u.total[k].fetch_add(size as u64, Relaxed);
         let now = u.live[k].fetch_add(size as i64, Relaxed) + size as i64;
         u.peak[k].fetch_max(now, Relaxed);

@@ -21,6 +21,7 @@ use std::alloc::System;
 const SIZE: usize = 32 << 20;
 
 /// Start of the reservation (0: none yet).
+#[link_section = ".ia2shim_sealed"]
 static BASE: AtomicUsize = AtomicUsize::new(0);
 /// Bytes handed out.
 static USED: AtomicUsize = AtomicUsize::new(0);
@@ -37,10 +38,13 @@ pub fn reserve() -> bool {
     let Some(p) = crate::anon::reserve(SIZE, libc::PROT_READ | libc::PROT_WRITE) else {
         return false;
     };
-    if BASE
-        .compare_exchange(0, p, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
+    // BASE is sealed state: a compartment that moved it would have the
+    // next report's tables written where it chose, with every key open.
+    let set = crate::pku::with_shim_writes(|| {
+        BASE.compare_exchange(0, p, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    });
+    if !set {
         // SAFETY: our own mapping, not published.
         unsafe { libc::munmap(p as *mut core::ffi::c_void, SIZE) };
     }

@@ -36,6 +36,7 @@ static IA2SHIM_FAULT_PENDING: AtomicBool = AtomicBool::new(false);
 /// Invocations gated by a fault.
 pub static FAULT_GATED: AtomicU64 = AtomicU64::new(0);
 /// Fault-driven gating is on (`IA2_GATES` includes `fault`).
+#[link_section = ".ia2shim_sealed"]
 pub(super) static ENABLED: AtomicBool = AtomicBool::new(false);
 
 core::arch::global_asm!(

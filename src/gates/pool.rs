@@ -560,6 +560,7 @@ pub(super) fn addr(f: unsafe extern "C" fn()) -> usize {
 
 /// Gates run the hardened variants (`IA2_HARDEN=on`); set once at install,
 /// before the first gate is made.
+#[link_section = ".ia2shim_sealed"]
 pub(super) static HARDEN: AtomicBool = AtomicBool::new(false);
 
 /// The `_fix` labels: a gate's first frame store, and the register that

@@ -47,7 +47,9 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+#[link_section = ".ia2shim_sealed"]
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+#[link_section = ".ia2shim_sealed"]
 static SHIM_TEXT: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 // The program's own SIGSYS disposition (0 = SIG_DFL, 1 = SIG_IGN, else a
 // handler) is in the signal table (`signals::chained`, on the shim key once
@@ -58,6 +60,7 @@ const SYS_SECCOMP: i32 = 1;
 const PROC_SUPER_MAGIC: i64 = 0x9fa0;
 
 /// Text ranges some installed filter already watches.
+#[link_section = ".ia2shim_sealed"]
 static COVERED: Mutex<Vec<Range>> = Mutex::new(Vec::new());
 
 /// The executable ranges of census objects that no filter watches yet.
@@ -120,6 +123,11 @@ pub fn cover_new_code(rt: &Runtime) {
     if !INSTALLED.load(Ordering::Acquire) {
         return;
     }
+    // COVERED (its lock and its blocks) is sealed state.
+    crate::sealed::with_sealed(|| cover_new_code_sealed(rt));
+}
+
+fn cover_new_code_sealed(rt: &Runtime) {
     let ranges = uncovered(rt);
     if ranges.is_empty() {
         return;
@@ -175,10 +183,12 @@ pub fn install(rt: &Runtime) {
         );
         return;
     }
-    COVERED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .extend_from_slice(&ranges);
+    crate::sealed::with_sealed(|| {
+        COVERED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(&ranges)
+    });
     log::info!(
         "IA2_SYSCALLS=filter: {} BPF instructions, {} watched text ranges",
         prog.len(),
@@ -261,8 +271,10 @@ extern "C" fn sigsys_handler(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c
     // strict mode the TCB (read for any TLS access) and libc's state carry
     // the libc compartment's key. The shim is trusted: every key. The
     // caller's PKRU comes from the frame, and sigreturn restores it.
-    if pku::backend() == pku::Backend::Hardware {
-        pku::write_pkru(0);
+    // The hint, not the backend: that is sealed, not readable yet.
+    if pku::hardware_hint() {
+        // SAFETY: the hint says PKU is on; every key for the trusted shim.
+        unsafe { pku::wrpkru(0) };
     }
     // SAFETY: the kernel's siginfo: si_errno at 4, si_code at 8, and for
     // SIGSYS `_syscall` at 24.

@@ -27,7 +27,9 @@ use crate::runtime;
 use core::ffi::{c_char, c_int, c_short};
 use core::sync::atomic::Ordering;
 
+#[link_section = ".ia2shim_sealed"]
 static POSIX_SPAWN: RealFn = RealFn::new(c"posix_spawn");
+#[link_section = ".ia2shim_sealed"]
 static POSIX_SPAWNP: RealFn = RealFn::new(c"posix_spawnp");
 
 /// glibc's `posix_spawn_file_actions_t`.

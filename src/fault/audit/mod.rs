@@ -174,6 +174,8 @@ pub(in crate::fault) extern "C" fn trap_handler(
     info: *mut libc::siginfo_t,
     ctx: *mut c_void,
 ) {
+    // The kernel entered with key 0 only; what follows reads sealed state.
+    crate::pku::open_shim_reads();
     let uc = ctx as *mut libc::ucontext_t;
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let code = unsafe { (*info).si_code };
@@ -195,8 +197,6 @@ pub(in crate::fault) extern "C" fn trap_handler(
             // The program was single-stepping: this trap is its own too.
         }
     }
-    // The kernel entered with key 0 only; the table is on the shim key.
-    crate::pku::open_shim_reads();
     let (h, flags) = crate::signals::chained(Chained::Trap);
     // A trap the kernel raised kills even when ignored (force_sig); one
     // sent with kill(2) (si_code <= 0) honours SIG_IGN.
@@ -218,6 +218,8 @@ pub(in crate::fault) extern "C" fn fatal_handler(
     _info: *mut libc::siginfo_t,
     _ctx: *mut c_void,
 ) {
+    // The kernel entered with key 0 only; the summary reads sealed state.
+    crate::pku::open_shim_reads();
     summary(Some(sig));
     resignal(sig);
 }
