@@ -359,8 +359,9 @@ pub struct Config {
     /// Which gate mechanisms `IA2_GATES` turns on.
     pub gate_mechanisms: GateMechanisms,
     /// `IA2_HARDEN`: the shim's own state (gate frames, the gate table,
-    /// thread-start records, handler tables, the key map and the key table)
-    /// on a key of its own that compartments cannot write.
+    /// thread-start records, handler tables, the key map, the key table,
+    /// the runtime and census, what routes allocations, the sealed
+    /// section) on a key of its own that compartments cannot write.
     pub harden: bool,
     /// `None`: not set, so the mode's default applies (see [`Config::heap`]).
     pub heap_explicit: Option<HeapMode>,
@@ -1200,7 +1201,7 @@ pub static VARS: &[VarSpec] = &[
         name: "IA2_HARDEN",
         values: "on, off",
         default: "on",
-        meaning: "on = gate frames, the gate table, thread-start records, the signal, fork and C++ handler tables, the key map and the key table live on a shim key that compartment PKRUs write-disable, and gates check the frame they return through (one more WRPKRU and 6 more instructions per gated round trip); off = all of it on key 0, writable by every compartment",
+        meaning: "on = gate frames, the gate table, thread-start records, the signal, fork and C++ handler tables, the key map, the key table, the runtime and census (sealed heap), exit-handler records, the heaps' layout, keys, mode, routes, policy and site table, and the sealed section (real-function slots, init state, filter range, ...) live on a shim key that compartment PKRUs write-disable, and gates check the frame they return through (one more WRPKRU and 6 more instructions per gated round trip); off = all of it on key 0, writable by every compartment",
         implemented: true,
         parse: |c, v| {
             c.harden = match v {

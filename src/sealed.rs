@@ -17,8 +17,7 @@ use crate::pku;
 use core::alloc::Layout;
 use core::cell::UnsafeCell;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use talc::base::binning::Binning;
 use talc::base::Talc;
 use talc::source::Source;
@@ -45,29 +44,77 @@ struct Commit {
     committed: usize,
 }
 
+/// A spin lock that yields: released by a plain store, so the fork
+/// handlers can release in the child what the parent's prepare handler
+/// took (a `Mutex` guard cannot cross `fork`).
+struct Spin(AtomicBool);
+
+impl Spin {
+    fn lock(&self) {
+        while self
+            .0
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+    }
+    fn unlock(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Everything a compartment must not write: the scope lock, which thread
 /// is inside a scope, and talc's bins. On a page of its own.
 #[repr(C, align(4096))]
 struct State {
-    scope: Mutex<()>,
+    scope: Spin,
     /// `pthread_self` of the thread inside a scope (0: none).
     owner: AtomicUsize,
     talc: UnsafeCell<Talc<Commit, DefaultBinning>>,
-    lock: Mutex<()>,
+    lock: Spin,
 }
 // SAFETY: `talc` is only touched with `lock` held.
 unsafe impl Sync for State {}
 const _: () = assert!(core::mem::size_of::<State>() == 4096);
 
 static STATE: State = State {
-    scope: Mutex::new(()),
+    scope: Spin(AtomicBool::new(false)),
     owner: AtomicUsize::new(0),
     talc: UnsafeCell::new(Talc::new(Commit {
         heap_end: 0,
         committed: 0,
     })),
-    lock: Mutex::new(()),
+    lock: Spin(AtomicBool::new(false)),
 };
+
+/// Hold both locks across `fork`, so that a child never inherits one held
+/// by a thread it does not have (a timer's notification record being
+/// made, say): its next scope would wait forever. Lock order: a scope,
+/// then the allocator; both after the census and `dlopen` locks (scopes
+/// run under them), before the key map's (growth records its pages). So
+/// this registers after the key map's handlers and before the rest: fork
+/// runs prepare handlers in the reverse order.
+pub fn register_fork_handlers() {
+    extern "C" fn prepare() {
+        pku::with_shim_writes(|| {
+            STATE.scope.lock();
+            STATE.lock.lock();
+        });
+    }
+    extern "C" fn release() {
+        pku::with_shim_writes(|| {
+            STATE.lock.unlock();
+            STATE.scope.unlock();
+        });
+    }
+    // SAFETY: plain functions that never allocate.
+    let r = unsafe { libc::pthread_atfork(Some(prepare), Some(release), Some(release)) };
+    if r != 0 {
+        log::warn!("sealed heap: pthread_atfork failed ({r}); a fork child may inherit its lock");
+    }
+}
 
 fn me() -> usize {
     // SAFETY: pthread_self has no preconditions.
@@ -140,10 +187,11 @@ pub fn with_sealed<R>(f: impl FnOnce() -> R) -> R {
         return f();
     }
     pku::with_shim_writes(|| {
-        let _scope = STATE.scope.lock().unwrap_or_else(|e| e.into_inner());
+        STATE.scope.lock();
         STATE.owner.store(me(), Ordering::Relaxed);
         let r = f();
         STATE.owner.store(0, Ordering::Relaxed);
+        STATE.scope.unlock();
         r
     })
 }
@@ -165,12 +213,12 @@ pub fn contains(p: *mut u8) -> bool {
 /// A block of `layout` (null when the reservation is full), zeroed if asked.
 pub fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
     pku::with_shim_writes(|| {
-        let _g = STATE.lock.lock().unwrap_or_else(|e| e.into_inner());
+        STATE.lock.lock();
         // SAFETY: the lock is held, so this is the only reference.
         let talc = unsafe { &mut *STATE.talc.get() };
         // SAFETY: talc's contract: a non-zero-size layout (Rust's
         // GlobalAlloc never asks for zero bytes).
-        match unsafe { talc.allocate(layout) } {
+        let p = match unsafe { talc.allocate(layout) } {
             Some(p) => {
                 if zeroed {
                     // SAFETY: a fresh block of layout.size() bytes.
@@ -179,7 +227,9 @@ pub fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
                 p.as_ptr()
             }
             None => core::ptr::null_mut(),
-        }
+        };
+        STATE.lock.unlock();
+        p
     })
 }
 
@@ -189,11 +239,12 @@ pub fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
 /// `p` came from [`alloc`] with `layout` and is not used again.
 pub unsafe fn dealloc(p: *mut u8, layout: Layout) {
     pku::with_shim_writes(|| {
-        let _g = STATE.lock.lock().unwrap_or_else(|e| e.into_inner());
+        STATE.lock.lock();
         // SAFETY: the lock is held, so this is the only reference.
         let talc = unsafe { &mut *STATE.talc.get() };
         // SAFETY: the caller's block and layout.
         unsafe { talc.deallocate(p, layout) };
+        STATE.lock.unlock();
     })
 }
 
@@ -222,7 +273,7 @@ pub unsafe fn realloc(p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
 /// (`IA2_HARDEN=on`, hardware keys); later growth is sealed as it commits.
 pub fn harden(key: u32) {
     pku::with_shim_writes(|| {
-        let _g = STATE.lock.lock().unwrap_or_else(|e| e.into_inner());
+        STATE.lock.lock();
         // SAFETY: the lock is held, so this is the only reference.
         let talc = unsafe { &*STATE.talc.get() };
         let start = BASE.load(Ordering::Acquire);
@@ -230,6 +281,7 @@ pub fn harden(key: u32) {
             let rw = libc::PROT_READ | libc::PROT_WRITE;
             pku::seal(start, talc.source.committed - start, rw, key, "sealed heap");
         }
+        STATE.lock.unlock();
     });
     pku::seal_static(&STATE, key, "sealed heap's allocator");
 }

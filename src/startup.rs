@@ -52,6 +52,7 @@ pub fn init() {
     crate::callbacks::resolve();
     crate::cxx::resolve();
     crate::tagmap::register_fork_handlers();
+    crate::sealed::register_fork_handlers();
     crate::alloc::prepare();
 
     let support = match config.pku {

@@ -560,17 +560,27 @@ pub unsafe fn wrap_sigevent(sev: *const SigEvent) -> Option<SigEvent> {
     if s.notify != SIGEV_THREAD || s.function == 0 {
         return None;
     }
-    let n = Box::new(Notify {
+    let record = Notify {
         function: s.function,
         value: s.value,
         pkru: child_pkru(rt, s.function),
-    });
+    };
+    // In the sealed heap: a compartment that rewrote the record would pick
+    // the function a notification runs or its rights.
+    let n = crate::sealed::with_sealed(|| Box::into_raw(Box::new(record)));
     s.function = notify_trampoline as *const () as usize;
-    s.value = Box::into_raw(n) as usize;
+    s.value = n as usize;
     Some(s)
 }
 
 extern "C" fn notify_trampoline(value: usize) {
+    // glibc keeps the value in memory compartments can write: a record
+    // forged there must not run.
+    if !crate::sealed::contains(value as *mut u8) {
+        crate::lifecycle::fatal(format_args!(
+            "notification record {value:#x} is not one of the shim's: refused"
+        ));
+    }
     // SAFETY: the record wrap_sigevent leaked for this notification.
     let n = unsafe { &*(value as *const Notify) };
     if let Some(rt) = runtime::active() {

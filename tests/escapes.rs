@@ -59,6 +59,8 @@ const SHIM_STATE_ATTACKS: &[&str] = &[
     "census",
     "heap-keys",
     "real-fn",
+    "route-table",
+    "notify-record",
 ];
 
 /// The attacks that only the syscall filter stops.
@@ -152,7 +154,7 @@ fn enforced() -> &'static HashMap<&'static str, Outcome> {
         }
         for a in SHIM_STATE_ATTACKS {
             // The heap attacks need the compartments' heaps.
-            let heap: &[(&str, &str)] = if a.starts_with("heap") {
+            let heap: &[(&str, &str)] = if a.starts_with("heap") || a.starts_with("route") {
                 &[("IA2_HEAP", "compartment")]
             } else {
                 &[]
@@ -688,6 +690,22 @@ fn a_compartment_cannot_rewrite_the_heap_keys() {
 #[test]
 fn a_compartment_cannot_rewrite_a_real_function_slot() {
     table_rewrite_is_stopped("real-fn", "real function slot found");
+}
+
+/// Making the heap route of compartment 1's plugin point at the shared
+/// heap, so that the plugin's next block is allocated where compartment 2
+/// can read it.
+#[test]
+fn a_compartment_cannot_rewrite_a_heap_route() {
+    table_rewrite_is_stopped("route-table", "heap route found");
+}
+
+/// Setting the PKRU in the shim's record of a `SIGEV_THREAD` timer
+/// notification to 0, so that compartment 2's notification function runs
+/// with every key.
+#[test]
+fn a_compartment_cannot_rewrite_a_notification_record() {
+    table_rewrite_is_stopped("notify-record", "notification record found");
 }
 
 /// Rewriting the shim's record of an exit handler (registrant and PKRU).

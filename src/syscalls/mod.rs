@@ -63,19 +63,25 @@ const PROC_SUPER_MAGIC: i64 = 0x9fa0;
 #[link_section = ".ia2shim_sealed"]
 static COVERED: Mutex<Vec<Range>> = Mutex::new(Vec::new());
 
-/// The executable ranges of census objects that no filter watches yet.
-fn uncovered(rt: &Runtime) -> Vec<Range> {
+/// The executable ranges of census objects.
+fn census_text(rt: &Runtime) -> Vec<Range> {
     let Ok(c) = rt.census.read() else {
         return Vec::new();
     };
-    let covered = COVERED.lock().unwrap_or_else(|e| e.into_inner());
     c.objects
         .iter()
         .flat_map(|o| o.segments.iter())
         .filter(|s| s.executable())
         .map(|s| s.range.pages_out())
-        .filter(|r| !covered.contains(r))
         .collect()
+}
+
+/// Those of `text` that no filter watches yet. Inside a sealed scope
+/// (COVERED is sealed state), which must not take the census lock: a
+/// census writer waits for the scope.
+fn uncovered(text: Vec<Range>) -> Vec<Range> {
+    let covered = COVERED.lock().unwrap_or_else(|e| e.into_inner());
+    text.into_iter().filter(|r| !covered.contains(r)).collect()
 }
 
 fn to_kernel(ranges: &[Range]) -> Vec<libc::sock_filter> {
@@ -123,12 +129,13 @@ pub fn cover_new_code(rt: &Runtime) {
     if !INSTALLED.load(Ordering::Acquire) {
         return;
     }
+    let text = census_text(rt);
     // COVERED (its lock and its blocks) is sealed state.
-    crate::sealed::with_sealed(|| cover_new_code_sealed(rt));
+    crate::sealed::with_sealed(|| cover_new_code_sealed(text));
 }
 
-fn cover_new_code_sealed(rt: &Runtime) {
-    let ranges = uncovered(rt);
+fn cover_new_code_sealed(text: Vec<Range>) {
+    let ranges = uncovered(text);
     if ranges.is_empty() {
         return;
     }
@@ -158,7 +165,8 @@ pub fn install(rt: &Runtime) {
             SHIM_TEXT[1].store(hi, Ordering::Relaxed);
         }
     }
-    let ranges = uncovered(rt);
+    let text = census_text(rt);
+    let ranges = crate::sealed::with_sealed(|| uncovered(text));
     let prog = to_kernel(&ranges);
     // SAFETY: a zeroed sigaction is valid; we set what we rely on.
     let mut sa: libc::sigaction = unsafe { core::mem::zeroed() };
