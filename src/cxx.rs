@@ -94,6 +94,8 @@ fn with_libc_key(rt: &Runtime, pkru: u32) -> u32 {
 /// Called by the `_Unwind_Resume` stub: record the caller's rights, add the
 /// libc compartment's key (strict mode); returns the real `_Unwind_Resume`.
 pub extern "C" fn unwind_resume_enter() -> usize {
+    // Unwinding may run in glibc's SIGCANCEL handler (key 0 alone).
+    pku::open_shim_reads();
     if let Some(rt) = runtime::active() {
         let pkru = pku::read_pkru();
         UNWIND_RIGHTS.set(Some(pkru));
@@ -110,6 +112,8 @@ type Raise = unsafe extern "C" fn(*mut c_void) -> c_int;
 /// # Safety
 /// As `_Unwind_RaiseException`.
 pub unsafe fn raise(exc: *mut c_void, rethrow: bool) -> c_int {
+    // Unwinding may run in glibc's SIGCANCEL handler (key 0 alone).
+    pku::open_shim_reads();
     let real = if rethrow { &REAL_RETHROW } else { &REAL_RAISE };
     let f = real.get();
     let saved = runtime::active().map(|_| {
@@ -162,6 +166,8 @@ pub unsafe fn personality(
     exc: *mut c_void,
     ctx: *mut c_void,
 ) -> c_int {
+    // Unwinding may run in glibc's SIGCANCEL handler (key 0 alone).
+    pku::open_shim_reads();
     let real = if gcc {
         &REAL_GCC_PERSONALITY
     } else {
@@ -202,6 +208,8 @@ type BeginCatch = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
 /// # Safety
 /// As `__cxa_begin_catch`.
 pub unsafe fn begin_catch(exc: *mut c_void, caller: usize) -> *mut c_void {
+    // Unwinding may run in glibc's SIGCANCEL handler (key 0 alone).
+    pku::open_shim_reads();
     let f = REAL_BEGIN_CATCH.get();
     let rt = runtime::active();
     if let Some(rt) = rt {

@@ -138,6 +138,12 @@ pub fn open_shim_reads() {
         return;
     }
     let old = rdpkru();
+    // Every PKRU the shim hands out leaves the shim key readable, and so
+    // some key besides 0: only the kernel's signal-entry PKRU (key 0 alone)
+    // needs opening. One RDPKRU otherwise.
+    if old & 0x5555_5554 != 0x5555_5554 {
+        return;
+    }
     // SAFETY: the hint says PKU is on; clearing access-disable bits only.
     unsafe { wrpkru(old & 0xaaaa_aaaa) };
     let k = shim_key();

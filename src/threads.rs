@@ -430,68 +430,6 @@ unsafe extern "C" fn thread_teardown(state: *mut c_void) {
     crate::gates::thread_exit();
 }
 
-pub type DtorFn = unsafe extern "C" fn(*mut c_void);
-pub type ThreadAtexitFn = unsafe extern "C" fn(DtorFn, *mut c_void, *mut c_void) -> c_int;
-
-/// A `thread_local` destructor to run in its compartment.
-struct Dtor {
-    dtor: DtorFn,
-    obj: usize,
-    pkru: u32,
-}
-
-/// `__cxa_thread_atexit_impl`: glibc runs the destructors of C++
-/// `thread_local` objects at thread exit from libc, with whatever rights
-/// the exiting thread has; once the TLS layout gives a compartment's TLS
-/// its own key, a destructor of compartment 2's object in a thread that
-/// runs as compartment 1 would fault on its own object. The destructor is
-/// therefore registered through a trampoline that runs it with the PKRU of
-/// the compartment of `dso` (the registering object's `__dso_handle`, so
-/// the object whose `thread_local` this is), as signal handlers run. Not the
-/// compartment of the destructor's code, which may be another object's
-/// copy of an inline destructor (vague linkage binds to the first copy in
-/// the lookup scope), reached through a gate.
-///
-/// # Safety
-/// As glibc's `__cxa_thread_atexit_impl`; `real` is glibc's.
-pub unsafe fn thread_atexit(
-    real: ThreadAtexitFn,
-    dtor: DtorFn,
-    obj: *mut c_void,
-    dso: *mut c_void,
-) -> c_int {
-    let owner = |rt: &Runtime| {
-        let by = if dso.is_null() {
-            dtor as usize
-        } else {
-            dso as usize
-        };
-        rt.compartment_of_addr(by).map(|c| rt.pkru_for(c))
-    };
-    let Some(pkru) = runtime::active().and_then(owner) else {
-        // SAFETY: forwarded unchanged.
-        return unsafe { real(dtor, obj, dso) };
-    };
-    let rec = Box::into_raw(Box::new(Dtor {
-        dtor,
-        obj: obj as usize,
-        pkru,
-    }));
-    // SAFETY: the trampoline takes ownership of `rec` when glibc calls it;
-    // `dso` keeps the owning object loaded, as for the real destructor.
-    unsafe { real(dtor_trampoline, rec.cast(), dso) }
-}
-
-unsafe extern "C" fn dtor_trampoline(rec: *mut c_void) {
-    // SAFETY: the record boxed by thread_atexit, called once by glibc.
-    let rec = unsafe { Box::from_raw(rec as *mut Dtor) };
-    let saved = pku::read_pkru();
-    pku::write_pkru(rec.pkru);
-    // SAFETY: the destructor and object registered by the program.
-    unsafe { (rec.dtor)(rec.obj as *mut c_void) };
-    pku::write_pkru(saved);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,7 +102,10 @@ const SLOT_BYTES: usize = STACK_BYTES + PAGE;
 /// Threads that can hold a gate-frame stack at once when hardened (the
 /// region's last page stays a guard).
 const SLOTS: usize = (REGION_BYTES - PAGE) / SLOT_BYTES;
-/// Claimed slots of the region, one bit each.
+/// Claimed slots of the region, one bit each. Sealed: a compartment that
+/// cleared another thread's bit would have the next new thread share that
+/// thread's frame stack, and return through its frames.
+#[link_section = ".ia2shim_sealed"]
 static SLOT_USED: [AtomicU64; SLOTS.div_ceil(64)] =
     [const { AtomicU64::new(0) }; SLOTS.div_ceil(64)];
 
@@ -188,6 +191,10 @@ pub(super) fn map_stack() -> Option<usize> {
 }
 
 fn claim_slot() -> Option<usize> {
+    crate::pku::with_shim_writes(claim_slot_open)
+}
+
+fn claim_slot_open() -> Option<usize> {
     for (w, word) in SLOT_USED.iter().enumerate() {
         let mut cur = word.load(Ordering::Relaxed);
         loop {
@@ -209,7 +216,9 @@ fn claim_slot() -> Option<usize> {
 }
 
 fn release_slot(slot: usize) {
-    SLOT_USED[slot / 64].fetch_and(!(1 << (slot % 64)), Ordering::AcqRel);
+    crate::pku::with_shim_writes(|| {
+        SLOT_USED[slot / 64].fetch_and(!(1 << (slot % 64)), Ordering::AcqRel)
+    });
 }
 
 /// Give back a stack that [`map_stack`] made. A region slot is emptied
@@ -375,17 +384,27 @@ std::thread_local! {
 }
 
 /// `f` on this thread's table (made if `create`).
+/// The table is in the sealed heap, written with the shim key open: a
+/// compartment that rewrote an entry would pick the PKRU a cancellation
+/// lands with; and one that pointed this thread's `CANCEL` word (key-0
+/// TLS) at a table of its own is refused.
 fn with_cancel<R>(create: bool, f: impl FnOnce(&mut CancelTable) -> R) -> Option<R> {
     let mut p = CANCEL.get();
     if p.is_null() {
         if !create {
             return None;
         }
-        p = Box::into_raw(Box::new(CancelTable([(0, 0, 0, 0, 0); CANCEL_DEPTH], 0)));
+        let t = CancelTable([(0, 0, 0, 0, 0); CANCEL_DEPTH], 0);
+        p = crate::sealed::with_sealed(|| Box::into_raw(Box::new(t)));
         CANCEL.set(p);
     }
+    if !crate::sealed::contains(p as *mut u8) {
+        crate::lifecycle::fatal(format_args!(
+            "this thread's cancellation table {p:p} is not one of the shim's: refused"
+        ));
+    }
     // SAFETY: this thread's own table, made above; no other reference.
-    Some(f(unsafe { &mut *p }))
+    Some(pku::with_shim_writes(|| f(unsafe { &mut *p })))
 }
 
 /// Free this thread's table (thread exit).
@@ -446,6 +465,9 @@ extern "C" {
 /// The landing pad's work: restore what the registration saw, pop the
 /// entry, return the PC to continue at.
 extern "C" fn cancel_landed(sp: usize) -> usize {
+    // Reached from glibc's unwinder, which may run in its SIGCANCEL
+    // handler: the kernel's PKRU there leaves the shim's state unreadable.
+    pku::open_shim_reads();
     let found = with_cancel(false, |c| {
         let i = (0..c.1).rev().find(|&i| c.0[i].1 == sp)?;
         c.1 = i;

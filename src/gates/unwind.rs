@@ -17,6 +17,8 @@ pub(super) unsafe extern "C" fn gate_personality(
     const UA_CLEANUP_PHASE: c_int = 2;
     const URC_INSTALL_CONTEXT: c_int = 7;
     const URC_CONTINUE_UNWIND: c_int = 8;
+    // A forced unwind may run in glibc's SIGCANCEL handler (key 0 alone).
+    pku::open_shim_reads();
     // SAFETY: ctx is the unwinder's context for this frame.
     let ip = unsafe { _Unwind_GetIP(ctx) };
     let pad = match return_point(ip) {
