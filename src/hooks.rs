@@ -741,6 +741,114 @@ pub unsafe extern "C" fn mq_notify(mq: libc::mqd_t, sev: *const crate::threads::
     unsafe { real(mq, sev) }
 }
 
+/// `aio_read(3)` and friends: a `SIGEV_THREAD` completion notification
+/// runs through the shim's thread start (see `threads::wrap_aiocb`).
+macro_rules! aio_hook {
+    ($name:ident, $real:ident) => {
+        /// As the glibc function of this name; see `aio_hook`.
+        ///
+        /// # Safety
+        /// As the glibc function.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(cb: *mut libc::aiocb) -> c_int {
+            // SAFETY: the caller's aiocb (null or valid).
+            unsafe { crate::threads::wrap_aiocb(cb) };
+            type F = unsafe extern "C" fn(*mut libc::aiocb) -> c_int;
+            // SAFETY: the slot holds glibc's function of this type.
+            let real: F = unsafe { real::as_fn(&real::$real) };
+            // SAFETY: forwarded contract.
+            unsafe { real(cb) }
+        }
+    };
+}
+aio_hook!(aio_read, AIO_READ);
+aio_hook!(aio_read64, AIO_READ64);
+aio_hook!(aio_write, AIO_WRITE);
+aio_hook!(aio_write64, AIO_WRITE64);
+
+macro_rules! aio_fsync_hook {
+    ($name:ident, $real:ident) => {
+        /// `aio_fsync(3)`: as `aio_read`.
+        ///
+        /// # Safety
+        /// As `aio_fsync(3)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(op: c_int, cb: *mut libc::aiocb) -> c_int {
+            // SAFETY: the caller's aiocb (null or valid).
+            unsafe { crate::threads::wrap_aiocb(cb) };
+            type F = unsafe extern "C" fn(c_int, *mut libc::aiocb) -> c_int;
+            // SAFETY: the slot holds glibc's function of this type.
+            let real: F = unsafe { real::as_fn(&real::$real) };
+            // SAFETY: forwarded contract.
+            unsafe { real(op, cb) }
+        }
+    };
+}
+aio_fsync_hook!(aio_fsync, AIO_FSYNC);
+aio_fsync_hook!(aio_fsync64, AIO_FSYNC64);
+
+macro_rules! lio_hook {
+    ($name:ident, $real:ident) => {
+        /// `lio_listio(3)`: each request's notification and the list's.
+        ///
+        /// # Safety
+        /// As `lio_listio(3)`.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(
+            mode: c_int,
+            list: *const *mut libc::aiocb,
+            n: c_int,
+            sev: *const crate::threads::SigEvent,
+        ) -> c_int {
+            for i in 0..n.max(0) as usize {
+                // SAFETY: the caller's array of n aiocb pointers (null allowed).
+                unsafe { crate::threads::wrap_aiocb(*list.add(i)) };
+            }
+            // SAFETY: the caller's sigevent (null or valid).
+            let wrapped = unsafe { crate::threads::wrap_sigevent(sev) };
+            let sev = wrapped.as_ref().map_or(sev, |w| w as *const _);
+            type F = unsafe extern "C" fn(
+                c_int,
+                *const *mut libc::aiocb,
+                c_int,
+                *const crate::threads::SigEvent,
+            ) -> c_int;
+            // SAFETY: the slot holds glibc's function of this type.
+            let real: F = unsafe { real::as_fn(&real::$real) };
+            // SAFETY: forwarded contract, with our copy of the sigevent if wrapped.
+            unsafe { real(mode, list, n, sev) }
+        }
+    };
+}
+lio_hook!(lio_listio, LIO_LISTIO);
+lio_hook!(lio_listio64, LIO_LISTIO64);
+
+/// `getaddrinfo_a(3)`: as `timer_create`.
+///
+/// # Safety
+/// As `getaddrinfo_a(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn getaddrinfo_a(
+    mode: c_int,
+    list: *mut *mut c_void,
+    n: c_int,
+    sev: *const crate::threads::SigEvent,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        c_int,
+        *mut *mut c_void,
+        c_int,
+        *const crate::threads::SigEvent,
+    ) -> c_int;
+    // SAFETY: the slot holds glibc's getaddrinfo_a.
+    let real: F = unsafe { real::as_fn(&real::GETADDRINFO_A) };
+    // SAFETY: the caller's sigevent (null or valid).
+    let wrapped = unsafe { crate::threads::wrap_sigevent(sev) };
+    let sev = wrapped.as_ref().map_or(sev, |w| w as *const _);
+    // SAFETY: forwarded contract, with our copy of the sigevent if wrapped.
+    unsafe { real(mode, list, n, sev) }
+}
+
 /// C11 `thrd_create`: glibc's calls its internal `pthread_create`, past the
 /// hook above, so it goes through the same thread start here (compartment,
 /// TLS tags, gate-frame stack). The `int` start routine is called as

@@ -93,6 +93,26 @@ pub static PKEY_MPROTECT: RealFn = RealFn::new(c"pkey_mprotect");
 pub static TIMER_CREATE: RealFn = RealFn::new(c"timer_create");
 #[link_section = ".ia2shim_sealed"]
 pub static MQ_NOTIFY: RealFn = RealFn::new(c"mq_notify");
+// The same for asynchronous I/O and name lookup (`aiocb`s and a `sigevent`);
+// resolved on first use (older glibc keeps them in librt and libanl).
+#[link_section = ".ia2shim_sealed"]
+pub static AIO_READ: RealFn = RealFn::new(c"aio_read");
+#[link_section = ".ia2shim_sealed"]
+pub static AIO_READ64: RealFn = RealFn::new(c"aio_read64");
+#[link_section = ".ia2shim_sealed"]
+pub static AIO_WRITE: RealFn = RealFn::new(c"aio_write");
+#[link_section = ".ia2shim_sealed"]
+pub static AIO_WRITE64: RealFn = RealFn::new(c"aio_write64");
+#[link_section = ".ia2shim_sealed"]
+pub static AIO_FSYNC: RealFn = RealFn::new(c"aio_fsync");
+#[link_section = ".ia2shim_sealed"]
+pub static AIO_FSYNC64: RealFn = RealFn::new(c"aio_fsync64");
+#[link_section = ".ia2shim_sealed"]
+pub static LIO_LISTIO: RealFn = RealFn::new(c"lio_listio");
+#[link_section = ".ia2shim_sealed"]
+pub static LIO_LISTIO64: RealFn = RealFn::new(c"lio_listio64");
+#[link_section = ".ia2shim_sealed"]
+pub static GETADDRINFO_A: RealFn = RealFn::new(c"getaddrinfo_a");
 /// libc's `madvise`, `mprotect` and `munmap` entries, redirected to the
 /// shim's check (`crate::keyguard`).
 #[link_section = ".ia2shim_sealed"]

@@ -511,6 +511,26 @@ pub unsafe fn wrap_sigevent(sev: *const SigEvent) -> Option<SigEvent> {
     Some(s)
 }
 
+/// `aio_read`/`aio_write`/`aio_fsync`/`lio_listio`: glibc reads an
+/// `aiocb`'s `aio_sigevent` when the request completes, so a
+/// `SIGEV_THREAD` notification is wrapped in place (the program sees the
+/// shim's function and record there until then).
+///
+/// # Safety
+/// `cb` is null or a valid `struct aiocb` the caller may write.
+pub unsafe fn wrap_aiocb(cb: *mut libc::aiocb) {
+    if cb.is_null() {
+        return;
+    }
+    // SAFETY: the caller's valid aiocb; its aio_sigevent is a sigevent.
+    let sev = unsafe { core::ptr::addr_of_mut!((*cb).aio_sigevent) } as *mut SigEvent;
+    // SAFETY: as above.
+    if let Some(w) = unsafe { wrap_sigevent(sev) } {
+        // SAFETY: as above.
+        unsafe { sev.write(w) };
+    }
+}
+
 extern "C" fn notify_trampoline(value: usize) {
     // glibc keeps the value in memory compartments can write: a record
     // forged there must not run.

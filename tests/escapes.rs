@@ -31,6 +31,7 @@ const ATTACKS: &[&str] = &[
     "sys-madvise",
     "thrd-tls",
     "timer-tls",
+    "aio-tls",
     "exit-deputy",
     "exit-dso",
     "exit-arg",
@@ -726,6 +727,11 @@ fn a_forged_exit_handler_record_is_refused() {
         o,
         "is not one of the shim's (glibc's exit list was rewritten)",
     );
+}
+
+#[test]
+fn an_aio_completion_thread_keeps_compartment_1s_tls_tagged() {
+    key_fault_stops("aio-tls");
 }
 
 #[test]
