@@ -271,9 +271,6 @@ pub fn decide_pending() {
     }
     decide_pending_cxx();
 }
-#[cfg_attr(test, allow(dead_code))]
-#[link_section = ".ia2shim_sealed"]
-static REGISTER_ATFORK: RealFn = RealFn::new(c"__register_atfork");
 
 // Handlers take no argument, so each wrapped one gets a stub of its own:
 // stub i puts i in edi and jumps to `atfork_dispatch`.
@@ -376,8 +373,9 @@ pub unsafe fn register_atfork(
     dso: *mut c_void,
 ) -> c_int {
     // SAFETY: the slot holds glibc's __register_atfork.
-    let real: RegisterAtfork =
-        unsafe { core::mem::transmute::<usize, RegisterAtfork>(REGISTER_ATFORK.get()) };
+    let real: RegisterAtfork = unsafe {
+        core::mem::transmute::<usize, RegisterAtfork>(crate::real::REGISTER_ATFORK.get())
+    };
     let d = dso as usize;
     // SAFETY: forwarded, each handler replaced by its stub.
     unsafe {

@@ -3,7 +3,7 @@
 //! resolves its own slot on first use. A null result is fatal: there is no
 //! silent fallback that could bypass the protection.
 
-use core::ffi::{c_void, CStr};
+use core::ffi::{c_int, c_void, CStr};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct RealFn {
@@ -205,6 +205,34 @@ pub static ALL: &[&RealFn] = &[
     &ALIGNED_ALLOC,
     &MALLOC_USABLE_SIZE,
 ];
+
+/// glibc's `__register_atfork`, which `pthread_atfork` calls.
+#[link_section = ".ia2shim_sealed"]
+pub static REGISTER_ATFORK: RealFn = RealFn::new(c"__register_atfork");
+
+/// Register the shim's own fork handlers with glibc directly: through
+/// `pthread_atfork` they would reach the shim's `__register_atfork` hook,
+/// which asks `dladdr` (twice per handler, about 7 k instructions each)
+/// whether they are the shim's. No DSO handle: the shim is never unloaded.
+/// Returns glibc's result (0 or an errno).
+pub fn own_atfork(
+    prepare: unsafe extern "C" fn(),
+    parent: unsafe extern "C" fn(),
+    child: unsafe extern "C" fn(),
+) -> c_int {
+    type F = unsafe extern "C" fn(usize, usize, usize, *mut c_void) -> c_int;
+    // SAFETY: the slot holds glibc's __register_atfork.
+    let real: F = unsafe { as_fn(&REGISTER_ATFORK) };
+    // SAFETY: plain functions of the shim that never unwind.
+    unsafe {
+        real(
+            prepare as usize,
+            parent as usize,
+            child as usize,
+            core::ptr::null_mut(),
+        )
+    }
+}
 
 pub fn resolve_all() {
     for f in ALL {

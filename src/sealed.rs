@@ -109,8 +109,8 @@ pub fn register_fork_handlers() {
             STATE.scope.unlock();
         });
     }
-    // SAFETY: plain functions that never allocate.
-    let r = unsafe { libc::pthread_atfork(Some(prepare), Some(release), Some(release)) };
+    // Plain functions that never allocate.
+    let r = crate::real::own_atfork(prepare, release, release);
     if r != 0 {
         log::warn!("sealed heap: pthread_atfork failed ({r}); a fork child may inherit its lock");
     }

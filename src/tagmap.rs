@@ -100,8 +100,8 @@ pub fn register_fork_handlers() {
     extern "C" fn release() {
         BUSY.store(false, Ordering::Release);
     }
-    // SAFETY: plain functions that never allocate.
-    let r = unsafe { libc::pthread_atfork(Some(prepare), Some(release), Some(release)) };
+    // Plain functions that never allocate.
+    let r = crate::real::own_atfork(prepare, release, release);
     if r != 0 {
         log::warn!("key map: pthread_atfork failed ({r}); a fork child may inherit its lock");
     }

@@ -159,9 +159,7 @@ fn exit_key() -> libc::pthread_key_t {
 /// `fork` handlers (called by the constructor).
 pub fn init() {
     exit_key();
-    // SAFETY: registering plain functions.
-    let r =
-        unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    let r = crate::real::own_atfork(fork_prepare, fork_parent, fork_child);
     if r != 0 {
         log::warn!(
             "threads: pthread_atfork failed ({r}); a fork child may inherit a held shim lock"

@@ -1007,10 +1007,8 @@ static FORK_HANDLERS: AtomicU8 = AtomicU8::new(0);
 pub fn register_fork_handlers() {
     if FORK_HANDLERS.swap(1, Ordering::AcqRel) == 0 {
         create_cache_key();
-        // SAFETY: the handlers are plain functions that never allocate.
-        let r = unsafe {
-            libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release))
-        };
+        // The handlers are plain functions that never allocate.
+        let r = crate::real::own_atfork(fork_prepare, fork_release, fork_release);
         if r != 0 {
             log::warn!(
                 "heap: pthread_atfork failed ({r}); fork while allocating may deadlock the child"
