@@ -23,8 +23,10 @@ use talc::base::Talc;
 use talc::source::Source;
 use talc::DefaultBinning;
 
-/// Address space reserved (`MAP_NORESERVE`, `PROT_NONE` until committed).
-const SIZE: usize = 4 << 30;
+/// Address space reserved (`MAP_NORESERVE`, `PROT_NONE` until committed):
+/// the first of these sizes that `mmap` grants (an address-space limit,
+/// `ulimit -v`, refuses the larger ones).
+const SIZES: [usize; 4] = [4 << 30, 1 << 30, 256 << 20, 64 << 20];
 /// Commit at least this much at a time.
 const GROW: usize = 1 << 20;
 /// Slack for talc's bin table and chunk tags.
@@ -34,6 +36,9 @@ const SLACK: usize = 16 << 10;
 /// global allocator asks [`contains`] for every block it frees.
 #[link_section = ".ia2shim_sealed"]
 static BASE: AtomicUsize = AtomicUsize::new(0);
+/// Its length.
+#[link_section = ".ia2shim_sealed"]
+static LEN: AtomicUsize = AtomicUsize::new(0);
 
 /// talc's memory source: commits more of the reservation.
 #[derive(Debug)]
@@ -128,9 +133,20 @@ fn base() -> Option<usize> {
         return Some(b);
     }
     // Only ever called inside a scope, whose lock serialises this.
-    let p = crate::anon::reserve(SIZE, libc::PROT_NONE)?;
-    BASE.store(p, Ordering::Release);
-    Some(p)
+    for len in SIZES {
+        if let Some(p) = crate::anon::reserve(len, libc::PROT_NONE) {
+            LEN.store(len, Ordering::Relaxed);
+            BASE.store(p, Ordering::Release);
+            return Some(p);
+        }
+    }
+    // Fail closed with a line, not an allocation failure's abort.
+    crate::lifecycle::fatal(format_args!(
+        "the sealed heap cannot reserve {} MiB of address space (errno {}); \
+         raise the address-space limit (ulimit -v)",
+        SIZES[SIZES.len() - 1] >> 20,
+        crate::stackfmt::errno()
+    ))
 }
 
 // SAFETY: `acquire` only makes syscalls and calls `claim`/`extend` on the
@@ -149,7 +165,9 @@ fn grow<B: Binning>(talc: &mut Talc<Commit, B>, layout: Layout) -> Option<()> {
         .checked_add(layout.align())?
         .checked_add(SLACK)?;
     let step = need.max(GROW).next_multiple_of(GROW);
-    let new_end = cur.checked_add(step).filter(|&e| e <= start + SIZE)?;
+    let new_end = cur
+        .checked_add(step)
+        .filter(|&e| e <= start + LEN.load(Ordering::Relaxed))?;
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     // SAFETY: the range lies inside our own PROT_NONE reservation.
     if unsafe { libc::mprotect(cur as *mut libc::c_void, step, rw) } != 0 {
@@ -207,7 +225,7 @@ pub fn serving() -> bool {
 #[inline]
 pub fn contains(p: *mut u8) -> bool {
     let b = BASE.load(Ordering::Relaxed);
-    b != 0 && (b..b + SIZE).contains(&(p as usize))
+    b != 0 && (b..b + LEN.load(Ordering::Relaxed)).contains(&(p as usize))
 }
 
 /// A block of `layout` (null when the reservation is full), zeroed if asked.
