@@ -312,6 +312,12 @@ mod tests {
     fn a_scope_serves_its_thread_from_the_sealed_heap() {
         let outside = Box::new(1u64);
         assert!(!contains(&*outside as *const u64 as *mut u8));
+        // A System block grown inside a scope moves into the sealed heap.
+        let mut moved: Vec<u64> = vec![7; 4];
+        assert!(!contains(moved.as_ptr() as *mut u8));
+        with_sealed(|| moved.extend(0..1000));
+        assert!(contains(moved.as_ptr() as *mut u8));
+        assert_eq!(moved[..4], [7; 4]);
         let (v, s) = with_sealed(|| {
             let mut v: Vec<u32> = Vec::new();
             v.extend(0..10_000); // grows by realloc inside the heap

@@ -170,23 +170,9 @@ unsafe impl GlobalAlloc for ShimAlloc {
             // SAFETY: a sealed-heap block, with its layout.
             return unsafe { sealed::realloc(ptr, layout, new_size) };
         }
-        if sealed::serving() && !in_arena(ptr) && !holding() {
-            // A System block grown inside a scope moves into the sealed heap.
-            // SAFETY: the caller guarantees a valid new layout.
-            let new = sealed::alloc(
-                unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) },
-                false,
-            );
-            if !new.is_null() {
-                // SAFETY: both blocks are live and at least this long; the
-                // scope has the shim key open.
-                unsafe { core::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size)) };
-                // SAFETY: the old System block, with its layout.
-                unsafe { System.dealloc(ptr, layout) };
-            }
-            return new;
-        }
-        if !in_arena(ptr) && !holding() {
+        // A System block grown inside a sealed scope moves into the sealed
+        // heap, through the copy below (the scope has the shim key open).
+        if !in_arena(ptr) && !holding() && !sealed::serving() {
             // SAFETY: a System block, with its layout.
             return unsafe { System.realloc(ptr, layout, new_size) };
         }
