@@ -8,7 +8,7 @@
 //! fails on an upward one):
 //!
 //! 1. pure core: `config`, `objects`, `compartments`, `plan`, `privacy`, `maps`, `stackfmt`, `scan`, `libc_gates`
-//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `anon`, `sealed`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`, `libc_data`
+//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `anon`, `spin`, `sealed`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`, `libc_data`
 //! 3. runtime core: `runtime`
 //! 4. features: `alloc`, `bindnow`, `callbacks`, `cxx`, `deputy`, `dl`, `exit`, `fault`, `gates`, `keyguard`, `report`, `signals`, `syscalls`, `threads`
 //! 5. entry points: `startup`, `hooks`
@@ -35,6 +35,8 @@ pub mod real;
 pub mod runtime;
 /// The sealed heap: the runtime's configuration and census, on the shim key.
 pub mod sealed;
+/// A spin lock that a fork child can release (arenas, the sealed heap).
+pub mod spin;
 /// The constructor's sequence: the pipeline from configuration to threads.
 pub mod startup;
 

@@ -14,10 +14,11 @@
 //! the pages are on key 0; [`harden`] moves them and the metadata.
 
 use crate::pku;
+use crate::spin::SpinLock;
 use core::alloc::Layout;
 use core::cell::UnsafeCell;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 use talc::base::binning::Binning;
 use talc::base::Talc;
 use talc::source::Source;
@@ -49,49 +50,30 @@ struct Commit {
     committed: usize,
 }
 
-/// A spin lock that yields: released by a plain store, so the fork
-/// handlers can release in the child what the parent's prepare handler
-/// took (a `Mutex` guard cannot cross `fork`).
-struct Spin(AtomicBool);
-
-impl Spin {
-    fn lock(&self) {
-        while self
-            .0
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            // SAFETY: sched_yield has no preconditions.
-            unsafe { libc::sched_yield() };
-        }
-    }
-    fn unlock(&self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
 /// Everything a compartment must not write: the scope lock, which thread
 /// is inside a scope, and talc's bins. On a page of its own.
+/// The locks are spin locks: a fork child can release what the parent's
+/// prepare handler took (a `Mutex` guard cannot cross `fork`).
 #[repr(C, align(4096))]
 struct State {
-    scope: Spin,
+    scope: SpinLock,
     /// `pthread_self` of the thread inside a scope (0: none).
     owner: AtomicUsize,
     talc: UnsafeCell<Talc<Commit, DefaultBinning>>,
-    lock: Spin,
+    lock: SpinLock,
 }
 // SAFETY: `talc` is only touched with `lock` held.
 unsafe impl Sync for State {}
 const _: () = assert!(core::mem::size_of::<State>() == 4096);
 
 static STATE: State = State {
-    scope: Spin(AtomicBool::new(false)),
+    scope: SpinLock::new(),
     owner: AtomicUsize::new(0),
     talc: UnsafeCell::new(Talc::new(Commit {
         heap_end: 0,
         committed: 0,
     })),
-    lock: Spin(AtomicBool::new(false)),
+    lock: SpinLock::new(),
 };
 
 /// Hold both locks across `fork`, so that a child never inherits one held
@@ -110,8 +92,11 @@ pub fn register_fork_handlers() {
     }
     extern "C" fn release() {
         pku::with_shim_writes(|| {
-            STATE.lock.unlock();
-            STATE.scope.unlock();
+            // SAFETY: the prepare handler took both (in a child: the parent's).
+            unsafe {
+                STATE.lock.unlock();
+                STATE.scope.unlock();
+            }
         });
     }
     // Plain functions that never allocate.
@@ -209,7 +194,8 @@ pub fn with_sealed<R>(f: impl FnOnce() -> R) -> R {
         STATE.owner.store(me(), Ordering::Relaxed);
         let r = f();
         STATE.owner.store(0, Ordering::Relaxed);
-        STATE.scope.unlock();
+        // SAFETY: taken above on this thread.
+        unsafe { STATE.scope.unlock() };
         r
     })
 }
@@ -246,7 +232,8 @@ pub fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
             }
             None => core::ptr::null_mut(),
         };
-        STATE.lock.unlock();
+        // SAFETY: taken above on this thread.
+        unsafe { STATE.lock.unlock() };
         p
     })
 }
@@ -262,7 +249,8 @@ pub unsafe fn dealloc(p: *mut u8, layout: Layout) {
         let talc = unsafe { &mut *STATE.talc.get() };
         // SAFETY: the caller's block and layout.
         unsafe { talc.deallocate(p, layout) };
-        STATE.lock.unlock();
+        // SAFETY: taken above on this thread.
+        unsafe { STATE.lock.unlock() };
     })
 }
 
@@ -299,7 +287,8 @@ pub fn harden(key: u32) {
             let rw = libc::PROT_READ | libc::PROT_WRITE;
             pku::seal(start, talc.source.committed - start, rw, key, "sealed heap");
         }
-        STATE.lock.unlock();
+        // SAFETY: taken above on this thread.
+        unsafe { STATE.lock.unlock() };
     });
     pku::seal_static(&STATE, key, "sealed heap's allocator");
 }

@@ -26,8 +26,8 @@
 //! thread's PKRU cannot reach (a cross-compartment `free`, a callback) add
 //! that key for the length of the operation.
 
-use super::lock::SpinLock;
 use crate::pku;
+use crate::spin::SpinLock;
 use core::alloc::Layout;
 use core::cell::{Cell, UnsafeCell};
 use core::ptr::NonNull;

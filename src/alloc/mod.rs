@@ -29,7 +29,6 @@
 //! the pointer and the caller and end the process with `abort()` (SIGABRT).
 
 pub mod heap;
-mod lock;
 pub mod route;
 pub mod sites;
 

@@ -1,5 +1,5 @@
-//! The arena lock: a test-and-test-and-set spin lock that yields after a
-//! short spin. It never allocates, needs no thread identity (so the fork
+//! A test-and-test-and-set spin lock that yields after a short spin (the
+//! heaps' arenas, the sealed heap). It never allocates, needs no thread identity (so the fork
 //! handlers can release in the child what the parent's prepare handler
 //! took), and its release is a plain store.
 
