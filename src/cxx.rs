@@ -78,9 +78,12 @@ extern "C" {
     fn _Unwind_GetIP(ctx: *mut c_void) -> usize;
 }
 
-/// Resolve `_Unwind_Resume` (before any exception: the stub needs it).
+/// Resolve `_Unwind_Resume` before any exception (the stub needs it, in
+/// glibc's SIGCANCEL handler too), where an object after the shim defines
+/// it; a process without `libgcc_s` resolves it on first use
+/// (`crate::unwinder`).
 pub fn resolve() {
-    REAL_UNWIND_RESUME.get();
+    REAL_UNWIND_RESUME.get_or(0);
 }
 
 /// The libc compartment's key bits cleared from `pkru` (strict mode).
@@ -101,7 +104,8 @@ pub extern "C" fn unwind_resume_enter() -> usize {
         UNWIND_RIGHTS.set(Some(pkru));
         pku::write_pkru(with_libc_key(rt, pkru));
     }
-    REAL_UNWIND_RESUME.get()
+    crate::unwinder::ready();
+    REAL_UNWIND_RESUME.get_or(crate::unwinder::private_resume())
 }
 
 type Raise = unsafe extern "C" fn(*mut c_void) -> c_int;
@@ -114,8 +118,12 @@ type Raise = unsafe extern "C" fn(*mut c_void) -> c_int;
 pub unsafe fn raise(exc: *mut c_void, rethrow: bool) -> c_int {
     // Unwinding may run in glibc's SIGCANCEL handler (key 0 alone).
     pku::open_shim_reads();
-    let real = if rethrow { &REAL_RETHROW } else { &REAL_RAISE };
-    let f = real.get();
+    crate::unwinder::ready();
+    let f = if rethrow {
+        REAL_RETHROW.get_or(crate::unwinder::private_rethrow())
+    } else {
+        REAL_RAISE.get_or(crate::unwinder::private_raise())
+    };
     let saved = runtime::active().map(|_| {
         let p = pku::read_pkru();
         UNWIND_RIGHTS.set(Some(p));
@@ -168,12 +176,11 @@ pub unsafe fn personality(
 ) -> c_int {
     // Unwinding may run in glibc's SIGCANCEL handler (key 0 alone).
     pku::open_shim_reads();
-    let real = if gcc {
-        &REAL_GCC_PERSONALITY
+    let f = if gcc {
+        REAL_GCC_PERSONALITY.get_or(crate::unwinder::private_gcc_personality())
     } else {
-        &REAL_GXX_PERSONALITY
+        REAL_GXX_PERSONALITY.get()
     };
-    let f = real.get();
     if f == 0 {
         return URC_FATAL_PHASE1_ERROR;
     }

@@ -8,7 +8,7 @@
 //! fails on an upward one):
 //!
 //! 1. pure core: `config`, `objects`, `compartments`, `plan`, `privacy`, `maps`, `stackfmt`, `scan`, `libc_gates`
-//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `anon`, `spin`, `sealed`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`, `libc_data`
+//! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `anon`, `spin`, `sealed`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`, `libc_data`, `unwinder`
 //! 3. runtime core: `runtime`
 //! 4. features: `alloc`, `bindnow`, `callbacks`, `cxx`, `deputy`, `dl`, `exit`, `fault`, `gates`, `keyguard`, `report`, `signals`, `syscalls`, `threads`
 //! 5. entry points: `startup`, `hooks`
@@ -105,6 +105,8 @@ pub mod tagmap;
 pub mod threads;
 /// Thread-local-storage geometry: thread pointer, TCB, DTV, module blocks.
 pub mod tls;
+/// The shim's private copy of libgcc's unwinder, and which copy runs what.
+pub mod unwinder;
 
 #[cfg(test)]
 mod layering;

@@ -28,18 +28,33 @@ impl RealFn {
         }
     }
 
+    /// The real function, or `fallback` while no object after the shim
+    /// defines it (not kept: one loaded later is found on a later call).
+    pub fn get_or(&self, fallback: usize) -> usize {
+        match self.addr.load(Ordering::Acquire) {
+            0 => self.try_resolve().unwrap_or(fallback),
+            a => a,
+        }
+    }
+
     fn resolve(&self) -> usize {
-        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
-        let a = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) } as usize;
-        if a == 0 {
+        self.try_resolve().unwrap_or_else(|| {
             crate::lifecycle::fatal(format_args!(
                 "dlsym(RTLD_NEXT, \"{}\") returned NULL: cannot find the real function",
                 self.name.to_str().unwrap_or("?")
-            ));
+            ))
+        })
+    }
+
+    fn try_resolve(&self) -> Option<usize> {
+        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+        let a = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) } as usize;
+        if a == 0 {
+            return None;
         }
         // The slot is in the sealed section (on the shim key once hardened).
         crate::pku::with_shim_writes(|| self.addr.store(a, Ordering::Release));
-        a
+        Some(a)
     }
 
     pub fn name(&self) -> &'static str {

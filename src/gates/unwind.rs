@@ -19,6 +19,9 @@ pub(super) unsafe extern "C" fn gate_personality(
     const URC_CONTINUE_UNWIND: c_int = 8;
     // A forced unwind may run in glibc's SIGCANCEL handler (key 0 alone).
     pku::open_shim_reads();
+    // The private _Unwind_GetGR/_Unwind_SetGR below, on the process
+    // unwinder's context.
+    crate::unwinder::ready();
     // SAFETY: ctx is the unwinder's context for this frame.
     let ip = unsafe { _Unwind_GetIP(ctx) };
     let pad = match return_point(ip) {
