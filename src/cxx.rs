@@ -79,11 +79,15 @@ extern "C" {
 }
 
 /// Resolve `_Unwind_Resume` before any exception (the stub needs it, in
-/// glibc's SIGCANCEL handler too), where an object after the shim defines
-/// it; a process without `libgcc_s` resolves it on first use
-/// (`crate::unwinder`).
-pub fn resolve() {
-    REAL_UNWIND_RESUME.get_or(0);
+/// glibc's SIGCANCEL handler too) once `objects` include `libgcc_s`, at
+/// start-up and after each `dlopen`. Without it a lookup would fail (a
+/// failed `dlsym` costs a start-up 10 µs of formatting an error nobody
+/// reads); a process that never loads it resolves on first use, or takes
+/// the shim's private copy (`crate::unwinder`).
+pub fn resolve<'a>(mut objects: impl Iterator<Item = &'a crate::objects::LoadedObject>) {
+    if objects.any(|o| o.basename.starts_with("libgcc_s.so")) {
+        REAL_UNWIND_RESUME.get_or(0);
+    }
 }
 
 /// The libc compartment's key bits cleared from `pkru` (strict mode).

@@ -491,6 +491,7 @@ fn after_dlopen(rt: &Runtime, caller: usize, handle: *mut c_void) {
     if start == end {
         return;
     }
+    crate::cxx::resolve(snapshot.objects[start..].iter());
     let only_new: Vec<Option<u8>> = (0..end)
         .map(|i| {
             if i >= start {

@@ -27,11 +27,7 @@ pub fn init() {
         Err(e) => fatal(format_args!("{e}")),
     };
     if config.help {
-        let mut b = StackBuf::<16384>::new();
-        let _ = crate::config::write_help(&mut b);
-        b.write_to_fd(1);
-        // SAFETY: exiting before the program runs, as IA2_HELP promises.
-        unsafe { libc::_exit(0) }
+        print_help();
     }
     if let Err(errno) = crate::logging::init(config.log_level, config.log_file) {
         fatal(format_args!(
@@ -50,7 +46,6 @@ pub fn init() {
     crate::dl::real_dlsym();
     crate::dl::resolve_dladdr();
     crate::callbacks::resolve();
-    crate::cxx::resolve();
     crate::tagmap::register_fork_handlers();
     crate::sealed::register_fork_handlers();
     crate::alloc::prepare();
@@ -95,6 +90,7 @@ pub fn init() {
     };
 
     let census = build_census(&config);
+    crate::cxx::resolve(census.objects.iter());
     if let Some(exe) = census.objects.first() {
         crate::fault::set_main_base(carveouts::map_start(exe));
     }
@@ -161,6 +157,18 @@ pub fn init() {
     if key != 0 {
         pku::seal_section(key);
     }
+}
+
+/// `IA2_HELP=1`: the variables, then exit. Out of line: its 16 KiB buffer
+/// in `init`'s frame cost every start-up four stack pages.
+#[cold]
+#[inline(never)]
+fn print_help() -> ! {
+    let mut b = StackBuf::<16384>::new();
+    let _ = crate::config::write_help(&mut b);
+    b.write_to_fd(1);
+    // SAFETY: exiting before the program runs, as IA2_HELP promises.
+    unsafe { libc::_exit(0) }
 }
 
 /// Census, assignment, carveouts and plan for the objects loaded now.
