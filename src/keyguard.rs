@@ -133,42 +133,74 @@ const JMP_ABS: [u8; 6] = [0xff, 0x25, 0, 0, 0, 0];
 /// Called by the constructor before the syscall filter exists.
 pub fn install(pkey_set_ours: usize, [madvise, mprotect, munmap]: [usize; 3]) {
     // Called before the state is Ready: ask the runtime itself.
-    if !runtime::get().is_some_and(|r| r.active()) {
+    let Some(rt) = runtime::get().filter(|r| r.active()) else {
         return;
+    };
+    let jumps: Vec<(usize, usize, &str)> = [
+        (&real::PKEY_SET, pkey_set_ours, "pkey_set"),
+        (&real::MADVISE, madvise, "madvise"),
+        (&real::MPROTECT, mprotect, "mprotect"),
+        (&real::MUNMAP, munmap, "munmap"),
+    ]
+    .into_iter()
+    .map(|(real, ours, name)| (real.get(), ours, name))
+    .filter(|&(entry, ours, _)| entry != ours && entry != 0 && ours != 0)
+    .collect();
+    // One write window over the pages of all four entries when they lie in
+    // one executable segment (libc's text): two `mprotect`s instead of
+    // eight, and no other mapping's protection changes.
+    let window = jumps.iter().map(|&(e, ..)| e & !4095).min().zip(
+        jumps
+            .iter()
+            .map(|&(e, ..)| (e + JMP_ABS.len() + 8 + 4095) & !4095)
+            .max(),
+    );
+    let one_segment = window.is_some_and(|(lo, hi)| {
+        let census = rt.census.read().unwrap_or_else(|e| e.into_inner());
+        census.object_at(lo).is_some_and(|(_, o)| {
+            o.segments.iter().any(|s| {
+                s.executable() && s.range.start <= lo && hi <= s.range.end.next_multiple_of(4096)
+            })
+        })
+    });
+    match window {
+        Some((lo, hi)) if one_segment => write_jumps(lo, hi, &jumps),
+        _ => {
+            for &j in &jumps {
+                let page = j.0 & !4095;
+                write_jumps(page, (j.0 + JMP_ABS.len() + 8 + 4095) & !4095, &[j]);
+            }
+        }
     }
-    redirect(&real::PKEY_SET, pkey_set_ours, "pkey_set");
-    redirect(&real::MADVISE, madvise, "madvise");
-    redirect(&real::MPROTECT, mprotect, "mprotect");
-    redirect(&real::MUNMAP, munmap, "munmap");
 }
 
-/// Overwrite the first 14 bytes of libc's `real` with a jump to `ours`.
-fn redirect(real: &RealFn, ours: usize, name: &str) {
-    let libc_entry = real.get();
-    if libc_entry == ours || libc_entry == 0 || ours == 0 {
-        return;
-    }
-    let page = libc_entry & !4095;
-    let len = if (libc_entry + 14) > page + 4096 {
-        8192
-    } else {
-        4096
-    };
-    let rw = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-    // SAFETY: libc's text pages holding the function's first 14 bytes; made
+/// Overwrite the first 14 bytes of each libc entry in `jumps` (entry,
+/// ours, name) with a jump to ours, with the text pages `lo..hi` writable
+/// for the copy.
+fn write_jumps(lo: usize, hi: usize, jumps: &[(usize, usize, &str)]) {
+    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+    // SAFETY: libc's text pages holding the functions' first 14 bytes; made
     // writable for the copy, then read-and-execute again. No other thread
     // runs yet (the constructor).
     unsafe {
-        if libc::mprotect(page as *mut c_void, len, rw) != 0 {
-            log::warn!(
-                "cannot patch libc's {name} (mprotect errno {}); it stays reachable by address",
-                crate::stackfmt::errno()
-            );
+        if libc::mprotect(lo as *mut c_void, hi - lo, rwx) != 0 {
+            let errno = crate::stackfmt::errno();
+            for (_, _, name) in jumps {
+                log::warn!(
+                    "cannot patch libc's {name} (mprotect errno {errno}); it stays reachable by address"
+                );
+            }
             return;
         }
-        let p = libc_entry as *mut u8;
-        core::ptr::copy_nonoverlapping(JMP_ABS.as_ptr(), p, JMP_ABS.len());
-        core::ptr::write_unaligned(p.add(6) as *mut u64, ours as u64);
-        libc::mprotect(page as *mut c_void, len, libc::PROT_READ | libc::PROT_EXEC);
+        for &(entry, ours, _) in jumps {
+            let p = entry as *mut u8;
+            core::ptr::copy_nonoverlapping(JMP_ABS.as_ptr(), p, JMP_ABS.len());
+            core::ptr::write_unaligned(p.add(6) as *mut u64, ours as u64);
+        }
+        libc::mprotect(
+            lo as *mut c_void,
+            hi - lo,
+            libc::PROT_READ | libc::PROT_EXEC,
+        );
     }
 }
