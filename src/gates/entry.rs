@@ -1305,6 +1305,11 @@ pub(super) fn gate_functions(
     let Some(own) = census.compartment_of.get(i).copied().flatten() else {
         return;
     };
+    // Nothing to gate (an executable that exports no function): no cache
+    // file to name, open and read.
+    if funcs.is_empty() {
+        return;
+    }
     let obj = &census.objects[i];
     // The executable's entry point (`_start`) runs after the shim's
     // constructor, without a return address: never gate it.
