@@ -143,24 +143,6 @@ fn read_proc(path: &str) -> std::io::Result<String> {
     Ok(s)
 }
 
-/// The signals that have a handler (`SigCgt` of `/proc/self/status`: bit
-/// `n - 1` for signal `n`), or `None` when it cannot be read.
-pub fn caught_signals() -> Option<u64> {
-    use std::io::Read;
-    let mut s = String::with_capacity(4 << 10);
-    std::fs::File::open("/proc/self/status")
-        .ok()?
-        .read_to_string(&mut s)
-        .ok()?;
-    parse_sig_cgt(&s)
-}
-
-/// The `SigCgt:` mask of a `/proc/PID/status` text.
-pub fn parse_sig_cgt(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("SigCgt:"))?;
-    u64::from_str_radix(line["SigCgt:".len()..].trim(), 16).ok()
-}
-
 pub fn read_self_maps() -> std::io::Result<Vec<Mapping>> {
     Ok(parse_maps(&read_proc("/proc/self/maps")?))
 }
@@ -172,18 +154,6 @@ pub fn read_self_smaps() -> std::io::Result<Vec<Mapping>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sig_cgt_is_read_from_the_status_text() {
-        let status =
-            "Name:\ttrue\nSigIgn:\t0000000000000004\nSigCgt:\t0000000180004002\nCapInh:\t0\n";
-        let m = parse_sig_cgt(status).unwrap();
-        assert_eq!(m, 0x1_8000_4002);
-        assert!(m & (1 << (libc::SIGINT - 1)) != 0);
-        assert!(m & (1 << (libc::SIGQUIT - 1)) == 0);
-        assert_eq!(parse_sig_cgt("Name:\ttrue\n"), None);
-        assert_eq!(parse_sig_cgt("SigCgt:\tzz\n"), None);
-    }
 
     const SMAPS: &str = "\
 55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 1234                       /usr/bin/prog
