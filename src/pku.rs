@@ -48,16 +48,22 @@ impl fmt::Display for PkuSupport {
 
 /// Probe the CPU and the kernel. Allocates and frees one real key.
 pub fn probe() -> PkuSupport {
-    // Leaf 7 returns zeros on CPUs that lack it.
-    let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
-    let cpu_pku = leaf7.ecx & (1 << 3) != 0;
-    let os_pke = leaf7.ecx & (1 << 4) != 0;
     let syscall = match sys_pkey_alloc(0) {
         Ok(k) => {
             sys_pkey_free(k);
             Ok(())
         }
         Err(e) => Err(e),
+    };
+    // The kernel hands out keys only when the CPU has PKU and it has set
+    // CR4.PKE; CPUID (which traps to the hypervisor on a virtual machine,
+    // 4 µs here) is asked only to explain a failure.
+    let (cpu_pku, os_pke) = if syscall.is_ok() {
+        (true, true)
+    } else {
+        // Leaf 7 returns zeros on CPUs that lack it.
+        let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
+        (leaf7.ecx & (1 << 3) != 0, leaf7.ecx & (1 << 4) != 0)
     };
     PkuSupport {
         cpu_pku,
