@@ -2,7 +2,9 @@
 //! in-memory dynamic section (decoded with `object`'s ELF types) for
 //! relocations and symbols.
 
+use core::cell::UnsafeCell;
 use core::ffi::{c_char, c_int, c_void, CStr};
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use object::elf;
 use object::LittleEndian as LE;
 
@@ -308,9 +310,7 @@ unsafe extern "C" fn census_callback(
     };
     // The executable's dlpi_name is empty; name it by its path for reports.
     let name = if out.is_empty() && name.is_empty() {
-        std::fs::read_link("/proc/self/exe")
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default()
+        exe_path().unwrap_or_default().to_string()
     } else {
         name
     };
@@ -368,6 +368,75 @@ unsafe extern "C" fn census_callback(
 }
 
 /// Every loaded object, in load order (the main executable first).
+/// The executable's path, kept once per process in a static buffer (no
+/// allocation): from [`seed_exe_path`] (the start-up census finds it in
+/// its `/proc/self/maps` snapshot), else `readlink("/proc/self/exe")` on
+/// first use. `None` while another thread fills it, or if unreadable.
+pub fn exe_path() -> Option<&'static str> {
+    fill_exe_path(|buf| {
+        // SAFETY: a NUL-terminated path and a buffer of `buf.len()` bytes.
+        let n = unsafe {
+            libc::readlink(
+                c"/proc/self/exe".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        usize::try_from(n).ok()
+    })
+}
+
+/// Record the executable's path where the caller already has it (the same
+/// text `readlink` would return), so that naming it costs no system call.
+/// Ignored once the path is known.
+pub fn seed_exe_path(path: &str) {
+    fill_exe_path(|buf| {
+        let b = path.as_bytes();
+        (b.len() < buf.len()).then(|| {
+            buf[..b.len()].copy_from_slice(b);
+            b.len()
+        })
+    });
+}
+
+fn fill_exe_path(fill: impl FnOnce(&mut [u8; 4096]) -> Option<usize>) -> Option<&'static str> {
+    struct Buf {
+        state: AtomicU8,
+        len: AtomicUsize,
+        bytes: UnsafeCell<[u8; 4096]>,
+    }
+    // SAFETY: `bytes` is written once, by the thread that moved `state`
+    // from EMPTY to BUSY, and read only after `state` is READY.
+    unsafe impl Sync for Buf {}
+    const EMPTY: u8 = 0;
+    const BUSY: u8 = 1;
+    const READY: u8 = 2;
+    const FAILED: u8 = 3;
+    static EXE: Buf = Buf {
+        state: AtomicU8::new(EMPTY),
+        len: AtomicUsize::new(0),
+        bytes: UnsafeCell::new([0; 4096]),
+    };
+    if EXE
+        .state
+        .compare_exchange(EMPTY, BUSY, Ordering::Acquire, Ordering::Acquire)
+        .is_ok()
+    {
+        // SAFETY: only this thread writes the buffer (state BUSY).
+        let buf = unsafe { &mut *EXE.bytes.get() };
+        let n = fill(buf).filter(|&n| n > 0 && n < buf.len());
+        EXE.len.store(n.unwrap_or(0), Ordering::Relaxed);
+        EXE.state
+            .store(if n.is_some() { READY } else { FAILED }, Ordering::Release);
+    }
+    if EXE.state.load(Ordering::Acquire) != READY {
+        return None;
+    }
+    // SAFETY: READY: the buffer's first `len` bytes are final.
+    let all: &'static [u8; 4096] = unsafe { &*EXE.bytes.get() };
+    core::str::from_utf8(&all[..EXE.len.load(Ordering::Relaxed)]).ok()
+}
+
 pub fn census() -> Vec<LoadedObject> {
     let mut out: Vec<LoadedObject> = Vec::new();
     // SAFETY: the callback only touches `out` and the info glibc passes.
@@ -680,6 +749,12 @@ mod tests {
     fn census_of_the_test_binary() {
         let objs = census();
         assert_eq!(objs[0].kind, ObjectKind::Main);
+        // The executable is named by its path, as readlink gives it; a
+        // later seed does not change a known path.
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        assert_eq!(objs[0].name, exe.to_str().unwrap());
+        seed_exe_path("/elsewhere");
+        assert_eq!(exe_path(), exe.to_str());
         assert!(objs.iter().any(|o| o.kind == ObjectKind::Loader));
         let libc = objs
             .iter()
