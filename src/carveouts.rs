@@ -265,9 +265,7 @@ pub fn data_imports(
 /// The run-time address of `name` as the dynamic linker resolves it for the
 /// program (for an IFUNC, the selected implementation).
 fn resolve_global(name: &core::ffi::CStr) -> Option<usize> {
-    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name.
-    let a = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as usize;
-    (a != 0).then_some(a)
+    crate::real::global_symbol(name)
 }
 
 /// The writable, non-RELRO pages of an object: where its mutable globals live.

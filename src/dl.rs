@@ -659,27 +659,8 @@ pub fn startup_done(c: &Census) {
     first_dlopened(c);
 }
 
-/// glibc's `dlsym`, found with `dlvsym` (which the shim does not
-/// interpose), so that resolving it never recurses into the `dlsym` hook.
-#[link_section = ".ia2shim_sealed"]
-pub static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
-
-pub fn real_dlsym() -> usize {
-    let a = REAL_DLSYM.load(Ordering::Acquire);
-    if a != 0 {
-        return a;
-    }
-    for version in [c"GLIBC_2.34", c"GLIBC_2.2.5"] {
-        // SAFETY: dlvsym with RTLD_NEXT and NUL-terminated strings.
-        let f =
-            unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) } as usize;
-        if f != 0 {
-            crate::pku::with_shim_writes(|| REAL_DLSYM.store(f, Ordering::Release));
-            return f;
-        }
-    }
-    crate::lifecycle::fatal(format_args!("dlvsym(RTLD_NEXT, \"dlsym\") found no dlsym"))
-}
+// glibc's `dlsym` itself lives with the other real functions.
+pub use crate::real::{real_dlsym, REAL_DLSYM};
 
 /// `dlsym` for every handle but `RTLD_NEXT`, as called from `caller`
 /// (`RTLD_DEFAULT` searches the caller's lookup scope), with the libc

@@ -289,3 +289,39 @@ pub unsafe fn sigaction(
     // SAFETY: forwarded contract.
     unsafe { f(sig, act, old) }
 }
+
+/// glibc's `dlsym`, found with `dlvsym` (which the shim does not
+/// interpose), so that resolving it never recurses into the `dlsym` hook.
+#[link_section = ".ia2shim_sealed"]
+pub static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
+
+pub fn real_dlsym() -> usize {
+    let a = REAL_DLSYM.load(Ordering::Acquire);
+    if a != 0 {
+        return a;
+    }
+    for version in [c"GLIBC_2.34", c"GLIBC_2.2.5"] {
+        // SAFETY: dlvsym with RTLD_NEXT and NUL-terminated strings.
+        let f =
+            unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) } as usize;
+        if f != 0 {
+            crate::pku::with_shim_writes(|| REAL_DLSYM.store(f, Ordering::Release));
+            return f;
+        }
+    }
+    crate::lifecycle::fatal(format_args!("dlvsym(RTLD_NEXT, \"dlsym\") found no dlsym"))
+}
+
+/// `dlsym(RTLD_DEFAULT, name)` asked by the shim's own start-up code, past
+/// the shim's `dlsym` hook: glibc sees the shim as the caller, as the hook
+/// would arrange with a return gadget it first searches for (a
+/// `dl_iterate_phdr` walk per call). The constructor holds every key, so
+/// the hook's added libc rights change nothing.
+pub fn global_symbol(name: &CStr) -> Option<usize> {
+    type DlsymFn = unsafe extern "C" fn(*mut c_void, *const libc::c_char) -> *mut c_void;
+    // SAFETY: the slot holds glibc's dlsym.
+    let dlsym: DlsymFn = unsafe { core::mem::transmute::<usize, DlsymFn>(real_dlsym()) };
+    // SAFETY: RTLD_DEFAULT and a NUL-terminated name.
+    let a = unsafe { dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as usize;
+    (a != 0).then_some(a)
+}
