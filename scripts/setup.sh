@@ -13,6 +13,11 @@ command -v aomenc >/dev/null || need+=(aom-tools)
 # rsvg-convert renders the --map pictures in ia2run's tests.
 command -v rsvg-convert >/dev/null || need+=(librsvg2-bin)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
+# build.rs links a copy of gcc's static unwinder (libgcc_eh.a), made with objcopy.
+command -v objcopy >/dev/null || need+=(binutils)
+if command -v cc >/dev/null && ! cc -print-file-name=libgcc_eh.a | grep -q /; then
+  need+=(gcc)
+fi
 # The compatibility corpus (tests/corpus.rs): stock programs and their libraries.
 for p in libxml2-utils xsltproc xmlstarlet libarchive-tools curl python3 perl \
          sqlite3 jq openssl lua5.4 xz-utils zstd bzip2 file pigz qpdf exiv2 \
