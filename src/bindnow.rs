@@ -210,7 +210,6 @@ fn resolvable(d: &crate::objects::DynamicInfo, scope: *mut c_void, index: u32) -
     };
     // SAFETY: as above.
     let version = unsafe { d.symbol_version(index) };
-    type DlsymFn = unsafe extern "C" fn(*mut c_void, *const libc::c_char) -> *mut c_void;
     extern "C" {
         fn dlvsym(
             handle: *mut c_void,
@@ -218,15 +217,13 @@ fn resolvable(d: &crate::objects::DynamicInfo, scope: *mut c_void, index: u32) -
             version: *const libc::c_char,
         ) -> *mut c_void;
     }
-    // The shim's dlsym hook is bypassed (REAL_DLSYM): PKRU allows every key here.
-    // SAFETY: REAL_DLSYM holds glibc's dlsym.
-    let dlsym: DlsymFn = unsafe { core::mem::transmute::<usize, DlsymFn>(crate::dl::real_dlsym()) };
+    // The shim's dlsym hook is bypassed: PKRU allows every key here.
     let found = |handle: *mut c_void| match version {
         // SAFETY: a valid handle (RTLD_DEFAULT or one dlopen returned) and
         // NUL-terminated strings.
         Some(v) => unsafe { !dlvsym(handle, name.as_ptr(), v.as_ptr()).is_null() },
         // SAFETY: as above.
-        None => unsafe { !dlsym(handle, name.as_ptr()).is_null() },
+        None => unsafe { crate::real::dlsym_past_hook(handle, &name) != 0 },
     };
     found(libc::RTLD_DEFAULT) || (!scope.is_null() && found(scope))
 }

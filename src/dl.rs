@@ -40,6 +40,7 @@
 use crate::objects::{self, LoadedObject, ObjectKind};
 use crate::pku;
 use crate::plan::{PlanEntry, Reason};
+use crate::real::real_dlsym;
 use crate::runtime::{self, Census, Runtime};
 use core::ffi::{c_char, c_int, c_void};
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -658,9 +659,6 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
 pub fn startup_done(c: &Census) {
     first_dlopened(c);
 }
-
-// glibc's `dlsym` itself lives with the other real functions.
-pub use crate::real::{real_dlsym, REAL_DLSYM};
 
 /// `dlsym` for every handle but `RTLD_NEXT`, as called from `caller`
 /// (`RTLD_DEFAULT` searches the caller's lookup scope), with the libc

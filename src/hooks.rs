@@ -381,7 +381,7 @@ core::arch::global_asm!(
     ".size dlsym, .-dlsym",
     ".popsection",
     hook = sym hook_dlsym,
-    real = sym crate::dl::REAL_DLSYM,
+    real = sym crate::real::REAL_DLSYM,
     pass = sym crate::dl::PASS_DLSYM,
     enter = sym crate::dl::dlsym_next_enter,
     leave = sym crate::dl::dlsym_next_leave,

@@ -312,16 +312,26 @@ pub fn real_dlsym() -> usize {
     crate::lifecycle::fatal(format_args!("dlvsym(RTLD_NEXT, \"dlsym\") found no dlsym"))
 }
 
-/// `dlsym(RTLD_DEFAULT, name)` asked by the shim's own start-up code, past
-/// the shim's `dlsym` hook: glibc sees the shim as the caller, as the hook
+/// glibc's `dlsym(handle, name)` asked by the shim's own code, past the
+/// shim's `dlsym` hook: glibc sees the shim as the caller, as the hook
 /// would arrange with a return gadget it first searches for (a
-/// `dl_iterate_phdr` walk per call). The constructor holds every key, so
-/// the hook's added libc rights change nothing.
-pub fn global_symbol(name: &CStr) -> Option<usize> {
+/// `dl_iterate_phdr` walk per call). For callers that hold every key
+/// (the constructor, binding with all keys open), where the hook's added
+/// libc rights change nothing.
+///
+/// # Safety
+/// `handle` is `RTLD_DEFAULT`, `RTLD_NEXT` or a handle `dlopen` returned.
+pub unsafe fn dlsym_past_hook(handle: *mut c_void, name: &CStr) -> usize {
     type DlsymFn = unsafe extern "C" fn(*mut c_void, *const libc::c_char) -> *mut c_void;
     // SAFETY: the slot holds glibc's dlsym.
     let dlsym: DlsymFn = unsafe { core::mem::transmute::<usize, DlsymFn>(real_dlsym()) };
-    // SAFETY: RTLD_DEFAULT and a NUL-terminated name.
-    let a = unsafe { dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as usize;
+    // SAFETY: the caller's handle and a NUL-terminated name.
+    unsafe { dlsym(handle, name.as_ptr()) as usize }
+}
+
+/// `dlsym(RTLD_DEFAULT, name)` from start-up code ([`dlsym_past_hook`]).
+pub fn global_symbol(name: &CStr) -> Option<usize> {
+    // SAFETY: RTLD_DEFAULT.
+    let a = unsafe { dlsym_past_hook(libc::RTLD_DEFAULT, name) };
     (a != 0).then_some(a)
 }

@@ -43,7 +43,7 @@ pub fn init() {
         }
     }
     crate::real::resolve_all();
-    crate::dl::real_dlsym();
+    crate::real::real_dlsym();
     crate::dl::resolve_dladdr();
     crate::callbacks::resolve();
     crate::tagmap::register_fork_handlers();
