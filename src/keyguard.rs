@@ -10,6 +10,7 @@
 //! (`crate::pku`), never these. The same calls made as raw syscalls are the
 //! syscall filter's business (`crate::syscalls`).
 
+use crate::objects::Range;
 use crate::pku;
 use crate::real::{self, RealFn};
 use crate::runtime::{self, Runtime};
@@ -146,44 +147,44 @@ pub fn install(pkey_set_ours: usize, [madvise, mprotect, munmap]: [usize; 3]) {
     .map(|(real, ours, name)| (real.get(), ours, name))
     .filter(|&(entry, ours, _)| entry != ours && entry != 0 && ours != 0)
     .collect();
+    // The pages holding an entry's first 14 bytes (the jump and its target).
+    let pages = |entry: usize| Range::new(entry, entry + JMP_ABS.len() + 8).pages_out();
     // One write window over the pages of all four entries when they lie in
     // one executable segment (libc's text): two `mprotect`s instead of
     // eight, and no other mapping's protection changes.
-    let window = jumps.iter().map(|&(e, ..)| e & !4095).min().zip(
-        jumps
-            .iter()
-            .map(|&(e, ..)| (e + JMP_ABS.len() + 8 + 4095) & !4095)
-            .max(),
-    );
-    let one_segment = window.is_some_and(|(lo, hi)| {
+    let window = jumps
+        .iter()
+        .map(|&(e, ..)| pages(e))
+        .reduce(|a, b| Range::new(a.start.min(b.start), a.end.max(b.end)));
+    let one_segment = window.is_some_and(|w| {
         let census = rt.census.read().unwrap_or_else(|e| e.into_inner());
-        census.object_at(lo).is_some_and(|(_, o)| {
+        census.object_at(w.start).is_some_and(|(_, o)| {
             o.segments.iter().any(|s| {
-                s.executable() && s.range.start <= lo && hi <= s.range.end.next_multiple_of(4096)
+                s.executable() && s.range.start <= w.start && w.end <= s.range.pages_out().end
             })
         })
     });
     match window {
-        Some((lo, hi)) if one_segment => write_jumps(lo, hi, &jumps),
+        Some(w) if one_segment => write_jumps(w, &jumps),
         _ => {
             for &j in &jumps {
-                let page = j.0 & !4095;
-                write_jumps(page, (j.0 + JMP_ABS.len() + 8 + 4095) & !4095, &[j]);
+                write_jumps(pages(j.0), &[j]);
             }
         }
     }
 }
 
 /// Overwrite the first 14 bytes of each libc entry in `jumps` (entry,
-/// ours, name) with a jump to ours, with the text pages `lo..hi` writable
+/// ours, name) with a jump to ours, with the text pages `window` writable
 /// for the copy.
-fn write_jumps(lo: usize, hi: usize, jumps: &[(usize, usize, &str)]) {
+fn write_jumps(window: Range, jumps: &[(usize, usize, &str)]) {
+    let (lo, len) = (window.start as *mut c_void, window.len());
     let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
     // SAFETY: libc's text pages holding the functions' first 14 bytes; made
     // writable for the copy, then read-and-execute again. No other thread
     // runs yet (the constructor).
     unsafe {
-        if libc::mprotect(lo as *mut c_void, hi - lo, rwx) != 0 {
+        if libc::mprotect(lo, len, rwx) != 0 {
             let errno = crate::stackfmt::errno();
             for (_, _, name) in jumps {
                 log::warn!(
@@ -197,10 +198,6 @@ fn write_jumps(lo: usize, hi: usize, jumps: &[(usize, usize, &str)]) {
             core::ptr::copy_nonoverlapping(JMP_ABS.as_ptr(), p, JMP_ABS.len());
             core::ptr::write_unaligned(p.add(6) as *mut u64, ours as u64);
         }
-        libc::mprotect(
-            lo as *mut c_void,
-            hi - lo,
-            libc::PROT_READ | libc::PROT_EXEC,
-        );
+        libc::mprotect(lo, len, libc::PROT_READ | libc::PROT_EXEC);
     }
 }
