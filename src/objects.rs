@@ -367,7 +367,6 @@ unsafe extern "C" fn census_callback(
     0
 }
 
-/// Every loaded object, in load order (the main executable first).
 /// The executable's path, kept once per process in a static buffer (no
 /// allocation): from [`seed_exe_path`] (the start-up census finds it in
 /// its `/proc/self/maps` snapshot), else `readlink("/proc/self/exe")` on
@@ -437,6 +436,7 @@ fn fill_exe_path(fill: impl FnOnce(&mut [u8; 4096]) -> Option<usize>) -> Option<
     core::str::from_utf8(&all[..EXE.len.load(Ordering::Relaxed)]).ok()
 }
 
+/// Every loaded object, in load order (the main executable first).
 pub fn census() -> Vec<LoadedObject> {
     let mut out: Vec<LoadedObject> = Vec::new();
     // SAFETY: the callback only touches `out` and the info glibc passes.
