@@ -15,25 +15,35 @@ pub const NUM_KEYS: u32 = 16;
 /// What the probe found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PkuSupport {
-    /// CPUID.(EAX=7,ECX=0):ECX[3].
-    pub cpu_pku: bool,
-    /// CPUID.(EAX=7,ECX=0):ECX[4]: the OS has set CR4.PKE.
-    pub os_pke: bool,
     /// `pkey_alloc` then `pkey_free` succeeded; otherwise the errno.
     pub syscall: Result<(), i32>,
 }
 
 impl PkuSupport {
     pub fn usable(&self) -> bool {
-        self.cpu_pku && self.os_pke && self.syscall.is_ok()
+        self.syscall.is_ok()
+    }
+
+    /// CPUID.(EAX=7,ECX=0):ECX bits 3 (PKU) and 4 (OSPKE: the OS has set
+    /// CR4.PKE). The kernel hands out keys only when both are set, so
+    /// CPUID (which traps to the hypervisor on a virtual machine, 4 µs
+    /// here) is asked only to explain a failure, when it is printed.
+    pub fn cpu_pku_os_pke(&self) -> (bool, bool) {
+        if self.syscall.is_ok() {
+            return (true, true);
+        }
+        // Leaf 7 returns zeros on CPUs that lack it.
+        let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
+        (leaf7.ecx & (1 << 3) != 0, leaf7.ecx & (1 << 4) != 0)
     }
 }
 
 impl fmt::Display for PkuSupport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.cpu_pku {
+        let (cpu_pku, os_pke) = self.cpu_pku_os_pke();
+        if !cpu_pku {
             write!(f, "the CPU does not report PKU (CPUID.7.0:ECX bit 3)")
-        } else if !self.os_pke {
+        } else if !os_pke {
             write!(
                 f,
                 "the kernel has not enabled PKU (CPUID.7.0:ECX bit 4, OSPKE)"
@@ -55,21 +65,7 @@ pub fn probe() -> PkuSupport {
         }
         Err(e) => Err(e),
     };
-    // The kernel hands out keys only when the CPU has PKU and it has set
-    // CR4.PKE; CPUID (which traps to the hypervisor on a virtual machine,
-    // 4 µs here) is asked only to explain a failure.
-    let (cpu_pku, os_pke) = if syscall.is_ok() {
-        (true, true)
-    } else {
-        // Leaf 7 returns zeros on CPUs that lack it.
-        let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
-        (leaf7.ecx & (1 << 3) != 0, leaf7.ecx & (1 << 4) != 0)
-    };
-    PkuSupport {
-        cpu_pku,
-        os_pke,
-        syscall,
-    }
+    PkuSupport { syscall }
 }
 
 /// PKRU that allows key 0 and `key` and denies (AD and WD) every other key:

@@ -58,11 +58,7 @@ pub fn init() {
             crate::dl::pass_through();
             let _ = runtime::set(Runtime {
                 config,
-                pku: PkuSupport {
-                    cpu_pku: false,
-                    os_pke: false,
-                    syscall: Err(0),
-                },
+                pku: PkuSupport { syscall: Err(0) },
                 census: CensusLock::new(Census::default()),
             });
             set_state(InitState::Ready);
