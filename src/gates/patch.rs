@@ -119,16 +119,20 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
     // Entry gates first, so that the slot pass knows which targets switch
     // on their own.
     if gating && st.entry {
-        let t = std::time::Instant::now();
+        // Timed only for the log: the first clock read of a process maps
+        // the vDSO's data page.
+        let t = log::log_enabled!(log::Level::Info).then(std::time::Instant::now);
         let before = st.entries.len();
         for i in which.clone() {
             gate_exports(&mut st, rt, census, i, variant);
         }
-        log::info!(
-            "entry gates: {} installed in {} µs",
-            st.entries.len() - before,
-            t.elapsed().as_micros()
-        );
+        if let Some(t) = t {
+            log::info!(
+                "entry gates: {} installed in {} µs",
+                st.entries.len() - before,
+                t.elapsed().as_micros()
+            );
+        }
     }
     let mut writes: Vec<(usize, usize)> = Vec::new();
     for i in which {
