@@ -203,11 +203,17 @@ fn build_census(config: &Config) -> Census {
     // key (strict mode); their decoders cost start-up time, so they run then.
     if config.libc_compartment.is_some() {
         carveouts.push(carveouts::tls_generation(config, &objects));
-        carveouts.push(carveouts::libc_tuning(config, &objects));
+        // libc_tuning, pthread_once, mutex_elision: one pass over libc's
+        // dynsym for the three; pushed in the order the plan paints them.
+        let [tuning, once, elision]: [carveouts::Located; 3] =
+            carveouts::libc_decoded(config, &objects)
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("three locators in, three out"));
+        carveouts.push(tuning);
         carveouts.push(carveouts::libc_single_threaded(config, &objects));
-        carveouts.push(carveouts::pthread_once(config, &objects));
+        carveouts.push(once);
         carveouts.push(carveouts::libgcc(config, &objects));
-        carveouts.push(carveouts::mutex_elision(config, &objects));
+        carveouts.push(elision);
         carveouts.push(crate::libc_data::data_imports(
             config,
             &objects,
