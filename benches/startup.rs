@@ -4,12 +4,16 @@
 //!
 //! 1. `/bin/true` and `dav1d --version`, default and strict mode
 //!    (`IA2_LIBC_COMPARTMENT=1`); targets 1.5× and 1.7×.
-//! 2. `ffmpeg -version` (Debian's, 215 shared objects), with libavcodec,
+//! 2. The floor: `/bin/true` and `dav1d --version` with an empty C
+//!    library preloaded, with `benches/floor.c` (a C constructor making
+//!    only the system calls the shim cannot avoid), and with the shim off
+//!    and in sim mode, alternating with the program alone.
+//! 3. `ffmpeg -version` (Debian's, 215 shared objects), with libavcodec,
 //!    libavformat and libavutil in compartments 2-4; target 1.3×.
-//! 3. Entry gates: `curl --version`, `curl file://…` and `python3 -c
+//! 4. Entry gates: `curl --version`, `curl file://…` and `python3 -c
 //!    pass` with their libraries in compartments (`IA2_COMPARTMENTS=auto`),
 //!    warm and with `IA2_CACHE_DIR=off`, and the added CPU time per gate.
-//! 4. Added time against the number of loaded objects: a fixture executable
+//! 5. Added time against the number of loaded objects: a fixture executable
 //!    linked against N tiny libraries (each with data and a function the
 //!    executable calls), all in compartment 2, for N from 0 to 200, with a
 //!    least-squares line through the added times.
@@ -151,6 +155,58 @@ fn entry_gates(shim: &Path, case: &Case) -> usize {
         .sum()
 }
 
+/// The floor libraries, built once into `target/bench-floor/`: an empty C
+/// library (what preloading anything costs) and `benches/floor.c` (a C
+/// constructor making only the system calls the shim cannot avoid).
+fn floor_libraries(root: &Path) -> [PathBuf; 2] {
+    let dir = root.join("target/bench-floor");
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty_c = dir.join("empty.c");
+    std::fs::write(&empty_c, "int floor_empty;\n").unwrap();
+    let out = [dir.join("libempty.so"), dir.join("libfloor.so")];
+    for (src, so) in [(empty_c, &out[0]), (root.join("benches/floor.c"), &out[1])] {
+        let o = Command::new("cc")
+            .args(["-O2", "-shared", "-fPIC", "-o"])
+            .arg(so)
+            .arg(&src)
+            .output()
+            .expect("running cc");
+        assert!(
+            o.status.success(),
+            "cc {}: {}",
+            src.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    out
+}
+
+/// CPU medians (ms) of `iters` rounds, each running `argv` once without a
+/// preload and once with each of `preloads` (library, variables).
+fn measure_floor(
+    argv: &[String],
+    preloads: &[(&Path, Vec<(&'static str, String)>)],
+    iters: usize,
+) -> (f64, Vec<f64>) {
+    let mut base = Vec::new();
+    let mut with = vec![Vec::new(); preloads.len()];
+    for i in 0..iters + 5 {
+        let b = run(argv, None).1;
+        let w: Vec<Duration> = preloads
+            .iter()
+            .map(|(lib, env)| run(argv, Some((lib, env))).1)
+            .collect();
+        // The first five rounds warm the caches.
+        if i >= 5 {
+            base.push(b);
+            for (v, d) in with.iter_mut().zip(w) {
+                v.push(d);
+            }
+        }
+    }
+    (median(base), with.into_iter().map(median).collect())
+}
+
 /// The N-library fixture: `libmanyK.so` for K < n (an initialised global and
 /// a function reading it) and an executable calling each; built once into
 /// `target/bench-many/`.
@@ -251,6 +307,32 @@ fn main() {
     }
     for case in &cases {
         report(case, iters, measure(&shim, case, iters));
+    }
+
+    // The floor: what preloading any library costs, and what the shim's
+    // unavoidable system calls cost when a C constructor makes only them;
+    // the rest of the shim's ratio is its own design and implementation.
+    let [empty, floor] = floor_libraries(&root);
+    println!("start-up floor (cpu, median of {iters} rounds, ratio against no preload):");
+    println!("| program | without (ms) | an empty C library | the floor (benches/floor.c) | the shim, IA2_PKU=off | the shim, sim |");
+    println!("|---|---|---|---|---|---|");
+    let off = || vec![("IA2_PKU", "off".to_string())];
+    for argv in [s(&["/bin/true"]), s(&["/usr/bin/dav1d", "--version"])] {
+        if !Path::new(&argv[0]).exists() {
+            continue;
+        }
+        let preloads = [
+            (empty.as_path(), vec![]),
+            (floor.as_path(), vec![]),
+            (shim.as_path(), off()),
+            (shim.as_path(), vec![]),
+        ];
+        let (b, w) = measure_floor(&argv, &preloads, iters);
+        let cells: Vec<String> = w
+            .iter()
+            .map(|x| format!("{:.2}x (+{:.3} ms)", x / b, x - b))
+            .collect();
+        println!("| {} | {b:.3} | {} |", argv.join(" "), cells.join(" | "));
     }
 
     let ffmpeg = "/usr/bin/ffmpeg";
