@@ -201,11 +201,9 @@ fn resolvable(d: &crate::objects::DynamicInfo, scope: *mut c_void, index: u32) -
     if s.st_shndx.get(object::LittleEndian) != elf::SHN_UNDEF || bind == elf::STB_WEAK {
         return true;
     }
+    // The string table's own NUL-terminated name: no copy per slot.
     // SAFETY: the symbol index is valid (above).
-    let Some(sym) = (unsafe { d.symbol(index) }) else {
-        return false;
-    };
-    let Ok(name) = std::ffi::CString::new(sym.name) else {
+    let Some(name) = (unsafe { d.symbol_cname(index) }) else {
         return false;
     };
     // SAFETY: as above.
@@ -223,7 +221,7 @@ fn resolvable(d: &crate::objects::DynamicInfo, scope: *mut c_void, index: u32) -
         // NUL-terminated strings.
         Some(v) => unsafe { !dlvsym(handle, name.as_ptr(), v.as_ptr()).is_null() },
         // SAFETY: as above.
-        None => unsafe { crate::real::dlsym_past_hook(handle, &name) != 0 },
+        None => unsafe { crate::real::dlsym_past_hook(handle, name) != 0 },
     };
     found(libc::RTLD_DEFAULT) || (!scope.is_null() && found(scope))
 }

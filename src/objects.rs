@@ -719,6 +719,26 @@ impl DynamicInfo {
             shndx: s.st_shndx.get(LE),
         })
     }
+
+    /// The name of dynamic symbol `index` as the string table holds it,
+    /// NUL-terminated: for `dlsym`-style look-ups without a copy.
+    ///
+    /// # Safety
+    /// As [`Self::symbol`].
+    pub unsafe fn symbol_cname(&self, index: u32) -> Option<&'static CStr> {
+        if self.symtab == 0 || self.strtab == 0 {
+            return None;
+        }
+        // SAFETY: the caller guarantees the index is in range.
+        let s = unsafe { &*(self.symtab as *const elf::Sym64<LE>).add(index as usize) };
+        let off = s.st_name.get(LE) as usize;
+        if off >= self.strsz {
+            return None;
+        }
+        // SAFETY: st_name indexes the NUL-terminated string table, mapped
+        // for the object's life.
+        Some(unsafe { CStr::from_ptr((self.strtab + off) as *const c_char) })
+    }
 }
 
 #[cfg(test)]
