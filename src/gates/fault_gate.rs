@@ -298,4 +298,6 @@ extern "C" fn install_pending() {
             variant,
         );
     }
+    // The pass's /proc/self/mem, if a write needed it.
+    st.text_writer = None;
 }

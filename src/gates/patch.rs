@@ -126,6 +126,8 @@ pub fn patch_objects(rt: &Runtime, census: &Census, which: core::ops::Range<usiz
         for i in which.clone() {
             gate_exports(&mut st, rt, census, i, variant);
         }
+        // The pass's /proc/self/mem, if a write needed it.
+        st.text_writer = None;
         if let Some(t) = t {
             log::info!(
                 "entry gates: {} installed in {} µs",

@@ -92,6 +92,9 @@ pub(super) struct State {
     pub(super) refusals: Vec<Refusal>,
     pub(super) weak_skipped: usize,
     pub(super) arenas: Vec<Arena>,
+    /// `/proc/self/mem` for the text writes of one pass over the objects
+    /// (start-up, a `dlopen`, a fault-driven gate), closed at its end.
+    pub(super) text_writer: Option<super::entry::TextWriter>,
 }
 
 pub(super) static STATE: Mutex<State> = Mutex::new(State {
@@ -111,6 +114,7 @@ pub(super) static STATE: Mutex<State> = Mutex::new(State {
     refusals: Vec::new(),
     weak_skipped: 0,
     arenas: Vec::new(),
+    text_writer: None,
 });
 
 pub(super) fn state() -> std::sync::MutexGuard<'static, State> {
