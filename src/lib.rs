@@ -7,7 +7,7 @@
 //! or below (`layering::tests` reads every `crate::` path under `src/` and
 //! fails on an upward one):
 //!
-//! 1. pure core: `config`, `objects`, `compartments`, `plan`, `privacy`, `maps`, `stackfmt`, `scan`, `libc_gates`
+//! 1. pure core: `config`, `objects`, `compartments`, `plan`, `privacy`, `maps`, `files`, `stackfmt`, `scan`, `libc_gates`
 //! 2. primitives: `lifecycle`, `logging`, `real`, `pku`, `anon`, `spin`, `sealed`, `sigframe`, `tagmap`, `tls`, `apply`, `carveouts`, `libc_data`, `unwinder`
 //! 3. runtime core: `runtime`
 //! 4. features: `alloc`, `bindnow`, `callbacks`, `cxx`, `deputy`, `dl`, `exit`, `fault`, `gates`, `keyguard`, `report`, `signals`, `syscalls`, `threads`
@@ -71,6 +71,8 @@ pub mod dl;
 pub mod exit;
 /// SIGSEGV handling and fault reports.
 pub mod fault;
+/// Reading a file whole without asking its size (`/proc`, the caches).
+pub mod files;
 /// Call gates (stub pool, gate-frame stacks, unwinding) and GOT patching.
 pub mod gates;
 /// libc's `pkey_*` API, guarded: no compartment key or tagged page changes hands.

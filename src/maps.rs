@@ -139,48 +139,16 @@ pub fn parse_smaps(text: &str) -> Vec<Mapping> {
 /// Read a `/proc` file whole. Its size is unknown (stat says 0), and each
 /// `read` makes the kernel regenerate text from the last position, so
 /// start with a buffer that holds a typical process's maps in one call.
-/// Plain `open`/`read`/`close`: `std::fs::read_to_string` first asks
-/// `statx` and `lseek` for a size that `/proc` does not know, two system
-/// calls of every census.
-fn read_proc(path: &core::ffi::CStr) -> std::io::Result<String> {
-    // SAFETY: a NUL-terminated path; flags are plain integers.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
-    let result = loop {
-        if buf.len() == buf.capacity() {
-            buf.reserve(buf.capacity());
-        }
-        let spare = buf.spare_capacity_mut();
-        // SAFETY: reading into the vector's spare capacity, whose length
-        // bounds the read.
-        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
-        match n {
-            0 => break Ok(()),
-            // SAFETY: the kernel wrote `n` bytes after the initialised part.
-            n if n > 0 => unsafe { buf.set_len(buf.len() + n as usize) },
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    break Err(e);
-                }
-            }
-        }
-    };
-    // SAFETY: our own descriptor, closed once.
-    unsafe { libc::close(fd) };
-    result?;
-    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+fn read_proc(path: &str) -> std::io::Result<String> {
+    crate::files::read_to_string(path, 64 << 10)
 }
 
 pub fn read_self_maps() -> std::io::Result<Vec<Mapping>> {
-    Ok(parse_maps(&read_proc(c"/proc/self/maps")?))
+    Ok(parse_maps(&read_proc("/proc/self/maps")?))
 }
 
 pub fn read_self_smaps() -> std::io::Result<Vec<Mapping>> {
-    Ok(parse_smaps(&read_proc(c"/proc/self/smaps")?))
+    Ok(parse_smaps(&read_proc("/proc/self/smaps")?))
 }
 
 #[cfg(test)]

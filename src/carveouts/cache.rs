@@ -79,7 +79,7 @@ pub fn operands(
         Err(e) => e.into_inner(),
     };
     if !loaded.iter().any(|(i, _)| i == id) {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let text = crate::files::read_to_string(&path, 4096).unwrap_or_default();
         loaded.push((id.to_vec(), text));
     }
     let text = &mut loaded.iter_mut().find(|(i, _)| i == id).expect("pushed").1;

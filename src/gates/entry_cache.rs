@@ -139,7 +139,7 @@ impl EntryCache {
             if exact_sites { 'a' } else { 'n' },
             hex(id)
         );
-        if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(text) = crate::files::read_to_string(&path, 16 << 10) {
             for (off, size, k) in text.lines().filter_map(Known::parse) {
                 c.known.entry((off, size)).or_insert(k);
             }

@@ -440,7 +440,7 @@ fn scan_cache_path(rt: &Runtime, obj: &LoadedObject) -> Option<(String, String)>
 /// lines `OFF w|x|r` up to the first `end`; `None` if there is none, or a
 /// line does not parse or lies outside the object's text.
 fn cached_scan(obj: &LoadedObject, path: &str) -> Option<Vec<(usize, crate::scan::Kind)>> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = crate::files::read_to_string(path, 4096).ok()?;
     let mut hits = Vec::new();
     for line in text.lines() {
         if line == "end" {
