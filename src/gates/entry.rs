@@ -114,7 +114,8 @@ pub struct EntryGate {
     pub body: usize,
     pub compartment: u8,
     pub symbol: String,
-    pub callee: String,
+    /// The object's name, one allocation shared by its gates.
+    pub callee: std::sync::Arc<str>,
     pub found: Found,
     pub variant: Variant,
     pub dead: bool,
@@ -810,8 +811,10 @@ impl RecordHead {
         let rec = self.rec;
         let c = &self.cross;
         // The entry (its reserved word: the variant's return point), then
-        // the return address of a relocated call.
-        let mut out = vec![0u8; ENTRY_BYTES];
+        // the return address of a relocated call. Sized for a typical
+        // record at once: growing it cost a reallocation per step.
+        let mut out = Vec::with_capacity(256);
+        out.resize(ENTRY_BYTES, 0u8);
         let ret_lit = rec + out.len();
         out.extend_from_slice(&self.end.to_le_bytes());
         let check = check_bytes(c.backend, self.pkru, c.tp + 8);
@@ -1320,7 +1323,7 @@ pub(super) fn gate_functions(
     let entry_point = unsafe { libc::getauxval(libc::AT_ENTRY) } as usize;
     let exact_sites = rt.config.on_fault == crate::config::OnFault::Audit;
     let mut cache = super::entry_cache::EntryCache::open(rt.config.cache_dir(), obj, exact_sites);
-    let mut planned: Vec<(usize, String, Planned)> = Vec::new();
+    let mut planned: Vec<(usize, String, Planned)> = Vec::with_capacity(funcs.len());
     for (f, size, name) in funcs {
         if st.entry_by_function.contains_key(&f) || f == entry_point {
             continue;
@@ -1341,7 +1344,7 @@ pub(super) fn gate_functions(
             None => {
                 let r = analyze(bytes, f, exact_sites);
                 let k = super::entry_cache::Known::of(f, &r);
-                cache.put(off, size, k.clone());
+                cache.put(off, size, &k);
                 (k, r.ok())
             }
         };
@@ -1396,6 +1399,7 @@ pub(super) fn gate_functions(
     };
     patch_tls();
     let cross = CrossPath::current(variant, tpoff);
+    let callee: std::sync::Arc<str> = obj.display_name().into();
     let pkru = rt.pkru_for(own);
     let mut k = 0;
     while k < planned.len() {
@@ -1416,9 +1420,10 @@ pub(super) fn gate_functions(
         let mut at = start;
         // (function, record, name, jmp at, origins)
         type Made = (usize, usize, String, usize, Vec<(usize, usize)>);
-        let mut made: Vec<Made> = Vec::new();
+        let mut made: Vec<Made> = Vec::with_capacity(planned.len() - k);
         while k < planned.len() {
-            let (f, name, p) = &planned[k];
+            let (f, _, p) = &planned[k];
+            let (f, p_at) = (*f, p.at);
             let rec = base + at;
             let record = match &p.copy {
                 Some(shape) => build_copied_record(
@@ -1431,9 +1436,11 @@ pub(super) fn gate_functions(
                     own,
                 ),
                 None => p
-                    .prologue(*f, exact_sites)
+                    .prologue(f, exact_sites)
                     .and_then(|pro| build_record(rec, &pro, &cross, pkru, own)),
             };
+            // The name moves on (into the gate or the refusal): no copy.
+            let name = &mut planned[k].1;
             match record {
                 Ok(Record { bytes, origins }) => {
                     if at + bytes.len() > ARENA_CODE {
@@ -1444,13 +1451,13 @@ pub(super) fn gate_functions(
                         core::ptr::copy_nonoverlapping(bytes.as_ptr(), rec as *mut u8, bytes.len())
                     };
                     at += bytes.len();
-                    made.push((*f, rec, name.clone(), p.at, origins));
+                    made.push((f, rec, std::mem::take(name), p_at, origins));
                 }
                 Err(reason) => st.refusals.push(Refusal {
-                    symbol: name.clone(),
+                    symbol: std::mem::take(name),
                     object: obj.display_name().to_string(),
                     compartment: own,
-                    address: *f,
+                    address: f,
                     reason,
                 }),
             }
@@ -1523,7 +1530,7 @@ pub(super) fn gate_functions(
                 body,
                 compartment: own,
                 symbol: name,
-                callee: obj.display_name().to_string(),
+                callee: callee.clone(),
                 found,
                 variant,
                 dead: false,
