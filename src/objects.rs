@@ -698,19 +698,10 @@ impl DynamicInfo {
     /// `index` must be a valid index into this object's symbol table (for
     /// instance, taken from one of its relocations).
     pub unsafe fn symbol(&self, index: u32) -> Option<DynSym<'static>> {
-        if self.symtab == 0 || self.strtab == 0 {
-            return None;
-        }
-        // SAFETY: the caller guarantees the index is in range.
+        // SAFETY: the caller's guarantee, passed on.
+        let name = unsafe { self.symbol_cname(index) }?.to_str().ok()?;
+        // SAFETY: in range (the caller), and symtab is set (symbol_cname).
         let s = unsafe { &*(self.symtab as *const elf::Sym64<LE>).add(index as usize) };
-        let off = s.st_name.get(LE) as usize;
-        if off >= self.strsz {
-            return None;
-        }
-        // SAFETY: st_name indexes the NUL-terminated string table.
-        let name = unsafe { CStr::from_ptr((self.strtab + off) as *const c_char) }
-            .to_str()
-            .ok()?;
         Some(DynSym {
             name,
             value: s.st_value.get(LE),
