@@ -16,7 +16,8 @@ fn main() {
     // bitmap, so ld.so reads a few hundred bytes instead of 80 KB of
     // `.rela.dyn` at every start-up.
     println!("cargo:rustc-cdylib-link-arg=-Wl,-z,pack-relative-relocs");
-    // The sealed statics' section: whole pages between two symbols.
+    // The writable statics' layout: the sealed section (whole pages between
+    // two symbols), and the small statics packed together (sealed.ld).
     let ld = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sealed.ld");
     println!("cargo:rerun-if-changed={}", ld.display());
     println!("cargo:rustc-cdylib-link-arg=-Wl,-T,{}", ld.display());

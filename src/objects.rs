@@ -399,6 +399,9 @@ pub fn seed_exe_path(path: &str) {
 }
 
 fn fill_exe_path(fill: impl FnOnce(&mut [u8; 4096]) -> Option<usize>) -> Option<&'static str> {
+    // Header first: a short path then shares its page (one page fault at
+    // start-up, not two).
+    #[repr(C)]
     struct Buf {
         state: AtomicU8,
         len: AtomicUsize,
@@ -411,6 +414,8 @@ fn fill_exe_path(fill: impl FnOnce(&mut [u8; 4096]) -> Option<usize>) -> Option<
     const BUSY: u8 = 1;
     const READY: u8 = 2;
     const FAILED: u8 = 3;
+    // Large: with the other large statics (sealed.ld).
+    #[link_section = ".bss.ia2shim_large"]
     static EXE: Buf = Buf {
         state: AtomicU8::new(EMPTY),
         len: AtomicUsize::new(0),

@@ -80,6 +80,8 @@ const NEW: Site = Site {
 #[repr(C, align(4096))]
 struct Table([Site; CAP]);
 static TABLE: Table = Table([NEW; CAP]);
+// Large: with the other large statics (sealed.ld).
+#[link_section = ".bss.ia2shim_large"]
 static COUNTS: [Counts; CAP] = [const {
     Counts {
         bytes: AtomicU64::new(0),

@@ -548,6 +548,8 @@ fn open_mask() -> u32 {
 
 /// Code regions of the arenas that hold records, for the fault handler:
 /// arenas are never unmapped, so this only grows. (base, end) pairs.
+// Large: with the other large statics (sealed.ld).
+#[link_section = ".bss.ia2shim_large"]
 static ARENA_RANGES: [[core::sync::atomic::AtomicUsize; 2]; 256] = [const {
     [
         core::sync::atomic::AtomicUsize::new(0),

@@ -52,10 +52,14 @@ pub(in crate::fault) const NEW_SITE: Site = Site {
     emitted: AtomicBool::new(false),
 };
 
+// Large: with the other large statics (sealed.ld).
+#[link_section = ".bss.ia2shim_large"]
 pub(in crate::fault) static SITES: [Site; SITE_CAP] = [NEW_SITE; SITE_CAP];
 /// `ORDER[n]` = 1 + the slot of the n-th site seen (0: being written).
 #[allow(clippy::declare_interior_mutable_const)]
 pub(in crate::fault) const NO_ORDER: AtomicU32 = AtomicU32::new(0);
+// Large: with the other large statics (sealed.ld).
+#[link_section = ".bss.ia2shim_large"]
 pub(in crate::fault) static ORDER: [AtomicU32; SITE_CAP] = [NO_ORDER; SITE_CAP];
 pub(in crate::fault) static ORDER_LEN: AtomicUsize = AtomicUsize::new(0);
 /// Faults not recorded because the table was full.

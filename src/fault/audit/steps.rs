@@ -31,6 +31,8 @@ pub(in crate::fault) const NEW_STEP: Step = Step {
     program_tf: AtomicBool::new(false),
 };
 
+// Large: with the other large statics (sealed.ld).
+#[link_section = ".bss.ia2shim_large"]
 pub(in crate::fault) static STEPS: [Step; STEP_CAP] = [NEW_STEP; STEP_CAP];
 pub(in crate::fault) static STEP_SEQ: AtomicU64 = AtomicU64::new(1);
 
