@@ -59,6 +59,20 @@ pub fn fatal(args: core::fmt::Arguments<'_>) -> ! {
 /// that a user must see).
 pub fn notice(args: core::fmt::Arguments<'_>) {
     let mut b = StackBuf::<1024>::new();
-    let _ = writeln!(b, "ia2shim[{}]: {}", pid(), args);
+    // A constant message (IA2_PKU's banners) is copied, not formatted: the
+    // first use of `core::fmt` costs a new process ~10 µs of page faults on
+    // its code, and in sim mode the banner is often the only formatting.
+    match args.as_str() {
+        Some(text) => {
+            b.push_bytes(b"ia2shim[");
+            b.push_decimal(u64::from(pid().unsigned_abs()));
+            b.push_bytes(b"]: ");
+            b.push_bytes(text.as_bytes());
+            b.push_bytes(b"\n");
+        }
+        None => {
+            let _ = writeln!(b, "ia2shim[{}]: {}", pid(), args);
+        }
+    }
     b.write_to_fd(2);
 }

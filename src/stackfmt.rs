@@ -51,6 +51,21 @@ impl<const N: usize> StackBuf<N> {
     }
 
     /// Write the buffer to a file descriptor with `write(2)`, retrying on short writes.
+    /// `n` in decimal, without `core::fmt`.
+    pub fn push_decimal(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push_bytes(&digits[i..]);
+    }
+
     pub fn write_to_fd(&self, fd: i32) {
         write_all_fd(fd, self.as_bytes());
     }
@@ -94,6 +109,15 @@ pub fn pid() -> i32 {
 mod tests {
     use super::*;
     use core::fmt::Write;
+
+    #[test]
+    fn decimal_as_fmt_writes_it() {
+        for n in [0u64, 7, 10, 99, 4_194_304, u64::MAX] {
+            let mut b = StackBuf::<32>::new();
+            b.push_decimal(n);
+            assert_eq!(b.as_str(), n.to_string());
+        }
+    }
 
     #[test]
     fn truncates_instead_of_overflowing() {
